@@ -1,0 +1,77 @@
+"""pyisolate: run extensions in their own venvs and processes, and call them as if local.
+
+Importing this package opens no socket and starts no thread. The host-side machinery
+(manager, broker, venv builder) is imported on first use, so that worker processes,
+which import ``pyisolate`` for ``ExtensionBase``, start with the least code possible.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from ._base import ExtensionBase
+from .errors import (
+    ConfigError,
+    EncodeError,
+    EnvironmentBuildError,
+    ExtensionClosedError,
+    ExtensionCrashedError,
+    ExtensionLoadError,
+    ProtocolError,
+    PyisolateError,
+    RemoteError,
+    UnroutableError,
+)
+
+if TYPE_CHECKING:
+    from ._config import ExtensionConfig, ExtensionManagerConfig
+    from ._extension import Extension
+    from ._manager import ExtensionManager
+    from ._venv import ProgressEvent
+
+__all__ = [
+    "ConfigError",
+    "EncodeError",
+    "EnvironmentBuildError",
+    "Extension",
+    "ExtensionBase",
+    "ExtensionClosedError",
+    "ExtensionConfig",
+    "ExtensionCrashedError",
+    "ExtensionLoadError",
+    "ExtensionManager",
+    "ExtensionManagerConfig",
+    "ProgressEvent",
+    "ProtocolError",
+    "PyisolateError",
+    "RemoteError",
+    "UnroutableError",
+]
+
+__version__ = "0.1.0"
+
+logging.getLogger(__name__).addHandler(logging.NullHandler())
+
+_LAZY = {
+    "ExtensionConfig": "._config",
+    "ExtensionManagerConfig": "._config",
+    "Extension": "._extension",
+    "ExtensionManager": "._manager",
+    "ProgressEvent": "._venv",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'pyisolate' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

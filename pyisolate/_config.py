@@ -1,0 +1,127 @@
+"""ExtensionManagerConfig and ExtensionConfig: frozen, validated at construction."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from ._venv import ProgressEvent
+
+__all__ = ["ExtensionConfig", "ExtensionManagerConfig"]
+
+
+def _positive(owner: str, name: str, value: float | None, *, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ConfigError(f"{owner}.{name} must be a positive number of seconds, got {value!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExtensionManagerConfig:
+    """Settings shared by every extension of one manager.
+
+    Args:
+        venv_root_path: Folder that holds one virtual environment per extension.
+        on_progress: Called with a ``ProgressEvent`` at each step of an environment build
+            (check, reuse, create, install, done, failed); runs on the host's event loop.
+        start_timeout: Seconds a worker may take from launch to ready (venv build excluded).
+        stop_timeout: Seconds each rung of the stop ladder waits (ask, SIGTERM, SIGKILL).
+        loop_block_warning: Log a warning, with the blocking stack, when the host's event
+            loop is blocked this many seconds; None turns the watchdog off.
+    """
+
+    venv_root_path: str | os.PathLike[str]
+    on_progress: Callable[[ProgressEvent], None] | None = None
+    start_timeout: float = 60.0
+    stop_timeout: float = 5.0
+    loop_block_warning: float | None = 1.0
+
+    def __post_init__(self) -> None:
+        root = self.venv_root_path
+        if not isinstance(root, (str, os.PathLike)) or not str(root):
+            raise ConfigError(
+                f"ExtensionManagerConfig.venv_root_path must be a folder path, got {root!r}"
+            )
+        path = Path(root).expanduser().absolute()
+        if path.exists() and not path.is_dir():
+            raise ConfigError(f"ExtensionManagerConfig.venv_root_path {str(path)!r} exists and is not a folder")
+        object.__setattr__(self, "venv_root_path", path)
+        if self.on_progress is not None and not callable(self.on_progress):
+            raise ConfigError("ExtensionManagerConfig.on_progress must be a callable or None")
+        _positive("ExtensionManagerConfig", "start_timeout", self.start_timeout)
+        _positive("ExtensionManagerConfig", "stop_timeout", self.stop_timeout)
+        _positive("ExtensionManagerConfig", "loop_block_warning", self.loop_block_warning, optional=True)
+
+    @property
+    def venv_root(self) -> Path:
+        """``venv_root_path`` as an absolute Path."""
+        return Path(self.venv_root_path)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExtensionConfig:
+    """One extension: where its code is and what its environment holds.
+
+    Args:
+        name: Unique name; also its actor name on the broker and its venv's folder name.
+        module_path: The extension's package directory (with ``__init__.py``) or ``.py`` file.
+        isolated: False loads it into the host process itself (no venv, no worker), for
+            debugging and trusted code; values are then passed by reference, not copied.
+        dependencies: PEP 508 requirements installed into its venv with uv.
+        apis: ProxiedSingleton classes the extension may call (not supported yet).
+        share_torch: Share the host's torch with the extension (not supported yet).
+        allow_direct_references: Accept URLs and local paths among ``dependencies``.
+    """
+
+    name: str
+    module_path: str | os.PathLike[str]
+    isolated: bool = True
+    dependencies: Sequence[str] = ()
+    apis: Sequence[type[Any]] = field(default=())
+    share_torch: bool = False
+    allow_direct_references: bool = False
+
+    def __post_init__(self) -> None:
+        from ._venv import validate_dependencies, validate_extension_name
+
+        validate_extension_name(self.name)
+        path = Path(self.module_path).expanduser().absolute()
+        if not (path.is_dir() and (path / "__init__.py").is_file()) and not (
+            path.suffix == ".py" and path.is_file()
+        ):
+            raise ConfigError(
+                f"ExtensionConfig.module_path {str(path)!r} (extension {self.name!r}) is not a package "
+                "directory with an __init__.py, nor a .py file; point it at the extension's code"
+            )
+        object.__setattr__(self, "module_path", path)
+        if isinstance(self.dependencies, str):
+            raise ConfigError(
+                f"ExtensionConfig.dependencies must be a list of requirement strings, got the string "
+                f"{self.dependencies!r}; write [{self.dependencies!r}]"
+            )
+        object.__setattr__(
+            self,
+            "dependencies",
+            validate_dependencies(self.dependencies, allow_direct_references=self.allow_direct_references),
+        )
+        if self.apis:
+            raise ConfigError(
+                f"ExtensionConfig.apis (extension {self.name!r}): shared singletons are not supported "
+                "by this version of pyisolate yet; leave apis empty"
+            )
+        object.__setattr__(self, "apis", tuple(self.apis))
+        if self.share_torch:
+            raise ConfigError(
+                f"ExtensionConfig.share_torch (extension {self.name!r}): torch sharing is not supported "
+                "by this version of pyisolate yet; leave share_torch=False"
+            )
+        for flag in ("isolated", "share_torch", "allow_direct_references"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ConfigError(f"ExtensionConfig.{flag} must be True or False, got {getattr(self, flag)!r}")

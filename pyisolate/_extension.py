@@ -1,0 +1,125 @@
+"""Extension: the host's handle on one loaded extension; its attributes are remote methods."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from collections.abc import Callable, Generator
+from typing import Any, Protocol
+
+from ._base import ExtensionBase
+
+__all__ = ["Backend", "Extension", "LocalBackend"]
+
+
+class Backend(Protocol):
+    """What runs an extension: a worker process, or the host itself (``isolated=False``)."""
+
+    name: str
+
+    def call(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """Return an awaitable of ``method(*args, **kwargs)`` on the extension."""
+
+    async def wait_ready(self) -> None:
+        """Return once the extension is loaded; raise why it could not be."""
+
+    async def stop(self) -> None:
+        """Run the extension's stop hook and release it; idempotent."""
+
+
+class _Method:
+    """A method of the extension; calling it returns an awaitable of the result."""
+
+    __slots__ = ("_backend", "_name")
+
+    def __init__(self, backend: Backend, name: str) -> None:
+        self._backend = backend
+        self._name = name
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._backend.call(self._name, args, kwargs)
+
+    def __repr__(self) -> str:
+        return f"<remote method {self._name!r} of extension {self._backend.name!r}>"
+
+
+class Extension:
+    """A loaded (or loading) extension.
+
+    Any public method of the extension's class is an attribute: ``await ext.method(...)``.
+    The handle is awaitable: ``await ext`` waits until the extension is ready and returns
+    it, so ``await manager.load_extension(cfg)`` and the un-awaited form both work.
+    Framework attributes carry a ``_pyisolate_`` prefix so they cannot hide a method,
+    except ``stop()``, which stops the extension.
+    """
+
+    def __init__(self, backend: Backend) -> None:
+        self._pyisolate_backend = backend
+
+    def __getattr__(self, name: str) -> _Method:
+        if name.startswith("_"):
+            raise AttributeError(f"{name!r}: only public methods of an extension can be called")
+        method = _Method(self._pyisolate_backend, name)
+        self.__dict__[name] = method  # next lookups skip __getattr__
+        return method
+
+    def __await__(self) -> Generator[Any, None, Extension]:
+        yield from self._pyisolate_backend.wait_ready().__await__()
+        return self
+
+    async def stop(self) -> None:
+        """Stop the extension: its ``stop()`` hook runs, then its process exits. Idempotent."""
+        await self._pyisolate_backend.stop()
+
+    @property
+    def _pyisolate_name(self) -> str:
+        return self._pyisolate_backend.name
+
+    def __repr__(self) -> str:
+        return f"<Extension {self._pyisolate_backend.name!r}>"
+
+
+class LocalBackend:
+    """Runs an ``isolated=False`` extension inside the host process.
+
+    Same API and the same hooks, in the same order; arguments are passed by reference.
+    Plain methods run in a thread (as they would in a worker), coroutine methods on the loop.
+    """
+
+    def __init__(
+        self, name: str, load: asyncio.Task[ExtensionBase], on_stopped: Callable[[LocalBackend], None]
+    ) -> None:
+        self.name = name
+        self._load = load
+        self._on_stopped = on_stopped
+        self._stopped = False
+
+    async def wait_ready(self) -> None:
+        await asyncio.shield(self._load)
+
+    async def call(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        from .errors import ExtensionClosedError
+        from .workers.serve import resolve_method
+
+        if self._stopped:
+            raise ExtensionClosedError(f"extension {self.name!r} is stopped")
+        instance = await asyncio.shield(self._load)
+        fn = resolve_method(instance, method)
+        if inspect.iscoroutinefunction(fn):
+            return await fn(*args, **kwargs)
+        result = await asyncio.to_thread(fn, *args, **kwargs)
+        return await result if inspect.isawaitable(result) else result
+
+    async def stop(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        self._on_stopped(self)
+        if not self._load.done():
+            self._load.cancel()
+        await asyncio.gather(self._load, return_exceptions=True)
+        if self._load.cancelled() or self._load.exception() is not None:
+            return
+        result = self._load.result().stop()
+        if inspect.isawaitable(result):
+            await result

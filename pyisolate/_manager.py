@@ -1,0 +1,371 @@
+"""ExtensionManager: owns the broker, the worker processes and their shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import secrets
+import signal
+import time
+import warnings
+from typing import Any, Generic, TypeVar
+
+from pyisolate.broker.protocol import Kind
+from pyisolate.broker.router import Broker
+from pyisolate.workers.loader import class_spec, load_extension
+
+from . import _venv
+from ._base import ExtensionBase
+from ._codec import DecodeError, decode, decode_exception
+from ._config import ExtensionConfig, ExtensionManagerConfig
+from ._extension import Extension, LocalBackend
+from ._host import HostEndpoint
+from ._process import WorkerProcess
+from .errors import (
+    ConfigError,
+    ExtensionClosedError,
+    ExtensionCrashedError,
+    ExtensionLoadError,
+    PyisolateError,
+)
+
+__all__ = ["ExtensionManager"]
+
+logger = logging.getLogger("pyisolate")
+
+T = TypeVar("T", bound=ExtensionBase)
+
+
+class _State(enum.Enum):
+    STARTING = "starting"
+    READY = "ready"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+    FAILED = "failed"
+    CRASHED = "crashed"
+
+
+def describe_exit(code: int | None) -> str:
+    """Say how a process ended, in words."""
+    if code is None:
+        return "is still running"
+    if code < 0:
+        try:
+            return f"was killed by signal {signal.Signals(-code).name} (exit code {code})"
+        except ValueError:
+            return f"was killed by signal {-code} (exit code {code})"
+    return f"exited with code {code}"
+
+
+class _Worker:
+    """A remote extension as the manager sees it: its process, its state, its readiness."""
+
+    def __init__(self, manager: ExtensionManager[Any], config: ExtensionConfig) -> None:
+        self.name = config.name
+        self.bname = config.name.encode()
+        self.config = config
+        self._manager = manager
+        self.state = _State.STARTING
+        self.process: WorkerProcess | None = None
+        self.ready: asyncio.Future[None] = manager.loop.create_future()
+        self._error: BaseException | None = None
+        self._watch: asyncio.Task[None] | None = None
+        self._stop_task: asyncio.Task[None] | None = None
+        self.start_task = manager.loop.create_task(self._start(), name=f"pyisolate-start-{self.name}")
+        self.start_task.add_done_callback(_retrieve)
+
+    # -- the Backend protocol ------------------------------------------------------------
+
+    async def wait_ready(self) -> None:
+        if asyncio.get_running_loop() is not self._manager.loop:
+            return await asyncio.wrap_future(
+                asyncio.run_coroutine_threadsafe(self.wait_ready(), self._manager.loop)
+            )
+        await asyncio.shield(self.ready)
+        if self.state is not _State.READY:
+            raise self._unavailable()
+
+    async def call(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        manager = self._manager
+        if asyncio.get_running_loop() is not manager.loop:
+            return await asyncio.wrap_future(
+                asyncio.run_coroutine_threadsafe(self.call(method, args, kwargs), manager.loop)
+            )
+        if self.state is not _State.READY:
+            await self.wait_ready()
+        return await manager.endpoint.call(self.bname, method, args, kwargs)
+
+    async def stop(self) -> None:
+        if asyncio.get_running_loop() is not self._manager.loop:
+            return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self.stop(), self._manager.loop))
+        if self._stop_task is None:
+            self._stop_task = self._manager.loop.create_task(self._stop())
+        await asyncio.shield(self._stop_task)
+
+    # -- life ----------------------------------------------------------------------------
+
+    def _unavailable(self) -> BaseException:
+        if self.state in (_State.STOPPING, _State.STOPPED):
+            return ExtensionClosedError(f"extension {self.name!r} is stopped")
+        assert self._error is not None
+        return self._error
+
+    async def _start(self) -> None:
+        manager, config = self._manager, self.config
+        try:
+            python = await _venv.ensure_venv(
+                venv_root=manager.config.venv_root,
+                name=self.name,
+                dependencies=config.dependencies,
+                share_torch=config.share_torch,
+                allow_direct_references=config.allow_direct_references,
+                progress=manager.config.on_progress,
+            )
+            runtime = await asyncio.to_thread(_venv.runtime_dir, manager.config.venv_root)
+            secret = secrets.token_bytes(32)
+            manager.broker.registry.expect(self.bname, secret)
+            started = time.monotonic()
+            self.process = await WorkerProcess.spawn(
+                name=self.name,
+                python=python,
+                runtime=runtime,
+                boot={
+                    "name": self.name,
+                    "endpoint": manager.broker.endpoint,
+                    "secret": secret.hex(),
+                    "module_path": str(config.module_path),
+                    "extension_class": manager.extension_spec,
+                    "handshake_timeout": manager.config.start_timeout,
+                    "log_level": logging.getLevelName(logging.getLogger("pyisolate").getEffectiveLevel()),
+                },
+            )
+            self._watch = manager.loop.create_task(self._watch_exit(self.process))
+            try:
+                async with asyncio.timeout(manager.config.start_timeout):
+                    await asyncio.shield(self.ready)
+            except TimeoutError:
+                raise ExtensionLoadError(
+                    f"extension {self.name!r} did not become ready within "
+                    f"{manager.config.start_timeout:.0f} s (ExtensionManagerConfig.start_timeout)",
+                    extension=self.name,
+                    remote_traceback=self.process.stderr_tail(),
+                ) from None
+            logger.debug("extension %r ready in %.3f s (pid %d)", self.name, time.monotonic() - started,
+                         self.process.pid)
+        except BaseException as exc:
+            if self.state is _State.STARTING:
+                self._fail(_State.FAILED, exc if isinstance(exc, Exception) else ExtensionClosedError(
+                    f"loading extension {self.name!r} was cancelled"))
+            await self._release()
+            raise
+
+    def on_control(self, kind: Kind, body: bytes, buffers: list[bytes]) -> None:
+        """READY or LOAD_FAILED from the worker."""
+        if self.state is not _State.STARTING:
+            return
+        if kind is Kind.READY:
+            self.state = _State.READY
+            if not self.ready.done():
+                self.ready.set_result(None)
+            return
+        try:
+            remote = decode_exception(body, buffers)
+            text = f"{type(remote).__name__}: {remote}"
+            tb = getattr(remote, "remote_traceback", "")
+        except DecodeError as exc:
+            text, tb = f"undecodable failure report: {exc}", ""
+        self._fail(_State.FAILED, ExtensionLoadError(
+            f"extension {self.name!r} failed to load: {text}", extension=self.name, remote_traceback=tb))
+
+    def _fail(self, state: _State, exc: BaseException) -> None:
+        self.state = state
+        self._error = exc
+        if not self.ready.done():
+            self.ready.set_result(None)  # waiters look at state and _error
+        self._manager.endpoint.fail(self.bname, exc)
+        self._manager.broker.registry.forget(self.bname)
+
+    async def _watch_exit(self, process: WorkerProcess) -> None:
+        code = await process.wait()
+        if self.state in (_State.STOPPING, _State.STOPPED, _State.FAILED):
+            return
+        how = describe_exit(code)
+        tail = process.stderr_tail()
+        if self.state is _State.STARTING:
+            self._fail(_State.FAILED, ExtensionLoadError(
+                f"extension {self.name!r} {how} before it was ready", extension=self.name, remote_traceback=tail))
+        else:
+            logger.warning("extension %r %s", self.name, how)
+            self._fail(_State.CRASHED, ExtensionCrashedError(
+                f"extension {self.name!r} {how}", extension=self.name, exit_code=code, stderr_tail=tail))
+        await process.aclose()
+
+    async def _stop(self) -> None:
+        if not self.start_task.done():
+            self.start_task.cancel()
+            await asyncio.gather(self.start_task, return_exceptions=True)
+        was_ready = self.state is _State.READY
+        self.state = _State.STOPPING
+        self._manager.endpoint.fail(self.bname, ExtensionClosedError(f"extension {self.name!r} was stopped"))
+        if was_ready and self.process is not None and self.process.returncode is None:
+            try:
+                async with asyncio.timeout(self._manager.config.stop_timeout):
+                    await self._manager.endpoint.stop(self.bname)
+            except TimeoutError:
+                logger.warning("extension %r did not finish stop() within %.1f s", self.name,
+                               self._manager.config.stop_timeout)
+            except PyisolateError as exc:
+                logger.warning("extension %r: stop failed: %s", self.name, exc)
+            except Exception as exc:  # the extension's own stop() raised; it still goes away
+                logger.warning("extension %r: stop() raised %r", self.name, exc)
+        if self.process is not None:
+            await self.process.stop(self._manager.config.stop_timeout)
+        await self._release()
+        self.state = _State.STOPPED
+
+    async def _release(self) -> None:
+        self._manager.broker.registry.forget(self.bname)
+        self._manager.forget(self)
+        if self._watch is not None and not self._watch.done():
+            self._watch.cancel()
+        if self.process is not None:
+            await self.process.aclose()
+        if self._watch is not None:
+            await asyncio.gather(self._watch, return_exceptions=True)
+
+
+def _retrieve(task: asyncio.Task[Any]) -> None:
+    """Mark a background task's exception as seen: it reaches callers through the handle."""
+    if not task.cancelled():
+        task.exception()
+
+
+class ExtensionManager(Generic[T]):
+    """Load extensions into their own venvs and processes, and stop them.
+
+    Args:
+        extension_type: ``ExtensionBase`` or the application's own subclass. An extension
+            module may define its own subclass of it, which then serves the calls.
+        config: Settings shared by every extension.
+
+    Use it as an async context manager, or call ``stop_all()`` when done.
+    """
+
+    def __init__(self, extension_type: type[T], config: ExtensionManagerConfig) -> None:
+        if not (isinstance(extension_type, type) and issubclass(extension_type, ExtensionBase)):
+            raise ConfigError(
+                f"ExtensionManager needs ExtensionBase or a subclass of it, got {extension_type!r}"
+            )
+        if not isinstance(config, ExtensionManagerConfig):
+            raise ConfigError(f"ExtensionManager needs an ExtensionManagerConfig, got {config!r}")
+        self.extension_type = extension_type
+        self.config = config
+        try:
+            self.extension_spec = class_spec(extension_type)
+        except TypeError as exc:
+            raise ConfigError(str(exc)) from None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._broker: Broker | None = None
+        self._endpoint: HostEndpoint | None = None
+        self._extensions: dict[str, _Worker | LocalBackend] = {}
+        self._closing = False
+
+    # -- loop-bound parts, created on first use --------------------------------------------
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        assert self._loop is not None
+        return self._loop
+
+    @property
+    def broker(self) -> Broker:
+        assert self._broker is not None
+        return self._broker
+
+    @property
+    def endpoint(self) -> HostEndpoint:
+        assert self._endpoint is not None
+        return self._endpoint
+
+    def _bind(self) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            raise RuntimeError(
+                "ExtensionManager.load_extension() must be called from async code (a running "
+                "event loop), e.g. inside asyncio.run(main())"
+            ) from None
+        if self._loop is None:
+            self._loop = loop
+            self._broker = Broker(block_warning=self.config.loop_block_warning)
+            self._endpoint = HostEndpoint(self._broker, self._on_control)
+        elif loop is not self._loop:
+            raise RuntimeError(
+                "load_extension() must be called on the event loop the manager started on; "
+                "calls to loaded extensions work from any loop or thread"
+            )
+
+    # -- public API ------------------------------------------------------------------------
+
+    def load_extension(self, config: ExtensionConfig) -> Extension:
+        """Start loading an extension and return its handle at once.
+
+        ``await`` the handle (or the call) to wait until it is ready; calls made before then
+        wait for it. Loading errors (venv build, import, start-up) surface there.
+
+        Raises:
+            ConfigError: ``config`` is not an ExtensionConfig or its name is in use.
+            ExtensionClosedError: the manager is stopped.
+        """
+        if not isinstance(config, ExtensionConfig):
+            raise ConfigError(f"load_extension() needs an ExtensionConfig, got {config!r}")
+        if self._closing:
+            raise ExtensionClosedError("this ExtensionManager is stopped")
+        self._bind()
+        if config.name in self._extensions:
+            raise ConfigError(
+                f"an extension named {config.name!r} is already loaded; stop it first or choose another name"
+            )
+        backend: _Worker | LocalBackend
+        if config.isolated:
+            backend = _Worker(self, config)
+        else:
+            task = self.loop.create_task(load_extension(config.module_path, self.extension_type))
+            task.add_done_callback(_retrieve)
+            backend = LocalBackend(config.name, task, self.forget)
+        self._extensions[config.name] = backend
+        return Extension(backend)
+
+    async def stop_all(self) -> None:
+        """Stop every extension concurrently and close the broker; idempotent."""
+        self._closing = True
+        if self._loop is None:
+            return
+        backends = list(self._extensions.values())
+        await asyncio.gather(*(b.stop() for b in backends), return_exceptions=True)
+        self._extensions.clear()
+        self.broker.close()
+
+    aclose = stop_all
+
+    async def __aenter__(self) -> ExtensionManager[T]:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop_all()
+
+    def __del__(self, _warn: Any = warnings.warn) -> None:
+        if getattr(self, "_loop", None) is not None and not getattr(self, "_closing", True):
+            _warn(f"ExtensionManager {self!r} was not stopped; call stop_all()", ResourceWarning, source=self)
+
+    # -- internals -------------------------------------------------------------------------
+
+    def forget(self, backend: _Worker | LocalBackend) -> None:
+        if self._extensions.get(backend.name) is backend:
+            del self._extensions[backend.name]
+
+    def _on_control(self, sender: bytes, kind: Kind, body: bytes, buffers: list[bytes]) -> None:
+        backend = self._extensions.get(sender.decode(errors="replace"))
+        if isinstance(backend, _Worker):
+            backend.on_control(kind, body, buffers)

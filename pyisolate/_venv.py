@@ -1,0 +1,522 @@
+"""Create and reuse extension venvs with uv, and assemble the runtime shared with children.
+
+Layout under ``venv_root``::
+
+    <name>/                     one venv per extension
+        .pyisolate-ready.json   written last, only after a successful build
+    .locks/<name>.lock          flock held while a venv is checked or built
+    .runtime/<hash>/            symlinks to the host's pyisolate, zmq and msgpack
+
+A venv is keyed by a fingerprint of everything that decides its contents, so an unchanged
+extension starts without running uv at all. This module opens no sockets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import functools
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from packaging.requirements import InvalidRequirement, Requirement
+from packaging.utils import canonicalize_name
+
+from .errors import ConfigError, EnvironmentBuildError
+
+__all__ = [
+    "ProgressEvent", "ensure_venv", "runtime_dir", "uv_binary", "validate_dependencies",
+    "validate_extension_name", "venv_dir",
+]  # fmt: skip
+
+_log = logging.getLogger(__name__)
+
+_LAYOUT_VERSION = 1  # bump when the layout changes, so older builds are not reused
+_MARKER = ".pyisolate-ready.json"
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+_RESERVED_NAMES = frozenset({"host"})
+# Not PEP 508, and meaningful to a shell or to uv's argument parser.
+_FORBIDDEN_CHARS = frozenset("`$|&\\{}\n\r\x00")
+_FIX = "give a requirement like 'numpy<2'"
+_ARCHIVE_SUFFIXES = (".whl", ".zip", ".tar", ".tgz", ".tar.gz", ".tar.bz2", ".tar.xz")
+# Environment variables that change what uv installs, hence part of the fingerprint.
+_CONTENT_ENV_VARS = (
+    "UV_INDEX_URL", "UV_EXTRA_INDEX_URL", "UV_INDEX", "UV_DEFAULT_INDEX", "UV_FIND_LINKS",
+    "PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "UV_INDEX_STRATEGY", "UV_CONSTRAINT", "UV_OVERRIDE",
+    "UV_EXCLUDE", "UV_PRERELEASE", "UV_RESOLUTION", "UV_EXCLUDE_NEWER",
+)  # fmt: skip
+_DROPPED_ENV_VARS = ("VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME")
+# With share_torch the child imports the host's torch, so uv must never resolve its own.
+_SHARED_TORCH_PACKAGES = ("torch",)
+_RUNTIME_DISTRIBUTIONS = {"pyzmq": "zmq", "msgpack": "msgpack"}  # distribution -> import name
+_TAIL_LINES = 40
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProgressEvent:
+    """One step of ``ensure_venv``: check, reuse, create, install, done or failed."""
+
+    extension: str
+    step: str
+    elapsed: float
+    detail: str = ""
+
+
+@functools.cache
+def uv_binary() -> str:
+    """Return the path of the uv binary shipped by the ``uv`` package (no uv on PATH needed).
+
+    Returns:
+        The absolute path of the uv executable.
+
+    Raises:
+        FileNotFoundError: the ``uv`` package or its binary is missing.
+    """
+    try:
+        from uv import find_uv_bin
+    except ImportError as exc:
+        raise FileNotFoundError("the 'uv' package is not installed; pip install uv") from exc
+    return str(find_uv_bin())
+
+
+@functools.cache
+def _uv_version() -> str:
+    # From metadata, not `uv --version`: reusing a venv must start no subprocess at all.
+    return importlib.metadata.version("uv")
+
+
+def validate_extension_name(name: str) -> str:
+    """Check that an extension name is safe as an actor name and as a directory name.
+
+    Args:
+        name: the extension's name.
+
+    Returns:
+        The name, unchanged.
+
+    Raises:
+        ConfigError: the name is not 1-64 of ``A-Z a-z 0-9 _ . -`` starting with a letter or
+            digit, contains ``..``, or is the reserved name ``host``.
+    """
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name) or ".." in name:
+        raise ConfigError(
+            f"invalid extension name {name!r}: use 1-64 characters from A-Z a-z 0-9 _ . -, "
+            "starting with a letter or digit and without '..'"
+        )
+    if name in _RESERVED_NAMES:
+        raise ConfigError(f"invalid extension name {name!r}: it is reserved for the host actor")
+    return name
+
+
+def venv_dir(venv_root: Path, name: str) -> Path:
+    """Return the directory of an extension's venv, refusing any path outside ``venv_root``.
+
+    Args:
+        venv_root: the directory that holds every extension's venv.
+        name: the extension's name.
+
+    Returns:
+        ``venv_root / name``.
+
+    Raises:
+        ConfigError: the name is invalid or its path would leave ``venv_root``.
+    """
+    validate_extension_name(name)
+    path = Path(venv_root) / name
+    root, resolved = Path(venv_root).resolve(), path.resolve()
+    if resolved == root or not resolved.is_relative_to(root):
+        raise ConfigError(f"extension name {name!r} resolves to {resolved}, outside {root}")
+    return path
+
+
+def validate_dependencies(
+    dependencies: Sequence[str], *, allow_direct_references: bool = False
+) -> tuple[str, ...]:
+    """Check each dependency is a PEP 508 requirement that uv cannot mistake for an option.
+
+    Args:
+        dependencies: requirement strings such as ``"numpy<2"``.
+        allow_direct_references: also accept ``name @ url`` and existing local paths.
+
+    Returns:
+        The requirements, stripped of surrounding whitespace, in their original order.
+
+    Raises:
+        ConfigError: an item is not a string, starts with ``-``, holds a character outside
+            PEP 508, cannot be parsed, or is a direct reference that is not allowed.
+    """
+    if isinstance(dependencies, (str, bytes)):
+        raise ConfigError(
+            f"dependencies must be a list of requirement strings, not {dependencies!r}; "
+            f"write [{dependencies!r}]"
+        )
+    return tuple(_validate_one(item, allow_direct_references) for item in dependencies)
+
+
+def _validate_one(item: object, allow_direct: bool) -> str:
+    if not isinstance(item, str):
+        raise ConfigError(f"dependency {item!r} is a {type(item).__name__}; {_FIX}")
+    bad = sorted(_FORBIDDEN_CHARS.intersection(item))
+    if bad:
+        shown = ", ".join(map(repr, bad))
+        raise ConfigError(f"dependency {item!r} contains {shown}, not allowed by PEP 508; {_FIX}")
+    spec = item.strip()
+    if not spec:
+        raise ConfigError(f"dependency {item!r} is empty; {_FIX}")
+    if spec.startswith("-"):
+        raise ConfigError(
+            f"dependency {item!r} starts with '-' and would be read as a uv option; {_FIX} "
+            "(set index options through UV_INDEX_URL and friends)"
+        )
+    direct = f"dependency {item!r} is a direct reference (URL or local path); {_FIX} or set "
+    direct += "allow_direct_references=True"
+    requirement: Requirement | None = None
+    problem = ""
+    try:
+        requirement = Requirement(spec)
+    except InvalidRequirement as exc:
+        problem = str(exc)
+    if requirement is not None and requirement.url:  # name @ url
+        if not allow_direct:
+            raise ConfigError(direct)
+        return spec
+    # uv reads a bare name ending in an archive suffix as a file path, so check those too.
+    archive = spec.lower().endswith(_ARCHIVE_SUFFIXES)
+    if requirement is not None and not archive:
+        return spec
+    if not ("/" in spec or spec.startswith(".") or archive):
+        raise ConfigError(f"dependency {item!r} is not a PEP 508 requirement: {problem}")
+    if not allow_direct:
+        raise ConfigError(direct)
+    if not os.path.exists(spec):
+        raise ConfigError(f"dependency {item!r}: no such local path")
+    return spec
+
+
+def _fingerprint(dependencies: Sequence[str], *, share_torch: bool) -> str:
+    """Return the sha256 hex digest of everything that decides a venv's contents."""
+    facts = {
+        "layout": _LAYOUT_VERSION,
+        "dependencies": list(dependencies),
+        "share_torch": share_torch,
+        "python_version": sys.version,
+        "python": os.path.realpath(sys.executable),
+        "uv": _uv_version(),
+        "env": {key: os.environ.get(key) for key in _CONTENT_ENV_VARS},
+    }
+    return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()
+
+
+def _is_ready(target: Path, fingerprint: str) -> bool:
+    """Tell whether the venv was fully built for this fingerprint (and still has its python)."""
+    try:
+        data = json.loads((target / _MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    recorded = data.get("fingerprint") if isinstance(data, dict) else None
+    return recorded == fingerprint and (target / "bin" / "python").exists()
+
+
+def _write_marker(target: Path, fingerprint: str, deps: Sequence[str], share_torch: bool) -> None:
+    data = {"fingerprint": fingerprint, "dependencies": list(deps), "share_torch": share_torch}
+    data |= {"python": sys.version, "created": time.time()}
+    fd, tmp = tempfile.mkstemp(prefix=".marker-", dir=target)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        json.dump(data, handle, indent=2)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, target / _MARKER)  # a reader sees no marker or a whole one
+
+
+def _remove_tree(path: Path) -> None:
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.exists():
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _install_command(python: Path, deps: Sequence[str], excludes: Path | None) -> list[str]:
+    command = [uv_binary(), "pip", "install", "--python", str(python), "--no-config"]
+    if excludes is not None:
+        command += ["--excludes", str(excludes)]
+    return [*command, *deps]
+
+
+def _packages_at_fault(deps: Sequence[str], output: str) -> list[str]:
+    """Return the dependencies uv's output names, or all of them if it names none."""
+    at_fault = []
+    for spec in deps:
+        try:
+            name = Requirement(spec).name
+            names = {name, canonicalize_name(name)}
+        except InvalidRequirement:
+            names = {spec}  # a local path
+        patterns = (rf"(?<![\w.-]){re.escape(n)}(?![\w-])" for n in names)
+        if any(re.search(p, output, re.IGNORECASE) for p in patterns):
+            at_fault.append(spec)
+    return at_fault or list(deps)
+
+
+async def _uv(
+    command: list[str], *, name: str, deps: Sequence[str], on_start: Callable[[], None]
+) -> None:
+    """Run uv in its own process group, raising EnvironmentBuildError if it fails.
+
+    On cancellation (or any error while it runs) the whole group is killed and reaped.
+    """
+    env = {k: v for k, v in os.environ.items() if k not in _DROPPED_ENV_VARS}
+    env["UV_PYTHON_DOWNLOADS"] = "never"
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *command,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            env=env,
+            process_group=0,  # a kill then also reaches whatever uv started (sdist builds)
+        )
+    except OSError as exc:
+        raise EnvironmentBuildError(
+            f"cannot run uv for extension {name!r}: {exc}",
+            extension=name, packages=[], output_tail="",
+        ) from exc  # fmt: skip
+    try:
+        on_start()
+        raw, _ = await proc.communicate()
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        await proc.communicate()  # drain and reap: no zombie, no unclosed pipe transport
+        _log.debug("killed uv (pid %d) building %s", proc.pid, name)
+        raise
+    if proc.returncode == 0:
+        return
+    output = raw.decode("utf-8", "replace")
+    tail = "\n".join(output.splitlines()[-_TAIL_LINES:])
+    if deps:
+        packages = _packages_at_fault(deps, output)
+        what = f"uv could not install {', '.join(packages)}"
+    else:
+        packages, what = [], "uv could not create the venv"
+    _log.warning("building venv of %s failed (uv exit code %s)", name, proc.returncode)
+    raise EnvironmentBuildError(
+        f"cannot build the environment of extension {name!r}: {what} "
+        f"(uv exit code {proc.returncode})",
+        extension=name, packages=packages, output_tail=tail,
+    )  # fmt: skip
+
+
+@contextlib.asynccontextmanager
+async def _exclusive_lock(path: Path) -> AsyncIterator[None]:
+    """Hold an exclusive flock on ``path``; a contended wait happens in a thread."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        _log.debug("waiting for lock %s", path)
+        waiter = asyncio.get_running_loop().run_in_executor(None, fcntl.flock, fd, fcntl.LOCK_EX)
+        try:
+            await asyncio.shield(waiter)
+        except BaseException:
+            # The thread may still be blocked in flock(): close the fd once it returns.
+            def close(future: asyncio.Future[None]) -> None:
+                if not future.cancelled():
+                    future.exception()
+                os.close(fd)
+
+            waiter.add_done_callback(close)
+            raise
+    except BaseException:
+        os.close(fd)
+        raise
+    try:
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+async def ensure_venv(
+    *,
+    venv_root: Path,
+    name: str,
+    dependencies: Sequence[str],
+    share_torch: bool = False,
+    progress: Callable[[ProgressEvent], None] | None = None,
+    allow_direct_references: bool = False,
+) -> Path:
+    """Return the interpreter of the extension's venv, building the venv only if needed.
+
+    Args:
+        venv_root: directory holding every extension's venv (created if missing).
+        name: the extension's name.
+        dependencies: PEP 508 requirements to install into the venv.
+        share_torch: the child uses the host's torch; uv never installs its own.
+        progress: called with a ProgressEvent at each step.
+        allow_direct_references: accept ``name @ url`` requirements and local paths.
+
+    Returns:
+        The absolute path of the venv's ``bin/python``.
+
+    Raises:
+        ConfigError: the name or a dependency is invalid.
+        EnvironmentBuildError: uv failed; the half-built venv has been removed.
+    """
+    started = time.monotonic()
+
+    def emit(step: str, detail: str = "") -> None:
+        if progress is not None:
+            elapsed = time.monotonic() - started
+            progress(ProgressEvent(extension=name, step=step, elapsed=elapsed, detail=detail))
+
+    root = Path(venv_root).absolute()
+    target = venv_dir(root, name)
+    deps = validate_dependencies(dependencies, allow_direct_references=allow_direct_references)
+    fingerprint = _fingerprint(deps, share_torch=share_torch)
+    emit("check")
+    if _is_ready(target, fingerprint):
+        _log.debug("reusing venv of %s at %s", name, target)
+        emit("reuse")
+        return target / "bin" / "python"
+    (root / ".locks").mkdir(parents=True, exist_ok=True)
+    async with _exclusive_lock(root / ".locks" / f"{name}.lock"):
+        if _is_ready(target, fingerprint):  # the previous holder of the lock built it
+            _log.debug("venv of %s was built meanwhile; reusing it", name)
+            emit("reuse")
+            return target / "bin" / "python"
+        await _build(target, name, deps, share_torch, fingerprint, emit)
+    _log.info("built venv of %s in %.2fs", name, time.monotonic() - started)
+    emit("done")
+    return target / "bin" / "python"
+
+
+async def _build(
+    target: Path,
+    name: str,
+    deps: tuple[str, ...],
+    share_torch: bool,
+    fingerprint: str,
+    emit: Callable[[str, str], None],
+) -> None:
+    """Build the venv from scratch; on any failure or cancellation remove what was built."""
+    try:
+        if os.path.lexists(target):
+            _log.debug("removing stale or half-built venv %s", target)
+            await asyncio.to_thread(_remove_tree, target)
+        step = time.monotonic()
+        # Always the host's own interpreter: the child shares the host's compiled pyzmq.
+        create = [uv_binary(), "venv", "--python", sys.executable, "--no-config", "--quiet"]
+        await _uv([*create, str(target)], name=name, deps=(), on_start=lambda: emit("create", ""))
+        _log.debug("created venv of %s in %.2fs", name, time.monotonic() - step)
+        if deps:
+            excludes = None
+            if share_torch:
+                excludes = target / ".pyisolate-excludes.txt"
+                excludes.write_text("\n".join(_SHARED_TORCH_PACKAGES) + "\n", encoding="utf-8")
+            step = time.monotonic()
+            command = _install_command(target / "bin" / "python", deps, excludes)
+            detail = " ".join(deps)
+            await _uv(command, name=name, deps=deps, on_start=lambda: emit("install", detail))
+            _log.debug("installed %s into %s in %.2fs", detail, name, time.monotonic() - step)
+        _write_marker(target, fingerprint, deps, share_torch)
+    except EnvironmentBuildError as exc:
+        _remove_tree(target)
+        emit("failed", exc.output_tail)
+        raise
+    except BaseException:
+        _remove_tree(target)
+        raise
+
+
+def runtime_dir(venv_root: Path) -> Path:
+    """Return a directory of symlinks to the host's pyisolate, zmq and msgpack; build it once.
+
+    Appended to the END of a child's ``sys.path``, it gives the child these byte-identical
+    host files, with no copy per venv, and nothing else from the host's site-packages.
+
+    Args:
+        venv_root: directory holding every extension's venv.
+
+    Returns:
+        The absolute path ``venv_root/.runtime/<hash>``.
+
+    Raises:
+        RuntimeError: a runtime package cannot be located in the host.
+        OSError: the directory could not be written.
+    """
+    links = _runtime_links()
+    digest = hashlib.sha256(json.dumps([_LAYOUT_VERSION, links]).encode()).hexdigest()[:16]
+    parent = Path(venv_root).absolute() / ".runtime"
+    final = parent / digest
+    if final.is_dir():
+        return final
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=parent))
+    try:
+        for relative, source in links:
+            link = tmp / relative
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(source)
+        os.rename(tmp, final)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if final.is_dir():  # another process won the race; its directory is the same
+            return final
+        raise
+    _log.debug("built runtime directory %s", final)
+    return final
+
+
+def _runtime_links() -> list[tuple[str, str]]:
+    """Return (path inside the runtime dir, absolute source) for every shared entry."""
+    package = _package_dir("pyisolate")
+    broker, workers = _package_dir("pyisolate.broker"), _package_dir("pyisolate.workers")
+    if all(p.resolve() == (package / p.name).resolve() for p in (broker, workers)):
+        links = [("pyisolate", str(package))]
+    else:
+        # Editable install: broker/ and workers/ live beside pyisolate/, not inside it. The
+        # listing is part of the hash, so a new module in pyisolate/ makes a new runtime dir.
+        links = [
+            (f"pyisolate/{entry}", str(package / entry))
+            for entry in sorted(os.listdir(package))
+            if entry not in ("__pycache__", "broker", "workers")
+        ]
+        links += [("pyisolate/broker", str(broker)), ("pyisolate/workers", str(workers))]
+    for dist_name, import_name in _RUNTIME_DISTRIBUTIONS.items():
+        links += [(path.name, str(path)) for path in _distribution_entries(dist_name, import_name)]
+    return links
+
+
+def _package_dir(module: str) -> Path:
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(f"cannot locate package {module!r} in the host")
+    return Path(spec.submodule_search_locations[0]).absolute()
+
+
+def _distribution_entries(dist_name: str, import_name: str) -> list[Path]:
+    """Return the top-level site-packages entries of a distribution (zmq, pyzmq.libs)."""
+    try:
+        dist = importlib.metadata.distribution(dist_name)
+    except importlib.metadata.PackageNotFoundError:
+        return [_package_dir(import_name)]
+    if not dist.files:  # no RECORD: fall back to the import package alone
+        return [_package_dir(import_name)]
+    base = Path(str(dist.locate_file(""))).absolute()
+    tops = {file.parts[0] for file in dist.files if file.parts}
+    tops -= {"..", "__pycache__"}  # ../ entries are scripts in bin/
+    tops = {top for top in tops if not top.endswith((".dist-info", ".egg-info", ".data"))}
+    return [base / top for top in sorted(tops) if os.path.lexists(base / top)]

@@ -1,0 +1,118 @@
+"""The public exception tree of pyisolate.
+
+::
+
+    PyisolateError
+    ├── ConfigError (ValueError)            a config value is wrong; names the field and the fix
+    ├── EnvironmentBuildError               uv could not build an extension's venv
+    ├── ExtensionLoadError                  the extension failed to import or start
+    ├── ExtensionCrashedError               the worker process died (exit code, stderr tail)
+    ├── ExtensionClosedError                you stopped it; calls after stop() land here
+    ├── RemoteError                         a remote exception that could not be rebuilt locally
+    ├── ProtocolError                       a peer broke the wire protocol (version, framing)
+    ├── UnroutableError (LookupError)       no actor of that name is connected to the broker
+    └── EncodeError (TypeError)             a value cannot travel; names its type and place
+
+"You closed it" (`ExtensionClosedError`) is kept apart from "it broke"
+(`ExtensionCrashedError`), so callers can tell a shutdown race from a fault.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ConfigError",
+    "EncodeError",
+    "EnvironmentBuildError",
+    "ExtensionClosedError",
+    "ExtensionCrashedError",
+    "ExtensionLoadError",
+    "ProtocolError",
+    "PyisolateError",
+    "RemoteError",
+    "UnroutableError",
+]
+
+
+class PyisolateError(Exception):
+    """Base class of every error pyisolate raises itself."""
+
+
+class ConfigError(PyisolateError, ValueError):
+    """A configuration value is invalid."""
+
+
+class EnvironmentBuildError(PyisolateError):
+    """uv failed to create or populate an extension's virtual environment."""
+
+    def __init__(self, message: str, *, extension: str, packages: list[str], output_tail: str) -> None:
+        super().__init__(message)
+        self.extension = extension
+        self.packages = packages
+        self.output_tail = output_tail
+
+    def __str__(self) -> str:
+        text = super().__str__()
+        if self.output_tail:
+            text += "\n--- uv output (tail) ---\n" + self.output_tail
+        return text
+
+
+class ExtensionLoadError(PyisolateError):
+    """The extension's module or class could not be loaded in its worker."""
+
+    def __init__(self, message: str, *, extension: str, remote_traceback: str = "") -> None:
+        super().__init__(message)
+        self.extension = extension
+        self.remote_traceback = remote_traceback
+
+    def __str__(self) -> str:
+        text = super().__str__()
+        if self.remote_traceback:
+            text += "\n--- traceback in the extension ---\n" + self.remote_traceback
+        return text
+
+
+class ExtensionCrashedError(PyisolateError):
+    """The extension's worker process exited while calls were pending or it was needed."""
+
+    def __init__(
+        self, message: str, *, extension: str, exit_code: int | None, stderr_tail: str = ""
+    ) -> None:
+        super().__init__(message)
+        self.extension = extension
+        self.exit_code = exit_code
+        self.stderr_tail = stderr_tail
+
+    def __str__(self) -> str:
+        text = super().__str__()
+        if self.stderr_tail:
+            text += "\n--- stderr of the extension (tail) ---\n" + self.stderr_tail
+        return text
+
+
+class ExtensionClosedError(PyisolateError):
+    """The extension (or its manager) was stopped; it takes no more calls."""
+
+
+class RemoteError(PyisolateError):
+    """An exception raised in another process whose type is not rebuilt locally."""
+
+    def __init__(self, message: str, *, remote_type: str, remote_traceback: str = "") -> None:
+        super().__init__(message)
+        self.remote_type = remote_type
+        self.remote_traceback = remote_traceback
+
+    def __str__(self) -> str:
+        return f"{self.remote_type}: {super().__str__()}"
+
+
+class ProtocolError(PyisolateError):
+    """A peer sent something the wire protocol does not allow."""
+
+
+class UnroutableError(PyisolateError, LookupError):
+    """No actor of the given name is connected to the broker."""
+
+
+class EncodeError(PyisolateError, TypeError):
+    """A value cannot be sent to another process."""

@@ -1,0 +1,103 @@
+"""A well-behaved extension with one method per behaviour the tests look at."""
+
+import asyncio
+import os
+import sys
+import threading
+
+from pyisolate import ExtensionBase
+
+
+class CustomError(Exception):
+    """Defined only in the extension: the host cannot rebuild it."""
+
+
+class OkExtension(ExtensionBase):
+    def __init__(self):
+        self.hooks = []
+        self.release_async = asyncio.Event()
+        self.release_sync = threading.Event()
+        self.stop_marker = None
+
+    def before_module_loaded(self):
+        self.hooks.append("before_module_loaded")
+
+    def on_module_loaded(self, module):
+        self.hooks.append(f"on_module_loaded:{module.__name__}")
+
+    def stop(self):
+        if self.stop_marker:
+            with open(self.stop_marker, "w") as f:
+                f.write(",".join(self.hooks + ["stop"]))
+
+    async def process_data(self, data):
+        return sum(data) / len(data)
+
+    def hook_order(self):
+        return self.hooks
+
+    def echo(self, value):
+        return value
+
+    async def aecho(self, *args, **kwargs):
+        return args, kwargs
+
+    def pid(self):
+        return os.getpid()
+
+    def sys_path(self):
+        return list(sys.path)
+
+    def executable(self):
+        return sys.executable
+
+    def module_file(self, name):
+        __import__(name)
+        return sys.modules[name].__file__
+
+    def set_stop_marker(self, path):
+        self.stop_marker = path
+
+    def raise_value_error(self, message):
+        raise ValueError(message)
+
+    def raise_key_error(self, key):
+        return {}[key]
+
+    def raise_custom(self):
+        raise CustomError("only the extension knows this type")
+
+    def return_unsendable(self):
+        return {"ok": [1, 2, object()]}
+
+    async def wait_async(self):
+        await self.release_async.wait()
+        return "async released"
+
+    def release_async_waiter(self):
+        # Plain methods run in a thread: hand the release to the loop.
+        loop = self._loop
+        loop.call_soon_threadsafe(self.release_async.set)
+        return True
+
+    async def remember_loop(self):
+        self._loop = asyncio.get_running_loop()
+        return True
+
+    def wait_sync(self):
+        self.release_sync.wait()
+        return "sync released"
+
+    def release_sync_waiter(self):
+        self.release_sync.set()
+        return True
+
+    async def crash(self, code):
+        sys.stderr.write("about to crash on purpose\n")
+        sys.stderr.flush()
+        os._exit(code)
+
+    def _private(self):
+        return "must not be callable"
+
+    not_a_method = 42

@@ -1,0 +1,160 @@
+"""The broker with real sockets: joining, routing by name, sender stamping, refusals."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import stat
+
+import msgpack
+import pytest
+import zmq
+import zmq.asyncio
+
+from pyisolate.broker.protocol import BROKER, PROTOCOL_VERSION, Kind, pack_header, unpack_header
+from pyisolate.broker.router import Broker
+
+
+@pytest.fixture
+async def broker():
+    b = Broker(block_warning=None)
+    try:
+        yield b
+    finally:
+        b.close()
+
+
+@pytest.fixture
+def ctx():
+    c = zmq.asyncio.Context()
+    yield c
+    c.term()
+
+
+class Peer:
+    """A bare DEALER speaking the protocol by hand."""
+
+    def __init__(self, ctx: zmq.asyncio.Context, endpoint: str) -> None:
+        self.sock = ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(endpoint)
+
+    async def hello(self, name: str, secret: bytes, version: int = PROTOCOL_VERSION) -> tuple[Kind, list[object]]:
+        body = msgpack.packb({"name": name, "secret": secret, "pid": os.getpid()})
+        await self.sock.send_multipart([BROKER, pack_header(Kind.HELLO, 0, version), body])
+        frames = await self.recv()
+        assert frames[0] == BROKER
+        kind, _, extra = unpack_header(frames[1])
+        return kind, extra
+
+    async def recv(self) -> list[bytes]:
+        async with asyncio.timeout(10):
+            return await self.sock.recv_multipart()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def peers(ctx, broker):
+    made: list[Peer] = []
+
+    def make() -> Peer:
+        peer = Peer(ctx, broker.endpoint)
+        made.append(peer)
+        return peer
+
+    yield make
+    for p in made:
+        p.close()
+
+
+async def join(broker: Broker, peer: Peer, name: str) -> None:
+    broker.registry.expect(name.encode(), b"s" * 32)
+    kind, _ = await peer.hello(name, b"s" * 32)
+    assert kind is Kind.WELCOME
+
+
+async def test_endpoint_is_ipc_in_a_private_directory_removed_at_close():
+    broker = Broker(block_warning=None)
+    path = broker.endpoint.removeprefix("ipc://")
+    directory = os.path.dirname(path)
+    assert broker.endpoint.startswith("ipc://")
+    assert stat.S_IMODE(os.stat(directory).st_mode) == 0o700
+    broker.close()
+    assert not os.path.exists(directory)
+    broker.close()  # idempotent
+
+
+async def test_routes_by_name_stamps_the_sender_and_never_decodes_bodies(broker, peers):
+    a, b = peers(), peers()
+    await join(broker, a, "a")
+    await join(broker, b, "b")
+    garbage = b"\xc1 not msgpack at all"
+    header = pack_header(Kind.CALL, 1, "m")
+    await a.sock.send_multipart([b"b", header, garbage, b"raw buffer"])
+    frames = await b.recv()
+    assert frames == [b"a", header, garbage, b"raw buffer"]
+
+
+async def test_unroutable_message_is_answered_to_its_sender(broker, peers):
+    a = peers()
+    await join(broker, a, "a")
+    header = pack_header(Kind.CALL, 42, "m")
+    await a.sock.send_multipart([b"nobody", header, b""])
+    frames = await a.recv()
+    assert frames[0] == BROKER
+    kind, _, extra = unpack_header(frames[1])
+    assert kind is Kind.UNROUTABLE and extra[0] == "nobody"
+    assert frames[2] == header  # the sender can match it to its call
+
+
+async def test_duplicate_name_is_refused(broker, peers):
+    a, impostor = peers(), peers()
+    await join(broker, a, "a")
+    broker.registry.expect(b"a", b"s" * 32)  # even with a valid secret
+    kind, extra = await impostor.hello("a", b"s" * 32)
+    assert kind is Kind.REFUSED and "taken" in extra[0]
+
+
+async def test_wrong_secret_unknown_name_and_wrong_version_are_refused(broker, peers):
+    broker.registry.expect(b"x", b"s" * 32)
+    kind, extra = await peers().hello("x", b"t" * 32)
+    assert kind is Kind.REFUSED and "secret" in extra[0]
+    kind, extra = await peers().hello("never-announced", b"s" * 32)
+    assert kind is Kind.REFUSED and "starting" in extra[0]
+    kind, extra = await peers().hello("x", b"s" * 32, version=PROTOCOL_VERSION + 1)
+    assert kind is Kind.REFUSED and "protocol" in extra[0]
+    # The legitimate worker can still join afterwards.
+    kind, _ = await peers().hello("x", b"s" * 32)
+    assert kind is Kind.WELCOME
+
+
+async def test_messages_from_connections_that_did_not_join_are_dropped_and_counted(broker, peers):
+    a, stranger = peers(), peers()
+    await join(broker, a, "a")
+    await stranger.sock.send_multipart([b"a", pack_header(Kind.CALL, 1, "m"), b""])
+    await stranger.sock.send_multipart([b"only two", b"frames"])
+    # The broker handles one connection's messages in order: once a valid HELLO from the
+    # stranger is refused, the earlier messages have been dropped.
+    kind, _ = await stranger.hello("ghost", b"")
+    assert kind is Kind.REFUSED
+    assert broker.dropped == 2
+    await a.sock.send_multipart([b"a", pack_header(Kind.CALL, 2, "m"), b"to myself"])
+    frames = await a.recv()
+    assert frames[2] == b"to myself"  # nothing from the stranger reached "a"
+
+
+async def test_host_side_actor_is_served_in_place(broker, peers):
+    received: asyncio.Queue[tuple[bytes, list[bytes]]] = asyncio.Queue()
+    broker.add_local(b"svc", lambda sender, frames: received.put_nowait((sender, frames)))
+    a = peers()
+    await join(broker, a, "a")
+    await a.sock.send_multipart([b"svc", b"h", b"b"])
+    async with asyncio.timeout(10):
+        sender, frames = await received.get()
+    assert sender == b"a" and frames == [b"h", b"b"]
+    broker.send(b"a", b"svc", [b"h2", b"b2"])
+    assert await a.recv() == [b"svc", b"h2", b"b2"]
+    with pytest.raises(LookupError):
+        broker.send(b"nobody", b"svc", [b"h", b"b"])

@@ -1,0 +1,41 @@
+"""Helpers for tests: fixture extension paths, child processes, broker ipc directories."""
+
+from __future__ import annotations
+
+import glob
+import os
+import tempfile
+from pathlib import Path
+
+EXTENSIONS = Path(__file__).parent / "extensions"
+
+
+def ext(name: str) -> str:
+    """Path of a fixture extension under tests/extensions."""
+    return str(EXTENSIONS / name)
+
+
+def child_pids() -> set[int]:
+    """Live (or unreaped) child processes of this process."""
+    pids: set[int] = set()
+    for path in glob.glob(f"/proc/{os.getpid()}/task/*/children"):
+        try:
+            with open(path) as f:
+                pids.update(int(p) for p in f.read().split())
+        except OSError:
+            pass
+    return pids
+
+
+def ipc_dirs() -> set[str]:
+    """Broker ipc directories that exist now."""
+    return set(glob.glob(os.path.join(tempfile.gettempdir(), "pyisolate-*")))
+
+
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` exists."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True

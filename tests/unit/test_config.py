@@ -1,0 +1,75 @@
+"""Config validation: bad input is refused at construction, naming the field and the value."""
+
+from __future__ import annotations
+
+import pytest
+
+from pyisolate import ConfigError, ExtensionBase, ExtensionConfig, ExtensionManager, ExtensionManagerConfig
+from tests.support import ext
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "needle"),
+    [
+        ("dependencies", ["--index-url=http://example.invalid"], "--index-url"),
+        ("dependencies", ["numpy; rm -rf /"], "numpy; rm -rf /"),
+        ("dependencies", ["pkg @ https://example.invalid/pkg.whl"], "https://example.invalid"),
+        ("dependencies", "numpy", "numpy"),
+        ("name", "../escape", "../escape"),
+        ("name", "host", "host"),
+        ("module_path", "/no/such/extension", "/no/such/extension"),
+    ],
+)
+def test_bad_extension_config_is_refused_before_anything_runs(field, value, needle):
+    kwargs = {"name": "good", "module_path": ext("ok"), field: value}
+    with pytest.raises(ConfigError) as info:
+        ExtensionConfig(**kwargs)
+    assert needle in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "needle"),
+    [
+        ({"venv_root_path": ""}, "venv_root_path"),
+        ({"venv_root_path": "/tmp", "start_timeout": 0}, "start_timeout"),
+        ({"venv_root_path": "/tmp", "stop_timeout": -1}, "stop_timeout"),
+        ({"venv_root_path": "/tmp", "on_progress": 3}, "on_progress"),
+    ],
+)
+def test_bad_manager_config_is_refused(kwargs, needle):
+    with pytest.raises(ConfigError, match=needle):
+        ExtensionManagerConfig(**kwargs)
+
+
+def test_config_normalises_lists_and_paths(tmp_path):
+    config = ExtensionConfig(name="good", module_path=ext("ok"), dependencies=["numpy>=2"])
+    assert config.dependencies == ("numpy>=2",)
+    assert config.module_path.is_absolute()
+    assert ExtensionManagerConfig(venv_root_path=str(tmp_path)).venv_root == tmp_path
+
+
+def test_unsupported_features_are_refused_not_ignored():
+    with pytest.raises(ConfigError, match="share_torch"):
+        ExtensionConfig(name="t", module_path=ext("ok"), share_torch=True)
+    with pytest.raises(ConfigError, match="apis"):
+        ExtensionConfig(name="t", module_path=ext("ok"), apis=[object])
+
+
+def test_manager_needs_an_extension_base_subclass(tmp_path):
+    config = ExtensionManagerConfig(venv_root_path=tmp_path)
+    with pytest.raises(ConfigError, match="ExtensionBase"):
+        ExtensionManager(object, config)
+    ExtensionManager(ExtensionBase, config)  # nothing started: no loop, no broker yet
+
+
+def test_importing_pyisolate_is_light():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, threading, pyisolate, pyisolate.workers.loader;"
+        "assert 'pyisolate._manager' not in sys.modules, 'manager imported';"
+        "assert 'pyisolate._venv' not in sys.modules, 'venv builder imported';"
+        "assert threading.active_count() == 1"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
