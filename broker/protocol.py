@@ -85,7 +85,8 @@ _packb = msgpack.Packer(use_bin_type=True).pack
 
 def pack_header(kind: Kind, call_id: int = 0, *extra: object) -> bytes:
     """Pack a header frame."""
-    return _packb((int(kind), call_id, *extra))
+    header: bytes = _packb((int(kind), call_id, *extra))
+    return header
 
 
 def unpack_header(frame: bytes) -> tuple[Kind, int, list[object]]:

@@ -42,7 +42,7 @@ from collections.abc import Callable, Sequence
 from types import ModuleType
 from typing import Any
 
-import msgpack  # type: ignore[import-untyped]
+import msgpack
 
 from pyisolate.errors import EncodeError, RemoteError
 

@@ -9,6 +9,7 @@ import secrets
 import signal
 import time
 import warnings
+from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 from pyisolate.broker.protocol import Kind
@@ -17,11 +18,12 @@ from pyisolate.workers.loader import class_spec, load_extension
 
 from . import _venv
 from ._base import ExtensionBase
-from ._codec import DecodeError, decode, decode_exception
+from ._codec import DecodeError, decode_exception
 from ._config import ExtensionConfig, ExtensionManagerConfig
 from ._extension import Extension, LocalBackend
 from ._host import HostEndpoint
 from ._process import WorkerProcess
+from ._runtime import runtime_dir
 from .errors import (
     ConfigError,
     ExtensionClosedError,
@@ -122,7 +124,7 @@ class _Worker:
                 allow_direct_references=config.allow_direct_references,
                 progress=manager.config.on_progress,
             )
-            runtime = await asyncio.to_thread(_venv.runtime_dir, manager.config.venv_root)
+            runtime = await asyncio.to_thread(runtime_dir, manager.config.venv_root)
             secret = secrets.token_bytes(32)
             manager.broker.registry.expect(self.bname, secret)
             started = time.monotonic()
@@ -331,7 +333,7 @@ class ExtensionManager(Generic[T]):
         if config.isolated:
             backend = _Worker(self, config)
         else:
-            task = self.loop.create_task(load_extension(config.module_path, self.extension_type))
+            task = self.loop.create_task(load_extension(Path(config.module_path), self.extension_type))
             task.add_done_callback(_retrieve)
             backend = LocalBackend(config.name, task, self.forget)
         self._extensions[config.name] = backend

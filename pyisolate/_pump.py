@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import zmq
 
@@ -40,7 +40,7 @@ class SocketPump:
         self._sock = sock
         self._loop = loop
         self._on_message = on_message
-        self._fd = sock.getsockopt(zmq.FD)
+        self._fd: int = sock.getsockopt(zmq.FD)  # type: ignore[assignment]  # an int on POSIX
         self._scheduled = False
         self._closed = False
         loop.add_reader(self._fd, self._drain)
@@ -58,7 +58,7 @@ class SocketPump:
             self._sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
         finally:
             # A send processes pending socket commands and can swallow the read edge.
-            if not self._scheduled and self._sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            if not self._scheduled and cast(int, self._sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
                 self._schedule()
 
     def close(self) -> None:

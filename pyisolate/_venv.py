@@ -1,11 +1,11 @@
-"""Create and reuse extension venvs with uv, and assemble the runtime shared with children.
+"""Create and reuse extension venvs with uv.
 
 Layout under ``venv_root``::
 
     <name>/                     one venv per extension
         .pyisolate-ready.json   written last, only after a successful build
     .locks/<name>.lock          flock held while a venv is checked or built
-    .runtime/<hash>/            symlinks to the host's pyisolate, zmq and msgpack
+    .runtime/<hash>/            see pyisolate._runtime
 
 A venv is keyed by a fingerprint of everything that decides its contents, so an unchanged
 extension starts without running uv at all. This module opens no sockets.
@@ -39,7 +39,7 @@ from packaging.utils import canonicalize_name
 from .errors import ConfigError, EnvironmentBuildError
 
 __all__ = [
-    "ProgressEvent", "ensure_venv", "runtime_dir", "uv_binary", "validate_dependencies",
+    "ProgressEvent", "ensure_venv", "uv_binary", "validate_dependencies",
     "validate_extension_name", "venv_dir",
 ]  # fmt: skip
 
@@ -62,7 +62,6 @@ _CONTENT_ENV_VARS = (
 _DROPPED_ENV_VARS = ("VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME")
 # With share_torch the child imports the host's torch, so uv must never resolve its own.
 _SHARED_TORCH_PACKAGES = ("torch",)
-_RUNTIME_DISTRIBUTIONS = {"pyzmq": "zmq", "msgpack": "msgpack"}  # distribution -> import name
 _TAIL_LINES = 40
 
 
@@ -439,84 +438,3 @@ async def _build(
     except BaseException:
         _remove_tree(target)
         raise
-
-
-def runtime_dir(venv_root: Path) -> Path:
-    """Return a directory of symlinks to the host's pyisolate, zmq and msgpack; build it once.
-
-    Appended to the END of a child's ``sys.path``, it gives the child these byte-identical
-    host files, with no copy per venv, and nothing else from the host's site-packages.
-
-    Args:
-        venv_root: directory holding every extension's venv.
-
-    Returns:
-        The absolute path ``venv_root/.runtime/<hash>``.
-
-    Raises:
-        RuntimeError: a runtime package cannot be located in the host.
-        OSError: the directory could not be written.
-    """
-    links = _runtime_links()
-    digest = hashlib.sha256(json.dumps([_LAYOUT_VERSION, links]).encode()).hexdigest()[:16]
-    parent = Path(venv_root).absolute() / ".runtime"
-    final = parent / digest
-    if final.is_dir():
-        return final
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=parent))
-    try:
-        for relative, source in links:
-            link = tmp / relative
-            link.parent.mkdir(parents=True, exist_ok=True)
-            link.symlink_to(source)
-        os.rename(tmp, final)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if final.is_dir():  # another process won the race; its directory is the same
-            return final
-        raise
-    _log.debug("built runtime directory %s", final)
-    return final
-
-
-def _runtime_links() -> list[tuple[str, str]]:
-    """Return (path inside the runtime dir, absolute source) for every shared entry."""
-    package = _package_dir("pyisolate")
-    broker, workers = _package_dir("pyisolate.broker"), _package_dir("pyisolate.workers")
-    if all(p.resolve() == (package / p.name).resolve() for p in (broker, workers)):
-        links = [("pyisolate", str(package))]
-    else:
-        # Editable install: broker/ and workers/ live beside pyisolate/, not inside it. The
-        # listing is part of the hash, so a new module in pyisolate/ makes a new runtime dir.
-        links = [
-            (f"pyisolate/{entry}", str(package / entry))
-            for entry in sorted(os.listdir(package))
-            if entry not in ("__pycache__", "broker", "workers")
-        ]
-        links += [("pyisolate/broker", str(broker)), ("pyisolate/workers", str(workers))]
-    for dist_name, import_name in _RUNTIME_DISTRIBUTIONS.items():
-        links += [(path.name, str(path)) for path in _distribution_entries(dist_name, import_name)]
-    return links
-
-
-def _package_dir(module: str) -> Path:
-    spec = importlib.util.find_spec(module)
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError(f"cannot locate package {module!r} in the host")
-    return Path(spec.submodule_search_locations[0]).absolute()
-
-
-def _distribution_entries(dist_name: str, import_name: str) -> list[Path]:
-    """Return the top-level site-packages entries of a distribution (zmq, pyzmq.libs)."""
-    try:
-        dist = importlib.metadata.distribution(dist_name)
-    except importlib.metadata.PackageNotFoundError:
-        return [_package_dir(import_name)]
-    if not dist.files:  # no RECORD: fall back to the import package alone
-        return [_package_dir(import_name)]
-    base = Path(str(dist.locate_file(""))).absolute()
-    tops = {file.parts[0] for file in dist.files if file.parts}
-    tops -= {"..", "__pycache__"}  # ../ entries are scripts in bin/
-    tops = {top for top in tops if not top.endswith((".dist-info", ".egg-info", ".data"))}
-    return [base / top for top in sorted(tops) if os.path.lexists(base / top)]

@@ -28,8 +28,8 @@ def child_pids() -> set[int]:
 
 
 def ipc_dirs() -> set[str]:
-    """Broker ipc directories that exist now."""
-    return set(glob.glob(os.path.join(tempfile.gettempdir(), "pyisolate-*")))
+    """Broker ipc directories of this process (tests of other runs may share /tmp)."""
+    return set(glob.glob(os.path.join(tempfile.gettempdir(), f"pyisolate-{os.getpid()}-*")))
 
 
 def alive(pid: int) -> bool:

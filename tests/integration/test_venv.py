@@ -16,7 +16,8 @@ import zmq
 import pyisolate
 import pyisolate.broker.protocol
 import pyisolate.workers
-from pyisolate._venv import ProgressEvent, ensure_venv, runtime_dir
+from pyisolate._runtime import runtime_dir
+from pyisolate._venv import ProgressEvent, ensure_venv
 from pyisolate.errors import EnvironmentBuildError
 
 pytestmark = pytest.mark.venv
