@@ -72,10 +72,10 @@ async def test_two_numpy_majors_side_by_side(venv_root):
     config = ExtensionManagerConfig(venv_root_path=venv_root, on_progress=events.append)
     async with ExtensionManager(ExtensionBase, config) as manager:
         old = manager.load_extension(
-            ExtensionConfig(name="numpy1", module_path=ext("numpy1"), dependencies=["numpy<2"])
+            ExtensionConfig(name="numpy1", module_path=ext("numpy_probe"), dependencies=["numpy<2"])
         )
         new = manager.load_extension(
-            ExtensionConfig(name="numpy2", module_path=ext("numpy2"), dependencies=["numpy>=2"])
+            ExtensionConfig(name="numpy2", module_path=ext("numpy_probe"), dependencies=["numpy>=2"])
         )
         async with asyncio.timeout(600):
             v1, v2 = await asyncio.gather(old.numpy_version(), new.numpy_version())

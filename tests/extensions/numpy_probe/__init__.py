@@ -1,4 +1,4 @@
-"""Reports the numpy it sees: each copy of this extension gets its own venv."""
+"""Reports the numpy it sees: loaded under several names, each with its own venv and numpy."""
 
 import sys
 
