@@ -1,0 +1,175 @@
+"""What every part of the codec shares: limits, ext codes, per-thread packers, the decoder.
+
+The codec is split by purpose: this module, ``_codec_numpy`` (numpy scalars and arrays),
+``_codec_walk`` (the slow encode path), ``_codec_errors`` (exceptions) and ``_codec`` (the
+public encode and decode, built-in types). Imports run one way, towards this module; the
+recursion from packing back into any encoder goes through _ENCODERS and _DECODERS, which
+``_codec`` fills, and through _find_encoder, which ``_codec`` installs.
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import msgpack
+
+from pyisolate.errors import EncodeError
+
+BUFFER_THRESHOLD: int = 64 * 1024
+MAX_DEPTH: int = 64
+
+EXT_TUPLE, EXT_SET, EXT_FROZENSET, EXT_BIGINT, EXT_COMPLEX, EXT_BYTEARRAY = 1, 2, 3, 4, 5, 6
+EXT_BYTES_BUFFER, EXT_BYTEARRAY_BUFFER, EXT_NP_SCALAR, EXT_NP_ARRAY, EXT_EXCEPTION = 7, 8, 9, 10, 11
+
+Buffer = bytes | bytearray | memoryview
+
+
+class DecodeError(ValueError):
+    """A message body or its buffers are malformed (untrusted input that fails a check)."""
+
+
+_ExtType = msgpack.ExtType
+_new_tuple = tuple.__new__
+
+
+def _ext(code: int, data: bytes) -> object:
+    """msgpack.ExtType(code, data) without its validating __new__ (a third of a tuple's cost)."""
+    return _new_tuple(_ExtType, (code, data))
+
+
+_U32 = struct.Struct("<I")
+_SCALARS = frozenset({type(None), bool, int, float, str, complex})
+_CONTAINERS = frozenset({list, tuple, dict, set, frozenset})
+_SUPPORTED = ("supported types are None, bool, int, float, complex, str, bytes, bytearray, "
+              "list, tuple, dict, set, frozenset, exceptions, and numpy arrays and scalars")
+
+
+def _type_name(t: type) -> str:
+    module = getattr(t, "__module__", None)
+    return t.__qualname__ if module in (None, "builtins") else f"{module}.{t.__qualname__}"
+
+
+# --- encoding ---------------------------------------------------------------------------
+
+class _Thread:
+    """Per-thread state: packers by nesting level (a Packer cannot be re-entered), the buffers
+    of the encode in progress, and a decoder reused for bodies without buffers."""
+
+    __slots__ = ("packers", "level", "buffers", "active", "decoder")
+
+    def __init__(self) -> None:
+        self.packers: list[Any] = []
+        self.level = 0
+        self.buffers: list[bytes | memoryview] = []
+        self.active: set[int] = set()  # ids of exceptions being encoded, to catch cycles
+        self.decoder = _Decoder(())
+
+
+_local = threading.local()
+
+
+def _thread() -> _Thread:
+    try:
+        state: _Thread = _local.state
+    except AttributeError:
+        state = _local.state = _Thread()
+    return state
+
+
+def _pack(st: _Thread, value: object) -> bytes:
+    level = st.level
+    if level > MAX_DEPTH:
+        raise EncodeError(f"value nested deeper than MAX_DEPTH={MAX_DEPTH}")
+    if level == len(st.packers):
+        st.packers.append(msgpack.Packer(use_bin_type=True, strict_types=True, datetime=False,
+                                         default=_default))
+    st.level = level + 1
+    try:
+        body: bytes = st.packers[level].pack(value)
+    finally:
+        st.level = level
+    return body
+
+
+# Encoders by exact type; _codec fills it, _codec_numpy adds numpy types as it meets them.
+_ENCODERS: dict[type, Callable[[Any], object]] = {}
+
+
+def _no_encoder(obj: object) -> Callable[[Any], object]:
+    raise EncodeError(f"cannot send value of type {_type_name(type(obj))!r}: {_SUPPORTED}")
+
+
+# The encoder for a value whose type is not in _ENCODERS, or EncodeError. _codec, the one
+# module that knows every encoder (exceptions, numpy), installs the real one at import.
+_find_encoder: Callable[[object], Callable[[Any], object]] = _no_encoder
+
+
+def _default(obj: object) -> object:
+    """msgpack's hook for every value it does not pack natively; dispatch on the exact type."""
+    encoder = _ENCODERS.get(type(obj))
+    if encoder is None:
+        encoder = _find_encoder(obj)
+    return encoder(obj)
+
+
+def _to_buffer(data: bytes | memoryview) -> int:
+    buffers = _thread().buffers
+    buffers.append(data)
+    return len(buffers) - 1
+
+
+# --- decoding ---------------------------------------------------------------------------
+
+class _Decoder:
+    """The state of one decode: its buffer frames, which are taken, and ext nesting depth."""
+
+    __slots__ = ("buffers", "used", "depth")
+
+    def __init__(self, buffers: Sequence[Buffer]) -> None:
+        self.buffers = buffers
+        self.used: set[int] = set()
+        self.depth = 0
+
+    def unpack(self, data: bytes) -> object:
+        n = len(data)
+        return msgpack.unpackb(data, raw=False, use_list=True, strict_map_key=False,
+                               ext_hook=self.ext_hook, max_str_len=n, max_bin_len=n,
+                               max_array_len=n, max_map_len=n // 2, max_ext_len=n)
+
+    def ext_hook(self, code: int, data: bytes) -> object:
+        handler = _DECODERS.get(code)
+        if handler is None:
+            raise DecodeError(f"unknown ext type code {code}")
+        return handler(self, data)
+
+    def nested(self, data: bytes, what: str) -> list[Any]:
+        if self.depth >= MAX_DEPTH:
+            raise DecodeError(f"value nested deeper than MAX_DEPTH={MAX_DEPTH}")
+        self.depth += 1
+        try:
+            items = self.unpack(data)
+        finally:
+            self.depth -= 1
+        if type(items) is not list:
+            raise DecodeError(f"{what} payload must be a msgpack array")
+        return items
+
+    def take(self, index: object) -> Buffer:
+        if type(index) is not int or not 0 <= index < len(self.buffers):
+            raise DecodeError(f"buffer index {index!r} is out of range ({len(self.buffers)} buffers)")
+        if index in self.used:
+            raise DecodeError(f"buffer {index} is referenced twice")
+        self.used.add(index)
+        return self.buffers[index]
+
+    def take_packed(self, data: bytes) -> Buffer:
+        if len(data) != 4:
+            raise DecodeError("a buffer reference must be 4 bytes")
+        return self.take(_U32.unpack(data)[0])
+
+
+# Decoders by ext code; _codec fills it.
+_DECODERS: dict[int, Callable[[_Decoder, bytes], object]] = {}

@@ -1,0 +1,171 @@
+"""The slow encode path: walk the value, wrap binaries, check depth, locate what fails.
+
+encode packs with msgpack's C packer alone where it can; only when the body shows a bin
+header or too many container headers does it walk the value here, and packs what _walk
+returns. On a failure the walk also finds the value to blame and its path for EncodeError.
+"""
+
+from __future__ import annotations
+
+from pyisolate._codec_base import (
+    _CONTAINERS,
+    _ENCODERS,
+    _SCALARS,
+    _SUPPORTED,
+    BUFFER_THRESHOLD,
+    MAX_DEPTH,
+    _thread,
+    _type_name,
+)
+from pyisolate._codec_numpy import (
+    _check_dtype,
+    _encode_ndarray,
+    _encode_np_scalar,
+    _find_numpy_encoder,
+)
+from pyisolate.errors import EncodeError
+
+
+class _Binary:
+    """Bytes at or above the threshold, or a bytearray: what _walk keeps from native packing."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes | bytearray) -> None:
+        self.data = data
+
+
+class _ExceptionArgs:
+    """An exception whose args _walk had to rewrite (wrapped binaries, repr of bad ones)."""
+
+    __slots__ = ("exc", "args")
+
+    def __init__(self, exc: BaseException, args: tuple[object, ...]) -> None:
+        self.exc, self.args = exc, args
+
+
+class _Unsendable(Exception):
+    """Raised by _walk at the first value that cannot travel; frames add path on the way up."""
+
+    def __init__(self, obj: object, reason: str | None) -> None:
+        self.obj, self.reason = obj, reason  # reason None: nested too deep
+        self.path: list[str] = []
+        self.containers: list[object] = []
+
+    def add(self, segment: str, container: object) -> None:
+        self.path.append(segment)
+        self.containers.append(container)
+
+    def describe(self) -> str:
+        path, objs = self.path[::-1], [*self.containers[::-1], self.obj]
+        where = _where(path)
+        if self.reason is not None:
+            return f"cannot send value of type {_type_name(type(self.obj))!r} at {where}: {self.reason}"
+        seen: dict[int, int] = {}
+        for j, obj in enumerate(objs):
+            if (i := seen.setdefault(id(obj), j)) != j:
+                return (f"cannot send a self-referencing value: the {_type_name(type(obj))} at "
+                        f"{_where(path[:j])} is its own container from {_where(path[:i])}")
+        return f"cannot send value nested deeper than MAX_DEPTH={MAX_DEPTH} levels at {where}"
+
+
+def _walk(obj: object, depth: int) -> object:
+    """Return obj with bytearray and large bytes wrapped; raise _Unsendable at the first problem."""
+    t = type(obj)
+    if t in _SCALARS:
+        return obj
+    if isinstance(obj, (bytes, bytearray)) and (t is bytes or t is bytearray):
+        return _Binary(obj) if t is bytearray or len(obj) >= BUFFER_THRESHOLD else obj
+    if t not in _CONTAINERS and not isinstance(obj, BaseException):
+        if (problem := _leaf_problem(obj)) is not None:
+            raise _Unsendable(obj, problem)
+        return obj
+    if depth >= MAX_DEPTH:
+        raise _Unsendable(obj, None)
+    if isinstance(obj, BaseException):
+        active = _thread().active
+        if id(obj) in active:  # in its own args; failing fast keeps this linear
+            raise _Unsendable(obj, None)
+        active.add(id(obj))
+        try:
+            args = tuple(_walk_arg(arg, depth + 1) for arg in obj.args)
+        finally:
+            active.discard(id(obj))
+        changed = any(a is not b for a, b in zip(args, obj.args))
+        return _ExceptionArgs(obj, args) if changed else obj
+    if isinstance(obj, dict):
+        pairs, changed = [], False
+        for key, val in obj.items():
+            try:
+                new_key = _walk(key, depth + 1)
+            except _Unsendable as exc:
+                exc.add(f"<key {_short(key)}>", obj)
+                raise
+            try:
+                new_val = val if type(val) in _SCALARS else _walk(val, depth + 1)
+            except _Unsendable as exc:
+                exc.add(f"[{_short(key)}]", obj)
+                raise
+            changed = changed or new_key is not key or new_val is not val
+            pairs.append((new_key, new_val))
+        return dict(pairs) if changed else obj
+    assert isinstance(obj, (list, tuple, set, frozenset))
+    items: list[object] = []
+    changed = False
+    for i, item in enumerate(obj):
+        try:
+            new = item if type(item) in _SCALARS else _walk(item, depth + 1)
+        except _Unsendable as exc:
+            exc.add(f"[{i}]" if t is list or t is tuple else f"<element {_short(item)}>", obj)
+            raise
+        changed = changed or new is not item
+        items.append(new)
+    return type(obj)(items) if changed else obj
+
+
+def _leaf_problem(obj: object) -> str | None:
+    """Why a value that is no container (nor exception) cannot travel, or None if it can."""
+    encoder = _ENCODERS.get(type(obj))
+    if encoder is None:
+        encoder = _find_numpy_encoder(obj)  # what _find_encoder finds for a non-exception
+        if encoder is None:
+            return _SUPPORTED
+    if encoder is _encode_ndarray or encoder is _encode_np_scalar:
+        try:
+            _check_dtype(getattr(obj, "dtype"))
+        except EncodeError as exc:
+            return str(exc)
+    return None
+
+
+def _walk_arg(arg: object, depth: int) -> object:
+    try:
+        return _walk(arg, depth)
+    except _Unsendable:  # an exception still travels: this arg goes as its repr
+        return _safe_repr(arg)
+
+
+def _locate(value: object, exc: BaseException) -> EncodeError:
+    try:
+        _walk(value, 0)
+    except _Unsendable as found:
+        return EncodeError(found.describe())
+    return EncodeError(f"cannot encode value of type {_type_name(type(value))!r}: {exc}")
+
+
+def _where(path: list[str]) -> str:
+    if not path:
+        return "the top level"
+    return "".join(path if len(path) <= 12 else [*path[:6], "...", *path[-4:]])
+
+
+def _short(obj: object) -> str:
+    text = _safe_repr(obj)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _safe_repr(obj: object) -> str:
+    try:
+        return repr(obj)
+    except Exception:
+        return f"<unrepresentable {type(obj).__qualname__} object>"
