@@ -59,11 +59,17 @@ class Kind(enum.IntEnum):
     REFUSED      reason (str)                                empty
     READY        (none)                                      {methods: [str, ...]}
     LOAD_FAILED  (none)                                      encoded exception
-    CALL         method (str)                                [args, kwargs]
-    RESULT       (none)                                      encoded value
+    CALL         method, ref_id, chain_owner, chain_id       [args, kwargs]
+    RESULT       (none), or "stream"                         encoded value; nothing for a stream
     ERROR        (none)                                      encoded exception
     UNROUTABLE   destination (str), reason (str)             the original header, verbatim
     STOP         (none)                                      empty; answered with RESULT
+    RELEASE      ref_id, count                               empty
+    ITEM         (none); call_id is the stream's             encoded item
+    END          (none); call_id is the stream's             empty
+    CREDIT       count; call_id is the stream's              empty
+    CLOSE        (none); call_id is the stream's             empty
+    EVENT        name (str)                                  encoded value
     ===========  ==========================================  ===============================
     """
 
@@ -77,6 +83,12 @@ class Kind(enum.IntEnum):
     ERROR = 8
     UNROUTABLE = 9
     STOP = 10
+    RELEASE = 11
+    ITEM = 12
+    END = 13
+    CREDIT = 14
+    CLOSE = 15
+    EVENT = 16
 
 
 _KINDS: Final = frozenset(int(k) for k in Kind)

@@ -104,6 +104,10 @@ class Broker:
         """The event loop the broker runs on."""
         return self._loop
 
+    def has_actor(self, name: bytes) -> bool:
+        """Whether ``name`` is a host-side actor or a connected worker."""
+        return name in self._local or self.registry.rid_of(name) is not None
+
     def add_local(self, name: bytes, handler: LocalHandler) -> None:
         """Serve the host-side actor ``name`` with ``handler``."""
         if name in self._local or self.registry.rid_of(name) is not None:
@@ -117,10 +121,16 @@ class Broker:
     def send(self, dest: bytes, sender: bytes, frames: list[Any]) -> None:
         """Send ``[header, body, *buffers]`` from the host-side ``sender`` to ``dest``.
 
+        A host-side destination is served in place, on the next turn of the loop.
+
         Raises:
             LookupError: no actor named ``dest`` is connected.
             zmq.Again: the destination's queue is full.
         """
+        handler = self._local.get(dest)
+        if handler is not None:
+            self._loop.call_soon(handler, sender, frames)
+            return
         rid = self.registry.rid_of(dest)
         if rid is None:
             raise LookupError(dest.decode(errors="replace"))

@@ -28,6 +28,9 @@ if TYPE_CHECKING:
     from ._config import ExtensionConfig, ExtensionManagerConfig
     from ._extension import Extension
     from ._manager import ExtensionManager
+    from ._actors import emit, get_actor
+    from ._singleton import ProxiedSingleton
+    from ._sync import SyncExtensionManager, sync
     from ._venv import ProgressEvent
 
 __all__ = [
@@ -44,9 +47,14 @@ __all__ = [
     "ExtensionManagerConfig",
     "ProgressEvent",
     "ProtocolError",
+    "ProxiedSingleton",
     "PyisolateError",
     "RemoteError",
+    "SyncExtensionManager",
     "UnroutableError",
+    "emit",
+    "get_actor",
+    "sync",
 ]
 
 __version__ = "0.1.0"
@@ -59,6 +67,11 @@ _LAZY = {
     "Extension": "._extension",
     "ExtensionManager": "._manager",
     "ProgressEvent": "._venv",
+    "ProxiedSingleton": "._singleton",
+    "SyncExtensionManager": "._sync",
+    "emit": "._actors",
+    "get_actor": "._actors",
+    "sync": "._sync",
 }
 
 

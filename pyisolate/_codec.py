@@ -21,6 +21,7 @@ msgpack carries None, bool, int in [-2**63, 2**64), float, str, small bytes, lis
     10    numpy array       u16 LE n, n bytes of msgpack [dtype.str, shape, buffer index or
                           nil], then the C-order data when inline (nil)
     11    exception         msgpack [module, qualname, args, str(exc), traceback, extras]
+    12    reference         msgpack [owner actor, ref id, flags]: a callable or actor proxy
 
 The fast path is msgpack's C packer alone. Because it packs bytes, bytearray and memoryview
 natively, the body is scanned (C speed) for bin headers and for more container headers than
@@ -58,11 +59,13 @@ from pyisolate._codec_base import (
     EXT_FROZENSET,
     EXT_NP_ARRAY,
     EXT_NP_SCALAR,
+    EXT_REF,
     EXT_SET,
     EXT_TUPLE,
     MAX_DEPTH,
     Buffer,
     DecodeError,
+    RefHooks,
     _Decoder,
     _ext,
     _pack,
@@ -93,8 +96,12 @@ _NOT_NESTING = bytes(b for b in range(256) if not (0x80 <= b <= 0x9F or 0xC7 <= 
 
 # --- encoding ---------------------------------------------------------------------------
 
-def encode(value: object) -> tuple[bytes, list[bytes | memoryview]]:
+def encode(value: object, refs: RefHooks | None = None) -> tuple[bytes, list[bytes | memoryview]]:
     """Encode a value for another process.
+
+    Args:
+        value: What to send.
+        refs: Turns callables and proxies into references (ext 12); without it they cannot travel.
 
     Returns:
         ``(body, buffers)``: the msgpack body and the large binary frames it refers to. Buffers
@@ -104,8 +111,9 @@ def encode(value: object) -> tuple[bytes, list[bytes | memoryview]]:
         EncodeError: a value cannot travel; the message names its type and path.
     """
     st = _thread()
-    outer, buffers = st.buffers, list[bytes | memoryview]()
+    outer, buffers, outer_refs = st.buffers, list[bytes | memoryview](), st.refs
     st.buffers = buffers  # a fresh list: encode may run inside encode (an arg's __repr__)
+    st.refs = refs
     try:
         if type(value) is bytes or type(value) is bytearray:  # spare packing a big blob twice
             value = _walk(value, 0)
@@ -121,6 +129,7 @@ def encode(value: object) -> tuple[bytes, list[bytes | memoryview]]:
         raise _locate(value, exc) from None
     finally:
         st.buffers = outer
+        st.refs = outer_refs
     return body, buffers
 
 
@@ -141,6 +150,9 @@ def _find_encoder(obj: object) -> Callable[[Any], object]:
         return _encode_exception
     encoder = _find_numpy_encoder(obj)
     if encoder is None:
+        refs = _thread().refs
+        if refs is not None and (ref := refs.export(obj)) is not None:
+            return lambda _: _ext(EXT_REF, _pack(_thread(), list(ref)))
         raise EncodeError(f"cannot send value of type {_type_name(type(obj))!r}: {_SUPPORTED}")
     return encoder
 
@@ -167,8 +179,10 @@ _ENCODERS[_ExceptionArgs] = _encode_exception
 
 # --- decoding ---------------------------------------------------------------------------
 
-def decode(body: Buffer, buffers: Sequence[Buffer] = ()) -> object:
+def decode(body: Buffer, buffers: Sequence[Buffer] = (), refs: RefHooks | None = None) -> object:
     """Decode a body (and its buffer frames) sent by another, untrusted, process.
+
+    ``refs`` resolves references (ext 12); without it a reference is refused.
 
     Raises:
         DecodeError: anything malformed, too large, too deep or of an unknown type.
@@ -180,7 +194,7 @@ def decode(body: Buffer, buffers: Sequence[Buffer] = ()) -> object:
     if size > MAX_BODY_BYTES:
         raise DecodeError(f"message body of {size} bytes exceeds MAX_BODY_BYTES={MAX_BODY_BYTES}")
     data = body if type(body) is bytes else memoryview(body).tobytes()
-    decoder = _Decoder(buffers) if buffers else _thread().decoder
+    decoder = _Decoder(buffers, refs) if buffers or refs is not None else _thread().decoder
     try:
         value = decoder.unpack(data)
     except (DecodeError, MemoryError):
@@ -194,9 +208,9 @@ def decode(body: Buffer, buffers: Sequence[Buffer] = ()) -> object:
     return value
 
 
-def decode_exception(body: Buffer, buffers: Sequence[Buffer] = ()) -> BaseException:
+def decode_exception(body: Buffer, buffers: Sequence[Buffer] = (), refs: RefHooks | None = None) -> BaseException:
     """Decode what encode_exception made: the same type where safe, else RemoteError."""
-    exc = decode(body, buffers)
+    exc = decode(body, buffers, refs)
     if not isinstance(exc, BaseException):
         raise DecodeError(f"expected an exception, got {type(exc).__qualname__}")
     return exc
@@ -217,6 +231,15 @@ def _decode_complex(dec: _Decoder, data: bytes) -> complex:
     if len(data) != 16:
         raise DecodeError("a complex payload must be 16 bytes")
     return complex(*_COMPLEX.unpack(data))
+
+
+def _decode_ref(dec: _Decoder, data: bytes) -> object:
+    if dec.refs is None:
+        raise DecodeError("a reference (callable or proxy) is not accepted here")
+    fields = dec.nested(data, "reference")
+    if len(fields) != 3 or type(fields[0]) is not str or type(fields[1]) is not int or type(fields[2]) is not int:
+        raise DecodeError("a reference payload must be [owner, ref_id, flags]")
+    return dec.refs.resolve(fields[0], fields[1], fields[2])
 
 
 def _check_depth(obj: object, depth: int) -> None:
@@ -245,3 +268,4 @@ _DECODERS[EXT_BYTEARRAY_BUFFER] = lambda dec, data: bytearray(dec.take_packed(da
 _DECODERS[EXT_NP_SCALAR] = _decode_np_scalar
 _DECODERS[EXT_NP_ARRAY] = _decode_ndarray
 _DECODERS[EXT_EXCEPTION] = _decode_exception
+_DECODERS[EXT_REF] = _decode_ref

@@ -12,7 +12,7 @@ from __future__ import annotations
 import struct
 import threading
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import msgpack
 
@@ -23,6 +23,17 @@ MAX_DEPTH: int = 64
 
 EXT_TUPLE, EXT_SET, EXT_FROZENSET, EXT_BIGINT, EXT_COMPLEX, EXT_BYTEARRAY = 1, 2, 3, 4, 5, 6
 EXT_BYTES_BUFFER, EXT_BYTEARRAY_BUFFER, EXT_NP_SCALAR, EXT_NP_ARRAY, EXT_EXCEPTION = 7, 8, 9, 10, 11
+EXT_REF = 12
+
+
+class RefHooks(Protocol):
+    """How an endpoint turns callables and proxies into references, and back (see _rpc)."""
+
+    def export(self, obj: object) -> tuple[str, int, int] | None:
+        """(owner actor, ref id, flags) for ``obj``, or None if it is not a reference."""
+
+    def resolve(self, owner: str, ref_id: int, flags: int) -> object:
+        """The object for a received reference (a proxy, or our own object coming back)."""
 
 Buffer = bytes | bytearray | memoryview
 
@@ -58,7 +69,7 @@ class _Thread:
     """Per-thread state: packers by nesting level (a Packer cannot be re-entered), the buffers
     of the encode in progress, and a decoder reused for bodies without buffers."""
 
-    __slots__ = ("packers", "level", "buffers", "active", "decoder")
+    __slots__ = ("packers", "level", "buffers", "active", "decoder", "refs")
 
     def __init__(self) -> None:
         self.packers: list[Any] = []
@@ -66,6 +77,7 @@ class _Thread:
         self.buffers: list[bytes | memoryview] = []
         self.active: set[int] = set()  # ids of exceptions being encoded, to catch cycles
         self.decoder = _Decoder(())
+        self.refs: RefHooks | None = None  # set for the length of one encode()
 
 
 _local = threading.local()
@@ -126,10 +138,11 @@ def _to_buffer(data: bytes | memoryview) -> int:
 class _Decoder:
     """The state of one decode: its buffer frames, which are taken, and ext nesting depth."""
 
-    __slots__ = ("buffers", "used", "depth")
+    __slots__ = ("buffers", "used", "depth", "refs")
 
-    def __init__(self, buffers: Sequence[Buffer]) -> None:
+    def __init__(self, buffers: Sequence[Buffer], refs: RefHooks | None = None) -> None:
         self.buffers = buffers
+        self.refs = refs
         self.used: set[int] = set()
         self.depth = 0
 

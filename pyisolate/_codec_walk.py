@@ -129,7 +129,8 @@ def _leaf_problem(obj: object) -> str | None:
     if encoder is None:
         encoder = _find_numpy_encoder(obj)  # what _find_encoder finds for a non-exception
         if encoder is None:
-            return _SUPPORTED
+            refs = _thread().refs
+            return None if refs is not None and refs.export(obj) is not None else _SUPPORTED
     if encoder is _encode_ndarray or encoder is _encode_np_scalar:
         try:
             _check_dtype(getattr(obj, "dtype"))

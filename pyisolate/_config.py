@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,7 +76,7 @@ class ExtensionConfig:
         isolated: False loads it into the host process itself (no venv, no worker), for
             debugging and trusted code; values are then passed by reference, not copied.
         dependencies: PEP 508 requirements installed into its venv with uv.
-        apis: ProxiedSingleton classes the extension may call (not supported yet).
+        apis: ProxiedSingleton classes of the host that the extension may call.
         share_torch: Share the host's torch with the extension (not supported yet).
         allow_direct_references: Accept URLs and local paths among ``dependencies``.
     """
@@ -111,11 +112,22 @@ class ExtensionConfig:
             "dependencies",
             validate_dependencies(self.dependencies, allow_direct_references=self.allow_direct_references),
         )
-        if self.apis:
-            raise ConfigError(
-                f"ExtensionConfig.apis (extension {self.name!r}): shared singletons are not supported "
-                "by this version of pyisolate yet; leave apis empty"
-            )
+        from ._singleton import ProxiedSingleton
+
+        if isinstance(self.apis, (str, type)):
+            raise ConfigError(f"ExtensionConfig.apis must be a list of ProxiedSingleton classes, got {self.apis!r}")
+        for api in self.apis:
+            if not (isinstance(api, type) and issubclass(api, ProxiedSingleton)) or api is ProxiedSingleton:
+                raise ConfigError(
+                    f"ExtensionConfig.apis (extension {self.name!r}): {api!r} is not a ProxiedSingleton "
+                    "subclass; list the classes of the host's shared services"
+                )
+            module = sys.modules.get(api.__module__)
+            if getattr(module, "__file__", None) is None:
+                raise ConfigError(
+                    f"ExtensionConfig.apis: {api.__qualname__} must be defined in a module file, so that "
+                    "extensions can import it"
+                )
         object.__setattr__(self, "apis", tuple(self.apis))
         if self.share_torch:
             raise ConfigError(

@@ -99,7 +99,7 @@ class LocalBackend:
 
     async def call(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         from .errors import ExtensionClosedError
-        from .workers.serve import resolve_method
+        from ._rpc import resolve_method
 
         if self._stopped:
             raise ExtensionClosedError(f"extension {self.name!r} is stopped")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import inspect
 import logging
 import secrets
 import signal
@@ -12,7 +13,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
-from pyisolate.broker.protocol import Kind
+from pyisolate.broker.protocol import HOST, Kind
 from pyisolate.broker.router import Broker
 from pyisolate.workers.loader import class_spec, load_extension
 
@@ -21,7 +22,9 @@ from ._base import ExtensionBase
 from ._codec import DecodeError, decode_exception
 from ._config import ExtensionConfig, ExtensionManagerConfig
 from ._extension import Extension, LocalBackend
-from ._host import HostEndpoint
+from ._rpc import Endpoint
+from ._refs import ActorProxy
+from ._singleton import ProxiedSingleton, actor_name
 from ._process import WorkerProcess
 from ._runtime import runtime_dir
 from .errors import (
@@ -30,6 +33,7 @@ from .errors import (
     ExtensionCrashedError,
     ExtensionLoadError,
     PyisolateError,
+    UnroutableError,
 )
 
 __all__ = ["ExtensionManager"]
@@ -89,14 +93,9 @@ class _Worker:
             raise self._unavailable()
 
     async def call(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        manager = self._manager
-        if asyncio.get_running_loop() is not manager.loop:
-            return await asyncio.wrap_future(
-                asyncio.run_coroutine_threadsafe(self.call(method, args, kwargs), manager.loop)
-            )
         if self.state is not _State.READY:
             await self.wait_ready()
-        return await manager.endpoint.call(self.bname, method, args, kwargs)
+        return await self._manager.endpoint.remote_call(self.bname, method, args, kwargs)
 
     async def stop(self) -> None:
         if asyncio.get_running_loop() is not self._manager.loop:
@@ -138,6 +137,7 @@ class _Worker:
                     "secret": secret.hex(),
                     "module_path": str(config.module_path),
                     "extension_class": manager.extension_spec,
+                    "apis": [class_spec(api) for api in config.apis],
                     "handshake_timeout": manager.config.start_timeout,
                     "log_level": logging.getLevelName(logging.getLogger("pyisolate").getEffectiveLevel()),
                 },
@@ -185,7 +185,7 @@ class _Worker:
         self._error = exc
         if not self.ready.done():
             self.ready.set_result(None)  # waiters look at state and _error
-        self._manager.endpoint.fail(self.bname, exc)
+        self._manager.fail_peer(self.bname, exc)
         self._manager.broker.registry.forget(self.bname)
 
     async def _watch_exit(self, process: WorkerProcess) -> None:
@@ -209,11 +209,11 @@ class _Worker:
             await asyncio.gather(self.start_task, return_exceptions=True)
         was_ready = self.state is _State.READY
         self.state = _State.STOPPING
-        self._manager.endpoint.fail(self.bname, ExtensionClosedError(f"extension {self.name!r} was stopped"))
+        self._manager.fail_peer(self.bname, ExtensionClosedError(f"extension {self.name!r} was stopped"))
         if was_ready and self.process is not None and self.process.returncode is None:
             try:
                 async with asyncio.timeout(self._manager.config.stop_timeout):
-                    await self._manager.endpoint.stop(self.bname)
+                    await self._manager.endpoint.request_stop(self.bname)
             except TimeoutError:
                 logger.warning("extension %r did not finish stop() within %.1f s", self.name,
                                self._manager.config.stop_timeout)
@@ -269,7 +269,10 @@ class ExtensionManager(Generic[T]):
             raise ConfigError(str(exc)) from None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._broker: Broker | None = None
-        self._endpoint: HostEndpoint | None = None
+        self._endpoint: Endpoint | None = None
+        self._singletons: dict[bytes, Endpoint] = {}
+        self._chain_loops: dict[int, asyncio.AbstractEventLoop] = {}
+        self._events: _Events | None = None
         self._extensions: dict[str, _Worker | LocalBackend] = {}
         self._closing = False
 
@@ -286,7 +289,7 @@ class ExtensionManager(Generic[T]):
         return self._broker
 
     @property
-    def endpoint(self) -> HostEndpoint:
+    def endpoint(self) -> Endpoint:
         assert self._endpoint is not None
         return self._endpoint
 
@@ -301,7 +304,8 @@ class ExtensionManager(Generic[T]):
         if self._loop is None:
             self._loop = loop
             self._broker = Broker(block_warning=self.config.loop_block_warning)
-            self._endpoint = HostEndpoint(self._broker, self._on_control)
+            self._endpoint = self._host_actor(HOST, None, self._on_control)
+            self._events = _Events(loop)
         elif loop is not self._loop:
             raise RuntimeError(
                 "load_extension() must be called on the event loop the manager started on; "
@@ -325,10 +329,12 @@ class ExtensionManager(Generic[T]):
         if self._closing:
             raise ExtensionClosedError("this ExtensionManager is stopped")
         self._bind()
-        if config.name in self._extensions:
+        if config.name in self._extensions or self.broker.has_actor(config.name.encode()):
             raise ConfigError(
                 f"an extension named {config.name!r} is already loaded; stop it first or choose another name"
             )
+        for api in config.apis:
+            self._add_singleton(api)
         backend: _Worker | LocalBackend
         if config.isolated:
             backend = _Worker(self, config)
@@ -347,6 +353,9 @@ class ExtensionManager(Generic[T]):
         backends = list(self._extensions.values())
         await asyncio.gather(*(b.stop() for b in backends), return_exceptions=True)
         self._extensions.clear()
+        assert self._events is not None
+        await self._events.aclose()
+        await asyncio.gather(*(ep.aclose() for ep in [self.endpoint, *self._singletons.values()]))
         self.broker.close()
 
     aclose = stop_all
@@ -363,11 +372,114 @@ class ExtensionManager(Generic[T]):
 
     # -- internals -------------------------------------------------------------------------
 
+    def get_actor(self, name: str | type[ProxiedSingleton]) -> Any:
+        """A handle to the actor ``name``: a loaded extension or a shared singleton.
+
+        Raises:
+            UnroutableError: no actor of that name.
+        """
+        if isinstance(name, type):
+            name = actor_name(name)
+        backend = self._extensions.get(name)
+        if backend is not None:
+            return Extension(backend)
+        if self._loop is not None and name.encode() in self._singletons:
+            return ActorProxy(name.encode(), self.endpoint.remote_call)
+        known = sorted([*self._extensions, *(n.decode() for n in self._singletons)])
+        raise UnroutableError(f"no actor named {name!r}; known actors: {', '.join(known) or 'none'}")
+
+    def on_event(self, name: str, handler: Any) -> None:
+        """Call ``handler(extension_name, value)`` for each event ``name`` an extension emits.
+
+        Handlers of one sender run one at a time, in the order the events were emitted, on
+        the manager's event loop; the emitter never waits for them. A handler may be a plain
+        function or a coroutine function; ``"*"`` receives every event as (sender, (name, value)).
+        """
+        self._bind_for_events()
+        assert self._events is not None
+        self._events.handlers.setdefault(name, []).append(handler)
+
+    def _bind_for_events(self) -> None:
+        if self._loop is None:
+            self._bind()
+
+    def fail_peer(self, name: bytes, exc: BaseException) -> None:
+        """Extension ``name`` is gone: every host-side actor drops what concerned it."""
+        for endpoint in [self.endpoint, *self._singletons.values()]:
+            endpoint.fail_peer(name, exc)
+
+    def _host_actor(self, name: bytes, root: object, on_control: Any = None) -> Endpoint:
+        broker = self.broker
+
+        def send(dest: bytes, frames: list[Any]) -> None:
+            broker.send(dest, name, frames)
+
+        endpoint = Endpoint(name, self.loop, send, root=root, origin=HOST, chain_loops=self._chain_loops,
+                            on_control=on_control)
+        broker.add_local(name, endpoint.on_frames)
+        return endpoint
+
+    def _add_singleton(self, api: type[ProxiedSingleton]) -> None:
+        name = actor_name(api).encode()
+        endpoint = self._singletons.get(name)
+        if endpoint is not None:
+            if type(endpoint.root) is not api:
+                raise ConfigError(f"two singleton classes are named {name.decode()!r}; rename one")
+            return
+        if self.broker.has_actor(name):
+            raise ConfigError(f"the singleton name {name.decode()!r} is taken by an extension; rename one")
+        self._singletons[name] = self._host_actor(name, api())
+
     def forget(self, backend: _Worker | LocalBackend) -> None:
         if self._extensions.get(backend.name) is backend:
             del self._extensions[backend.name]
 
-    def _on_control(self, sender: bytes, kind: Kind, body: bytes, buffers: list[bytes]) -> None:
+    def _on_control(self, sender: bytes, kind: Kind, call_id: int, extra: list[object], body: bytes,
+                    buffers: list[bytes]) -> None:
+        if kind is Kind.EVENT:
+            if extra and isinstance(extra[0], str) and self._events is not None:
+                try:
+                    value = self.endpoint._decode(body, buffers)
+                except Exception as exc:  # a bad event must not take the host down
+                    logger.warning("undecodable event %r from %r: %s", extra[0], sender, exc)
+                    return
+                self._events.put(sender.decode(errors="replace"), extra[0], value)
+            return
         backend = self._extensions.get(sender.decode(errors="replace"))
-        if isinstance(backend, _Worker):
+        if isinstance(backend, _Worker) and kind in (Kind.READY, Kind.LOAD_FAILED):
             backend.on_control(kind, body, buffers)
+
+
+class _Events:
+    """Event handlers, and one ordered queue (with its task) per emitting extension."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self.handlers: dict[str, list[Any]] = {}
+        self._queues: dict[str, asyncio.Queue[tuple[str, object]]] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def put(self, sender: str, name: str, value: object) -> None:
+        queue = self._queues.get(sender)
+        if queue is None:
+            queue = self._queues[sender] = asyncio.Queue()
+            self._tasks.append(self._loop.create_task(self._run(sender, queue)))
+        queue.put_nowait((name, value))
+
+    async def _run(self, sender: str, queue: asyncio.Queue[tuple[str, object]]) -> None:
+        while True:
+            name, value = await queue.get()
+            calls = [(h, value) for h in self.handlers.get(name, ())]
+            calls += [(h, (name, value)) for h in self.handlers.get("*", ())]
+            for handler, arg in calls:
+                try:
+                    result = handler(sender, arg)
+                    if inspect.isawaitable(result):
+                        await result
+                except Exception:  # no caller can receive it: the emitter did not wait
+                    logger.exception("handler of event %r from %r failed", name, sender)
+
+    async def aclose(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)

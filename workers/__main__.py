@@ -9,6 +9,7 @@ code (manager, venv builder).
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import logging
 import os
@@ -44,39 +45,73 @@ def _watch_host(stdin_fd: int) -> None:
 
 
 async def _serve(boot: dict[str, Any]) -> int:
+    from pyisolate import _context
+    from pyisolate._base import ExtensionBase
     from pyisolate._codec import encode, encode_exception
+    from pyisolate._rpc import Endpoint, public_methods
     from pyisolate.broker.protocol import HOST, Kind, pack_header
 
     from .connection import Connection, HandshakeError
     from .loader import import_class, load_extension
-    from .serve import Server, public_methods
 
+    loop = asyncio.get_running_loop()
     conn = Connection(boot["endpoint"])
+    finished = asyncio.Event()
+    stop_tasks: set[asyncio.Task[None]] = set()
+
+    def send(dest: bytes, frames: list[Any]) -> None:
+        conn.send([dest, *frames])
+
+    def on_control(sender: bytes, kind: Kind, call_id: int, extra: list[object], body: bytes,
+                   buffers: list[bytes]) -> None:
+        if kind is Kind.STOP and sender == HOST and not stop_tasks:
+            task = loop.create_task(_stop(call_id))
+            stop_tasks.add(task)
+
+    async def _stop(call_id: int) -> None:
+        try:
+            instance = endpoint.root
+            result = instance.stop() if isinstance(instance, ExtensionBase) else None
+            if inspect.isawaitable(result):
+                await result
+        except Exception as exc:
+            logger.exception("stop() of the extension failed")
+            body, buffers = encode_exception(exc)
+            send(HOST, [pack_header(Kind.ERROR, call_id), body, *buffers])
+        else:
+            send(HOST, [pack_header(Kind.RESULT, call_id), encode(None)[0]])
+        finished.set()
+
+    name = boot["name"]
+    endpoint = Endpoint(name.encode(), loop, send, on_control=on_control)
     try:
         try:
-            conn.handshake(boot["name"], bytes.fromhex(boot["secret"]), timeout=float(boot["handshake_timeout"]))
+            conn.handshake(name, bytes.fromhex(boot["secret"]), timeout=float(boot["handshake_timeout"]))
         except HandshakeError as exc:
             logger.error("%s", exc)
             return EXIT_HANDSHAKE
+        # Serve from here on: the extension may call other actors while it loads.
+        conn.start(loop, lambda frames: endpoint.on_frames(frames[0], frames[1:]))
+        _context.set_worker_endpoint(endpoint)
         try:
-            from pyisolate._base import ExtensionBase
-
+            for spec in boot["apis"]:  # the host modules defining shared singletons
+                import_class(spec)
             base = import_class(boot["extension_class"]) if boot["extension_class"] else ExtensionBase
             instance = await load_extension(boot["module_path"], base)
         except Exception as exc:
+            logger.error("extension %r failed to load", name, exc_info=True)
             body, buffers = encode_exception(exc)
-            conn.send([HOST, pack_header(Kind.LOAD_FAILED), body, *buffers])
+            send(HOST, [pack_header(Kind.LOAD_FAILED), body, *buffers])
             conn.close(flush=True)
             return EXIT_LOAD_FAILED
-        loop = asyncio.get_running_loop()
-        server = Server(instance, conn.send, loop)
-        conn.start(loop, server.on_message)
-        conn.send([HOST, pack_header(Kind.READY), encode({"methods": public_methods(instance)})[0]])
-        await server.finished.wait()
-        await server.drain()
+        endpoint.root = instance
+        send(HOST, [pack_header(Kind.READY), encode({"methods": public_methods(instance)})[0]])
+        await finished.wait()
+        await endpoint.aclose()
         conn.close(flush=True)
         return EXIT_OK
     finally:
+        _context.set_worker_endpoint(None)
         conn.close()
 
 

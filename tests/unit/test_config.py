@@ -48,11 +48,15 @@ def test_config_normalises_lists_and_paths(tmp_path):
     assert ExtensionManagerConfig(venv_root_path=str(tmp_path)).venv_root == tmp_path
 
 
-def test_unsupported_features_are_refused_not_ignored():
+def test_torch_sharing_is_refused_not_ignored():
     with pytest.raises(ConfigError, match="share_torch"):
         ExtensionConfig(name="t", module_path=ext("ok"), share_torch=True)
-    with pytest.raises(ConfigError, match="apis"):
+
+def test_apis_must_be_proxied_singleton_classes():
+    with pytest.raises(ConfigError, match="not a ProxiedSingleton"):
         ExtensionConfig(name="t", module_path=ext("ok"), apis=[object])
+    with pytest.raises(ConfigError, match="list of ProxiedSingleton"):
+        ExtensionConfig(name="t", module_path=ext("ok"), apis=dict)
 
 
 def test_manager_needs_an_extension_base_subclass(tmp_path):

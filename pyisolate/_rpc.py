@@ -1,0 +1,519 @@
+"""Endpoint: one actor's calls, the objects it serves, its references and streams.
+
+The same class runs in the host (one per host-side actor: ``host`` and each singleton) and
+in every worker (one, named after the extension). It lives on the event loop that owns the
+socket; calls from other loops or threads are handed to it. Each CALL gets exactly one
+answer: RESULT (a value, or "stream" followed by ITEMs) or ERROR.
+
+Context tracking: every CALL carries the chain it belongs to (the actor that started it and
+a chain id). A call served while handling another keeps the chain; when a chain started by
+this process comes back to it (host -> extension -> host), the call runs on the event loop
+where the chain started, so recursion between processes does not deadlock and two host loops
+in two threads each get their own chains back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextvars
+import functools
+import inspect
+import logging
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+from pyisolate.broker.protocol import Kind, pack_header, unpack_header
+
+from ._base import LIFECYCLE_HOOKS
+from ._codec import DecodeError, decode, encode, encode_exception
+from ._refs import FLAG_ACTOR, FLAG_ASYNC, ActorProxy, ExportTable, RefProxy, is_async_callable
+from ._streams import Producer, RemoteStream
+from .errors import EncodeError, ProtocolError, UnroutableError
+
+__all__ = ["CHAIN", "Endpoint", "public_methods", "resolve_method"]
+
+logger = logging.getLogger("pyisolate.rpc")
+
+#: The call chain the current task or thread serves: (actor that started it, chain id).
+CHAIN: contextvars.ContextVar[tuple[bytes, int] | None] = contextvars.ContextVar("pyisolate_chain", default=None)
+
+#: Sends ``[header, body, *buffers]`` to an actor.
+Send = Callable[[bytes, list[Any]], None]
+#: Receives kinds the endpoint does not handle itself (READY, LOAD_FAILED, STOP, EVENT).
+Control = Callable[[bytes, Kind, int, list[object], bytes, list[bytes]], None]
+
+
+def public_methods(obj: object) -> list[str]:
+    """Names of the methods of ``obj`` that may be called remotely."""
+    return sorted(
+        name
+        for name in dir(type(obj))
+        if not name.startswith("_") and name not in LIFECYCLE_HOOKS and callable(getattr(type(obj), name))
+    )
+
+
+def resolve_method(obj: object, name: object) -> Callable[..., Any]:
+    """The bound method ``name`` of ``obj`` if it may be called remotely.
+
+    Raises:
+        AttributeError: private, lifecycle, missing or not a method.
+    """
+    if not isinstance(name, str) or not name or name.startswith("_") or name in LIFECYCLE_HOOKS:
+        raise AttributeError(f"{name!r} cannot be called remotely: only public methods can")
+    attr = getattr(type(obj), name, None)
+    if attr is None or not callable(attr):
+        raise AttributeError(f"{type(obj).__name__!r} has no public method {name!r}")
+    method: Callable[..., Any] = getattr(obj, name)
+    return method
+
+
+def _call_fields(extra: list[object]) -> tuple[str, int, str, int]:
+    match extra:
+        case [str() as method, int() as ref_id, str() as chain_owner, int() as chain_id]:
+            return method, ref_id, chain_owner, chain_id
+    raise ProtocolError("CALL header must be [method, ref_id, chain_owner, chain_id]")
+
+
+class Endpoint:
+    """The RPC machinery of one actor."""
+
+    def __init__(
+        self,
+        name: bytes,
+        loop: asyncio.AbstractEventLoop,
+        send: Send,
+        *,
+        root: object = None,
+        origin: bytes | None = None,
+        chain_loops: dict[int, asyncio.AbstractEventLoop] | None = None,
+        on_control: Control | None = None,
+    ) -> None:
+        self.name = name
+        self.loop = loop
+        self.root = root
+        self._send = send
+        self._origin = origin or name  # chains this process starts carry this name
+        self._chain_loops = chain_loops if chain_loops is not None else {}
+        self._on_control = on_control
+        self._pending: dict[int, tuple[asyncio.Future[Any], bytes]] = {}
+        self._next_id = 0
+        self.exports = ExportTable()
+        self._proxies: dict[tuple[bytes, int], weakref.ref[RefProxy]] = {}
+        self._producers: dict[tuple[bytes, int], Producer] = {}
+        self._streams: weakref.WeakValueDictionary[tuple[bytes, int], RemoteStream] = weakref.WeakValueDictionary()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._executor = concurrent.futures.ThreadPoolExecutor(thread_name_prefix=f"pyisolate-{name.decode()}")
+        self._enc_dest = b""
+        self._enc_loop: asyncio.AbstractEventLoop | None = None
+        self._enc_seen: dict[int, tuple[str, int, int]] = {}
+        self._dec_seen: set[tuple[bytes, int]] = set()
+        self.dropped = 0
+
+    # -- calling -----------------------------------------------------------------------------
+
+    def remote_call(self, target: bytes, method: str, args: tuple[Any, ...], kwargs: dict[str, Any],
+                    ref_id: int = 0) -> Any:
+        """Return an awaitable of a call on ``target``; usable from any event loop."""
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is self.loop:
+            return self.call(target, method, args, kwargs, ref_id)
+        if running is None:
+            raise RuntimeError(
+                "a remote call from a thread without an event loop must block: "
+                "use pyisolate.sync(proxy).method(...) there"
+            )
+        return self._call_from(running, target, method, args, kwargs, ref_id)
+
+    async def _call_from(self, running: asyncio.AbstractEventLoop, target: bytes, method: str,
+                         args: tuple[Any, ...], kwargs: dict[str, Any], ref_id: int) -> Any:
+        coro = self.call(target, method, args, kwargs, ref_id, origin_loop=running)
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self.loop))
+
+    async def call(self, target: bytes, method: str, args: tuple[Any, ...], kwargs: dict[str, Any],
+                   ref_id: int = 0, *, origin_loop: asyncio.AbstractEventLoop | None = None) -> Any:
+        """Call ``method`` of ``target`` (or of its exported object ``ref_id``); on ``self.loop``."""
+        chain = CHAIN.get()
+        started = chain is None
+        if chain is None:
+            self._next_id += 1
+            chain = (self._origin, self._next_id)
+            self._chain_loops[chain[1]] = origin_loop or self.loop
+        self._next_id += 1
+        call_id = self._next_id
+        try:
+            body, buffers = self._encode(target, [list(args), kwargs], origin_loop)
+            header = pack_header(Kind.CALL, call_id, method, ref_id, chain[0].decode(), chain[1])
+            return await self._request(target, call_id, header, body, buffers)
+        finally:
+            if started:
+                self._chain_loops.pop(chain[1], None)
+
+    async def request_stop(self, target: bytes) -> None:
+        """Ask worker ``target`` to run its stop hook and exit."""
+        self._next_id += 1
+        await self._request(target, self._next_id, pack_header(Kind.STOP, self._next_id), b"", [])
+
+    async def _request(self, target: bytes, call_id: int, header: bytes, body: bytes, buffers: list[Any]) -> Any:
+        future: asyncio.Future[Any] = self.loop.create_future()
+        self._pending[call_id] = (future, target)
+        try:
+            try:
+                self._send(target, [header, body, *buffers])
+            except LookupError as exc:
+                raise UnroutableError(f"no actor named {target.decode()!r} is connected") from exc
+            return await future
+        finally:
+            self._pending.pop(call_id, None)
+
+    def emit(self, dest: bytes, name: str, value: object) -> None:
+        """Send event ``name`` to ``dest`` without waiting; callable from any thread."""
+        try:
+            on_loop = asyncio.get_running_loop() is self.loop
+        except RuntimeError:
+            on_loop = False
+        if on_loop:
+            self._emit(dest, name, value)
+        else:
+            self.loop.call_soon_threadsafe(self._emit, dest, name, value)
+
+    def _emit(self, dest: bytes, name: str, value: object) -> None:
+        body, buffers = self._encode(dest, value, None)
+        self._send(dest, [pack_header(Kind.EVENT, 0, name), body, *buffers])
+
+    def fail_peer(self, peer: bytes, exc: BaseException) -> None:
+        """``peer`` is gone: fail calls to it, end its streams, release what it held."""
+        for future, target in list(self._pending.values()):
+            if target == peer and not future.done():
+                future.set_exception(exc)
+        for (owner, call_id), stream in list(self._streams.items()):
+            if owner == peer:
+                stream.end(exc)
+        for (owner, _), producer in list(self._producers.items()):
+            if owner == peer:
+                producer.close()
+        self.exports.drop_receiver(peer)
+
+    async def aclose(self) -> None:
+        """Cancel what is still being served and release the thread pool; idempotent."""
+        for task in list(self._tasks):
+            task.cancel()
+        for producer in list(self._producers.values()):
+            producer.close()
+        pending = [*self._tasks, *(p.task for p in self._producers.values())]
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    # -- references (the codec's RefHooks) ------------------------------------------------------
+
+    def _encode(self, dest: bytes, value: object, loop: asyncio.AbstractEventLoop | None) -> tuple[bytes, list[Any]]:
+        self._enc_dest, self._enc_loop, self._enc_seen = dest, loop, {}
+        try:
+            return encode(value, self)
+        except BaseException:
+            for _, ref_id, _ in self._enc_seen.values():  # the message is not sent: undo its counts
+                self.exports.release(ref_id, dest, 1)
+            raise
+        finally:
+            self._enc_seen = {}
+
+    def export(self, obj: object) -> tuple[str, int, int] | None:
+        if isinstance(obj, RefProxy):
+            owner = obj._pyisolate_owner
+            if owner != self._enc_dest:
+                raise EncodeError(
+                    f"{obj!r} was received from {owner.decode()!r} and can only be passed back to it"
+                )
+            return owner.decode(), obj._pyisolate_ref, obj._pyisolate_flags
+        if isinstance(obj, ActorProxy):
+            return obj._pyisolate_owner.decode(), 0, FLAG_ACTOR
+        if isinstance(obj, type) or not callable(obj):
+            return None
+        ref = self._enc_seen.get(id(obj))
+        if ref is None:
+            ref_id = self.exports.add(obj, self._enc_dest, self._enc_loop)
+            ref = (self.name.decode(), ref_id, FLAG_ASYNC if is_async_callable(obj) else 0)
+            self._enc_seen[id(obj)] = ref
+        return ref
+
+    def _decode(self, body: bytes, buffers: list[bytes]) -> object:
+        self._dec_seen = set()
+        return decode(body, buffers, self)
+
+    def resolve(self, owner: str, ref_id: int, flags: int) -> object:
+        name = owner.encode()
+        if flags & FLAG_ACTOR:
+            return ActorProxy(name, self.remote_call)
+        if name == self.name:  # one of ours, coming back
+            export = self.exports.get(ref_id)
+            if export is None:
+                raise DecodeError(f"reference {ref_id} of {owner!r} is unknown or released")
+            return export.obj
+        key = (name, ref_id)
+        entry = self._proxies.get(key)
+        proxy = entry() if entry is not None else None
+        if proxy is None:
+            cell = [0]
+            proxy = RefProxy(name, ref_id, flags, self.remote_call, cell)
+            weakref.finalize(proxy, self._release_soon, name, ref_id, cell)
+            self._proxies[key] = weakref.ref(proxy)
+        if key not in self._dec_seen:
+            self._dec_seen.add(key)
+            proxy._pyisolate_cell[0] += 1
+        return proxy
+
+    def _release_soon(self, owner: bytes, ref_id: int, cell: list[int]) -> None:
+        # A finalizer: it may run in any thread, at any point of the loop's work.
+        try:
+            self.loop.call_soon_threadsafe(self._release, owner, ref_id, cell[0])
+        except RuntimeError:  # loop closed: the owner forgets us when we go
+            pass
+
+    def _release(self, owner: bytes, ref_id: int, count: int) -> None:
+        entry = self._proxies.get((owner, ref_id))
+        if entry is not None and entry() is None:
+            del self._proxies[(owner, ref_id)]
+        try:
+            self._send(owner, [pack_header(Kind.RELEASE, 0, ref_id, count), b""])
+        except LookupError:
+            pass  # the owner is gone, and its references with it
+
+    # -- receiving -------------------------------------------------------------------------------
+
+    def on_frames(self, sender: bytes, frames: list[bytes]) -> None:
+        """Handle ``[header, body, *buffers]`` from ``sender``."""
+        if len(frames) < 2:
+            self._drop(sender, "short message")
+            return
+        try:
+            kind, call_id, extra = unpack_header(frames[0])
+        except ValueError as exc:
+            self._drop(sender, str(exc))
+            return
+        body, buffers = frames[1], frames[2:]
+        match kind:
+            case Kind.CALL:
+                self._on_call(sender, call_id, extra, body, buffers)
+            case Kind.RESULT | Kind.ERROR:
+                self._on_answer(sender, kind, call_id, extra, body, buffers)
+            case Kind.ITEM | Kind.END:
+                self._on_item(sender, kind, call_id, body, buffers)
+            case Kind.CREDIT | Kind.CLOSE:
+                self._on_flow(sender, kind, call_id, extra)
+            case Kind.RELEASE:
+                if len(extra) == 2 and type(extra[0]) is int and type(extra[1]) is int:
+                    self.exports.release(extra[0], sender, extra[1])
+            case Kind.UNROUTABLE:
+                self._on_unroutable(extra, body)
+            case _ if self._on_control is not None:
+                self._on_control(sender, kind, call_id, extra, body, buffers)
+            case _:
+                self._drop(sender, f"unexpected {kind.name}")
+
+    def _on_call(self, sender: bytes, call_id: int, extra: list[object], body: bytes, buffers: list[bytes]) -> None:
+        try:
+            method, ref_id, chain_owner, chain_id = _call_fields(extra)
+            fn, loop = self._target(method, ref_id)
+            args = self._decode(body, buffers)
+            if not (isinstance(args, list) and len(args) == 2 and isinstance(args[0], list)
+                    and isinstance(args[1], dict) and all(isinstance(k, str) for k in args[1])):
+                raise DecodeError("call body must be [args, kwargs]")
+        except Exception as exc:
+            self._reply_error(sender, call_id, exc)
+            return
+        chain = (chain_owner.encode(), chain_id)
+        if loop is None and chain[0] == self._origin:
+            loop = self._chain_loops.get(chain_id)
+        invoke = self._invoke(fn, args[0], args[1], chain)
+        if loop is None or loop is self.loop:
+            task = self.loop.create_task(self._serve(sender, call_id, invoke))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            return
+        try:
+            future = asyncio.run_coroutine_threadsafe(invoke, loop)
+        except RuntimeError as exc:  # that loop is closed
+            invoke.close()
+            self._reply_error(sender, call_id, exc)
+            return
+        future.add_done_callback(
+            lambda f: self.loop.call_soon_threadsafe(self._reply_future, sender, call_id, f)
+        )
+
+    def _target(self, method: str, ref_id: int) -> tuple[Callable[..., Any], asyncio.AbstractEventLoop | None]:
+        if ref_id == 0:
+            if self.root is None:
+                raise AttributeError(f"actor {self.name.decode()!r} has no methods to call")
+            return resolve_method(self.root, method), None
+        export = self.exports.get(ref_id)
+        if export is None:
+            raise LookupError(f"reference {ref_id} of {self.name.decode()!r} was released")
+        if method:
+            return resolve_method(export.obj, method), export.loop
+        return export.obj, export.loop  # type: ignore[return-value]
+
+    async def _invoke(self, fn: Callable[..., Any], args: list[Any], kwargs: dict[str, Any],
+                      chain: tuple[bytes, int]) -> Any:
+        token = CHAIN.set(chain)
+        try:
+            if inspect.isasyncgenfunction(fn):
+                return fn(*args, **kwargs)
+            if is_async_callable(fn):
+                return await fn(*args, **kwargs)
+            context = contextvars.copy_context()  # the chain follows the call into the thread
+            loop = asyncio.get_running_loop()
+            result = await loop.run_in_executor(self._executor, functools.partial(context.run, fn, *args, **kwargs))
+            if inspect.isawaitable(result):
+                result = await result
+            return result
+        finally:
+            CHAIN.reset(token)
+
+    async def _serve(self, sender: bytes, call_id: int, invoke: Any) -> None:
+        try:
+            result = await invoke
+        except BaseException as exc:
+            self._reply_error(sender, call_id, exc)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        self._reply(sender, call_id, result)
+
+    def _reply_future(self, sender: bytes, call_id: int, future: concurrent.futures.Future[Any]) -> None:
+        if future.cancelled():
+            self._reply_error(sender, call_id, asyncio.CancelledError())
+        elif (exc := future.exception()) is not None:
+            self._reply_error(sender, call_id, exc)
+        else:
+            self._reply(sender, call_id, future.result())
+
+    def _reply(self, sender: bytes, call_id: int, result: object) -> None:
+        if inspect.isasyncgen(result):
+            self._start_stream(sender, call_id, result)
+            return
+        try:
+            body, buffers = self._encode(sender, result, None)
+        except Exception as exc:
+            self._reply_error(sender, call_id, exc)
+            return
+        self._send_quiet(sender, [pack_header(Kind.RESULT, call_id), body, *buffers])
+
+    def _reply_error(self, sender: bytes, call_id: int, exc: BaseException) -> None:
+        body, buffers = encode_exception(exc)
+        self._send_quiet(sender, [pack_header(Kind.ERROR, call_id), body, *buffers])
+
+    def _send_quiet(self, dest: bytes, frames: list[Any]) -> None:
+        try:
+            self._send(dest, frames)
+        except LookupError:
+            logger.debug("%r left before its answer could be sent", dest)
+
+    def _on_answer(self, sender: bytes, kind: Kind, call_id: int, extra: list[object],
+                   body: bytes, buffers: list[bytes]) -> None:
+        entry = self._pending.get(call_id)
+        if entry is None or entry[1] != sender:  # late, or an actor answering another's call
+            stream = self._streams.get((sender, call_id)) if kind is Kind.ERROR else None
+            if stream is not None:
+                stream.end(self._decode_error(sender, body, buffers))
+            else:
+                self._drop(sender, f"answer to unknown call {call_id}")
+            return
+        future = entry[0]
+        if future.done():
+            return
+        if kind is Kind.ERROR:
+            future.set_exception(self._decode_error(sender, body, buffers))
+        elif extra == ["stream"]:
+            stream = RemoteStream(
+                functools.partial(self._send_flow, sender, call_id),
+                functools.partial(self._close_soon, sender, call_id),
+            )
+            self._streams[(sender, call_id)] = stream
+            future.set_result(stream)
+        else:
+            try:
+                future.set_result(self._decode(body, buffers))
+            except DecodeError as exc:
+                future.set_exception(ProtocolError(f"undecodable answer from {sender.decode()!r}: {exc}"))
+
+    def _decode_error(self, sender: bytes, body: bytes, buffers: list[bytes]) -> BaseException:
+        try:
+            exc = self._decode(body, buffers)
+        except DecodeError as error:
+            return ProtocolError(f"undecodable error from {sender.decode()!r}: {error}")
+        if not isinstance(exc, BaseException):
+            return ProtocolError(f"{sender.decode()!r} sent an error that is not an exception")
+        return exc
+
+    def _on_unroutable(self, extra: list[object], original_header: bytes) -> None:
+        try:
+            _, call_id, _ = unpack_header(original_header)
+        except ValueError:
+            return
+        entry = self._pending.get(call_id)
+        if entry is not None and not entry[0].done():
+            dest, reason = (extra + ["?", "?"])[:2]
+            entry[0].set_exception(UnroutableError(f"cannot reach actor {dest!r}: {reason}"))
+
+    # -- streams -----------------------------------------------------------------------------
+
+    def _start_stream(self, peer: bytes, call_id: int, agen: Any) -> None:
+        key = (peer, call_id)
+        header_item = pack_header(Kind.ITEM, call_id)
+
+        def send_item(item: object) -> None:
+            body, buffers = self._encode(peer, item, None)
+            self._send_quiet(peer, [header_item, body, *buffers])
+
+        self._producers[key] = Producer(
+            agen,
+            send_item,
+            lambda: self._send_quiet(peer, [pack_header(Kind.END, call_id), b""]),
+            lambda exc: self._reply_error(peer, call_id, exc),
+            self.loop,
+            functools.partial(self._producers.pop, key, None),  # type: ignore[arg-type]
+        )
+        self._send_quiet(peer, [pack_header(Kind.RESULT, call_id, "stream"), b""])
+
+    def _on_item(self, sender: bytes, kind: Kind, call_id: int, body: bytes, buffers: list[bytes]) -> None:
+        stream = self._streams.get((sender, call_id))
+        if stream is None:
+            return  # the consumer dropped it; CLOSE is on its way
+        if kind is Kind.END:
+            stream.end()
+            return
+        try:
+            stream.push(self._decode(body, buffers))
+        except DecodeError as exc:
+            stream.end(ProtocolError(f"undecodable stream item from {sender.decode()!r}: {exc}"))
+            self._send_flow_kind(sender, call_id, Kind.CLOSE)
+
+    def _on_flow(self, sender: bytes, kind: Kind, call_id: int, extra: list[object]) -> None:
+        producer = self._producers.get((sender, call_id))
+        if producer is None:
+            return
+        if kind is Kind.CLOSE:
+            producer.close()
+        elif extra and type(extra[0]) is int and 0 < extra[0] <= 1 << 20:
+            producer.grant(extra[0])
+
+    def _send_flow(self, peer: bytes, call_id: int, count: int) -> None:
+        self._send_quiet(peer, [pack_header(Kind.CREDIT, call_id, count), b""])
+
+    def _send_flow_kind(self, peer: bytes, call_id: int, kind: Kind) -> None:
+        self._send_quiet(peer, [pack_header(kind, call_id), b""])
+
+    def _close_soon(self, peer: bytes, call_id: int) -> None:
+        try:  # a finalizer: any thread
+            self.loop.call_soon_threadsafe(self._send_flow_kind, peer, call_id, Kind.CLOSE)
+        except RuntimeError:
+            pass
+
+    def _drop(self, sender: bytes, why: str) -> None:
+        self.dropped += 1
+        logger.debug("dropped a message from %r: %s", sender, why)
