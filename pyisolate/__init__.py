@@ -30,7 +30,8 @@ if TYPE_CHECKING:
     from ._manager import ExtensionManager
     from ._actors import emit, get_actor
     from ._singleton import ProxiedSingleton
-    from ._sync import SyncExtensionManager, sync
+    from ._blocking import sync
+    from ._sync import SyncExtensionManager
     from ._venv import ProgressEvent
 
 __all__ = [
@@ -71,7 +72,7 @@ _LAZY = {
     "SyncExtensionManager": "._sync",
     "emit": "._actors",
     "get_actor": "._actors",
-    "sync": "._sync",
+    "sync": "._blocking",
 }
 
 

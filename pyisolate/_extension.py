@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 from collections.abc import Callable, Generator
 from typing import Any, Protocol
 
 from ._base import ExtensionBase
+from ._streams import RemoteCall
 
 __all__ = ["Backend", "Extension", "LocalBackend"]
 
@@ -36,8 +38,8 @@ class _Method:
         self._backend = backend
         self._name = name
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self._backend.call(self._name, args, kwargs)
+    def __call__(self, *args: Any, **kwargs: Any) -> RemoteCall:
+        return RemoteCall(functools.partial(self._backend.call, self._name, args, kwargs))
 
     def __repr__(self) -> str:
         return f"<remote method {self._name!r} of extension {self._backend.name!r}>"
@@ -105,6 +107,8 @@ class LocalBackend:
             raise ExtensionClosedError(f"extension {self.name!r} is stopped")
         instance = await asyncio.shield(self._load)
         fn = resolve_method(instance, method)
+        if inspect.isasyncgenfunction(fn):
+            return fn(*args, **kwargs)
         if inspect.iscoroutinefunction(fn):
             return await fn(*args, **kwargs)
         result = await asyncio.to_thread(fn, *args, **kwargs)

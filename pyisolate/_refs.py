@@ -17,6 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ._streams import RemoteCall
+
 __all__ = ["ActorProxy", "ExportTable", "RefProxy", "FLAG_ACTOR", "FLAG_ASYNC"]
 
 FLAG_ASYNC = 1  # the callable is a coroutine function
@@ -83,7 +85,7 @@ class ExportTable:
 
 def is_async_callable(obj: object) -> bool:
     """Whether calling ``obj`` gives a coroutine."""
-    return inspect.iscoroutinefunction(obj) or inspect.iscoroutinefunction(getattr(obj, "__call__", None))
+    return inspect.iscoroutinefunction(obj) or inspect.iscoroutinefunction(getattr(type(obj), "__call__", None))
 
 
 class RefProxy:
@@ -113,7 +115,7 @@ class _ActorMethod:
         self._call, self._owner, self._name = call, owner, name
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self._call(self._owner, self._name, args, kwargs, 0)
+        return RemoteCall(lambda: self._call(self._owner, self._name, args, kwargs, 0))
 
     def __repr__(self) -> str:
         return f"<remote method {self._name!r} of actor {self._owner.decode()!r}>"

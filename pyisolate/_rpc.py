@@ -190,7 +190,7 @@ class Endpoint:
         for future, target in list(self._pending.values()):
             if target == peer and not future.done():
                 future.set_exception(exc)
-        for (owner, call_id), stream in list(self._streams.items()):
+        for (owner, _), stream in list(self._streams.items()):
             if owner == peer:
                 stream.end(exc)
         for (owner, _), producer in list(self._producers.items()):

@@ -15,7 +15,7 @@ import weakref
 from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
-__all__ = ["WINDOW", "Producer", "RemoteStream"]
+__all__ = ["WINDOW", "Producer", "RemoteCall", "RemoteStream"]
 
 #: Items in flight per stream: the producer's lead over the consumer.
 WINDOW = 16
@@ -129,3 +129,34 @@ class RemoteStream:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
+
+
+class RemoteCall:
+    """The result of calling a remote method: await it, or ``async for`` over it for a stream.
+
+    Nothing is sent until it is awaited or iterated.
+    """
+
+    __slots__ = ("_start", "_stream")
+
+    def __init__(self, start: Callable[[], Any]) -> None:
+        self._start = start
+        self._stream: Any = None
+
+    def __await__(self) -> Any:
+        return self._start().__await__()
+
+    def __aiter__(self) -> RemoteCall:
+        return self
+
+    async def __anext__(self) -> Any:
+        if self._stream is None:
+            self._stream = await self._start()
+            if not hasattr(self._stream, "__anext__"):
+                raise TypeError(f"the remote method returned {type(self._stream).__name__}, not a stream")
+        return await self._stream.__anext__()
+
+    async def aclose(self) -> None:
+        """Close the stream early (its remote ``finally`` runs)."""
+        if self._stream is not None and hasattr(self._stream, "aclose"):
+            await self._stream.aclose()

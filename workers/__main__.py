@@ -49,6 +49,7 @@ async def _serve(boot: dict[str, Any]) -> int:
     from pyisolate._base import ExtensionBase
     from pyisolate._codec import encode, encode_exception
     from pyisolate._rpc import Endpoint, public_methods
+    from pyisolate._singleton import ProxiedSingleton
     from pyisolate.broker.protocol import HOST, Kind, pack_header
 
     from .connection import Connection, HandshakeError
@@ -95,7 +96,7 @@ async def _serve(boot: dict[str, Any]) -> int:
         _context.set_worker_endpoint(endpoint)
         try:
             for spec in boot["apis"]:  # the host modules defining shared singletons
-                import_class(spec)
+                import_class(spec, ProxiedSingleton)
             base = import_class(boot["extension_class"]) if boot["extension_class"] else ExtensionBase
             instance = await load_extension(boot["module_path"], base)
         except Exception as exc:

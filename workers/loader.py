@@ -12,11 +12,13 @@ import re
 import sys
 import types
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from pyisolate._base import ExtensionBase
 
 __all__ = ["ClassSpec", "class_spec", "import_class", "import_module_path", "load_extension"]
+
+T = TypeVar("T")
 
 #: How the host names a class the worker must import: module, qualname and source file.
 ClassSpec = dict[str, str]
@@ -39,7 +41,7 @@ def class_spec(cls: type) -> ClassSpec | None:
     return {"module": cls.__module__, "qualname": cls.__qualname__, "file": str(path)}
 
 
-def import_class(spec: ClassSpec) -> type[ExtensionBase]:
+def import_class(spec: ClassSpec, base: type[T] = ExtensionBase) -> type[T]:  # type: ignore[assignment]
     """Import the class described by ``spec`` from its source file, not from site-packages."""
     name = spec["module"]
     module = sys.modules.get(name)
@@ -50,8 +52,8 @@ def import_class(spec: ClassSpec) -> type[ExtensionBase]:
     obj: Any = module
     for part in spec["qualname"].split("."):
         obj = getattr(obj, part)
-    if not (isinstance(obj, type) and issubclass(obj, ExtensionBase)):
-        raise TypeError(f"{spec['qualname']} in {spec['file']} is not an ExtensionBase subclass")
+    if not (isinstance(obj, type) and issubclass(obj, base)):
+        raise TypeError(f"{spec['qualname']} in {spec['file']} is not a {base.__name__} subclass")
     return obj
 
 

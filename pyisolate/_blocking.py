@@ -1,0 +1,90 @@
+"""Blocking views of remote objects, for code that is not async (threads, plain methods).
+
+Safe to import in a worker: nothing host-only here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from ._extension import Extension
+from ._refs import ActorProxy, RefProxy
+
+__all__ = ["Blocking", "block", "sync"]
+
+_IN_LOOP = (
+    "{what} blocks until the answer comes, so it cannot run inside a running event loop (it would "
+    "stall the loop or deadlock); in async code, await the call instead"
+)
+
+
+def _refuse_in_loop(what: str) -> None:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return
+    raise RuntimeError(_IN_LOOP.format(what=what))
+
+
+def block(loop: asyncio.AbstractEventLoop, what: str, coro: Coroutine[Any, Any, Any],
+           timeout: float | None = None) -> Any:
+    try:
+        _refuse_in_loop(what)
+    except RuntimeError:
+        coro.close()
+        raise
+    return asyncio.run_coroutine_threadsafe(coro, loop).result(timeout)
+
+
+class Blocking:
+    """A view of a remote object whose methods block and return the result."""
+
+    def __init__(self, target: Any, loop: asyncio.AbstractEventLoop) -> None:
+        self._target = target
+        self._loop = loop
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        method = getattr(self._target, name)
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            async def run() -> Any:
+                return await method(*args, **kwargs)
+
+            return block(self._loop, f"{name}()", run())
+
+        call.__name__ = name
+        return call
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        target = self._target
+
+        async def run() -> Any:
+            return await target(*args, **kwargs)
+
+        return block(self._loop, "calling a remote callable", run())
+
+    def __repr__(self) -> str:
+        return f"<blocking {self._target!r}>"
+
+
+def sync(target: Any) -> Any:
+    """A blocking view of a proxy, callback or extension handle, for code that is not async.
+
+    ``pyisolate.sync(DatabaseAPI()).get("k")`` returns the value itself. Use it in plain
+    (threaded) extension methods and in threads of the host; inside a running event loop it
+    raises RuntimeError instead of deadlocking.
+    """
+    if isinstance(target, (ActorProxy, RefProxy)):
+        return Blocking(target, target._pyisolate_call.__self__.loop)  # type: ignore[attr-defined]
+    if isinstance(target, Extension):
+        backend = target._pyisolate_backend
+        manager = getattr(backend, "_manager", None)
+        loop = manager.loop if manager is not None else None
+        if loop is None:
+            raise TypeError("pyisolate.sync() of an isolated=False extension: call its methods directly")
+        return Blocking(target, loop)
+    raise TypeError(f"pyisolate.sync() takes a proxy, callback or extension handle, not {type(target).__name__}")
+
+

@@ -1,0 +1,39 @@
+"""Shared services of the test host: ProxiedSingletons that extensions call."""
+
+import asyncio
+import os
+import threading
+
+from pyisolate import ProxiedSingleton
+
+
+class DatabaseAPI(ProxiedSingleton):
+    def __init__(self):
+        self.data = {}
+
+    def set(self, key, value):
+        self.data[key] = value
+
+    def get(self, key):
+        return self.data.get(key)
+
+    async def aget(self, key):
+        await asyncio.sleep(0)
+        return self.data.get(key)
+
+    def pid(self):
+        return os.getpid()
+
+    async def loop_id(self):
+        return id(asyncio.get_running_loop())
+
+
+class SlowService(ProxiedSingleton):
+    def __init__(self):
+        self.release = threading.Event()
+        self.entered = threading.Event()
+
+    def block(self):
+        self.entered.set()
+        self.release.wait(60)
+        return "unblocked"

@@ -1,0 +1,49 @@
+"""The synchronous facades: a host that is not async, and blocking calls from threads."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import pytest
+from shared_api import DatabaseAPI
+
+import pyisolate
+from pyisolate import ExtensionBase, ExtensionConfig, ExtensionManager, ExtensionManagerConfig, SyncExtensionManager
+from tests.support import ext
+
+
+def test_sync_host_uses_extensions_and_singletons_without_asyncio(venv_root: Path):
+    config = ExtensionManagerConfig(venv_root_path=venv_root)
+    events = []
+    with SyncExtensionManager(ExtensionBase, config) as manager:
+        manager.on_event("tick", lambda sender, value: events.append(value))
+        actors = manager.load_extension(ExtensionConfig(name="a", module_path=ext("actors"), apis=[DatabaseAPI]))
+        ok = manager.load_extension(ExtensionConfig(name="ok", module_path=ext("ok")))
+        assert ok.process_data([1, 2, 3]) == 2.0  # values, not awaitables
+        assert actors.db_set("k", "v") is True
+        assert manager.get_actor("DatabaseAPI").get("k") == "v"
+        assert manager.get_actor("ok").echo((1, 2)) == (1, 2)
+        assert actors.call_back(lambda x: x * 3, 2) == 6
+        assert actors.emit_events(3) == 3
+        with pytest.raises(ValueError, match="boom"):
+            ok.raise_value_error("boom")
+        pid = ok.pid()
+        ok.stop()
+    assert not os.path.exists(f"/proc/{pid}")  # stopped and reaped
+
+
+async def test_sync_facades_refuse_to_run_inside_an_event_loop(venv_root: Path):
+    config = ExtensionManagerConfig(venv_root_path=venv_root)
+    sync_manager = await asyncio.to_thread(SyncExtensionManager, ExtensionBase, config)
+    try:
+        with pytest.raises(RuntimeError, match="await the call instead"):
+            sync_manager.load_extension(ExtensionConfig(name="ok", module_path=ext("ok")))
+    finally:
+        await asyncio.to_thread(sync_manager.stop_all)
+    async with ExtensionManager(ExtensionBase, config) as manager:
+        extension = await manager.load_extension(ExtensionConfig(name="ok", module_path=ext("ok")))
+        with pytest.raises(RuntimeError, match="await the call instead"):
+            pyisolate.sync(extension).echo(1)
+        assert await asyncio.to_thread(lambda: pyisolate.sync(extension).echo(5)) == 5  # from a thread: fine
