@@ -318,7 +318,7 @@ class Endpoint:
     def _on_call(self, sender: bytes, call_id: int, extra: list[object], body: bytes, buffers: list[bytes]) -> None:
         try:
             method, ref_id, chain_owner, chain_id = _call_fields(extra)
-            fn, loop = self._target(method, ref_id)
+            fn, loop = self._target(method, ref_id, sender)
             args = self._decode(body, buffers)
             if not (isinstance(args, list) and len(args) == 2 and isinstance(args[0], list)
                     and isinstance(args[1], dict) and all(isinstance(k, str) for k in args[1])):
@@ -345,14 +345,14 @@ class Endpoint:
             lambda f: self.loop.call_soon_threadsafe(self._reply_future, sender, call_id, f)
         )
 
-    def _target(self, method: str, ref_id: int) -> tuple[Callable[..., Any], asyncio.AbstractEventLoop | None]:
+    def _target(self, method: str, ref_id: int, sender: bytes) -> tuple[Callable[..., Any], asyncio.AbstractEventLoop | None]:
         if ref_id == 0:
             if self.root is None:
                 raise AttributeError(f"actor {self.name.decode()!r} has no methods to call")
             return resolve_method(self.root, method), None
         export = self.exports.get(ref_id)
-        if export is None:
-            raise LookupError(f"reference {ref_id} of {self.name.decode()!r} was released")
+        if export is None or sender not in export.counts:  # released, or never given to this caller
+            raise LookupError(f"reference {ref_id} of {self.name.decode()!r} is not held by {sender.decode()!r}")
         if method:
             return resolve_method(export.obj, method), export.loop
         return export.obj, export.loop  # type: ignore[return-value]
@@ -432,6 +432,7 @@ class Endpoint:
             stream = RemoteStream(
                 functools.partial(self._send_flow, sender, call_id),
                 functools.partial(self._close_soon, sender, call_id),
+                self.loop,
             )
             self._streams[(sender, call_id)] = stream
             future.set_result(stream)

@@ -76,10 +76,12 @@ class Producer:
 class RemoteStream:
     """The consumer's side: an async iterator over a generator in another actor.
 
-    Use it on the event loop of the endpoint that received it (the manager's loop in the host).
+    It lives on its endpoint's loop; consumed from another loop, each step is handed over.
     """
 
-    def __init__(self, grant: Callable[[int], None], close: Callable[[], None]) -> None:
+    def __init__(self, grant: Callable[[int], None], close: Callable[[], None],
+                 loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
         self._items: collections.deque[Any] = collections.deque()
         self._ready = asyncio.Event()
         self._done = False
@@ -103,6 +105,11 @@ class RemoteStream:
         return self
 
     async def __anext__(self) -> Any:
+        if asyncio.get_running_loop() is not self._loop:  # consumed from another loop or thread
+            return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self._next(), self._loop))
+        return await self._next()
+
+    async def _next(self) -> Any:
         while not self._items:
             if self._done:
                 if self._error is not None:
@@ -119,6 +126,8 @@ class RemoteStream:
 
     async def aclose(self) -> None:
         """Stop consuming; the remote generator is closed (its ``finally`` runs)."""
+        if asyncio.get_running_loop() is not self._loop:
+            return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self.aclose(), self._loop))
         if not self._done:
             self._done = True
             self._items.clear()

@@ -223,3 +223,31 @@ async def test_events_arrive_in_order_per_sender_without_waiting_for_handlers(ma
     assert [v for _, v in received[:100]] == list(range(100))
     assert [v for _, v in received[100:]] == [("thread", i) for i in range(100)]
     assert {s for s, _ in received} == {"a"}
+
+
+async def test_references_cannot_be_forged_or_passed_to_a_third_actor(manager):
+    a, b = await load(manager, "a"), await load(manager, "b")
+
+    def secret():
+        return "host secret"
+
+    assert await b.call_back(secret) == "host secret"  # b legitimately held ref 1 for a moment
+    keep = lambda: "kept"  # noqa: E731
+    held = asyncio.ensure_future(b.call_back(keep))
+    assert await held == "kept"
+    with pytest.raises(LookupError, match="not held by 'a'"):
+        await a.forge_call("host", 1)  # a never received any reference of ours
+    with pytest.raises(TypeError, match="can only be passed back"):
+        await a.pass_on(secret, "b")
+
+
+async def test_a_stream_can_be_consumed_from_another_loop(manager):
+    a = await load(manager, "a")
+
+    def other_thread() -> list[int]:
+        async def run() -> list[int]:
+            return [x async for x in a.count(40)]
+
+        return asyncio.run(run())
+
+    assert await asyncio.to_thread(other_thread) == list(range(40))

@@ -109,3 +109,13 @@ class Actors(ExtensionBase):
         thread.start()
         thread.join()
         return n
+
+    # misuse of references
+    async def pass_on(self, fn, other):
+        return await pyisolate.get_actor(other).call_back(fn, 1)
+
+    async def forge_call(self, owner, ref_id):
+        from pyisolate._refs import RefProxy
+
+        endpoint = pyisolate._context.worker_endpoint()
+        return await RefProxy(owner.encode(), ref_id, 0, endpoint.remote_call, [0])()
