@@ -66,14 +66,17 @@ def test_manager_needs_an_extension_base_subclass(tmp_path):
     ExtensionManager(ExtensionBase, config)  # nothing started: no loop, no broker yet
 
 
-def test_importing_pyisolate_is_light():
+def test_importing_pyisolate_and_the_worker_side_is_light():
     import subprocess
     import sys
 
     code = (
-        "import sys, threading, pyisolate, pyisolate.workers.loader;"
+        "import sys, threading, pyisolate, pyisolate.workers.loader, pyisolate.workers.connection;"
+        "import pyisolate._rpc, pyisolate._blocking, pyisolate._actors, pyisolate._singleton;"
+        "pyisolate.sync, pyisolate.get_actor, pyisolate.emit, pyisolate.ProxiedSingleton;"
         "assert 'pyisolate._manager' not in sys.modules, 'manager imported';"
         "assert 'pyisolate._venv' not in sys.modules, 'venv builder imported';"
+        "assert 'packaging' not in sys.modules, 'host-only dependency imported';"
         "assert threading.active_count() == 1"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
