@@ -70,6 +70,7 @@ class Kind(enum.IntEnum):
     CREDIT       count; call_id is the stream's              empty
     CLOSE        (none); call_id is the stream's             empty
     EVENT        name (str)                                  encoded value
+    ACK          [segment names]                             empty; shared memory received
     ===========  ==========================================  ===============================
     """
 
@@ -89,6 +90,7 @@ class Kind(enum.IntEnum):
     CREDIT = 14
     CLOSE = 15
     EVENT = 16
+    ACK = 17
 
 
 _KINDS: Final = frozenset(int(k) for k in Kind)

@@ -22,6 +22,9 @@ msgpack carries None, bool, int in [-2**63, 2**64), float, str, small bytes, lis
                           nil], then the C-order data when inline (nil)
     11    exception         msgpack [module, qualname, args, str(exc), traceback, extras]
     12    reference         msgpack [owner actor, ref id, flags]: a callable or actor proxy
+    13    torch tensor      msgpack [device, dtype, shape, stride, offset, requires_grad,
+                          segment name (cpu) or CUDA IPC handle (cuda)]; see _tensors
+    14    numpy array, shm  msgpack [segment name, dtype.str, shape, strides, offset]; see _shm
 
 The fast path is msgpack's C packer alone. Because it packs bytes, bytearray and memoryview
 natively, the body is scanned (C speed) for bin headers and for more container headers than
@@ -60,6 +63,8 @@ from pyisolate._codec_base import (
     EXT_NP_ARRAY,
     EXT_NP_SCALAR,
     EXT_REF,
+    EXT_SHM_ARRAY,
+    EXT_TENSOR,
     EXT_SET,
     EXT_TUPLE,
     MAX_DEPTH,
@@ -75,11 +80,13 @@ from pyisolate._codec_base import (
 )
 from pyisolate._codec_errors import _decode_exception, _encode_exception, _safe_str
 from pyisolate._codec_numpy import (
+    _decode_shm_array,
     _decode_ndarray,
     _decode_np_scalar,
     _find_numpy_encoder,
 )
 from pyisolate._codec_walk import _Binary, _ExceptionArgs, _locate, _Unsendable, _walk
+from pyisolate._tensors import decode_tensor, encode_tensor, is_tensor
 from pyisolate.errors import EncodeError, RemoteError
 
 __all__ = ["BUFFER_THRESHOLD", "MAX_BODY_BYTES", "MAX_DEPTH", "DecodeError", "decode",
@@ -148,6 +155,8 @@ def _may_nest_deeper(body: bytes) -> bool:
 def _find_encoder(obj: object) -> Callable[[Any], object]:
     if isinstance(obj, BaseException):
         return _encode_exception
+    if is_tensor(obj):
+        return _encode_tensor
     encoder = _find_numpy_encoder(obj)
     if encoder is None:
         refs = _thread().refs
@@ -233,6 +242,20 @@ def _decode_complex(dec: _Decoder, data: bytes) -> complex:
     return complex(*_COMPLEX.unpack(data))
 
 
+def _encode_tensor(t: Any) -> object:
+    st = _thread()
+    if st.refs is None:
+        raise EncodeError("torch tensors travel only between actors, as shared-memory handles")
+    return _ext(EXT_TENSOR, _pack(st, encode_tensor(t, st.refs.shm_dest)))
+
+
+def _decode_tensor(dec: _Decoder, data: bytes) -> object:
+    if dec.refs is None:
+        raise DecodeError("a tensor handle is not accepted here")
+    refs = dec.refs
+    return decode_tensor(dec.nested(data, "tensor"), refs.shm_sender, refs.shm_sender_in_host, refs.shm_acks)
+
+
 def _decode_ref(dec: _Decoder, data: bytes) -> object:
     if dec.refs is None:
         raise DecodeError("a reference (callable or proxy) is not accepted here")
@@ -269,3 +292,5 @@ _DECODERS[EXT_NP_SCALAR] = _decode_np_scalar
 _DECODERS[EXT_NP_ARRAY] = _decode_ndarray
 _DECODERS[EXT_EXCEPTION] = _decode_exception
 _DECODERS[EXT_REF] = _decode_ref
+_DECODERS[EXT_TENSOR] = _decode_tensor
+_DECODERS[EXT_SHM_ARRAY] = _decode_shm_array

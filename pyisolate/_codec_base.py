@@ -23,7 +23,9 @@ MAX_DEPTH: int = 64
 
 EXT_TUPLE, EXT_SET, EXT_FROZENSET, EXT_BIGINT, EXT_COMPLEX, EXT_BYTEARRAY = 1, 2, 3, 4, 5, 6
 EXT_BYTES_BUFFER, EXT_BYTEARRAY_BUFFER, EXT_NP_SCALAR, EXT_NP_ARRAY, EXT_EXCEPTION = 7, 8, 9, 10, 11
-EXT_REF = 12
+EXT_REF, EXT_TENSOR, EXT_SHM_ARRAY = 12, 13, 14
+#: numpy arrays at least this big travel through shared memory between actors.
+SHM_THRESHOLD: int = 1 << 20
 
 
 class RefHooks(Protocol):
@@ -34,6 +36,12 @@ class RefHooks(Protocol):
 
     def resolve(self, owner: str, ref_id: int, flags: int) -> object:
         """The object for a received reference (a proxy, or our own object coming back)."""
+
+    # Shared memory: who we are encoding for, who sent what we decode, what to acknowledge.
+    shm_dest: bytes
+    shm_sender: str
+    shm_sender_in_host: bool
+    shm_acks: list[str]
 
 Buffer = bytes | bytearray | memoryview
 

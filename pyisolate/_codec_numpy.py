@@ -8,6 +8,7 @@ while arrays raise DecodeError.
 from __future__ import annotations
 
 import math
+import mmap
 import re
 import struct
 import sys
@@ -16,11 +17,14 @@ from typing import Any
 
 import msgpack
 
+from pyisolate import _shm
 from pyisolate._codec_base import (
     _ENCODERS,
     BUFFER_THRESHOLD,
     EXT_NP_ARRAY,
     EXT_NP_SCALAR,
+    EXT_SHM_ARRAY,
+    SHM_THRESHOLD,
     DecodeError,
     _Decoder,
     _ext,
@@ -60,6 +64,9 @@ def _encode_np_scalar(obj: Any) -> object:
 
 def _encode_ndarray(arr: Any) -> object:
     _check_dtype(arr.dtype)
+    st = _thread()
+    if arr.nbytes >= SHM_THRESHOLD and st.refs is not None and _shm.session():
+        return _ext(EXT_SHM_ARRAY, _pack(st, _shm_array(arr, st.refs.shm_dest)))
     if not arr.flags.c_contiguous:
         arr = arr.copy(order="C")
     index, data = None, b""
@@ -168,3 +175,53 @@ def _decode_ndarray(dec: _Decoder, data: bytes) -> object:
                           f"needs {count * dt.itemsize}")
     arr = _numpy().frombuffer(view, dtype=dt, count=count).reshape(shape)
     return arr if arr.flags.writeable else arr.copy()
+
+
+def _segment_of(arr: Any) -> tuple[_shm.Segment, int] | None:
+    """The segment holding ``arr``'s memory and the offset of its first element, if shared."""
+    base: Any = arr
+    while base is not None and not isinstance(base, mmap.mmap):
+        base = base.obj if isinstance(base, memoryview) else getattr(base, "base", None)
+    if base is None:
+        return None
+    segment = _shm.find(_shm._address(base))
+    if segment is None:
+        return None
+    return segment, arr.__array_interface__["data"][0] - _shm._address(base)
+
+
+def _shm_array(arr: Any, dest: bytes) -> list[object]:
+    found = _segment_of(arr) if all(s >= 0 for s in arr.strides) else None
+    if found is None:  # one copy into a new segment
+        segment = _shm.create(arr.nbytes)
+        shared = _numpy().ndarray(arr.shape, arr.dtype, buffer=segment.mm)
+        shared[...] = arr
+        arr, offset = shared, 0
+    else:
+        segment, offset = found
+    _shm.pin(dest, segment)
+    return [segment.name, arr.dtype.str, list(arr.shape), list(arr.strides), offset]
+
+
+def _decode_shm_array(dec: _Decoder, data: bytes) -> object:
+    if dec.refs is None:
+        raise DecodeError("a shared-memory array is not accepted here")
+    fields = dec.nested(data, "shared array")
+    if len(fields) != 5:
+        raise DecodeError("a shared array payload must be [segment, dtype, shape, strides, offset]")
+    name, text, shape, strides, offset = fields
+    valid = (isinstance(shape, list) and isinstance(strides, list) and len(shape) == len(strides) <= 64
+             and all(type(v) is int and v >= 0 for v in [*shape, *strides]) and type(offset) is int and offset >= 0)
+    if not valid:
+        raise DecodeError("invalid shape, strides or offset of a shared array")
+    _, dt = _parse_dtype(text)
+    if dt is None:
+        raise DecodeError("cannot decode a numpy array: numpy is not installed in this process")
+    extent = 0 if 0 in shape else dt.itemsize + sum((n - 1) * s for n, s in zip(shape, strides))
+    refs = dec.refs
+    try:
+        segment = _shm.receive(name, refs.shm_sender, offset + extent, refs.shm_sender_in_host)
+    except _shm.RefusedHandle as exc:
+        raise DecodeError(str(exc)) from None
+    refs.shm_acks.append(name)
+    return _numpy().ndarray(shape, dt, buffer=segment.mm, offset=offset, strides=strides)

@@ -23,6 +23,7 @@ from pyisolate._codec_numpy import (
     _encode_np_scalar,
     _find_numpy_encoder,
 )
+from pyisolate._tensors import is_tensor
 from pyisolate.errors import EncodeError
 
 
@@ -127,6 +128,8 @@ def _leaf_problem(obj: object) -> str | None:
     """Why a value that is no container (nor exception) cannot travel, or None if it can."""
     encoder = _ENCODERS.get(type(obj))
     if encoder is None:
+        if is_tensor(obj):
+            return None if _thread().refs is not None else "torch tensors travel only between actors"
         encoder = _find_numpy_encoder(obj)  # what _find_encoder finds for a non-exception
         if encoder is None:
             refs = _thread().refs

@@ -77,7 +77,8 @@ class ExtensionConfig:
             debugging and trusted code; values are then passed by reference, not copied.
         dependencies: PEP 508 requirements installed into its venv with uv.
         apis: ProxiedSingleton classes of the host that the extension may call.
-        share_torch: Share the host's torch with the extension (not supported yet).
+        share_torch: The extension imports the host's own torch (byte-identical files, not
+            reinstalled); a torch requirement among ``dependencies`` must admit its version.
         allow_direct_references: Accept URLs and local paths among ``dependencies``.
     """
 
@@ -130,10 +131,35 @@ class ExtensionConfig:
                 )
         object.__setattr__(self, "apis", tuple(self.apis))
         if self.share_torch:
-            raise ConfigError(
-                f"ExtensionConfig.share_torch (extension {self.name!r}): torch sharing is not supported "
-                "by this version of pyisolate yet; leave share_torch=False"
-            )
+            _check_shared_torch(self.name, self.dependencies)
         for flag in ("isolated", "share_torch", "allow_direct_references"):
             if not isinstance(getattr(self, flag), bool):
                 raise ConfigError(f"ExtensionConfig.{flag} must be True or False, got {getattr(self, flag)!r}")
+
+
+def _check_shared_torch(extension: str, dependencies: Sequence[str]) -> None:
+    """share_torch needs torch in the host, of a version every torch requirement admits."""
+    import importlib.metadata
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    try:
+        version = importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:
+        raise ConfigError(
+            f"ExtensionConfig.share_torch (extension {extension!r}): torch is not installed in the host; "
+            "install it there (pip install torch==<version>) or set share_torch=False"
+        ) from None
+    for text in dependencies:
+        try:
+            requirement = Requirement(text)
+        except ValueError:
+            continue  # a direct reference: validated elsewhere
+        if canonicalize_name(requirement.name) == "torch" and not requirement.specifier.contains(
+            version, prereleases=True
+        ):
+            raise ConfigError(
+                f"ExtensionConfig.dependencies (extension {extension!r}): {text!r} does not admit the "
+                f"host's torch {version}, which share_torch=True shares; relax the requirement"
+            )

@@ -17,7 +17,7 @@ from pyisolate.broker.protocol import HOST, Kind
 from pyisolate.broker.router import Broker
 from pyisolate.workers.loader import class_spec, load_extension
 
-from . import _venv
+from . import _shm, _venv
 from ._base import ExtensionBase
 from ._codec import DecodeError, decode_exception
 from ._config import ExtensionConfig, ExtensionManagerConfig
@@ -123,7 +123,7 @@ class _Worker:
                 allow_direct_references=config.allow_direct_references,
                 progress=manager.config.on_progress,
             )
-            runtime = await asyncio.to_thread(runtime_dir, manager.config.venv_root)
+            runtime = await asyncio.to_thread(runtime_dir, manager.config.venv_root, config.share_torch)
             secret = secrets.token_bytes(32)
             manager.broker.registry.expect(self.bname, secret)
             started = time.monotonic()
@@ -138,6 +138,8 @@ class _Worker:
                     "module_path": str(config.module_path),
                     "extension_class": manager.extension_spec,
                     "apis": [class_spec(api) for api in config.apis],
+                    "session": _shm.session(),
+                    "host_actors": ["host", *(n.decode() for n in manager.singleton_names())],
                     "handshake_timeout": manager.config.start_timeout,
                     "log_level": logging.getLevelName(logging.getLogger("pyisolate").getEffectiveLevel()),
                 },
@@ -192,6 +194,7 @@ class _Worker:
         code = await process.wait()
         if self.state in (_State.STOPPING, _State.STOPPED, _State.FAILED):
             return
+        _shm.sweep(self.name)  # the names it held; before anyone hears of the crash
         how = describe_exit(code)
         tail = process.stderr_tail()
         if self.state is _State.STARTING:
@@ -233,6 +236,7 @@ class _Worker:
             self._watch.cancel()
         if self.process is not None:
             await self.process.aclose()
+            _shm.sweep(self.name)  # names the worker left (its memory goes with its mappings)
         if self._watch is not None:
             await asyncio.gather(self._watch, return_exceptions=True)
 
@@ -303,6 +307,7 @@ class ExtensionManager(Generic[T]):
             ) from None
         if self._loop is None:
             self._loop = loop
+            _shm.configure_host()
             self._broker = Broker(block_warning=self.config.loop_block_warning)
             self._endpoint = self._host_actor(HOST, None, self._on_control)
             self._events = _Events(loop)
@@ -403,6 +408,10 @@ class ExtensionManager(Generic[T]):
         if self._loop is None:
             self._bind()
 
+    def singleton_names(self) -> list[bytes]:
+        """Actor names of the shared singletons registered so far."""
+        return list(self._singletons)
+
     def fail_peer(self, name: bytes, exc: BaseException) -> None:
         """Extension ``name`` is gone: every host-side actor drops what concerned it."""
         for endpoint in [self.endpoint, *self._singletons.values()]:
@@ -439,7 +448,7 @@ class ExtensionManager(Generic[T]):
         if kind is Kind.EVENT:
             if extra and isinstance(extra[0], str) and self._events is not None:
                 try:
-                    value = self.endpoint._decode(body, buffers)
+                    value = self.endpoint._decode(body, buffers, sender)
                 except Exception as exc:  # a bad event must not take the host down
                     logger.warning("undecodable event %r from %r: %s", extra[0], sender, exc)
                     return

@@ -26,6 +26,7 @@ from typing import Any
 
 from pyisolate.broker.protocol import Kind, pack_header, unpack_header
 
+from . import _shm
 from ._base import LIFECYCLE_HOOKS
 from ._codec import DecodeError, decode, encode, encode_exception
 from ._refs import FLAG_ACTOR, FLAG_ASYNC, ActorProxy, ExportTable, RefProxy, is_async_callable
@@ -105,6 +106,11 @@ class Endpoint:
         self._streams: weakref.WeakValueDictionary[tuple[bytes, int], RemoteStream] = weakref.WeakValueDictionary()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._executor = concurrent.futures.ThreadPoolExecutor(thread_name_prefix=f"pyisolate-{name.decode()}")
+        self.host_actors: frozenset[bytes] = frozenset()  # worker: actors living in the host
+        self.shm_dest = b""
+        self.shm_sender = ""
+        self.shm_sender_in_host = False
+        self.shm_acks: list[str] = []
         self._enc_dest = b""
         self._enc_loop: asyncio.AbstractEventLoop | None = None
         self._enc_seen: dict[int, tuple[str, int, int]] = {}
@@ -177,12 +183,18 @@ class Endpoint:
         except RuntimeError:
             on_loop = False
         if on_loop:
-            self._emit(dest, name, value)
+            self._emit(dest, name, value, False)
         else:
-            self.loop.call_soon_threadsafe(self._emit, dest, name, value)
+            self.loop.call_soon_threadsafe(self._emit, dest, name, value, True)
 
-    def _emit(self, dest: bytes, name: str, value: object) -> None:
-        body, buffers = self._encode(dest, value, None)
+    def _emit(self, dest: bytes, name: str, value: object, from_thread: bool) -> None:
+        try:
+            body, buffers = self._encode(dest, value, None)
+        except EncodeError:
+            if not from_thread:
+                raise  # the emitter is right here to receive it
+            logger.error("event %r dropped: its value cannot be sent", name, exc_info=True)
+            return
         self._send(dest, [pack_header(Kind.EVENT, 0, name), body, *buffers])
 
     def fail_peer(self, peer: bytes, exc: BaseException) -> None:
@@ -197,6 +209,7 @@ class Endpoint:
             if owner == peer:
                 producer.close()
         self.exports.drop_receiver(peer)
+        _shm.drop_peer(peer)
 
     async def aclose(self) -> None:
         """Cancel what is still being served and release the thread pool; idempotent."""
@@ -213,6 +226,7 @@ class Endpoint:
 
     def _encode(self, dest: bytes, value: object, loop: asyncio.AbstractEventLoop | None) -> tuple[bytes, list[Any]]:
         self._enc_dest, self._enc_loop, self._enc_seen = dest, loop, {}
+        self.shm_dest = dest
         try:
             return encode(value, self)
         except BaseException:
@@ -241,9 +255,17 @@ class Endpoint:
             self._enc_seen[id(obj)] = ref
         return ref
 
-    def _decode(self, body: bytes, buffers: list[bytes]) -> object:
+    def _decode(self, body: bytes, buffers: list[bytes], sender: bytes) -> object:
         self._dec_seen = set()
-        return decode(body, buffers, self)
+        self.shm_sender = sender.decode()
+        self.shm_sender_in_host = sender in self.host_actors
+        acks: list[str] = []
+        self.shm_acks = acks
+        try:
+            return decode(body, buffers, self)
+        finally:
+            if acks:  # we hold our own names for these segments now: the sender may unpin
+                self._send_quiet(sender, [pack_header(Kind.ACK, 0, acks), b""])
 
     def resolve(self, owner: str, ref_id: int, flags: int) -> object:
         name = owner.encode()
@@ -305,6 +327,9 @@ class Endpoint:
                 self._on_item(sender, kind, call_id, body, buffers)
             case Kind.CREDIT | Kind.CLOSE:
                 self._on_flow(sender, kind, call_id, extra)
+            case Kind.ACK:
+                if extra and isinstance(extra[0], list):
+                    _shm.unpin(sender, extra[0])
             case Kind.RELEASE:
                 if len(extra) == 2 and type(extra[0]) is int and type(extra[1]) is int:
                     self.exports.release(extra[0], sender, extra[1])
@@ -319,7 +344,7 @@ class Endpoint:
         try:
             method, ref_id, chain_owner, chain_id = _call_fields(extra)
             fn, loop = self._target(method, ref_id, sender)
-            args = self._decode(body, buffers)
+            args = self._decode(body, buffers, sender)
             if not (isinstance(args, list) and len(args) == 2 and isinstance(args[0], list)
                     and isinstance(args[1], dict) and all(isinstance(k, str) for k in args[1])):
                 raise DecodeError("call body must be [args, kwargs]")
@@ -415,13 +440,12 @@ class Endpoint:
 
     def _on_answer(self, sender: bytes, kind: Kind, call_id: int, extra: list[object],
                    body: bytes, buffers: list[bytes]) -> None:
+        if kind is Kind.ERROR and (stream := self._streams.get((sender, call_id))) is not None:
+            stream.end(self._decode_error(sender, body, buffers))  # the stream's generator raised
+            return
         entry = self._pending.get(call_id)
         if entry is None or entry[1] != sender:  # late, or an actor answering another's call
-            stream = self._streams.get((sender, call_id)) if kind is Kind.ERROR else None
-            if stream is not None:
-                stream.end(self._decode_error(sender, body, buffers))
-            else:
-                self._drop(sender, f"answer to unknown call {call_id}")
+            self._drop(sender, f"answer to unknown call {call_id}")
             return
         future = entry[0]
         if future.done():
@@ -438,13 +462,13 @@ class Endpoint:
             future.set_result(stream)
         else:
             try:
-                future.set_result(self._decode(body, buffers))
+                future.set_result(self._decode(body, buffers, sender))
             except DecodeError as exc:
                 future.set_exception(ProtocolError(f"undecodable answer from {sender.decode()!r}: {exc}"))
 
     def _decode_error(self, sender: bytes, body: bytes, buffers: list[bytes]) -> BaseException:
         try:
-            exc = self._decode(body, buffers)
+            exc = self._decode(body, buffers, sender)
         except DecodeError as error:
             return ProtocolError(f"undecodable error from {sender.decode()!r}: {error}")
         if not isinstance(exc, BaseException):
@@ -489,7 +513,7 @@ class Endpoint:
             stream.end()
             return
         try:
-            stream.push(self._decode(body, buffers))
+            stream.push(self._decode(body, buffers, sender))
         except DecodeError as exc:
             stream.end(ProtocolError(f"undecodable stream item from {sender.decode()!r}: {exc}"))
             self._send_flow_kind(sender, call_id, Kind.CLOSE)

@@ -25,8 +25,11 @@ _LAYOUT_VERSION = 1  # bump when the layout changes
 _RUNTIME_DISTRIBUTIONS = {"pyzmq": "zmq", "msgpack": "msgpack"}  # distribution -> import name
 
 
-def runtime_dir(venv_root: Path) -> Path:
+def runtime_dir(venv_root: Path, share_torch: bool = False) -> Path:
     """Return a directory of symlinks to the host's pyisolate, zmq and msgpack; build it once.
+
+    With ``share_torch`` it also links the host's torch and the distributions torch requires
+    (its family), so that a child imports the very files of the host's torch.
 
     Appended to the END of a child's ``sys.path``, it gives the child these byte-identical
     host files, with no copy per venv, and nothing else from the host's site-packages.
@@ -42,6 +45,9 @@ def runtime_dir(venv_root: Path) -> Path:
         OSError: the directory could not be written.
     """
     links = _runtime_links()
+    if share_torch:
+        known = {name for name, _ in links}
+        links += [(path.name, str(path)) for path in torch_family() if path.name not in known]
     digest = hashlib.sha256(json.dumps([_LAYOUT_VERSION, links]).encode()).hexdigest()[:16]
     parent = Path(venv_root).absolute() / ".runtime"
     final = parent / digest
@@ -104,3 +110,36 @@ def _distribution_entries(dist_name: str, import_name: str) -> list[Path]:
     tops -= {"..", "__pycache__"}  # ../ entries are scripts in bin/
     tops = {top for top in tops if not top.endswith((".dist-info", ".egg-info", ".data"))}
     return [base / top for top in sorted(tops) if os.path.lexists(base / top)]
+
+
+def torch_family() -> list[Path]:
+    """Top-level site-packages entries of the host's torch and of everything it requires.
+
+    Raises:
+        RuntimeError: torch is not installed in the host.
+    """
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    try:
+        importlib.metadata.distribution("torch")
+    except importlib.metadata.PackageNotFoundError:
+        raise RuntimeError("share_torch=True, but torch is not installed in the host") from None
+    seen: set[str] = set()
+    todo = ["torch"]
+    entries: list[Path] = []
+    while todo:
+        name = canonicalize_name(todo.pop())
+        if name in seen:
+            continue
+        seen.add(name)
+        try:
+            dist = importlib.metadata.distribution(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue  # an optional requirement the host does not have
+        entries += _distribution_entries(name, name.replace("-", "_"))
+        for text in dist.requires or ():
+            requirement = Requirement(text)
+            if requirement.marker is None or requirement.marker.evaluate({"extra": ""}):
+                todo.append(requirement.name)
+    return entries

@@ -45,7 +45,7 @@ def _watch_host(stdin_fd: int) -> None:
 
 
 async def _serve(boot: dict[str, Any]) -> int:
-    from pyisolate import _context
+    from pyisolate import _context, _shm
     from pyisolate._base import ExtensionBase
     from pyisolate._codec import encode, encode_exception
     from pyisolate._rpc import Endpoint, public_methods
@@ -84,7 +84,9 @@ async def _serve(boot: dict[str, Any]) -> int:
         finished.set()
 
     name = boot["name"]
+    _shm.configure(boot["session"], name)
     endpoint = Endpoint(name.encode(), loop, send, on_control=on_control)
+    endpoint.host_actors = frozenset(n.encode() for n in boot["host_actors"])
     try:
         try:
             conn.handshake(name, bytes.fromhex(boot["secret"]), timeout=float(boot["handshake_timeout"]))

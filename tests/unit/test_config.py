@@ -48,9 +48,12 @@ def test_config_normalises_lists_and_paths(tmp_path):
     assert ExtensionManagerConfig(venv_root_path=str(tmp_path)).venv_root == tmp_path
 
 
-def test_torch_sharing_is_refused_not_ignored():
-    with pytest.raises(ConfigError, match="share_torch"):
-        ExtensionConfig(name="t", module_path=ext("ok"), share_torch=True)
+def test_share_torch_checks_the_hosts_torch_against_the_requirements():
+    pytest.importorskip("torch")
+    with pytest.raises(ConfigError, match="does not admit the host's torch"):
+        ExtensionConfig(name="t", module_path=ext("ok"), share_torch=True, dependencies=["torch<2"])
+    config = ExtensionConfig(name="t", module_path=ext("ok"), share_torch=True, dependencies=["torch>=2"])
+    assert config.share_torch
 
 def test_apis_must_be_proxied_singleton_classes():
     with pytest.raises(ConfigError, match="not a ProxiedSingleton"):

@@ -1,0 +1,55 @@
+"""An extension with share_torch=True: tensors in and out, in place, views, autograd."""
+
+import os
+
+import torch
+
+import pyisolate
+from pyisolate import ExtensionBase
+
+
+class Tensors(ExtensionBase):
+    def __init__(self):
+        self.kept = None
+
+    def torch_file(self):
+        return torch.__file__
+
+    def describe(self, t):
+        return [str(t.dtype), list(t.shape), list(t.stride()), t.storage_offset(), t.requires_grad]
+
+    def values(self, t):
+        return t.tolist()
+
+    def fill(self, t, value):
+        t.fill_(value)
+
+    def make(self, n):
+        return torch.arange(n, dtype=torch.float32)
+
+    def echo(self, value):
+        return value
+
+    def keep(self, t):
+        self.kept = t
+        return True
+
+    def kept_values(self):
+        return self.kept.tolist()
+
+    def drop(self):
+        self.kept = None
+
+    def grad_of_square(self, t):
+        x = t.detach().clone().requires_grad_(True)
+        (x * x).sum().backward()
+        return x.grad
+
+    async def pass_to(self, other, t):
+        return await pyisolate.get_actor(other).describe(t)
+
+    def segments(self):
+        return sorted(n for n in os.listdir("/dev/shm") if n.startswith("psi-"))
+
+    async def crash(self):
+        os._exit(3)

@@ -1,0 +1,159 @@
+"""Tensors and large arrays as shared-memory handles, through real workers with share_torch."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import os
+from pathlib import Path
+
+import numpy
+import pytest
+
+from pyisolate import ExtensionBase, ExtensionConfig, ExtensionManager, ExtensionManagerConfig, _shm
+
+torch = pytest.importorskip("torch")
+
+from shared_api import DatabaseAPI  # noqa: E402
+
+from tests.support import ext  # noqa: E402
+
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.complex64, torch.int64,
+          torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool]
+
+
+def our_segments(actor: str | None = None) -> set[str]:
+    prefix = f"psi-{_shm.session()}-" + (f"{actor}-" if actor else "")
+    return {n for n in os.listdir("/dev/shm") if n.startswith(prefix)}
+
+
+@pytest.fixture
+async def manager(venv_root: Path):
+    async with ExtensionManager(ExtensionBase, ExtensionManagerConfig(venv_root_path=venv_root)) as m:
+        yield m
+    assert not our_segments() - {n for n in our_segments("host")}, "a worker left segments behind"
+
+
+async def load(manager, name="tensors", **kw):
+    async with asyncio.timeout(180):
+        return await manager.load_extension(
+            ExtensionConfig(name=name, module_path=ext("tensors"), share_torch=True, **kw)
+        )
+
+
+async def test_child_imports_the_hosts_own_torch(manager):
+    t = await load(manager)
+    assert os.path.realpath(await t.torch_file()) == os.path.realpath(torch.__file__)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+async def test_every_dtype_round_trips(manager, dtype):
+    t = await load(manager)
+    source = (torch.arange(12) % 2 if dtype is torch.bool else torch.arange(12)).to(dtype).reshape(3, 4)
+    back = await t.echo(source)
+    assert back.dtype == dtype and torch.equal(back, source)
+
+
+async def test_views_keep_stride_offset_and_in_place_writes_are_shared(manager):
+    t = await load(manager)
+    base = torch.zeros(4, 6)
+    view = base[1:, ::2]  # offset 6, stride (6, 2)
+    assert await t.describe(view) == ["torch.float32", [3, 3], [6, 2], 6, False]
+    await t.fill(view, 5.0)  # the extension writes; the host sees it, through the tensor it sent
+    assert view.eq(5).all()
+    await t.keep(base)
+    base.add_(1)  # the host writes; the extension sees it
+    assert (await t.kept_values())[0] == [1.0] * 6
+    await t.drop()
+
+
+async def test_tensors_from_the_extension_and_requires_grad(manager):
+    t = await load(manager)
+    made = await t.make(5)
+    assert made.tolist() == [0, 1, 2, 3, 4]
+    made.mul_(2)
+    assert await t.values(made) == [0, 2, 4, 6, 8]
+    leaf = torch.ones(3, requires_grad=True)
+    assert (await t.describe(leaf))[-1] is True
+    grad = await t.grad_of_square(torch.tensor([1.0, 2.0, 3.0]))
+    assert grad.tolist() == [2.0, 4.0, 6.0]  # autograd runs in the child
+
+
+async def test_extension_to_extension_and_to_a_singleton(manager):
+    a = await load(manager, "ta", apis=[DatabaseAPI])
+    await load(manager, "tb")
+    shared = await a.make(4)
+    assert await a.pass_to("tb", shared) == ["torch.float32", [4], [1], 0, False]
+    DatabaseAPI().set("t", None)
+    x = torch.full((2, 2), 3.0)
+    await a.echo(x)
+
+
+async def test_passing_a_shared_tensor_again_is_metadata_only(manager):
+    t = await load(manager)
+    x = torch.randn(256, 256)
+    await t.echo(x)  # moved into shared memory once
+    segment = _shm.find(x.untyped_storage().data_ptr())
+    assert segment is not None
+    before = our_segments("host")
+    for _ in range(20):
+        back = await t.echo(x)
+        assert back.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()  # our mapping, reused
+    assert our_segments("host") == before
+
+
+async def test_ten_thousand_sends_leave_nothing_behind(manager):
+    t = await load(manager)
+    baseline = our_segments()
+    for i in range(10_000):
+        await t.echo(torch.full((8,), float(i)))
+    gc.collect()
+    await t.echo(None)  # the worker's last ACKs and its finalizers have run
+    assert _shm.pinned() == 0
+    assert our_segments() == baseline
+    assert await t.segments() == sorted(baseline)
+
+
+async def test_stopping_an_extension_removes_its_segments(manager):
+    t = await load(manager)
+    ours = torch.arange(1000, dtype=torch.float32)
+    await t.keep(ours)  # the worker holds it under a name of its own, and exits without unlinking
+    assert our_segments("tensors")
+    await t.stop()
+    assert not our_segments("tensors")
+    assert ours.sum().item() == sum(range(1000))  # our mapping is untouched
+
+
+async def test_large_numpy_arrays_travel_through_shared_memory(manager):
+    n = await load(manager, "np", dependencies=["numpy>=2"])
+    big = numpy.arange(1 << 18, dtype=numpy.float64).reshape(512, 512)[:, ::2]  # a strided view
+    back = await n.echo(big)
+    assert back.dtype == big.dtype and back.shape == big.shape and numpy.array_equal(back, big)
+    base = back
+    while base is not None and not hasattr(base, "closed"):
+        base = getattr(base, "base", None)
+    assert base is not None, "the result does not live in a shared-memory mapping"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+async def test_cuda_tensors_travel_by_ipc_and_stay_on_the_device(manager):
+    t = await load(manager)
+    x = torch.arange(16, device="cuda", dtype=torch.float32)
+    assert await t.describe(x) == ["torch.float32", [16], [1], 0, False]
+    await t.fill(x, 2.0)
+    torch.cuda.synchronize()
+    assert x.eq(2).all().item()
+    back = await t.echo(x)
+    assert back.is_cuda and torch.equal(back, x)
+
+
+async def test_a_crashed_extension_leaves_no_segments(manager):
+    from pyisolate import ExtensionCrashedError
+
+    t = await load(manager)
+    await t.keep(torch.ones(100))
+    assert our_segments("tensors")
+    with pytest.raises(ExtensionCrashedError):
+        async with asyncio.timeout(10):
+            await t.crash()
+    assert not our_segments("tensors")
