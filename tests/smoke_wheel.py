@@ -15,7 +15,13 @@ async def main(extension_dir: str, venv_root: str) -> None:
         mean = await extension.process_data([1, 2, 3, 4, 5])
         assert mean == 3.0, mean
         runtime = Path(await extension.module_file("pyisolate"))
-    print(f"wheel smoke: ok (mean {mean}, child imported {runtime})")
+    try:  # this venv has no torch: share_torch must say so, clearly
+        pyisolate.ExtensionConfig(name="t", module_path=extension_dir, share_torch=True)
+    except pyisolate.ConfigError as exc:
+        assert "torch is not installed" in str(exc), exc
+    else:
+        raise AssertionError("share_torch=True without torch was accepted")
+    print(f"wheel smoke: ok (mean {mean}, child imported {runtime}, share_torch refused without torch)")
 
 
 if __name__ == "__main__":

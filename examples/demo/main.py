@@ -1,4 +1,4 @@
-"""Two extensions with conflicting numpy versions, loaded side by side.
+"""Two extensions with conflicting numpy versions side by side, and a tensor shared with a third.
 
 Run from the repository root:  .venv/bin/python examples/demo/main.py
 """
@@ -6,6 +6,8 @@ Run from the repository root:  .venv/bin/python examples/demo/main.py
 import asyncio
 import time
 from pathlib import Path
+
+import torch
 
 import pyisolate
 
@@ -23,7 +25,9 @@ async def main() -> None:
             name="legacy_numpy", module_path=HERE / "extensions" / "legacy_numpy", dependencies=["numpy<2"]))
         modern = manager.load_extension(pyisolate.ExtensionConfig(
             name="modern_numpy", module_path=HERE / "extensions" / "modern_numpy", dependencies=["numpy>=2"]))
-        await asyncio.gather(legacy, modern)  # both environments build in parallel
+        tools = manager.load_extension(pyisolate.ExtensionConfig(
+            name="tensor_tools", module_path=HERE / "extensions" / "tensor_tools", share_torch=True))
+        await asyncio.gather(legacy, modern, tools)  # the environments build in parallel
 
         for name, extension in (("legacy_numpy", legacy), ("modern_numpy", modern)):
             info = await extension.describe()
@@ -33,6 +37,15 @@ async def main() -> None:
         mean, std = await legacy.stats(values)
         print(f"legacy_numpy.stats     -> mean={mean:.3f} std={std:.3f}")
         print(f"modern_numpy.normalise -> {[round(v, 3) for v in await modern.normalise(values)]}")
+
+        weights = torch.rand(1024, 1024)  # 4 MiB
+        mean = await tools.centre(weights)
+        print(f"tensor_tools (torch {await tools.torch_version()}, the host's own): centred a 4 MiB tensor "
+              f"in place; mean was {mean:.3f}, the host now sees {float(weights.mean()):+.1e}")
+        start = time.perf_counter()
+        for _ in range(100):
+            await tools.centre(weights)
+        print(f"centring it again, already shared (compute included): {(time.perf_counter() - start) / 100 * 1e6:.0f} us a call")
 
         start = time.perf_counter()
         n = 1000

@@ -53,3 +53,6 @@ class Tensors(ExtensionBase):
 
     async def crash(self):
         os._exit(3)
+
+    def nbytes(self, data):
+        return len(data)

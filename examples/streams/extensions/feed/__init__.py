@@ -34,8 +34,4 @@ class Feed(ExtensionBase):
     async def broken(self):
         yield "first"
         yield "second"
-        # Workaround for a pyisolate race: when the generator fails before the consumer's
-        # task has resumed from the call (RESULT and ERROR read in one batch), the ERROR is
-        # dropped and the consumer waits forever. A short pause keeps them apart.
-        await asyncio.sleep(0.1)
         raise ValueError("the feed broke")
