@@ -44,6 +44,9 @@ async def load(manager, name="tensors", **kw):
 async def test_child_imports_the_hosts_own_torch(manager):
     t = await load(manager)
     assert os.path.realpath(await t.torch_file()) == os.path.realpath(torch.__file__)
+    # An extension that asks for torch gets the shared one: uv installs no torch of its own.
+    asks = await load(manager, "asks-torch", dependencies=["torch>=2", "six"])
+    assert os.path.realpath(await asks.torch_file()) == os.path.realpath(torch.__file__)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
