@@ -6,11 +6,12 @@ Safe to import in a worker: nothing host-only here.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
 
 from ._extension import Extension
 from ._refs import ActorProxy, RefProxy
+from ._streams import RemoteStream
 
 __all__ = ["Blocking", "block", "sync"]
 
@@ -38,6 +39,17 @@ def block(loop: asyncio.AbstractEventLoop, what: str, coro: Coroutine[Any, Any, 
     return asyncio.run_coroutine_threadsafe(coro, loop).result(timeout)
 
 
+def _iterate(stream: RemoteStream, loop: asyncio.AbstractEventLoop) -> Iterator[Any]:
+    try:
+        while True:
+            try:
+                yield block(loop, "iterating a stream", stream.__anext__())
+            except StopAsyncIteration:
+                return
+    finally:
+        block(loop, "closing a stream", stream.aclose())
+
+
 class Blocking:
     """A view of a remote object whose methods block and return the result."""
 
@@ -52,7 +64,10 @@ class Blocking:
             async def run() -> Any:
                 return await method(*args, **kwargs)
 
-            return block(self._loop, f"{name}()", run())
+            result = block(self._loop, f"{name}()", run())
+            if isinstance(result, RemoteStream):  # a stream: iterate it item by item, blocking
+                return _iterate(result, self._loop)
+            return result
 
         call.__name__ = name
         return call

@@ -27,6 +27,10 @@ def test_sync_host_uses_extensions_and_singletons_without_asyncio(venv_root: Pat
         assert manager.get_actor("ok").echo((1, 2)) == (1, 2)
         assert actors.call_back(lambda x: x * 3, 2) == 6
         assert actors.emit_events(3) == 3
+        assert list(actors.count(4)) == [0, 1, 2, 3]  # a stream, iterated without asyncio
+        for item in actors.endless():
+            if item == 3:
+                break
         with pytest.raises(ValueError, match="boom"):
             ok.raise_value_error("boom")
         pid = ok.pid()
