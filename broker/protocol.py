@@ -71,6 +71,8 @@ class Kind(enum.IntEnum):
     CLOSE        (none); call_id is the stream's             empty
     EVENT        name (str)                                  encoded value
     ACK          [segment names]                             empty; shared memory received
+    CANCEL       (none); call_id is the call's               empty; the caller gave up
+    HEARTBEAT    (none)                                      empty; echoed back
     ===========  ==========================================  ===============================
     """
 
@@ -91,6 +93,8 @@ class Kind(enum.IntEnum):
     CLOSE = 15
     EVENT = 16
     ACK = 17
+    CANCEL = 18
+    HEARTBEAT = 19
 
 
 _KINDS: Final = frozenset(int(k) for k in Kind)

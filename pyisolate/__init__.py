@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._base import ExtensionBase
 from .errors import (
+    CallTimeoutError,
     ConfigError,
     EncodeError,
     EnvironmentBuildError,
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
     from ._venv import ProgressEvent
 
 __all__ = [
+    "CallTimeoutError",
     "ConfigError",
     "EncodeError",
     "EnvironmentBuildError",

@@ -34,6 +34,8 @@ class ExtensionManagerConfig:
             (check, reuse, create, install, done, failed); runs on the host's event loop.
         start_timeout: Seconds a worker may take from launch to ready (venv build excluded).
         stop_timeout: Seconds each rung of the stop ladder waits (ask, SIGTERM, SIGKILL).
+        call_timeout: Default seconds a call from the host may take before it fails with
+            ``CallTimeoutError`` (None: no limit); ``await ext.method(...).timeout(s)`` overrides it.
         loop_block_warning: Log a warning, with the blocking stack, when the host's event
             loop is blocked this many seconds; None turns the watchdog off.
     """
@@ -42,6 +44,7 @@ class ExtensionManagerConfig:
     on_progress: Callable[[ProgressEvent], None] | None = None
     start_timeout: float = 60.0
     stop_timeout: float = 5.0
+    call_timeout: float | None = None
     loop_block_warning: float | None = 1.0
 
     def __post_init__(self) -> None:
@@ -59,6 +62,7 @@ class ExtensionManagerConfig:
         _positive("ExtensionManagerConfig", "start_timeout", self.start_timeout)
         _positive("ExtensionManagerConfig", "stop_timeout", self.stop_timeout)
         _positive("ExtensionManagerConfig", "loop_block_warning", self.loop_block_warning, optional=True)
+        _positive("ExtensionManagerConfig", "call_timeout", self.call_timeout, optional=True)
 
     @property
     def venv_root(self) -> Path:

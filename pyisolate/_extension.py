@@ -19,7 +19,7 @@ class Backend(Protocol):
 
     name: str
 
-    def call(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    def call(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None = None) -> Any:
         """Return an awaitable of ``method(*args, **kwargs)`` on the extension."""
 
     async def wait_ready(self) -> None:
@@ -99,7 +99,16 @@ class LocalBackend:
     async def wait_ready(self) -> None:
         await asyncio.shield(self._load)
 
-    async def call(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    async def call(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any],
+                   timeout: float | None = None) -> Any:
+        if timeout is not None:
+            from .errors import CallTimeoutError
+
+            try:
+                async with asyncio.timeout(timeout):
+                    return await self.call(method, args, kwargs)
+            except TimeoutError:
+                raise CallTimeoutError(f"{self.name}.{method}() took longer than {timeout} s") from None
         from .errors import ExtensionClosedError
         from ._rpc import resolve_method
 

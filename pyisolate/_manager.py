@@ -92,10 +92,11 @@ class _Worker:
         if self.state is not _State.READY:
             raise self._unavailable()
 
-    async def call(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    async def call(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any],
+                   timeout: float | None = None) -> Any:
         if self.state is not _State.READY:
             await self.wait_ready()
-        return await self._manager.endpoint.remote_call(self.bname, method, args, kwargs)
+        return await self._manager.endpoint.remote_call(self.bname, method, args, kwargs, 0, timeout)
 
     async def stop(self) -> None:
         if asyncio.get_running_loop() is not self._manager.loop:
@@ -310,6 +311,7 @@ class ExtensionManager(Generic[T]):
             _shm.configure_host()
             self._broker = Broker(block_warning=self.config.loop_block_warning)
             self._endpoint = self._host_actor(HOST, None, self._on_control)
+            self._endpoint.default_timeout = self.config.call_timeout
             self._events = _Events(loop)
         elif loop is not self._loop:
             raise RuntimeError(

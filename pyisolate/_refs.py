@@ -25,7 +25,7 @@ FLAG_ASYNC = 1  # the callable is a coroutine function
 FLAG_ACTOR = 2  # the reference names a whole actor (ref id 0), not an exported object
 
 #: How a proxy calls: (owner, method, args, kwargs, ref_id) -> awaitable result.
-Caller = Callable[[bytes, str, tuple[Any, ...], dict[str, Any], int], Any]
+Caller = Callable[..., Any]  # (owner, method, args, kwargs, ref_id, timeout=None) -> awaitable
 
 
 @dataclass(eq=False)
@@ -115,7 +115,7 @@ class _ActorMethod:
         self._call, self._owner, self._name = call, owner, name
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return RemoteCall(lambda: self._call(self._owner, self._name, args, kwargs, 0))
+        return RemoteCall(lambda timeout: self._call(self._owner, self._name, args, kwargs, 0, timeout))
 
     def __repr__(self) -> str:
         return f"<remote method {self._name!r} of actor {self._owner.decode()!r}>"

@@ -31,7 +31,7 @@ from ._base import LIFECYCLE_HOOKS
 from ._codec import DecodeError, decode, encode, encode_exception
 from ._refs import FLAG_ACTOR, FLAG_ASYNC, ActorProxy, ExportTable, RefProxy, is_async_callable
 from ._streams import Producer, RemoteStream
-from .errors import EncodeError, ProtocolError, UnroutableError
+from .errors import CallTimeoutError, EncodeError, ProtocolError, UnroutableError
 
 __all__ = ["CHAIN", "Endpoint", "public_methods", "resolve_method"]
 
@@ -116,32 +116,37 @@ class Endpoint:
         self._enc_seen: dict[int, tuple[str, int, int]] = {}
         self._dec_seen: set[tuple[bytes, int]] = set()
         self.dropped = 0
+        self.late_answers = 0  # answers that came after their call timed out or was cancelled
+        self.timeouts = 0
+        self.default_timeout: float | None = None
+        self._serving: dict[tuple[bytes, int], asyncio.Task[Any] | concurrent.futures.Future[Any]] = {}
 
     # -- calling -----------------------------------------------------------------------------
 
     def remote_call(self, target: bytes, method: str, args: tuple[Any, ...], kwargs: dict[str, Any],
-                    ref_id: int = 0) -> Any:
+                    ref_id: int = 0, timeout: float | None = None) -> Any:
         """Return an awaitable of a call on ``target``; usable from any event loop."""
         try:
             running = asyncio.get_running_loop()
         except RuntimeError:
             running = None
         if running is self.loop:
-            return self.call(target, method, args, kwargs, ref_id)
+            return self.call(target, method, args, kwargs, ref_id, timeout=timeout)
         if running is None:
             raise RuntimeError(
                 "a remote call from a thread without an event loop must block: "
                 "use pyisolate.sync(proxy).method(...) there"
             )
-        return self._call_from(running, target, method, args, kwargs, ref_id)
+        return self._call_from(running, target, method, args, kwargs, ref_id, timeout)
 
     async def _call_from(self, running: asyncio.AbstractEventLoop, target: bytes, method: str,
-                         args: tuple[Any, ...], kwargs: dict[str, Any], ref_id: int) -> Any:
-        coro = self.call(target, method, args, kwargs, ref_id, origin_loop=running)
+                         args: tuple[Any, ...], kwargs: dict[str, Any], ref_id: int, timeout: float | None) -> Any:
+        coro = self.call(target, method, args, kwargs, ref_id, origin_loop=running, timeout=timeout)
         return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self.loop))
 
     async def call(self, target: bytes, method: str, args: tuple[Any, ...], kwargs: dict[str, Any],
-                   ref_id: int = 0, *, origin_loop: asyncio.AbstractEventLoop | None = None) -> Any:
+                   ref_id: int = 0, *, origin_loop: asyncio.AbstractEventLoop | None = None,
+                   timeout: float | None = None) -> Any:
         """Call ``method`` of ``target`` (or of its exported object ``ref_id``); on ``self.loop``."""
         chain = CHAIN.get()
         started = chain is None
@@ -154,7 +159,9 @@ class Endpoint:
         try:
             body, buffers = self._encode(target, [list(args), kwargs], origin_loop)
             header = pack_header(Kind.CALL, call_id, method, ref_id, chain[0].decode(), chain[1])
-            return await self._request(target, call_id, header, body, buffers)
+            if timeout is None:
+                timeout = self.default_timeout
+            return await self._request(target, call_id, header, body, buffers, timeout, method)
         finally:
             if started:
                 self._chain_loops.pop(chain[1], None)
@@ -164,7 +171,8 @@ class Endpoint:
         self._next_id += 1
         await self._request(target, self._next_id, pack_header(Kind.STOP, self._next_id), b"", [])
 
-    async def _request(self, target: bytes, call_id: int, header: bytes, body: bytes, buffers: list[Any]) -> Any:
+    async def _request(self, target: bytes, call_id: int, header: bytes, body: bytes, buffers: list[Any],
+                       timeout: float | None = None, method: str = "") -> Any:
         future: asyncio.Future[Any] = self.loop.create_future()
         self._pending[call_id] = (future, target)
         try:
@@ -172,7 +180,22 @@ class Endpoint:
                 self._send(target, [header, body, *buffers])
             except LookupError as exc:
                 raise UnroutableError(f"no actor named {target.decode()!r} is connected") from exc
-            return await future
+            if timeout is None:
+                return await future
+            async with asyncio.timeout(timeout):
+                return await future
+        except TimeoutError:
+            if not future.cancelled():
+                raise  # the remote method itself raised TimeoutError
+            self.timeouts += 1
+            self._send_quiet(target, [pack_header(Kind.CANCEL, call_id), b""])
+            raise CallTimeoutError(
+                f"{target.decode()}.{method or '?'}() had no answer within {timeout} s; it was asked to cancel"
+            ) from None
+        except asyncio.CancelledError:
+            if future.cancelled():  # our caller gave up: so does the remote task
+                self._send_quiet(target, [pack_header(Kind.CANCEL, call_id), b""])
+            raise
         finally:
             self._pending.pop(call_id, None)
 
@@ -327,6 +350,12 @@ class Endpoint:
                 self._on_item(sender, kind, call_id, body, buffers)
             case Kind.CREDIT | Kind.CLOSE:
                 self._on_flow(sender, kind, call_id, extra)
+            case Kind.CANCEL:
+                served = self._serving.get((sender, call_id))
+                if served is not None:
+                    served.cancel()
+            case Kind.HEARTBEAT:
+                self._send_quiet(sender, [pack_header(Kind.HEARTBEAT, call_id), b""])
             case Kind.ACK:
                 if extra and isinstance(extra[0], list):
                     _shm.unpin(sender, extra[0])
@@ -355,10 +384,12 @@ class Endpoint:
         if loop is None and chain[0] == self._origin:
             loop = self._chain_loops.get(chain_id)
         invoke = self._invoke(fn, args[0], args[1], chain)
+        key = (sender, call_id)
         if loop is None or loop is self.loop:
             task = self.loop.create_task(self._serve(sender, call_id, invoke))
             self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._serving[key] = task
+            task.add_done_callback(functools.partial(self._served, key))
             return
         try:
             future = asyncio.run_coroutine_threadsafe(invoke, loop)
@@ -366,6 +397,7 @@ class Endpoint:
             invoke.close()
             self._reply_error(sender, call_id, exc)
             return
+        self._serving[key] = future
         future.add_done_callback(
             lambda f: self.loop.call_soon_threadsafe(self._reply_future, sender, call_id, f)
         )
@@ -409,7 +441,12 @@ class Endpoint:
             return
         self._reply(sender, call_id, result)
 
+    def _served(self, key: tuple[bytes, int], task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        self._serving.pop(key, None)
+
     def _reply_future(self, sender: bytes, call_id: int, future: concurrent.futures.Future[Any]) -> None:
+        self._serving.pop((sender, call_id), None)
         if future.cancelled():
             self._reply_error(sender, call_id, asyncio.CancelledError())
         elif (exc := future.exception()) is not None:
@@ -445,6 +482,8 @@ class Endpoint:
             return
         entry = self._pending.get(call_id)
         if entry is None or entry[1] != sender:  # late, or an actor answering another's call
+            if entry is None and 0 < call_id <= self._next_id:
+                self.late_answers += 1
             self._drop(sender, f"answer to unknown call {call_id}")
             return
         future = entry[0]

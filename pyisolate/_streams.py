@@ -146,21 +146,29 @@ class RemoteCall:
     Nothing is sent until it is awaited or iterated.
     """
 
-    __slots__ = ("_start", "_stream")
+    __slots__ = ("_start", "_stream", "_timeout")
 
-    def __init__(self, start: Callable[[], Any]) -> None:
-        self._start = start
+    def __init__(self, start: Callable[[float | None], Any]) -> None:
+        self._start = start  # start(timeout) -> coroutine of the call
         self._stream: Any = None
+        self._timeout: float | None = None
+
+    def timeout(self, seconds: float | None) -> RemoteCall:
+        """Answer within ``seconds`` or raise CallTimeoutError (overrides the manager's default)."""
+        if seconds is not None and not seconds > 0:
+            raise ValueError(f"a call timeout must be a positive number of seconds, got {seconds!r}")
+        self._timeout = seconds
+        return self
 
     def __await__(self) -> Any:
-        return self._start().__await__()
+        return self._start(self._timeout).__await__()
 
     def __aiter__(self) -> RemoteCall:
         return self
 
     async def __anext__(self) -> Any:
         if self._stream is None:
-            self._stream = await self._start()
+            self._stream = await self._start(self._timeout)
             if not hasattr(self._stream, "__anext__"):
                 raise TypeError(f"the remote method returned {type(self._stream).__name__}, not a stream")
         return await self._stream.__anext__()

@@ -8,6 +8,7 @@
     ├── ExtensionLoadError                  the extension failed to import or start
     ├── ExtensionCrashedError               the worker process died (exit code, stderr tail)
     ├── ExtensionClosedError                you stopped it; calls after stop() land here
+    ├── CallTimeoutError (TimeoutError)     a call had no answer within its timeout
     ├── RemoteError                         a remote exception that could not be rebuilt locally
     ├── ProtocolError                       a peer broke the wire protocol (version, framing)
     ├── UnroutableError (LookupError)       no actor of that name is connected to the broker
@@ -20,6 +21,7 @@
 from __future__ import annotations
 
 __all__ = [
+    "CallTimeoutError",
     "ConfigError",
     "EncodeError",
     "EnvironmentBuildError",
@@ -92,6 +94,10 @@ class ExtensionCrashedError(PyisolateError):
 
 class ExtensionClosedError(PyisolateError):
     """The extension (or its manager) was stopped; it takes no more calls."""
+
+
+class CallTimeoutError(PyisolateError, TimeoutError):
+    """A call got no answer within its timeout; the remote task was asked to cancel."""
 
 
 class RemoteError(PyisolateError):

@@ -97,6 +97,18 @@ class OkExtension(ExtensionBase):
         sys.stderr.flush()
         os._exit(code)
 
+    async def wait_for_cancel(self):
+        self.cancel_seen = asyncio.Event()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            self.cancel_seen.set()
+            raise
+
+    async def was_cancelled(self):
+        await self.cancel_seen.wait()
+        return True
+
     def _private(self):
         return "must not be callable"
 

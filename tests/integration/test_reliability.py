@@ -1,0 +1,57 @@
+"""Timeouts, cancellation, environment hygiene, liveness and restarts, through real workers."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import pytest
+
+from pyisolate import (
+    CallTimeoutError,
+    ExtensionBase,
+    ExtensionConfig,
+    ExtensionManager,
+    ExtensionManagerConfig,
+)
+from tests.support import ext
+
+
+@pytest.fixture
+async def manager(venv_root: Path):
+    async with ExtensionManager(ExtensionBase, ExtensionManagerConfig(venv_root_path=venv_root)) as m:
+        yield m
+
+
+async def test_a_call_past_its_timeout_fails_and_is_cancelled_remotely(manager):
+    e = await manager.load_extension(ExtensionConfig(name="ok", module_path=ext("ok")))
+    with pytest.raises(CallTimeoutError, match="wait_for_cancel") as info:
+        await e.wait_for_cancel().timeout(0.2)
+    assert isinstance(info.value, TimeoutError)
+    assert await e.was_cancelled() is True  # its CancelledError ran in the extension
+    assert manager.endpoint.late_answers == 1  # the cancelled task's answer came late: dropped, counted
+    assert not manager.endpoint._pending
+    assert await e.echo("still fine") == "still fine"
+
+
+async def test_the_configured_default_timeout_applies(venv_root):
+    config = ExtensionManagerConfig(venv_root_path=venv_root, call_timeout=0.2)
+    async with ExtensionManager(ExtensionBase, config) as manager:
+        e = await manager.load_extension(ExtensionConfig(name="ok", module_path=ext("ok")))
+        with pytest.raises(CallTimeoutError):
+            await e.wait_for_cancel()
+        assert await e.was_cancelled() is True
+        assert await e.echo(1).timeout(None) == 1
+
+
+async def test_cancelling_the_caller_cancels_the_remote_task(manager):
+    e = await manager.load_extension(ExtensionConfig(name="ok", module_path=ext("ok")))
+    call = asyncio.ensure_future(e.wait_for_cancel())
+    assert await e.echo(1) == 1  # the call has reached the extension
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    async with asyncio.timeout(10):
+        assert await e.was_cancelled() is True
+    assert not manager.endpoint._pending
