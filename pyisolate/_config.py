@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -84,6 +84,9 @@ class ExtensionConfig:
         share_torch: The extension imports the host's own torch (byte-identical files, not
             reinstalled); a torch requirement among ``dependencies`` must admit its version.
         allow_direct_references: Accept URLs and local paths among ``dependencies``.
+        pass_env: Names of host environment variables the worker may see. By default it sees
+            only locale, home, temp-dir and accelerator (CUDA_, OMP_, ...) variables.
+        env: Variables set for the worker.
     """
 
     name: str
@@ -93,6 +96,8 @@ class ExtensionConfig:
     apis: Sequence[type[Any]] = field(default=())
     share_torch: bool = False
     allow_direct_references: bool = False
+    pass_env: Sequence[str] = ()
+    env: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         from ._venv import validate_dependencies, validate_extension_name
@@ -136,6 +141,14 @@ class ExtensionConfig:
         object.__setattr__(self, "apis", tuple(self.apis))
         if self.share_torch:
             _check_shared_torch(self.name, self.dependencies)
+        if isinstance(self.pass_env, str) or not all(isinstance(n, str) and n and "=" not in n for n in self.pass_env):
+            raise ConfigError(f"ExtensionConfig.pass_env must be a list of variable names, got {self.pass_env!r}")
+        object.__setattr__(self, "pass_env", tuple(self.pass_env))
+        if not isinstance(self.env, Mapping) or not all(
+            isinstance(k, str) and k and "=" not in k and isinstance(v, str) for k, v in self.env.items()
+        ):
+            raise ConfigError(f"ExtensionConfig.env must map variable names to strings, got {self.env!r}")
+        object.__setattr__(self, "env", dict(self.env))
         for flag in ("isolated", "share_torch", "allow_direct_references"):
             if not isinstance(getattr(self, flag), bool):
                 raise ConfigError(f"ExtensionConfig.{flag} must be True or False, got {getattr(self, flag)!r}")

@@ -144,6 +144,8 @@ class _Worker:
                     "handshake_timeout": manager.config.start_timeout,
                     "log_level": logging.getLevelName(logging.getLogger("pyisolate").getEffectiveLevel()),
                 },
+                pass_env=tuple(config.pass_env),
+                env=dict(config.env),
             )
             self._watch = manager.loop.create_task(self._watch_exit(self.process))
             try:

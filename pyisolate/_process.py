@@ -23,7 +23,9 @@ _BOOTSTRAP = (
     "import sys; sys.path.append(sys.argv.pop(1)); "
     "from pyisolate.workers.__main__ import main; main()"
 )
-_SCRUBBED = ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "PYTHONUSERBASE", "PYTHONEXECUTABLE", "__PYVENV_LAUNCHER__")
+# A worker gets a clean environment: these host variables, and those its config names.
+_PASSED = frozenset({"PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TERM", "TMPDIR", "SHELL"})
+_PASSED_PREFIXES = ("LC_", "CUDA_", "NVIDIA_", "OMP_", "MKL_", "OPENBLAS_", "XDG_")
 _TAIL_LINES = 40
 
 
@@ -38,10 +40,18 @@ class WorkerProcess:
         self._reader = asyncio.get_running_loop().create_task(self._follow(proc.stderr))
 
     @classmethod
-    async def spawn(cls, *, name: str, python: Path, runtime: Path, boot: dict[str, Any]) -> WorkerProcess:
-        """Start ``python`` as a worker and hand it ``boot`` on its stdin."""
+    async def spawn(cls, *, name: str, python: Path, runtime: Path, boot: dict[str, Any],
+                    pass_env: tuple[str, ...] = (), env: dict[str, str] | None = None) -> WorkerProcess:
+        """Start ``python`` as a worker and hand it ``boot`` on its stdin.
+
+        The worker's environment holds only locale, home, temp-dir and accelerator variables of
+        the host, the host variables named in ``pass_env``, and ``env``: no secrets by default.
+        """
         venv = python.parent.parent
-        env = {k: v for k, v in os.environ.items() if k not in _SCRUBBED}
+        env = {
+            k: v for k, v in os.environ.items()
+            if k in _PASSED or k.startswith(_PASSED_PREFIXES) or k in pass_env
+        } | (env or {})
         env["VIRTUAL_ENV"] = str(venv)
         env["PATH"] = os.pathsep.join([str(python.parent), env.get("PATH", "")])
         proc = await asyncio.create_subprocess_exec(

@@ -55,3 +55,17 @@ async def test_cancelling_the_caller_cancels_the_remote_task(manager):
     async with asyncio.timeout(10):
         assert await e.was_cancelled() is True
     assert not manager.endpoint._pending
+
+
+async def test_workers_get_a_clean_environment(manager, monkeypatch):
+    monkeypatch.setenv("PYISOLATE_TEST_SECRET", "hunter2")
+    monkeypatch.setenv("PYTHONPATH", "/pyisolate-test-pythonpath")
+    plain = await manager.load_extension(ExtensionConfig(name="plain-env", module_path=ext("ok")))
+    secret, no_user_site, path = await plain.environment("PYISOLATE_TEST_SECRET")
+    assert secret is None and no_user_site == 1
+    assert "/pyisolate-test-pythonpath" not in path
+    assert (await plain.environment("LANG"))[0] == os.environ.get("LANG")
+    listed = await manager.load_extension(ExtensionConfig(
+        name="listed-env", module_path=ext("ok"), pass_env=["PYISOLATE_TEST_SECRET"], env={"EXTRA": "1"}))
+    assert (await listed.environment("PYISOLATE_TEST_SECRET"))[0] == "hunter2"
+    assert (await listed.environment("EXTRA"))[0] == "1"

@@ -109,6 +109,9 @@ class OkExtension(ExtensionBase):
         await self.cancel_seen.wait()
         return True
 
+    def environment(self, name):
+        return os.environ.get(name), sys.flags.no_user_site, list(sys.path)
+
     def _private(self):
         return "must not be callable"
 
