@@ -36,6 +36,10 @@ class ExtensionManagerConfig:
         stop_timeout: Seconds each rung of the stop ladder waits (ask, SIGTERM, SIGKILL).
         call_timeout: Default seconds a call from the host may take before it fails with
             ``CallTimeoutError`` (None: no limit); ``await ext.method(...).timeout(s)`` overrides it.
+        heartbeat_interval: Seconds between liveness pings to each ready worker.
+        heartbeat_timeout: A worker whose ping stays unanswered this long (stuck in C code
+            holding the GIL, or its event loop blocked) is killed, and its calls fail with
+            ``ExtensionCrashedError``.
         loop_block_warning: Log a warning, with the blocking stack, when the host's event
             loop is blocked this many seconds; None turns the watchdog off.
     """
@@ -45,6 +49,8 @@ class ExtensionManagerConfig:
     start_timeout: float = 60.0
     stop_timeout: float = 5.0
     call_timeout: float | None = None
+    heartbeat_interval: float = 1.0
+    heartbeat_timeout: float = 10.0
     loop_block_warning: float | None = 1.0
 
     def __post_init__(self) -> None:
@@ -63,6 +69,8 @@ class ExtensionManagerConfig:
         _positive("ExtensionManagerConfig", "stop_timeout", self.stop_timeout)
         _positive("ExtensionManagerConfig", "loop_block_warning", self.loop_block_warning, optional=True)
         _positive("ExtensionManagerConfig", "call_timeout", self.call_timeout, optional=True)
+        _positive("ExtensionManagerConfig", "heartbeat_interval", self.heartbeat_interval)
+        _positive("ExtensionManagerConfig", "heartbeat_timeout", self.heartbeat_timeout)
 
     @property
     def venv_root(self) -> Path:

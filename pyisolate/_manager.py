@@ -13,7 +13,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
-from pyisolate.broker.protocol import HOST, Kind
+from pyisolate.broker.protocol import HOST, Kind, pack_header
 from pyisolate.broker.router import Broker
 from pyisolate.workers.loader import class_spec, load_extension
 
@@ -78,6 +78,8 @@ class _Worker:
         self._error: BaseException | None = None
         self._watch: asyncio.Task[None] | None = None
         self._stop_task: asyncio.Task[None] | None = None
+        self.ping_since: float | None = None  # when the oldest unanswered heartbeat was sent
+        self.hung_for: float | None = None
         self.start_task = manager.loop.create_task(self._start(), name=f"pyisolate-start-{self.name}")
         self.start_task.add_done_callback(_retrieve)
 
@@ -173,6 +175,7 @@ class _Worker:
             return
         if kind is Kind.READY:
             self.state = _State.READY
+            self._manager.start_heartbeats()
             if not self.ready.done():
                 self.ready.set_result(None)
             return
@@ -199,6 +202,8 @@ class _Worker:
             return
         _shm.sweep(self.name)  # the names it held; before anyone hears of the crash
         how = describe_exit(code)
+        if self.hung_for is not None:
+            how = f"stopped answering heartbeats for {self.hung_for:.1f} s and was killed ({how})"
         tail = process.stderr_tail()
         if self.state is _State.STARTING:
             self._fail(_State.FAILED, ExtensionLoadError(
@@ -280,6 +285,7 @@ class ExtensionManager(Generic[T]):
         self._singletons: dict[bytes, Endpoint] = {}
         self._chain_loops: dict[int, asyncio.AbstractEventLoop] = {}
         self._events: _Events | None = None
+        self._heartbeats: asyncio.Task[None] | None = None
         self._extensions: dict[str, _Worker | LocalBackend] = {}
         self._closing = False
 
@@ -314,6 +320,7 @@ class ExtensionManager(Generic[T]):
             self._broker = Broker(block_warning=self.config.loop_block_warning)
             self._endpoint = self._host_actor(HOST, None, self._on_control)
             self._endpoint.default_timeout = self.config.call_timeout
+            self._endpoint.answers_heartbeats = False  # ours are answers: they go to _on_control
             self._events = _Events(loop)
         elif loop is not self._loop:
             raise RuntimeError(
@@ -364,6 +371,9 @@ class ExtensionManager(Generic[T]):
         self._extensions.clear()
         assert self._events is not None
         await self._events.aclose()
+        if self._heartbeats is not None:
+            self._heartbeats.cancel()
+            await asyncio.gather(self._heartbeats, return_exceptions=True)
         await asyncio.gather(*(ep.aclose() for ep in [self.endpoint, *self._singletons.values()]))
         self.broker.close()
 
@@ -447,8 +457,42 @@ class ExtensionManager(Generic[T]):
         if self._extensions.get(backend.name) is backend:
             del self._extensions[backend.name]
 
+    def start_heartbeats(self) -> None:
+        """Check every ready worker's liveness from now on (once per manager)."""
+        if self._heartbeats is None and not self._closing:
+            self._heartbeats = self.loop.create_task(self._beat(), name="pyisolate-heartbeats")
+
+    async def _beat(self) -> None:
+        """Ping each ready worker; kill one whose ping stays unanswered for heartbeat_timeout.
+
+        A ping is answered by the worker's event loop, so a worker stuck in C code holding the
+        GIL, or with a blocked loop, stops answering. Only pings actually sent count: a host
+        whose own loop was blocked does not blame its workers.
+        """
+        interval, limit = self.config.heartbeat_interval, self.config.heartbeat_timeout
+        while True:
+            await asyncio.sleep(interval)
+            now = time.monotonic()
+            for backend in list(self._extensions.values()):
+                if not isinstance(backend, _Worker) or backend.state is not _State.READY:
+                    continue
+                if backend.ping_since is None:
+                    backend.ping_since = now
+                elif now - backend.ping_since > limit and backend.process is not None:
+                    backend.hung_for = now - backend.ping_since
+                    logger.warning("extension %r stopped answering heartbeats for %.1f s: killing it",
+                                   backend.name, backend.hung_for)
+                    backend.process.kill()
+                    continue
+                self.endpoint._send_quiet(backend.bname, [pack_header(Kind.HEARTBEAT, 0), b""])
+
     def _on_control(self, sender: bytes, kind: Kind, call_id: int, extra: list[object], body: bytes,
                     buffers: list[bytes]) -> None:
+        if kind is Kind.HEARTBEAT:
+            beating = self._extensions.get(sender.decode(errors="replace"))
+            if isinstance(beating, _Worker):
+                beating.ping_since = None
+            return
         if kind is Kind.EVENT:
             if extra and isinstance(extra[0], str) and self._events is not None:
                 try:

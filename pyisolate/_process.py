@@ -105,6 +105,10 @@ class WorkerProcess:
                 continue
         return await self.wait()  # SIGKILL cannot be ignored
 
+    def kill(self) -> None:
+        """SIGKILL the worker now (its exit is reported by whoever waits on it)."""
+        self._signal(signal.SIGKILL)
+
     def _signal(self, sig: signal.Signals) -> None:
         try:
             self._proc.send_signal(sig)

@@ -119,6 +119,7 @@ class Endpoint:
         self.late_answers = 0  # answers that came after their call timed out or was cancelled
         self.timeouts = 0
         self.default_timeout: float | None = None
+        self.answers_heartbeats = True
         self._serving: dict[tuple[bytes, int], asyncio.Task[Any] | concurrent.futures.Future[Any]] = {}
 
     # -- calling -----------------------------------------------------------------------------
@@ -354,7 +355,7 @@ class Endpoint:
                 served = self._serving.get((sender, call_id))
                 if served is not None:
                     served.cancel()
-            case Kind.HEARTBEAT:
+            case Kind.HEARTBEAT if self.answers_heartbeats:
                 self._send_quiet(sender, [pack_header(Kind.HEARTBEAT, call_id), b""])
             case Kind.ACK:
                 if extra and isinstance(extra[0], list):

@@ -69,3 +69,22 @@ async def test_workers_get_a_clean_environment(manager, monkeypatch):
         name="listed-env", module_path=ext("ok"), pass_env=["PYISOLATE_TEST_SECRET"], env={"EXTRA": "1"}))
     assert (await listed.environment("PYISOLATE_TEST_SECRET"))[0] == "hunter2"
     assert (await listed.environment("EXTRA"))[0] == "1"
+
+
+async def test_a_worker_stuck_holding_the_gil_is_detected_and_its_calls_fail(venv_root):
+    from pyisolate import ExtensionCrashedError
+
+    config = ExtensionManagerConfig(venv_root_path=venv_root, heartbeat_interval=0.1, heartbeat_timeout=1.0)
+    async with ExtensionManager(ExtensionBase, config) as manager:
+        stuck = await manager.load_extension(ExtensionConfig(name="stuck", module_path=ext("ok")))
+        other = await manager.load_extension(ExtensionConfig(name="other", module_path=ext("ok")))
+        pending = asyncio.ensure_future(stuck.wait_for_cancel())
+        assert await stuck.echo(1) == 1
+        with pytest.raises(ExtensionCrashedError, match="heartbeats") as info:
+            async with asyncio.timeout(60):
+                await stuck.hold_the_gil()
+        with pytest.raises(ExtensionCrashedError):
+            await pending
+        assert info.value.extension == "stuck" and info.value.exit_code == -9
+        assert "holding the GIL" in info.value.stderr_tail
+        assert await other.echo("alive") == "alive"  # a healthy worker keeps answering its pings

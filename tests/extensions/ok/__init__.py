@@ -112,6 +112,13 @@ class OkExtension(ExtensionBase):
     def environment(self, name):
         return os.environ.get(name), sys.flags.no_user_site, list(sys.path)
 
+    def hold_the_gil(self):
+        import re
+
+        sys.stderr.write("holding the GIL in C code\n")
+        sys.stderr.flush()
+        return bool(re.match(r"(a+)+$", "a" * 40 + "!"))  # catastrophic backtracking, GIL held
+
     def _private(self):
         return "must not be callable"
 
