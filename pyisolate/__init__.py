@@ -26,7 +26,7 @@ from .errors import (
 )
 
 if TYPE_CHECKING:
-    from ._config import ExtensionConfig, ExtensionManagerConfig
+    from ._config import ExtensionConfig, ExtensionManagerConfig, RestartPolicy
     from ._extension import Extension
     from ._manager import ExtensionManager
     from ._actors import emit, get_actor
@@ -53,6 +53,7 @@ __all__ = [
     "ProxiedSingleton",
     "PyisolateError",
     "RemoteError",
+    "RestartPolicy",
     "SyncExtensionManager",
     "UnroutableError",
     "emit",
@@ -67,6 +68,7 @@ logging.getLogger(__name__).addHandler(logging.NullHandler())
 _LAZY = {
     "ExtensionConfig": "._config",
     "ExtensionManagerConfig": "._config",
+    "RestartPolicy": "._config",
     "Extension": "._extension",
     "ExtensionManager": "._manager",
     "ProgressEvent": "._venv",

@@ -14,7 +14,7 @@ from .errors import ConfigError
 if TYPE_CHECKING:
     from ._venv import ProgressEvent
 
-__all__ = ["ExtensionConfig", "ExtensionManagerConfig"]
+__all__ = ["ExtensionConfig", "ExtensionManagerConfig", "RestartPolicy"]
 
 
 def _positive(owner: str, name: str, value: float | None, *, optional: bool = False) -> None:
@@ -79,6 +79,42 @@ class ExtensionManagerConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class RestartPolicy:
+    """Restart a crashed extension, at most ``max_restarts`` times within ``within`` seconds.
+
+    Past that (Erlang/OTP's intensity rule) the extension is marked failed and stays failed
+    until it is stopped and loaded again. Calls pending when it crashed fail with
+    ``ExtensionCrashedError``: delivery is at-most-once, a call is never replayed.
+
+    Args:
+        max_restarts: Restarts allowed within the window.
+        within: The window, in seconds.
+        backoff: Seconds before the first restart; doubled for each restart in the window.
+        max_backoff: The longest wait before a restart.
+        calls_during_restart: ``"wait"`` (calls wait for the restarted extension) or
+            ``"fail"`` (they fail at once with the crash error).
+    """
+
+    max_restarts: int = 3
+    within: float = 60.0
+    backoff: float = 0.5
+    max_backoff: float = 10.0
+    calls_during_restart: str = "wait"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_restarts, bool) or not isinstance(self.max_restarts, int) or self.max_restarts < 1:
+            raise ConfigError(f"RestartPolicy.max_restarts must be a positive int, got {self.max_restarts!r}")
+        _positive("RestartPolicy", "within", self.within)
+        if isinstance(self.backoff, bool) or not isinstance(self.backoff, (int, float)) or self.backoff < 0:
+            raise ConfigError(f"RestartPolicy.backoff must be seconds (>= 0), got {self.backoff!r}")
+        _positive("RestartPolicy", "max_backoff", self.max_backoff)
+        if self.calls_during_restart not in ("wait", "fail"):
+            raise ConfigError(
+                f"RestartPolicy.calls_during_restart must be 'wait' or 'fail', got {self.calls_during_restart!r}"
+            )
+
+
+@dataclass(frozen=True, kw_only=True)
 class ExtensionConfig:
     """One extension: where its code is and what its environment holds.
 
@@ -95,6 +131,7 @@ class ExtensionConfig:
         pass_env: Names of host environment variables the worker may see. By default it sees
             only locale, home, temp-dir and accelerator (CUDA_, OMP_, ...) variables.
         env: Variables set for the worker.
+        restart: Restart the worker when it crashes (None: never); see RestartPolicy.
     """
 
     name: str
@@ -106,6 +143,7 @@ class ExtensionConfig:
     allow_direct_references: bool = False
     pass_env: Sequence[str] = ()
     env: Mapping[str, str] = field(default_factory=dict)
+    restart: RestartPolicy | None = None
 
     def __post_init__(self) -> None:
         from ._venv import validate_dependencies, validate_extension_name
@@ -157,6 +195,8 @@ class ExtensionConfig:
         ):
             raise ConfigError(f"ExtensionConfig.env must map variable names to strings, got {self.env!r}")
         object.__setattr__(self, "env", dict(self.env))
+        if self.restart is not None and not isinstance(self.restart, RestartPolicy):
+            raise ConfigError(f"ExtensionConfig.restart must be a RestartPolicy or None, got {self.restart!r}")
         for flag in ("isolated", "share_torch", "allow_direct_references"):
             if not isinstance(getattr(self, flag), bool):
                 raise ConfigError(f"ExtensionConfig.{flag} must be True or False, got {getattr(self, flag)!r}")

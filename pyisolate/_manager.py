@@ -80,6 +80,8 @@ class _Worker:
         self._stop_task: asyncio.Task[None] | None = None
         self.ping_since: float | None = None  # when the oldest unanswered heartbeat was sent
         self.hung_for: float | None = None
+        self._restarts: list[float] = []  # when each restart in the policy's window happened
+        self._restarting: BaseException | None = None  # the crash being recovered from
         self.start_task = manager.loop.create_task(self._start(), name=f"pyisolate-start-{self.name}")
         self.start_task.add_done_callback(_retrieve)
 
@@ -97,6 +99,9 @@ class _Worker:
     async def call(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any],
                    timeout: float | None = None) -> Any:
         if self.state is not _State.READY:
+            policy = self.config.restart
+            if self._restarting is not None and policy is not None and policy.calls_during_restart == "fail":
+                raise self._restarting
             await self.wait_ready()
         return await self._manager.endpoint.remote_call(self.bname, method, args, kwargs, 0, timeout)
 
@@ -175,6 +180,7 @@ class _Worker:
             return
         if kind is Kind.READY:
             self.state = _State.READY
+            self._restarting = None
             self._manager.start_heartbeats()
             if not self.ready.done():
                 self.ready.set_result(None)
@@ -210,9 +216,49 @@ class _Worker:
                 f"extension {self.name!r} {how} before it was ready", extension=self.name, remote_traceback=tail))
         else:
             logger.warning("extension %r %s", self.name, how)
-            self._fail(_State.CRASHED, ExtensionCrashedError(
-                f"extension {self.name!r} {how}", extension=self.name, exit_code=code, stderr_tail=tail))
+            crash = ExtensionCrashedError(
+                f"extension {self.name!r} {how}", extension=self.name, exit_code=code, stderr_tail=tail)
+            delay = self._restart_delay()
+            if delay is None:
+                if self.config.restart is not None:
+                    crash = ExtensionCrashedError(
+                        f"{crash.args[0]}; it crashed more than {self.config.restart.max_restarts} times within "
+                        f"{self.config.restart.within:.0f} s and is marked failed until it is loaded again",
+                        extension=self.name, exit_code=code, stderr_tail=tail)
+                self._fail(_State.CRASHED, crash)
+            else:
+                self._begin_restart(crash, delay)
         await process.aclose()
+
+    def _restart_delay(self) -> float | None:
+        """Seconds to wait before restarting, or None if the policy says no (more) restarts."""
+        policy = self.config.restart
+        if policy is None or self._manager._closing:
+            return None
+        now = time.monotonic()
+        self._restarts = [t for t in self._restarts if now - t < policy.within]
+        if len(self._restarts) >= policy.max_restarts:
+            return None
+        self._restarts.append(now)
+        return min(policy.backoff * 2 ** (len(self._restarts) - 1), policy.max_backoff)
+
+    def _begin_restart(self, crash: ExtensionCrashedError, delay: float) -> None:
+        """Fail what was pending (at-most-once), then start a new worker under the same name."""
+        self._manager.fail_peer(self.bname, crash)
+        self._manager.broker.registry.forget(self.bname)
+        self._restarting = crash
+        self.state = _State.STARTING
+        self.ready = self._manager.loop.create_future()
+        self.ping_since = self.hung_for = None
+        logger.warning("restarting extension %r in %.2f s (restart %d of %d within %.0f s)", self.name, delay,
+                       len(self._restarts), self.config.restart.max_restarts if self.config.restart else 0,
+                       self.config.restart.within if self.config.restart else 0)
+        self.start_task = self._manager.loop.create_task(self._restart_after(delay), name=f"pyisolate-restart-{self.name}")
+        self.start_task.add_done_callback(_retrieve)
+
+    async def _restart_after(self, delay: float) -> None:
+        await asyncio.sleep(delay)  # the policy's backoff
+        await self._start()
 
     async def _stop(self) -> None:
         if not self.start_task.done():

@@ -88,3 +88,38 @@ async def test_a_worker_stuck_holding_the_gil_is_detected_and_its_calls_fail(ven
         assert info.value.extension == "stuck" and info.value.exit_code == -9
         assert "holding the GIL" in info.value.stderr_tail
         assert await other.echo("alive") == "alive"  # a healthy worker keeps answering its pings
+
+
+async def test_a_crashed_extension_restarts_per_its_policy_then_stays_failed(manager):
+    from pyisolate import ExtensionCrashedError, RestartPolicy
+
+    policy = RestartPolicy(max_restarts=2, within=600, backoff=0.01)
+    e = await manager.load_extension(ExtensionConfig(name="phoenix", module_path=ext("ok"), restart=policy))
+    first = await e.pid()
+    pending = asyncio.ensure_future(e.wait_for_cancel())
+    assert await e.echo(1) == 1
+    with pytest.raises(ExtensionCrashedError):
+        await e.crash(3)
+    with pytest.raises(ExtensionCrashedError):  # at-most-once: a pending call is not replayed
+        await pending
+    async with asyncio.timeout(60):
+        second = await e.pid()  # made during the restart: waits for it
+    assert second != first
+    with pytest.raises(ExtensionCrashedError):
+        await e.crash(3)
+    assert await e.pid() not in (first, second)
+    with pytest.raises(ExtensionCrashedError):
+        await e.crash(3)  # the third crash within the window
+    with pytest.raises(ExtensionCrashedError, match="marked failed"):
+        await e.echo(1)
+
+
+async def test_calls_during_a_restart_can_fail_fast(manager):
+    from pyisolate import ExtensionCrashedError, RestartPolicy
+
+    policy = RestartPolicy(max_restarts=1, backoff=30, calls_during_restart="fail")
+    e = await manager.load_extension(ExtensionConfig(name="fast-fail", module_path=ext("ok"), restart=policy))
+    with pytest.raises(ExtensionCrashedError):
+        await e.crash(4)
+    with pytest.raises(ExtensionCrashedError, match="exited with code 4"):
+        await e.echo(1)  # restarting (30 s backoff): fails at once instead of waiting
