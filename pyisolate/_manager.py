@@ -240,7 +240,8 @@ class _Worker:
         if len(self._restarts) >= policy.max_restarts:
             return None
         self._restarts.append(now)
-        return min(policy.backoff * 2 ** (len(self._restarts) - 1), policy.max_backoff)
+        delay: float = min(policy.backoff * 2 ** (len(self._restarts) - 1), policy.max_backoff)
+        return delay
 
     def _begin_restart(self, crash: ExtensionCrashedError, delay: float) -> None:
         """Fail what was pending (at-most-once), then start a new worker under the same name."""
