@@ -36,6 +36,8 @@ class ExtensionManagerConfig:
         stop_timeout: Seconds each rung of the stop ladder waits (ask, SIGTERM, SIGKILL).
         call_timeout: Default seconds a call from the host may take before it fails with
             ``CallTimeoutError`` (None: no limit); ``await ext.method(...).timeout(s)`` overrides it.
+        max_in_flight: Calls from the host to one actor that may await their answers at once;
+            further callers wait for a slot (backpressure), so queues stay bounded.
         heartbeat_interval: Seconds between liveness pings to each ready worker.
         heartbeat_timeout: A worker whose ping stays unanswered this long (stuck in C code
             holding the GIL, or its event loop blocked) is killed, and its calls fail with
@@ -49,6 +51,7 @@ class ExtensionManagerConfig:
     start_timeout: float = 60.0
     stop_timeout: float = 5.0
     call_timeout: float | None = None
+    max_in_flight: int = 512
     heartbeat_interval: float = 1.0
     heartbeat_timeout: float = 10.0
     loop_block_warning: float | None = 1.0
@@ -70,6 +73,11 @@ class ExtensionManagerConfig:
         _positive("ExtensionManagerConfig", "loop_block_warning", self.loop_block_warning, optional=True)
         _positive("ExtensionManagerConfig", "call_timeout", self.call_timeout, optional=True)
         _positive("ExtensionManagerConfig", "heartbeat_interval", self.heartbeat_interval)
+        if isinstance(self.max_in_flight, bool) or not isinstance(self.max_in_flight, int) or not 0 < self.max_in_flight <= 900:
+            raise ConfigError(
+                f"ExtensionManagerConfig.max_in_flight must be an int from 1 to 900 (below the socket's "
+                f"high-water mark of 1000), got {self.max_in_flight!r}"
+            )
         _positive("ExtensionManagerConfig", "heartbeat_timeout", self.heartbeat_timeout)
 
     @property

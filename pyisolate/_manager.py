@@ -367,6 +367,7 @@ class ExtensionManager(Generic[T]):
             self._broker = Broker(block_warning=self.config.loop_block_warning)
             self._endpoint = self._host_actor(HOST, None, self._on_control)
             self._endpoint.default_timeout = self.config.call_timeout
+            self._endpoint.max_in_flight = self.config.max_in_flight
             self._endpoint.answers_heartbeats = False  # ours are answers: they go to _on_control
             self._events = _Events(loop)
         elif loop is not self._loop:

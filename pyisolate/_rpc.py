@@ -119,6 +119,10 @@ class Endpoint:
         self.late_answers = 0  # answers that came after their call timed out or was cancelled
         self.timeouts = 0
         self.default_timeout: float | None = None
+        # Backpressure: calls in flight per target are capped below the socket's high-water
+        # mark; callers beyond the cap wait here, so nothing is queued without bound or dropped.
+        self.max_in_flight = 512
+        self._slots: dict[bytes, asyncio.Semaphore] = {}
         self.answers_heartbeats = True
         self._serving: dict[tuple[bytes, int], asyncio.Task[Any] | concurrent.futures.Future[Any]] = {}
 
@@ -174,6 +178,14 @@ class Endpoint:
 
     async def _request(self, target: bytes, call_id: int, header: bytes, body: bytes, buffers: list[Any],
                        timeout: float | None = None, method: str = "") -> Any:
+        slots = self._slots.get(target)
+        if slots is None:
+            slots = self._slots[target] = asyncio.Semaphore(self.max_in_flight)
+        async with slots:
+            return await self._exchange(target, call_id, header, body, buffers, timeout, method)
+
+    async def _exchange(self, target: bytes, call_id: int, header: bytes, body: bytes, buffers: list[Any],
+                        timeout: float | None, method: str) -> Any:
         future: asyncio.Future[Any] = self.loop.create_future()
         self._pending[call_id] = (future, target)
         try:

@@ -123,3 +123,14 @@ async def test_calls_during_a_restart_can_fail_fast(manager):
         await e.crash(4)
     with pytest.raises(ExtensionCrashedError, match="exited with code 4"):
         await e.echo(1)  # restarting (30 s backoff): fails at once instead of waiting
+
+
+async def test_ten_thousand_calls_against_a_slow_extension_wait_for_slots(venv_root):
+    config = ExtensionManagerConfig(venv_root_path=venv_root, max_in_flight=64)
+    async with ExtensionManager(ExtensionBase, config) as manager:
+        e = await manager.load_extension(ExtensionConfig(name="slow", module_path=ext("ok")))
+        async with asyncio.timeout(120):
+            # The extension holds every call until 64 wait at once: only the cap lets them through.
+            most = await asyncio.gather(*(e.crowd(64) for _ in range(10_000)))
+        assert max(most) == 64  # never more than the cap in flight: the rest waited in the host
+        assert not manager.endpoint._pending

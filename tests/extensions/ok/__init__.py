@@ -119,6 +119,18 @@ class OkExtension(ExtensionBase):
         sys.stderr.flush()
         return bool(re.match(r"(a+)+$", "a" * 40 + "!"))  # catastrophic backtracking, GIL held
 
+    async def crowd(self, release_at):
+        """Wait until ``release_at`` calls wait together; report the most seen at once."""
+        if not hasattr(self, "crowd_open"):
+            self.crowd_open, self.waiting, self.most = asyncio.Event(), 0, 0
+        self.waiting += 1
+        self.most = max(self.most, self.waiting)
+        if self.waiting >= release_at:
+            self.crowd_open.set()
+        await self.crowd_open.wait()
+        self.waiting -= 1
+        return self.most
+
     def _private(self):
         return "must not be callable"
 
