@@ -82,6 +82,7 @@ class _Worker:
         self.hung_for: float | None = None
         self._restarts: list[float] = []  # when each restart in the policy's window happened
         self._restarting: BaseException | None = None  # the crash being recovered from
+        self.restart_count = 0
         self.start_task = manager.loop.create_task(self._start(), name=f"pyisolate-start-{self.name}")
         self.start_task.add_done_callback(_retrieve)
 
@@ -248,6 +249,7 @@ class _Worker:
         self._manager.fail_peer(self.bname, crash)
         self._manager.broker.registry.forget(self.bname)
         self._restarting = crash
+        self.restart_count += 1
         self.state = _State.STARTING
         self.ready = self._manager.loop.create_future()
         self.ping_since = self.hung_for = None

@@ -31,7 +31,8 @@ _NAME_RE = re.compile(r"psi-([0-9]+x[0-9a-f]+)-([A-Za-z0-9_.-]+)-([0-9]+)")
 _session = ""
 _actor = ""
 _counter = itertools.count(1)
-_lock = threading.Lock()
+# Re-entrant: dropping a pin can free a mapping, whose finalizer takes the lock again.
+_lock = threading.RLock()
 
 
 @dataclass(eq=False)
@@ -195,6 +196,7 @@ def pin(peer: bytes, segment: Segment) -> None:
 
 def unpin(peer: bytes, names: list[object]) -> None:
     """``peer`` acknowledged these segments (once per send)."""
+    released = []  # freed after the lock: a mapping's finalizer takes it
     with _lock:
         pins = _pins.get(peer)
         if not pins:
@@ -204,13 +206,15 @@ def unpin(peer: bytes, names: list[object]) -> None:
             if entry is not None:
                 entry[1] = int(entry[1]) - 1  # type: ignore[call-overload]
                 if int(entry[1]) <= 0:  # type: ignore[call-overload]
-                    del pins[name]  # type: ignore[arg-type]
+                    released.append(pins.pop(name))  # type: ignore[arg-type]
+    del released
 
 
 def drop_peer(peer: bytes) -> None:
     """``peer`` is gone: nothing stays pinned for it."""
     with _lock:
-        _pins.pop(peer, None)
+        released = _pins.pop(peer, None)
+    del released  # outside the lock: a mapping's finalizer takes it
 
 
 def pinned() -> int:
