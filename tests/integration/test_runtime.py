@@ -115,12 +115,16 @@ async def test_isolated_false_runs_in_the_host_behind_the_same_api(manager, tmp_
 
 async def test_context_manager_stops_every_process(venv_root):
     config = ExtensionManagerConfig(venv_root_path=venv_root)
+    async with ExtensionManager(ExtensionBase, config) as warm:  # first use opens lasting fds (uv, imports)
+        await warm.load_extension(ok_config("warm-up"))
+    fds_before = len(os.listdir("/proc/self/fd"))
     async with ExtensionManager(ExtensionBase, config) as manager:
         a = manager.load_extension(ok_config("ok-a"))
         b = manager.load_extension(ok_config("ok-b"))
         pids = await asyncio.gather(a.pid(), b.pid())
         assert all(alive(p) for p in pids)
     assert not any(alive(p) for p in pids)
+    assert len(os.listdir("/proc/self/fd")) == fds_before  # sockets, pipes, contexts: all closed
     with pytest.raises(ExtensionClosedError):
         await a.echo(1)
 
