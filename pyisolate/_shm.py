@@ -51,8 +51,14 @@ class Segment:
 _Entry = tuple[str, int, tuple[int, int], "weakref.ref[mmap.mmap]"]
 _by_inode: dict[tuple[int, int], _Entry] = {}
 _by_address: dict[int, _Entry] = {}
-# Mappings pinned for receivers that have not acknowledged yet: peer -> name -> (segment, count).
-_pins: dict[bytes, dict[str, list[object]]] = {}
+@dataclass(eq=False)
+class _Pin:
+    segment: Segment
+    count: int = 0
+
+
+# Mappings pinned for receivers that have not acknowledged yet: peer -> name -> pin.
+_pins: dict[bytes, dict[str, _Pin]] = {}
 
 
 def configure(session: str, actor: str) -> None:
@@ -190,23 +196,21 @@ def receive(name: object, sender: str, needed: int, sender_in_host: bool = False
 def pin(peer: bytes, segment: Segment) -> None:
     """Keep ``segment`` mapped until ``peer`` acknowledges it (or goes away)."""
     with _lock:
-        entry = _pins.setdefault(peer, {}).setdefault(segment.name, [segment, 0])
-        entry[1] = int(entry[1]) + 1  # type: ignore[call-overload]
+        _pins.setdefault(peer, {}).setdefault(segment.name, _Pin(segment)).count += 1
 
 
 def unpin(peer: bytes, names: list[object]) -> None:
     """``peer`` acknowledged these segments (once per send)."""
-    released = []  # freed after the lock: a mapping's finalizer takes it
+    released: list[_Pin] = []  # freed after the lock: a mapping's finalizer takes it
     with _lock:
         pins = _pins.get(peer)
         if not pins:
             return
         for name in names:
-            entry = pins.get(name) if isinstance(name, str) else None
-            if entry is not None:
-                entry[1] = int(entry[1]) - 1  # type: ignore[call-overload]
-                if int(entry[1]) <= 0:  # type: ignore[call-overload]
-                    released.append(pins.pop(name))  # type: ignore[arg-type]
+            if isinstance(name, str) and (entry := pins.get(name)) is not None:
+                entry.count -= 1
+                if entry.count <= 0:
+                    released.append(pins.pop(name))
     del released
 
 

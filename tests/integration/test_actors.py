@@ -251,3 +251,23 @@ async def test_a_stream_can_be_consumed_from_another_loop(manager):
         return asyncio.run(run())
 
     assert await asyncio.to_thread(other_thread) == list(range(40))
+
+
+async def test_events_beyond_the_bound_are_dropped_loudly(manager, caplog, monkeypatch):
+    from pyisolate import _manager
+
+    monkeypatch.setattr(_manager._Events, "LIMIT", 10)
+    a = await load(manager, "a")
+    gate = asyncio.Event()
+    seen = []
+
+    async def slow(sender, value):
+        await gate.wait()
+        seen.append(value)
+
+    manager.on_event("tick", slow)
+    await a.emit_events(50)
+    await a.echo(None)  # the 50 events arrived ahead of this answer
+    assert manager._events.dropped >= 50 - 11  # one may be in the handler, ten queued
+    assert any("arrive faster than their handlers" in r.getMessage() for r in caplog.records)
+    gate.set()

@@ -21,7 +21,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 from pyisolate import ExtensionBase, ExtensionConfig, ExtensionManager, ExtensionManagerConfig  # noqa: E402
 from pyisolate._rpc import Endpoint  # noqa: E402
-from pyisolate.broker.protocol import BROKER, HOST, PROTOCOL_VERSION, Kind, pack_header  # noqa: E402
+from pyisolate.broker.protocol import BROKER, HOST, PROTOCOL_VERSION, Kind, pack_header, unpack_header  # noqa: E402
 from pyisolate.broker.router import Broker  # noqa: E402
 from tests.support import ext  # noqa: E402
 
@@ -42,6 +42,13 @@ bodies = st.one_of(
                      b"\xc7\xff\x0c" + b"\x00" * 10, b"\xc6\xff\xff\xff\xff"]),
 )
 messages = st.lists(st.one_of(headers, bodies), min_size=0, max_size=6)
+
+
+def rss() -> int:
+    import os
+
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def run_examples(loop: asyncio.AbstractEventLoop, example) -> None:  # type: ignore[no-untyped-def]
@@ -93,9 +100,11 @@ async def test_broker_and_host_endpoint_survive_random_frames():
         while await fuzzer.poll(0):  # answers to garbage (UNROUTABLE, errors): read and ignore
             await fuzzer.recv_multipart()
 
+    rss_before = rss()
     try:
         await asyncio.to_thread(run_examples, asyncio.get_running_loop(), example)
         assert broker.dropped > 0  # the garbage was seen, counted and dropped
+        assert rss() - rss_before < 64 << 20  # and it left no lasting memory behind
     finally:
         for sock in sockets:
             sock.close()
@@ -109,13 +118,19 @@ async def test_a_worker_survives_random_frames(venv_root: Path):
     async with ExtensionManager(ExtensionBase, config) as manager:
         worker = await manager.load_extension(ExtensionConfig(name="fuzzed", module_path=ext("ok")))
         pid = await worker.pid()
+        rss_before = await worker.rss()
         count = 0
-        stop = pack_header(Kind.STOP, 0)[:2]  # STOP from the host is a legitimate order, not garbage
+
+        def is_stop(frame: bytes) -> bool:  # STOP from the host is a legitimate order, not garbage
+            try:
+                return unpack_header(frame)[0] is Kind.STOP
+            except ValueError:
+                return False
 
         async def example(dest: bytes, frames: list[bytes]) -> None:
             nonlocal count
             count += 1
-            frames = [f for f in frames if not f.startswith(stop)]
+            frames = [f for f in frames if not is_stop(f)]
             if len(frames) >= 2:
                 manager.broker.send(b"fuzzed", HOST, frames)
             async with asyncio.timeout(10):
@@ -123,3 +138,4 @@ async def test_a_worker_survives_random_frames(venv_root: Path):
 
         await asyncio.to_thread(run_examples, asyncio.get_running_loop(), example)
         assert await worker.pid() == pid  # the same process answered throughout
+        assert await worker.rss() - rss_before < 64 << 20  # garbage leaves no lasting memory behind

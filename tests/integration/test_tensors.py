@@ -114,7 +114,7 @@ async def test_ten_thousand_sends_leave_nothing_behind(manager):
     await t.echo(None)  # the worker's last ACKs and its finalizers have run
     assert _shm.pinned() == 0
     assert our_segments() == baseline
-    assert await t.segments() == sorted(baseline)
+    assert await t.segments(f"psi-{_shm.session()}-") == sorted(baseline)
 
 
 async def test_stopping_an_extension_removes_its_segments(manager):

@@ -131,6 +131,10 @@ class OkExtension(ExtensionBase):
         self.waiting -= 1
         return self.most
 
+    def rss(self):
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
     def _private(self):
         return "must not be callable"
 
