@@ -134,3 +134,21 @@ async def test_ten_thousand_calls_against_a_slow_extension_wait_for_slots(venv_r
             most = await asyncio.gather(*(e.crowd(64) for _ in range(10_000)))
         assert max(most) == 64  # never more than the cap in flight: the rest waited in the host
         assert not manager.endpoint._pending
+
+
+@pytest.mark.parametrize(("ignore_sigterm", "signal_number"), [(False, 15), (True, 9)])
+async def test_the_stop_ladder_ends_a_worker_that_will_not_stop(venv_root, ignore_sigterm, signal_number):
+    import signal as signals
+
+    from tests.support import alive
+
+    config = ExtensionManagerConfig(venv_root_path=venv_root, stop_timeout=0.3)
+    async with ExtensionManager(ExtensionBase, config) as manager:
+        e = await manager.load_extension(ExtensionConfig(name="stubborn", module_path=ext("ok")))
+        pid = await e.pid()
+        await e.misbehave_on_stop(ignore_sigterm)
+        process = manager._extensions["stubborn"].process
+        async with asyncio.timeout(10):  # ask (0.3 s), SIGTERM (0.3 s), SIGKILL: bounded
+            await e.stop()
+        assert not alive(pid)
+        assert process.returncode == -signals.Signals(signal_number)

@@ -26,6 +26,8 @@ class OkExtension(ExtensionBase):
         self.hooks.append(f"on_module_loaded:{module.__name__}")
 
     def stop(self):
+        if getattr(self, "hang_on_stop", False):
+            threading.Event().wait()  # a stop hook that never returns
         if self.stop_marker:
             with open(self.stop_marker, "w") as f:
                 f.write(",".join(self.hooks + ["stop"]))
@@ -134,6 +136,13 @@ class OkExtension(ExtensionBase):
     def rss(self):
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    async def misbehave_on_stop(self, ignore_sigterm):  # async: runs on the main thread
+        import signal
+
+        self.hang_on_stop = True
+        if ignore_sigterm:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
     def _private(self):
         return "must not be callable"
