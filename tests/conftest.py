@@ -20,6 +20,15 @@ def venv_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return Path(keep) if keep else tmp_path_factory.mktemp("venvs")
 
 
+@pytest.fixture
+async def manager(venv_root: Path):
+    """A manager on the test's loop, stopped (every worker with it) when the test ends."""
+    from pyisolate import ExtensionBase, ExtensionManager, ExtensionManagerConfig
+
+    async with ExtensionManager(ExtensionBase, ExtensionManagerConfig(venv_root_path=venv_root)) as m:
+        yield m
+
+
 @pytest.fixture(autouse=True)
 def no_leaks():
     """Every test leaves no child process and no broker ipc directory behind."""

@@ -6,27 +6,17 @@ import asyncio
 import gc
 import os
 import threading
-from pathlib import Path
 
 import pytest
 from shared_api import DatabaseAPI, SlowService
 
 from pyisolate import (
-    ExtensionBase,
     ExtensionConfig,
-    ExtensionManager,
-    ExtensionManagerConfig,
     UnroutableError,
 )
 from tests.support import ext
 
 APIS = [DatabaseAPI, SlowService]
-
-
-@pytest.fixture
-async def manager(venv_root: Path):
-    async with ExtensionManager(ExtensionBase, ExtensionManagerConfig(venv_root_path=venv_root)) as m:
-        yield m
 
 
 @pytest.fixture(autouse=True)
@@ -254,9 +244,9 @@ async def test_a_stream_can_be_consumed_from_another_loop(manager):
 
 
 async def test_events_beyond_the_bound_are_dropped_loudly(manager, caplog, monkeypatch):
-    from pyisolate import _manager
+    from pyisolate import _events
 
-    monkeypatch.setattr(_manager._Events, "LIMIT", 10)
+    monkeypatch.setattr(_events.Events, "LIMIT", 10)
     a = await load(manager, "a")
     gate = asyncio.Event()
     seen = []

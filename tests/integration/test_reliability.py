@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-from pathlib import Path
 
 import pytest
 
@@ -16,12 +15,6 @@ from pyisolate import (
     ExtensionManagerConfig,
 )
 from tests.support import ext
-
-
-@pytest.fixture
-async def manager(venv_root: Path):
-    async with ExtensionManager(ExtensionBase, ExtensionManagerConfig(venv_root_path=venv_root)) as m:
-        yield m
 
 
 async def test_a_call_past_its_timeout_fails_and_is_cancelled_remotely(manager):

@@ -26,12 +26,6 @@ from pyisolate import (
 from tests.support import alive, ext
 
 
-@pytest.fixture
-async def manager(venv_root: Path):
-    async with ExtensionManager(ExtensionBase, ExtensionManagerConfig(venv_root_path=venv_root)) as m:
-        yield m
-
-
 def ok_config(name: str = "ok", **kw) -> ExtensionConfig:
     return ExtensionConfig(name=name, module_path=ext("ok"), **kw)
 

@@ -1,0 +1,294 @@
+"""A remote extension as the manager sees it: its worker process, state, readiness and restarts."""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import secrets
+import signal
+import time
+from typing import TYPE_CHECKING, Any
+
+from pyisolate.broker.protocol import Kind
+from pyisolate.workers.loader import class_spec
+
+from . import _shm, _venv
+from ._codec import DecodeError, decode_exception
+from ._config import ExtensionConfig
+from ._process import WorkerProcess
+from ._runtime import runtime_dir
+from .errors import (
+    ExtensionClosedError,
+    ExtensionCrashedError,
+    ExtensionLoadError,
+    PyisolateError,
+)
+
+if TYPE_CHECKING:
+    from ._manager import ExtensionManager
+
+__all__ = ["State", "Worker", "describe_exit", "retrieve"]
+
+logger = logging.getLogger("pyisolate")
+
+
+class State(enum.Enum):
+    STARTING = "starting"
+    READY = "ready"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+    FAILED = "failed"
+    CRASHED = "crashed"
+
+
+def describe_exit(code: int | None) -> str:
+    """Say how a process ended, in words."""
+    if code is None:
+        return "is still running"
+    if code < 0:
+        try:
+            return f"was killed by signal {signal.Signals(-code).name} (exit code {code})"
+        except ValueError:
+            return f"was killed by signal {-code} (exit code {code})"
+    return f"exited with code {code}"
+
+
+class Worker:
+    """A remote extension as the manager sees it: its process, its state, its readiness."""
+
+    def __init__(self, manager: ExtensionManager[Any], config: ExtensionConfig) -> None:
+        self.name = config.name
+        self.bname = config.name.encode()
+        self.config = config
+        self._manager = manager
+        self.state = State.STARTING
+        self.process: WorkerProcess | None = None
+        self.ready: asyncio.Future[None] = manager.loop.create_future()
+        self._error: BaseException | None = None
+        self._watch: asyncio.Task[None] | None = None
+        self._stop_task: asyncio.Task[None] | None = None
+        self.ping_since: float | None = None  # when the oldest unanswered heartbeat was sent
+        self.hung_for: float | None = None
+        self._restarts: list[float] = []  # when each restart in the policy's window happened
+        self._restarting: BaseException | None = None  # the crash being recovered from
+        self.restart_count = 0
+        self.start_task = manager.loop.create_task(self._start(), name=f"pyisolate-start-{self.name}")
+        self.start_task.add_done_callback(retrieve)
+
+    # -- the Backend protocol ------------------------------------------------------------
+
+    async def wait_ready(self) -> None:
+        if asyncio.get_running_loop() is not self._manager.loop:
+            return await asyncio.wrap_future(
+                asyncio.run_coroutine_threadsafe(self.wait_ready(), self._manager.loop)
+            )
+        await asyncio.shield(self.ready)
+        if self.state is not State.READY:
+            raise self._unavailable()
+
+    async def call(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any],
+                   timeout: float | None = None) -> Any:
+        if self.state is not State.READY:
+            policy = self.config.restart
+            if self._restarting is not None and policy is not None and policy.calls_during_restart == "fail":
+                raise self._restarting
+            await self.wait_ready()
+        return await self._manager.endpoint.remote_call(self.bname, method, args, kwargs, 0, timeout)
+
+    async def stop(self) -> None:
+        if asyncio.get_running_loop() is not self._manager.loop:
+            return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self.stop(), self._manager.loop))
+        if self._stop_task is None:
+            self._stop_task = self._manager.loop.create_task(self._stop())
+        await asyncio.shield(self._stop_task)
+
+    # -- life ----------------------------------------------------------------------------
+
+    def _unavailable(self) -> BaseException:
+        if self.state in (State.STOPPING, State.STOPPED):
+            return ExtensionClosedError(f"extension {self.name!r} is stopped")
+        assert self._error is not None
+        return self._error
+
+    async def _start(self) -> None:
+        manager, config = self._manager, self.config
+        try:
+            python = await _venv.ensure_venv(
+                venv_root=manager.config.venv_root,
+                name=self.name,
+                dependencies=config.dependencies,
+                share_torch=config.share_torch,
+                allow_direct_references=config.allow_direct_references,
+                progress=manager.config.on_progress,
+            )
+            runtime = await asyncio.to_thread(runtime_dir, manager.config.venv_root, config.share_torch)
+            secret = secrets.token_bytes(32)
+            manager.broker.registry.expect(self.bname, secret)
+            started = time.monotonic()
+            self.process = await WorkerProcess.spawn(
+                name=self.name,
+                python=python,
+                runtime=runtime,
+                boot={
+                    "name": self.name,
+                    "endpoint": manager.broker.endpoint,
+                    "secret": secret.hex(),
+                    "module_path": str(config.module_path),
+                    "extension_class": manager.extension_spec,
+                    "apis": [class_spec(api) for api in config.apis],
+                    "session": _shm.session(),
+                    "host_actors": ["host", *(n.decode() for n in manager.singleton_names())],
+                    "handshake_timeout": manager.config.start_timeout,
+                    "log_level": logging.getLevelName(logging.getLogger("pyisolate").getEffectiveLevel()),
+                },
+                pass_env=tuple(config.pass_env),
+                env=dict(config.env),
+            )
+            self._watch = manager.loop.create_task(self._watch_exit(self.process))
+            try:
+                async with asyncio.timeout(manager.config.start_timeout):
+                    await asyncio.shield(self.ready)
+            except TimeoutError:
+                raise ExtensionLoadError(
+                    f"extension {self.name!r} did not become ready within "
+                    f"{manager.config.start_timeout:.0f} s (ExtensionManagerConfig.start_timeout)",
+                    extension=self.name,
+                    remote_traceback=self.process.stderr_tail(),
+                ) from None
+            logger.debug("extension %r ready in %.3f s (pid %d)", self.name, time.monotonic() - started,
+                         self.process.pid)
+        except BaseException as exc:
+            if self.state is State.STARTING:
+                self._fail(State.FAILED, exc if isinstance(exc, Exception) else ExtensionClosedError(
+                    f"loading extension {self.name!r} was cancelled"))
+            await self._release()
+            raise
+
+    def on_control(self, kind: Kind, body: bytes, buffers: list[bytes]) -> None:
+        """READY or LOAD_FAILED from the worker."""
+        if self.state is not State.STARTING:
+            return
+        if kind is Kind.READY:
+            self.state = State.READY
+            self._restarting = None
+            self._manager.start_heartbeats()
+            if not self.ready.done():
+                self.ready.set_result(None)
+            return
+        try:
+            remote = decode_exception(body, buffers)
+            text = f"{type(remote).__name__}: {remote}"
+            tb = getattr(remote, "remote_traceback", "")
+        except DecodeError as exc:
+            text, tb = f"undecodable failure report: {exc}", ""
+        self._fail(State.FAILED, ExtensionLoadError(
+            f"extension {self.name!r} failed to load: {text}", extension=self.name, remote_traceback=tb))
+
+    def _fail(self, state: State, exc: BaseException) -> None:
+        self.state = state
+        self._error = exc
+        if not self.ready.done():
+            self.ready.set_result(None)  # waiters look at state and _error
+        self._manager.fail_peer(self.bname, exc)
+        self._manager.broker.registry.forget(self.bname)
+
+    async def _watch_exit(self, process: WorkerProcess) -> None:
+        code = await process.wait()
+        if self.state in (State.STOPPING, State.STOPPED, State.FAILED):
+            return
+        _shm.sweep(self.name)  # the names it held; before anyone hears of the crash
+        how = describe_exit(code)
+        if self.hung_for is not None:
+            how = f"stopped answering heartbeats for {self.hung_for:.1f} s and was killed ({how})"
+        tail = process.stderr_tail()
+        if self.state is State.STARTING:
+            self._fail(State.FAILED, ExtensionLoadError(
+                f"extension {self.name!r} {how} before it was ready", extension=self.name, remote_traceback=tail))
+        else:
+            logger.warning("extension %r %s", self.name, how)
+            crash = ExtensionCrashedError(
+                f"extension {self.name!r} {how}", extension=self.name, exit_code=code, stderr_tail=tail)
+            delay = self._restart_delay()
+            if delay is None:
+                if self.config.restart is not None:
+                    crash = ExtensionCrashedError(
+                        f"{crash.args[0]}; it crashed more than {self.config.restart.max_restarts} times within "
+                        f"{self.config.restart.within:.0f} s and is marked failed until it is loaded again",
+                        extension=self.name, exit_code=code, stderr_tail=tail)
+                self._fail(State.CRASHED, crash)
+            else:
+                self._begin_restart(crash, delay)
+        await process.aclose()
+
+    def _restart_delay(self) -> float | None:
+        """Seconds to wait before restarting, or None if the policy says no (more) restarts."""
+        policy = self.config.restart
+        if policy is None or self._manager._closing:
+            return None
+        now = time.monotonic()
+        self._restarts = [t for t in self._restarts if now - t < policy.within]
+        if len(self._restarts) >= policy.max_restarts:
+            return None
+        self._restarts.append(now)
+        delay: float = min(policy.backoff * 2 ** (len(self._restarts) - 1), policy.max_backoff)
+        return delay
+
+    def _begin_restart(self, crash: ExtensionCrashedError, delay: float) -> None:
+        """Fail what was pending (at-most-once), then start a new worker under the same name."""
+        self._manager.fail_peer(self.bname, crash)
+        self._manager.broker.registry.forget(self.bname)
+        self._restarting = crash
+        self.restart_count += 1
+        self.state = State.STARTING
+        self.ready = self._manager.loop.create_future()
+        self.ping_since = self.hung_for = None
+        logger.warning("restarting extension %r in %.2f s (restart %d of %d within %.0f s)", self.name, delay,
+                       len(self._restarts), self.config.restart.max_restarts if self.config.restart else 0,
+                       self.config.restart.within if self.config.restart else 0)
+        self.start_task = self._manager.loop.create_task(self._restart_after(delay), name=f"pyisolate-restart-{self.name}")
+        self.start_task.add_done_callback(retrieve)
+
+    async def _restart_after(self, delay: float) -> None:
+        await asyncio.sleep(delay)  # the policy's backoff
+        await self._start()
+
+    async def _stop(self) -> None:
+        if not self.start_task.done():
+            self.start_task.cancel()
+            await asyncio.gather(self.start_task, return_exceptions=True)
+        was_ready = self.state is State.READY
+        self.state = State.STOPPING
+        self._manager.fail_peer(self.bname, ExtensionClosedError(f"extension {self.name!r} was stopped"))
+        if was_ready and self.process is not None and self.process.returncode is None:
+            try:
+                async with asyncio.timeout(self._manager.config.stop_timeout):
+                    await self._manager.endpoint.request_stop(self.bname)
+            except TimeoutError:
+                logger.warning("extension %r did not finish stop() within %.1f s", self.name,
+                               self._manager.config.stop_timeout)
+            except PyisolateError as exc:
+                logger.warning("extension %r: stop failed: %s", self.name, exc)
+            except Exception as exc:  # the extension's own stop() raised; it still goes away
+                logger.warning("extension %r: stop() raised %r", self.name, exc)
+        if self.process is not None:
+            await self.process.stop(self._manager.config.stop_timeout)
+        await self._release()
+        self.state = State.STOPPED
+
+    async def _release(self) -> None:
+        self._manager.broker.registry.forget(self.bname)
+        self._manager.forget(self)
+        if self._watch is not None and not self._watch.done():
+            self._watch.cancel()
+        if self.process is not None:
+            await self.process.aclose()
+            _shm.sweep(self.name)  # names the worker left (its memory goes with its mappings)
+        if self._watch is not None:
+            await asyncio.gather(self._watch, return_exceptions=True)
+
+
+def retrieve(task: asyncio.Task[Any]) -> None:
+    """Mark a background task's exception as seen: it reaches callers through the handle."""
+    if not task.cancelled():
+        task.exception()
