@@ -70,6 +70,15 @@ def resolve_method(obj: object, name: object) -> Callable[..., Any]:
     return method
 
 
+_GEN, _ASYNC, _PLAIN = 0, 1, 2
+
+
+def _kind(fn: object) -> int:
+    if inspect.isasyncgenfunction(fn):
+        return _GEN
+    return _ASYNC if is_async_callable(fn) else _PLAIN
+
+
 def _call_fields(extra: list[object]) -> tuple[str, int, str, int]:
     match extra:
         case [str() as method, int() as ref_id, str() as chain_owner, int() as chain_id]:
@@ -93,6 +102,7 @@ class Endpoint:
     ) -> None:
         self.name = name
         self.loop = loop
+        self._methods: dict[str, tuple[Callable[..., Any], int]] = {}
         self.root = root
         self._send = send
         self._origin = origin or name  # chains this process starts carry this name
@@ -125,6 +135,16 @@ class Endpoint:
         self._slots: dict[bytes, asyncio.Semaphore] = {}
         self.answers_heartbeats = True
         self._serving: dict[tuple[bytes, int], asyncio.Task[Any] | concurrent.futures.Future[Any]] = {}
+
+    @property
+    def root(self) -> object:
+        """The object whose public methods this actor serves (ref 0); None for none."""
+        return self._root
+
+    @root.setter
+    def root(self, value: object) -> None:
+        self._root = value
+        self._methods = {}  # bound methods of the old root
 
     # -- calling -----------------------------------------------------------------------------
 
@@ -385,7 +405,7 @@ class Endpoint:
     def _on_call(self, sender: bytes, call_id: int, extra: list[object], body: bytes, buffers: list[bytes]) -> None:
         try:
             method, ref_id, chain_owner, chain_id = _call_fields(extra)
-            fn, loop = self._target(method, ref_id, sender)
+            fn, kind, loop = self._target(method, ref_id, sender)
             args = self._decode(body, buffers, sender)
             if not (isinstance(args, list) and len(args) == 2 and isinstance(args[0], list)
                     and isinstance(args[1], dict) and all(isinstance(k, str) for k in args[1])):
@@ -396,7 +416,7 @@ class Endpoint:
         chain = (chain_owner.encode(), chain_id)
         if loop is None and chain[0] == self._origin:
             loop = self._chain_loops.get(chain_id)
-        invoke = self._invoke(fn, args[0], args[1], chain)
+        invoke = self._invoke(fn, kind, args[0], args[1], chain)
         key = (sender, call_id)
         if loop is None or loop is self.loop:
             task = self.loop.create_task(self._serve(sender, call_id, invoke))
@@ -415,26 +435,31 @@ class Endpoint:
             lambda f: self.loop.call_soon_threadsafe(self._reply_future, sender, call_id, f)
         )
 
-    def _target(self, method: str, ref_id: int, sender: bytes) -> tuple[Callable[..., Any], asyncio.AbstractEventLoop | None]:
+    def _target(self, method: str, ref_id: int, sender: bytes
+                ) -> tuple[Callable[..., Any], int, asyncio.AbstractEventLoop | None]:
+        """The callable a CALL names, how to run it (_GEN, _ASYNC, _PLAIN), and on which loop."""
         if ref_id == 0:
-            if self.root is None:
-                raise AttributeError(f"actor {self.name.decode()!r} has no methods to call")
-            return resolve_method(self.root, method), None
+            entry = self._methods.get(method)
+            if entry is None:
+                if self._root is None:
+                    raise AttributeError(f"actor {self.name.decode()!r} has no methods to call")
+                fn = resolve_method(self._root, method)
+                entry = self._methods[method] = (fn, _kind(fn))
+            return entry[0], entry[1], None
         export = self.exports.get(ref_id)
         if export is None or sender not in export.counts:  # released, or never given to this caller
             raise LookupError(f"reference {ref_id} of {self.name.decode()!r} is not held by {sender.decode()!r}")
-        if method:
-            return resolve_method(export.obj, method), export.loop
-        return export.obj, export.loop  # type: ignore[return-value]
+        target: Callable[..., Any] = resolve_method(export.obj, method) if method else export.obj  # type: ignore[assignment]
+        return target, _kind(target), export.loop
 
-    async def _invoke(self, fn: Callable[..., Any], args: list[Any], kwargs: dict[str, Any],
+    async def _invoke(self, fn: Callable[..., Any], kind: int, args: list[Any], kwargs: dict[str, Any],
                       chain: tuple[bytes, int]) -> Any:
         token = CHAIN.set(chain)
         try:
-            if inspect.isasyncgenfunction(fn):
-                return fn(*args, **kwargs)
-            if is_async_callable(fn):
+            if kind == _ASYNC:
                 return await fn(*args, **kwargs)
+            if kind == _GEN:
+                return fn(*args, **kwargs)
             context = contextvars.copy_context()  # the chain follows the call into the thread
             loop = asyncio.get_running_loop()
             result = await loop.run_in_executor(self._executor, functools.partial(context.run, fn, *args, **kwargs))
