@@ -67,7 +67,7 @@ async def test_workers_get_a_clean_environment(manager, monkeypatch):
 async def test_a_worker_stuck_holding_the_gil_is_detected_and_its_calls_fail(venv_root):
     from pyisolate import ExtensionCrashedError
 
-    config = ExtensionManagerConfig(venv_root_path=venv_root, heartbeat_interval=0.1, heartbeat_timeout=1.0)
+    config = ExtensionManagerConfig(venv_root_path=venv_root, heartbeat_interval=0.1, heartbeat_timeout=2.0)
     async with ExtensionManager(ExtensionBase, config) as manager:
         stuck = await manager.load_extension(ExtensionConfig(name="stuck", module_path=ext("ok")))
         other = await manager.load_extension(ExtensionConfig(name="other", module_path=ext("ok")))
