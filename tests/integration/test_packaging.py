@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -49,8 +50,14 @@ async def test_application_with_its_own_workers_and_broker_packages(venv_root, t
 
 
 def test_wheel_installs_only_the_pyisolate_namespace(tmp_path):
+    source = tmp_path / "src"  # a copy: the build writes build/ and *.egg-info next to the sources
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    for name in ("pyisolate", "broker", "workers"):
+        shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
     result = subprocess.run(
-        [sys.executable, "-m", "build", "--wheel", "--outdir", str(tmp_path), str(ROOT)],
+        [sys.executable, "-m", "build", "--wheel", "--outdir", str(tmp_path), str(source)],
         capture_output=True, text=True, timeout=600,
     )
     if result.returncode != 0:
