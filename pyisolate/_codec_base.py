@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 import msgpack
 
-from pyisolate.errors import EncodeError
+from pyisolate.errors import EncodeError, ProtocolError
 
 BUFFER_THRESHOLD: int = 64 * 1024
 MAX_DEPTH: int = 64
@@ -46,8 +46,11 @@ class RefHooks(Protocol):
 Buffer = bytes | bytearray | memoryview
 
 
-class DecodeError(ValueError):
-    """A message body or its buffers are malformed (untrusted input that fails a check)."""
+class DecodeError(ProtocolError, ValueError):
+    """A message body or its buffers cannot be decoded here (malformed, or e.g. numpy missing).
+
+    A ProtocolError, so callers catching ``pyisolate.PyisolateError`` see it; a ValueError too.
+    """
 
 
 _ExtType = msgpack.ExtType

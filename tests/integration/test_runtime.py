@@ -258,3 +258,15 @@ async def test_manager_outside_a_loop_says_how_to_use_it(venv_root):
     with pytest.raises(RuntimeError, match="async code"):
         await asyncio.to_thread(sync_load)
     await manager.stop_all()
+
+
+async def test_a_value_the_receiver_cannot_decode_fails_the_call_clearly(manager):
+    import numpy
+
+    from pyisolate import ProtocolError
+
+    extension = await manager.load_extension(ok_config())  # its venv has no numpy
+    with pytest.raises(ProtocolError, match="numpy is not installed") as info:
+        await extension.echo(numpy.ones(4))
+    assert isinstance(info.value, ValueError)
+    assert await extension.echo("still usable") == "still usable"
