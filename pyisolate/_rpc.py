@@ -27,13 +27,14 @@ from typing import Any
 from pyisolate.broker.protocol import Kind, pack_header, unpack_header
 
 from . import _shm
-from ._base import LIFECYCLE_HOOKS
 from ._codec import DecodeError, decode, encode, encode_exception
 from ._refs import FLAG_ACTOR, FLAG_ASYNC, ActorProxy, ExportTable, RefProxy, is_async_callable
+from ._dispatch import ASYNC, GEN, call_fields, kind_of, public_methods, resolve_method
+from ._rpc_streams import StreamEndpoint
 from ._streams import Producer, RemoteStream
 from .errors import CallTimeoutError, EncodeError, ProtocolError, UnroutableError
 
-__all__ = ["CHAIN", "Endpoint", "public_methods", "resolve_method"]
+__all__ = ["CHAIN", "Endpoint", "public_methods", "resolve_method"]  # the last two: re-exported
 
 logger = logging.getLogger("pyisolate.rpc")
 
@@ -46,47 +47,7 @@ Send = Callable[[bytes, list[Any]], None]
 Control = Callable[[bytes, Kind, int, list[object], bytes, list[bytes]], None]
 
 
-def public_methods(obj: object) -> list[str]:
-    """Names of the methods of ``obj`` that may be called remotely."""
-    return sorted(
-        name
-        for name in dir(type(obj))
-        if not name.startswith("_") and name not in LIFECYCLE_HOOKS and callable(getattr(type(obj), name))
-    )
-
-
-def resolve_method(obj: object, name: object) -> Callable[..., Any]:
-    """The bound method ``name`` of ``obj`` if it may be called remotely.
-
-    Raises:
-        AttributeError: private, lifecycle, missing or not a method.
-    """
-    if not isinstance(name, str) or not name or name.startswith("_") or name in LIFECYCLE_HOOKS:
-        raise AttributeError(f"{name!r} cannot be called remotely: only public methods can")
-    attr = getattr(type(obj), name, None)
-    if attr is None or not callable(attr):
-        raise AttributeError(f"{type(obj).__name__!r} has no public method {name!r}")
-    method: Callable[..., Any] = getattr(obj, name)
-    return method
-
-
-_GEN, _ASYNC, _PLAIN = 0, 1, 2
-
-
-def _kind(fn: object) -> int:
-    if inspect.isasyncgenfunction(fn):
-        return _GEN
-    return _ASYNC if is_async_callable(fn) else _PLAIN
-
-
-def _call_fields(extra: list[object]) -> tuple[str, int, str, int]:
-    match extra:
-        case [str() as method, int() as ref_id, str() as chain_owner, int() as chain_id]:
-            return method, ref_id, chain_owner, chain_id
-    raise ProtocolError("CALL header must be [method, ref_id, chain_owner, chain_id]")
-
-
-class Endpoint:
+class Endpoint(StreamEndpoint):
     """The RPC machinery of one actor."""
 
     def __init__(
@@ -404,7 +365,7 @@ class Endpoint:
 
     def _on_call(self, sender: bytes, call_id: int, extra: list[object], body: bytes, buffers: list[bytes]) -> None:
         try:
-            method, ref_id, chain_owner, chain_id = _call_fields(extra)
+            method, ref_id, chain_owner, chain_id = call_fields(extra)
             fn, kind, loop = self._target(method, ref_id, sender)
             args = self._decode(body, buffers, sender)
             if not (isinstance(args, list) and len(args) == 2 and isinstance(args[0], list)
@@ -437,28 +398,28 @@ class Endpoint:
 
     def _target(self, method: str, ref_id: int, sender: bytes
                 ) -> tuple[Callable[..., Any], int, asyncio.AbstractEventLoop | None]:
-        """The callable a CALL names, how to run it (_GEN, _ASYNC, _PLAIN), and on which loop."""
+        """The callable a CALL names, how to run it (GEN, ASYNC, PLAIN), and on which loop."""
         if ref_id == 0:
             entry = self._methods.get(method)
             if entry is None:
                 if self._root is None:
                     raise AttributeError(f"actor {self.name.decode()!r} has no methods to call")
                 fn = resolve_method(self._root, method)
-                entry = self._methods[method] = (fn, _kind(fn))
+                entry = self._methods[method] = (fn, kind_of(fn))
             return entry[0], entry[1], None
         export = self.exports.get(ref_id)
         if export is None or sender not in export.counts:  # released, or never given to this caller
             raise LookupError(f"reference {ref_id} of {self.name.decode()!r} is not held by {sender.decode()!r}")
         target: Callable[..., Any] = resolve_method(export.obj, method) if method else export.obj  # type: ignore[assignment]
-        return target, _kind(target), export.loop
+        return target, kind_of(target), export.loop
 
     async def _invoke(self, fn: Callable[..., Any], kind: int, args: list[Any], kwargs: dict[str, Any],
                       chain: tuple[bytes, int]) -> Any:
         token = CHAIN.set(chain)
         try:
-            if kind == _ASYNC:
+            if kind == ASYNC:
                 return await fn(*args, **kwargs)
-            if kind == _GEN:
+            if kind == GEN:
                 return fn(*args, **kwargs)
             context = contextvars.copy_context()  # the chain follows the call into the thread
             loop = asyncio.get_running_loop()
@@ -561,60 +522,6 @@ class Endpoint:
         if entry is not None and not entry[0].done():
             dest, reason = (extra + ["?", "?"])[:2]
             entry[0].set_exception(UnroutableError(f"cannot reach actor {dest!r}: {reason}"))
-
-    # -- streams -----------------------------------------------------------------------------
-
-    def _start_stream(self, peer: bytes, call_id: int, agen: Any) -> None:
-        key = (peer, call_id)
-        header_item = pack_header(Kind.ITEM, call_id)
-
-        def send_item(item: object) -> None:
-            body, buffers = self._encode(peer, item, None)
-            self._send_quiet(peer, [header_item, body, *buffers])
-
-        self._producers[key] = Producer(
-            agen,
-            send_item,
-            lambda: self._send_quiet(peer, [pack_header(Kind.END, call_id), b""]),
-            lambda exc: self._reply_error(peer, call_id, exc),
-            self.loop,
-            functools.partial(self._producers.pop, key, None),  # type: ignore[arg-type]
-        )
-        self._send_quiet(peer, [pack_header(Kind.RESULT, call_id, "stream"), b""])
-
-    def _on_item(self, sender: bytes, kind: Kind, call_id: int, body: bytes, buffers: list[bytes]) -> None:
-        stream = self._streams.get((sender, call_id))
-        if stream is None:
-            return  # the consumer dropped it; CLOSE is on its way
-        if kind is Kind.END:
-            stream.end()
-            return
-        try:
-            stream.push(self._decode(body, buffers, sender))
-        except DecodeError as exc:
-            stream.end(ProtocolError(f"undecodable stream item from {sender.decode()!r}: {exc}"))
-            self._send_flow_kind(sender, call_id, Kind.CLOSE)
-
-    def _on_flow(self, sender: bytes, kind: Kind, call_id: int, extra: list[object]) -> None:
-        producer = self._producers.get((sender, call_id))
-        if producer is None:
-            return
-        if kind is Kind.CLOSE:
-            producer.close()
-        elif extra and type(extra[0]) is int and 0 < extra[0] <= 1 << 20:
-            producer.grant(extra[0])
-
-    def _send_flow(self, peer: bytes, call_id: int, count: int) -> None:
-        self._send_quiet(peer, [pack_header(Kind.CREDIT, call_id, count), b""])
-
-    def _send_flow_kind(self, peer: bytes, call_id: int, kind: Kind) -> None:
-        self._send_quiet(peer, [pack_header(kind, call_id), b""])
-
-    def _close_soon(self, peer: bytes, call_id: int) -> None:
-        try:  # a finalizer: any thread
-            self.loop.call_soon_threadsafe(self._send_flow_kind, peer, call_id, Kind.CLOSE)
-        except RuntimeError:
-            pass
 
     def _drop(self, sender: bytes, why: str) -> None:
         self.dropped += 1
