@@ -62,7 +62,3 @@ class Registry:
     def rid_of(self, name: bytes) -> bytes | None:
         """The routing id of the connected actor ``name``."""
         return self._by_name.get(name)
-
-    def names(self) -> list[bytes]:
-        """Names of all connected remote actors."""
-        return list(self._by_name)

@@ -39,7 +39,7 @@ __all__ = ["CHAIN", "Endpoint", "public_methods", "resolve_method"]  # the last 
 logger = logging.getLogger("pyisolate.rpc")
 
 #: The call chain the current task or thread serves: (actor that started it, chain id).
-CHAIN: contextvars.ContextVar[tuple[bytes, int] | None] = contextvars.ContextVar("pyisolate_chain", default=None)
+CHAIN: contextvars.ContextVar[tuple[str, int] | None] = contextvars.ContextVar("pyisolate_chain", default=None)
 
 #: Sends ``[header, body, *buffers]`` to an actor.
 Send = Callable[[bytes, list[Any]], None]
@@ -66,7 +66,7 @@ class Endpoint(StreamEndpoint):
         self._methods: dict[str, tuple[Callable[..., Any], int]] = {}
         self.root = root
         self._send = send
-        self._origin = origin or name  # chains this process starts carry this name
+        self._origin = (origin or name).decode()  # chains this process starts carry this name
         self._chain_loops = chain_loops if chain_loops is not None else {}
         self._on_control = on_control
         self._pending: dict[int, tuple[asyncio.Future[Any], bytes]] = {}
@@ -144,7 +144,7 @@ class Endpoint(StreamEndpoint):
         call_id = self._next_id
         try:
             body, buffers = self._encode(target, [list(args), kwargs], origin_loop)
-            header = pack_header(Kind.CALL, call_id, method, ref_id, chain[0].decode(), chain[1])
+            header = pack_header(Kind.CALL, call_id, method, ref_id, chain[0], chain[1])
             if timeout is None:
                 timeout = self.default_timeout
             return await self._request(target, call_id, header, body, buffers, timeout, method)
@@ -162,11 +162,7 @@ class Endpoint(StreamEndpoint):
         slots = self._slots.get(target)
         if slots is None:
             slots = self._slots[target] = asyncio.Semaphore(self.max_in_flight)
-        async with slots:
-            return await self._exchange(target, call_id, header, body, buffers, timeout, method)
-
-    async def _exchange(self, target: bytes, call_id: int, header: bytes, body: bytes, buffers: list[Any],
-                        timeout: float | None, method: str) -> Any:
+        await slots.acquire()
         future: asyncio.Future[Any] = self.loop.create_future()
         self._pending[call_id] = (future, target)
         try:
@@ -192,6 +188,7 @@ class Endpoint(StreamEndpoint):
             raise
         finally:
             self._pending.pop(call_id, None)
+            slots.release()
 
     def emit(self, dest: bytes, name: str, value: object) -> None:
         """Send event ``name`` to ``dest`` without waiting; callable from any thread."""
@@ -374,8 +371,8 @@ class Endpoint(StreamEndpoint):
         except Exception as exc:
             self._reply_error(sender, call_id, exc)
             return
-        chain = (chain_owner.encode(), chain_id)
-        if loop is None and chain[0] == self._origin:
+        chain = (chain_owner, chain_id)
+        if loop is None and chain_owner == self._origin:
             loop = self._chain_loops.get(chain_id)
         invoke = self._invoke(fn, kind, args[0], args[1], chain)
         key = (sender, call_id)
@@ -414,7 +411,7 @@ class Endpoint(StreamEndpoint):
         return target, kind_of(target), export.loop
 
     async def _invoke(self, fn: Callable[..., Any], kind: int, args: list[Any], kwargs: dict[str, Any],
-                      chain: tuple[bytes, int]) -> Any:
+                      chain: tuple[str, int]) -> Any:
         token = CHAIN.set(chain)
         try:
             if kind == ASYNC:

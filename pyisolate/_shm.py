@@ -18,7 +18,6 @@ import itertools
 import mmap
 import os
 import re
-import shutil
 import threading
 import weakref
 from dataclasses import dataclass
@@ -269,7 +268,3 @@ def sweep_dead_sessions() -> None:
         except OSError:
             continue
 
-
-def available() -> bool:
-    """Whether /dev/shm can hold segments here."""
-    return os.path.isdir(SHM_DIR) and os.access(SHM_DIR, os.W_OK) and shutil.disk_usage(SHM_DIR).total > 0
