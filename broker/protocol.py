@@ -35,7 +35,7 @@ __all__ = [
 ]
 
 #: Bumped on any incompatible change to frames, kinds or header fields.
-PROTOCOL_VERSION: Final = 1
+PROTOCOL_VERSION: Final = 2
 
 #: Routing name of the broker itself.
 BROKER: Final = b""
@@ -60,8 +60,8 @@ class Kind(enum.IntEnum):
     READY        (none)                                      {methods: [str, ...]}
     LOAD_FAILED  (none)                                      encoded exception
     CALL         method, ref_id, chain_owner, chain_id       [args, kwargs]
-    RESULT       (none), or "stream"                         encoded value; nothing for a stream
-    ERROR        (none)                                      encoded exception
+    RESULT       (none), or mode ("" or "stream") and acks   encoded value; nothing for a stream
+    ERROR        (none), or "" and acks                      encoded exception
     UNROUTABLE   destination (str), reason (str)             the original header, verbatim
     STOP         (none)                                      empty; answered with RESULT
     RELEASE      ref_id, count                               empty
@@ -97,7 +97,7 @@ class Kind(enum.IntEnum):
     HEARTBEAT = 19
 
 
-_KINDS: Final = frozenset(int(k) for k in Kind)
+_KIND_OF: Final = {int(k): k for k in Kind}
 _packb = msgpack.Packer(use_bin_type=True).pack
 
 
@@ -125,8 +125,8 @@ def unpack_header(frame: bytes) -> tuple[Kind, int, list[object]]:
         not isinstance(fields, list)
         or len(fields) < 2
         or type(fields[0]) is not int
-        or fields[0] not in _KINDS
+        or fields[0] not in _KIND_OF
         or type(fields[1]) is not int
     ):
         raise ValueError(f"malformed header: {fields!r:.200}")
-    return Kind(fields[0]), fields[1], fields[2:]
+    return _KIND_OF[fields[0]], fields[1], fields[2:]

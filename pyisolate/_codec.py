@@ -41,7 +41,7 @@ decoder), _codec_numpy (codes 9, 10), _codec_walk (the slow path), _codec_errors
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from pyisolate import _codec_base
@@ -122,7 +122,7 @@ def encode(value: object, refs: RefHooks | None = None) -> tuple[bytes, list[byt
     st.buffers = buffers  # a fresh list: encode may run inside encode (an arg's __repr__)
     st.refs = refs
     try:
-        if type(value) is bytes or type(value) is bytearray:  # spare packing a big blob twice
+        if _binary_near_top(value):  # spare packing a big blob into the body just to find it there
             value = _walk(value, 0)
         body = _pack(st, value)
         if 0xC4 in body or 0xC5 in body or 0xC6 in body or _may_nest_deeper(body):
@@ -146,6 +146,29 @@ def encode_exception(exc: BaseException) -> tuple[bytes, list[bytes | memoryview
         return encode(exc)
     except EncodeError:  # only if even the reprs cannot travel (nested too deep)
         return encode(RemoteError(_safe_str(exc), remote_type=_type_name(type(exc))))
+
+
+def _big_binary(obj: object) -> bool:
+    t = type(obj)
+    return t is bytearray or (t is bytes and len(obj) >= BUFFER_THRESHOLD)  # type: ignore[arg-type]
+
+
+def _binary_near_top(value: object) -> bool:
+    """Whether a bytearray or large bytes sits within two levels of ``value`` (a call's
+    ``[args, kwargs]`` puts arguments at the second): cheap, and catches the usual blob."""
+    if _big_binary(value):
+        return True
+    for item in _children(value):
+        if _big_binary(item) or any(_big_binary(x) for x in _children(item)):
+            return True
+    return False
+
+
+def _children(value: object) -> Iterable[object]:
+    t = type(value)
+    if t is list or t is tuple:
+        return value  # type: ignore[return-value]
+    return value.values() if t is dict else ()  # type: ignore[attr-defined]
 
 
 def _may_nest_deeper(body: bytes) -> bool:

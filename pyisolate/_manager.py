@@ -234,6 +234,13 @@ class ExtensionManager(Generic[T]):
             raise ConfigError(f"the singleton name {name.decode()!r} is taken by an extension; rename one")
         self._singletons[name] = self._host_actor(name, api())
 
+    def connecting_workers(self) -> int:
+        """Workers spawned that have not said READY yet: each may still open a connection."""
+        return sum(
+            1 for b in self._extensions.values()
+            if isinstance(b, Worker) and b.state is State.STARTING and b.process is not None
+        )
+
     def forget(self, backend: Worker | LocalBackend) -> None:
         if self._extensions.get(backend.name) is backend:
             del self._extensions[backend.name]

@@ -7,26 +7,78 @@ import collections
 import json
 import logging
 import os
+import resource
 import signal
 import sys
 from pathlib import Path
 from typing import Any
 
-__all__ = ["WorkerProcess"]
+from .errors import ExtensionLoadError
+
+__all__ = ["WorkerProcess", "ensure_fd_headroom"]
 
 logger = logging.getLogger(__name__)
 
 #: The child's first code: put the host's runtime (pyisolate, zmq, msgpack) at the END of
 #: sys.path, after the venv's own site-packages, then run the worker. ``-I`` keeps out
-#: PYTHONPATH, user site-packages and the current directory.
+#: PYTHONPATH, user site-packages and the current directory. The cyclic garbage collector
+#: stays off while the runtime imports (its passes over the new modules found nothing but
+#: cost every start-up several ms); the worker turns it on before any extension code runs.
 _BOOTSTRAP = (
-    "import sys; sys.path.append(sys.argv.pop(1)); "
+    "import gc, sys; gc.disable(); sys.path.append(sys.argv.pop(1)); "
     "from pyisolate.workers.__main__ import main; main()"
 )
 # A worker gets a clean environment: these host variables, and those its config names.
 _PASSED = frozenset({"PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TERM", "TMPDIR", "SHELL"})
 _PASSED_PREFIXES = ("LC_", "CUDA_", "NVIDIA_", "OMP_", "MKL_", "OPENBLAS_", "XDG_")
 _TAIL_LINES = 40
+#: What one worker holds open in the host: its stdin and stderr pipes, and the broker's end of
+#: its connection (accepted once it connects).
+_FDS_PER_WORKER = 3
+#: Kept free besides: the pipes of a spawn in progress, the broker, and the application's own.
+_FDS_SPARE = 32
+
+
+def ensure_fd_headroom(name: str, connecting: int) -> None:
+    """Make sure the host can hold one more worker's file descriptors, or refuse clearly.
+
+    Running out is not a clean failure: libzmq aborts the whole host when the broker cannot
+    accept a connection (EMFILE). So before each spawn this counts the descriptors in use,
+    plus one for each of ``connecting`` workers spawned but not yet connected, and raises the
+    soft RLIMIT_NOFILE (doubling it, up to the hard limit) when a worker would not fit.
+
+    Raises:
+        ExtensionLoadError: even the hard limit leaves no room for another worker.
+    """
+    in_use = _fds_in_use()
+    if in_use is None:
+        return  # nothing to count with: the limit stands as it is
+    needed = in_use + connecting + _FDS_PER_WORKER + _FDS_SPARE
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or needed <= soft:
+        return
+    if hard == resource.RLIM_INFINITY or needed <= hard:
+        raised = max(needed, soft * 2)
+        if hard != resource.RLIM_INFINITY:
+            raised = min(raised, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
+        logger.info("raised this process's open-file limit from %d to %d for extension workers", soft, raised)
+        return
+    raise ExtensionLoadError(
+        f"cannot start extension {name!r}: the host has {in_use} file descriptors open and {connecting} "
+        f"workers still connecting, and its limit is {soft} (hard limit {hard}); a worker needs "
+        f"{_FDS_PER_WORKER} and {_FDS_SPARE} are kept spare. Raise the limit (ulimit -n) or load fewer "
+        "extensions",
+        extension=name,
+    )
+
+
+def _fds_in_use() -> int | None:
+    """Open file descriptors of this process, or None where /proc cannot tell."""
+    try:
+        return len(os.listdir("/proc/self/fd")) - 1  # less the listing's own descriptor
+    except OSError:
+        return None
 
 
 class WorkerProcess:

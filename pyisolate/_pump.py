@@ -5,6 +5,12 @@ registers the socket's file descriptor with ``loop.add_reader`` and drains every
 message straight into a callback. ZeroMQ's descriptor is edge-triggered and a send can
 consume the edge, so after each send the pump checks ``EVENTS`` and schedules a drain itself.
 Used by both sides: the broker's ROUTER in the host and the worker's DEALER.
+
+This is the call path's innermost loop, so it talks to pyzmq's compiled socket methods with
+plain int flags: the Python-level wrappers (keyword handling, enum flag arithmetic, a
+``zmq.Again`` exception at the end of every drain) cost more than the send itself for small
+frames. Frames under pyzmq's copy threshold are copied (cheaper than tracking them); larger
+ones are sent zero-copy.
 """
 
 from __future__ import annotations
@@ -12,16 +18,47 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Sequence
-from typing import Any, cast
+from typing import Any
 
 import zmq
 
-__all__ = ["SocketPump"]
+__all__ = ["SocketPump", "recv_frames", "send_frames"]
 
 logger = logging.getLogger(__name__)
 
 #: Messages handled per drain before yielding to other callbacks on the loop.
 _BATCH = 256
+
+_send = zmq.backend.Socket.send  # the compiled methods, without the sugar layer's wrappers
+_recv = zmq.backend.Socket.recv
+_get: Callable[[Any, int], int] = zmq.backend.Socket.get  # type: ignore[assignment]  # ints for these options
+_MORE = int(zmq.SNDMORE | zmq.NOBLOCK)
+_LAST = int(zmq.NOBLOCK)
+_EVENTS = int(zmq.EVENTS)
+_POLLIN = int(zmq.POLLIN)
+_COPY_BELOW = zmq.COPY_THRESHOLD
+
+
+def send_frames(sock: zmq.Socket[Any], frames: Sequence[Any]) -> None:
+    """Send one multipart message without blocking (small frames copied, large ones not)."""
+    last = len(frames) - 1
+    for i, frame in enumerate(frames):
+        copy = type(frame) is bytes and len(frame) < _COPY_BELOW
+        _send(sock, frame, _MORE if i < last else _LAST, copy, False)
+
+
+def recv_frames(sock: zmq.Socket[Any]) -> list[bytes]:
+    """Receive one whole multipart message that is known to be queued.
+
+    Frames come as zmq.Frame objects, whose ``more`` flag is cheaper to read than RCVMORE;
+    each is copied out as bytes at once (what a copying receive would do anyway).
+    """
+    frame = _recv(sock, _LAST, False, False)
+    parts = [frame.bytes]
+    while frame.more:
+        frame = _recv(sock, _LAST, False, False)
+        parts.append(frame.bytes)
+    return parts
 
 
 class SocketPump:
@@ -55,10 +92,10 @@ class SocketPump:
             zmq.ZMQError: EHOSTUNREACH for an unknown peer on a ROUTER_MANDATORY socket.
         """
         try:
-            self._sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
+            send_frames(self._sock, frames)
         finally:
             # A send processes pending socket commands and can swallow the read edge.
-            if not self._scheduled and cast(int, self._sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+            if not self._scheduled and _get(self._sock, _EVENTS) & _POLLIN:
                 self._schedule()
 
     def close(self) -> None:
@@ -79,14 +116,14 @@ class SocketPump:
         self._scheduled = False
         if self._closed:
             return
-        recv = self._sock.recv_multipart
+        sock = self._sock
         for _ in range(_BATCH):
             try:
-                frames = recv(zmq.NOBLOCK)
-            except zmq.Again:
-                return
+                if not _get(sock, _EVENTS) & _POLLIN:
+                    return
+                frames = recv_frames(sock)
             except zmq.ZMQError as exc:
-                if self._closed or exc.errno == zmq.ENOTSOCK:
+                if self._closed or exc.errno in (zmq.ENOTSOCK, zmq.EAGAIN):
                     return
                 raise
             try:

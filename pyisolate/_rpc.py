@@ -15,6 +15,7 @@ in two threads each get their own chains back.
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import contextvars
 import functools
@@ -29,12 +30,15 @@ from pyisolate.broker.protocol import Kind, pack_header, unpack_header
 from . import _shm
 from ._codec import DecodeError, decode, encode, encode_exception
 from ._refs import FLAG_ACTOR, FLAG_ASYNC, ActorProxy, ExportTable, RefProxy, is_async_callable
-from ._dispatch import ASYNC, GEN, call_fields, kind_of, public_methods, resolve_method
+from ._dispatch import ASYNC, GEN, PLAIN, call_fields, kind_of, public_methods, resolve_method
 from ._rpc_streams import StreamEndpoint
 from ._streams import Producer, RemoteStream
 from .errors import CallTimeoutError, EncodeError, ProtocolError, UnroutableError
 
 __all__ = ["CHAIN", "Endpoint", "public_methods", "resolve_method"]  # the last two: re-exported
+
+#: Segment names per ACK (or answer) header: MAX_HEADER_BYTES holds this many with room to spare.
+_ACKS_PER_HEADER = 64
 
 logger = logging.getLogger("pyisolate.rpc")
 
@@ -75,7 +79,6 @@ class Endpoint(StreamEndpoint):
         self._proxies: dict[tuple[bytes, int], weakref.ref[RefProxy]] = {}
         self._producers: dict[tuple[bytes, int], Producer] = {}
         self._streams: weakref.WeakValueDictionary[tuple[bytes, int], RemoteStream] = weakref.WeakValueDictionary()
-        self._tasks: set[asyncio.Task[Any]] = set()
         self._executor = concurrent.futures.ThreadPoolExecutor(thread_name_prefix=f"pyisolate-{name.decode()}")
         self.host_actors: frozenset[bytes] = frozenset()  # worker: actors living in the host
         self.shm_dest = b""
@@ -93,9 +96,12 @@ class Endpoint(StreamEndpoint):
         # Backpressure: calls in flight per target are capped below the socket's high-water
         # mark; callers beyond the cap wait here, so nothing is queued without bound or dropped.
         self.max_in_flight = 512
-        self._slots: dict[bytes, asyncio.Semaphore] = {}
+        self._in_flight: dict[bytes, int] = {}
+        self._slot_waiters: dict[bytes, collections.deque[asyncio.Future[None]]] = {}
         self.answers_heartbeats = True
         self._serving: dict[tuple[bytes, int], asyncio.Task[Any] | concurrent.futures.Future[Any]] = {}
+        # Segments received in a CALL, acknowledged with its answer (no ACK message of their own).
+        self._call_acks: dict[tuple[bytes, int], list[str]] = {}
 
     @property
     def root(self) -> object:
@@ -159,10 +165,9 @@ class Endpoint(StreamEndpoint):
 
     async def _request(self, target: bytes, call_id: int, header: bytes, body: bytes, buffers: list[Any],
                        timeout: float | None = None, method: str = "") -> Any:
-        slots = self._slots.get(target)
-        if slots is None:
-            slots = self._slots[target] = asyncio.Semaphore(self.max_in_flight)
-        await slots.acquire()
+        if self._in_flight.get(target, 0) >= self.max_in_flight:
+            await self._wait_for_slot(target)
+        self._in_flight[target] = self._in_flight.get(target, 0) + 1
         future: asyncio.Future[Any] = self.loop.create_future()
         self._pending[call_id] = (future, target)
         try:
@@ -188,7 +193,30 @@ class Endpoint(StreamEndpoint):
             raise
         finally:
             self._pending.pop(call_id, None)
-            slots.release()
+            self._in_flight[target] -= 1
+            waiters = self._slot_waiters.get(target)
+            while waiters:
+                waiter = waiters.popleft()
+                if not waiter.done():
+                    waiter.set_result(None)
+                    break
+
+    async def _wait_for_slot(self, target: bytes) -> None:
+        """Wait (first come, first served) until fewer than max_in_flight calls to target are open."""
+        waiters = self._slot_waiters.setdefault(target, collections.deque())
+        while self._in_flight.get(target, 0) >= self.max_in_flight:
+            waiter = self.loop.create_future()
+            waiters.append(waiter)
+            try:
+                await waiter
+            except asyncio.CancelledError:
+                if waiter.done() and not waiter.cancelled():  # woken and cancelled: wake the next one
+                    while waiters:
+                        other = waiters.popleft()
+                        if not other.done():
+                            other.set_result(None)
+                            break
+                raise
 
     def emit(self, dest: bytes, name: str, value: object) -> None:
         """Send event ``name`` to ``dest`` without waiting; callable from any thread."""
@@ -223,15 +251,18 @@ class Endpoint(StreamEndpoint):
             if owner == peer:
                 producer.close()
         self.exports.drop_receiver(peer)
+        for key in [k for k in self._call_acks if k[0] == peer]:
+            del self._call_acks[key]
         _shm.drop_peer(peer)
 
     async def aclose(self) -> None:
         """Cancel what is still being served and release the thread pool; idempotent."""
-        for task in list(self._tasks):
+        tasks = [t for t in self._serving.values() if isinstance(t, asyncio.Task)]
+        for task in tasks:
             task.cancel()
         for producer in list(self._producers.values()):
             producer.close()
-        pending = [*self._tasks, *(p.task for p in self._producers.values())]
+        pending = [*tasks, *(p.task for p in self._producers.values())]
         if pending:
             await asyncio.gather(*pending, return_exceptions=True)
         self._executor.shutdown(wait=False, cancel_futures=True)
@@ -269,17 +300,33 @@ class Endpoint(StreamEndpoint):
             self._enc_seen[id(obj)] = ref
         return ref
 
-    def _decode(self, body: bytes, buffers: list[bytes], sender: bytes) -> object:
+    def _decode(self, body: bytes, buffers: list[bytes], sender: bytes, acks: list[str] | None = None) -> object:
+        """Decode a message from ``sender``. Shared-memory segments it names are acknowledged at
+        once with ACK, or, given ``acks`` (a CALL's), collected there to travel with the answer."""
         self._dec_seen = set()
         self.shm_sender = sender.decode()
         self.shm_sender_in_host = sender in self.host_actors
-        acks: list[str] = []
-        self.shm_acks = acks
+        received: list[str] = [] if acks is None else acks
+        self.shm_acks = received
         try:
             return decode(body, buffers, self)
         finally:
-            if acks:  # we hold our own names for these segments now: the sender may unpin
-                self._send_quiet(sender, [pack_header(Kind.ACK, 0, acks), b""])
+            if received and acks is None:  # we hold our own names for these segments now: unpin
+                self._send_acks(sender, received)
+
+    def _send_acks(self, dest: bytes, names: list[str]) -> None:
+        for i in range(0, len(names), _ACKS_PER_HEADER):  # headers are small by rule
+            self._send_quiet(dest, [pack_header(Kind.ACK, 0, names[i:i + _ACKS_PER_HEADER]), b""])
+
+    def _answer_header(self, kind: Kind, sender: bytes, call_id: int, mode: str = "") -> bytes:
+        """The header of a CALL's answer, carrying the acknowledgement of what the CALL shared."""
+        acks = self._call_acks.pop((sender, call_id), None)
+        if acks is None:
+            return pack_header(kind, call_id, mode) if mode else pack_header(kind, call_id)
+        if len(acks) > _ACKS_PER_HEADER:
+            self._send_acks(sender, acks)
+            return pack_header(kind, call_id, mode) if mode else pack_header(kind, call_id)
+        return pack_header(kind, call_id, mode, acks)
 
     def resolve(self, owner: str, ref_id: int, flags: int) -> object:
         name = owner.encode()
@@ -342,9 +389,12 @@ class Endpoint(StreamEndpoint):
             case Kind.CREDIT | Kind.CLOSE:
                 self._on_flow(sender, kind, call_id, extra)
             case Kind.CANCEL:
-                served = self._serving.get((sender, call_id))
+                served = self._serving.pop((sender, call_id), None)
                 if served is not None:
-                    served.cancel()
+                    served.cancel()  # a task cancelled before its first step never answers: no matter
+                acks = self._call_acks.pop((sender, call_id), None)
+                if acks:
+                    self._send_acks(sender, acks)
             case Kind.HEARTBEAT if self.answers_heartbeats:
                 self._send_quiet(sender, [pack_header(Kind.HEARTBEAT, call_id), b""])
             case Kind.ACK:
@@ -361,12 +411,18 @@ class Endpoint(StreamEndpoint):
                 self._drop(sender, f"unexpected {kind.name}")
 
     def _on_call(self, sender: bytes, call_id: int, extra: list[object], body: bytes, buffers: list[bytes]) -> None:
+        acks: list[str] = []
+        key = (sender, call_id)
         try:
             method, ref_id, chain_owner, chain_id = call_fields(extra)
             fn, kind, loop = self._target(method, ref_id, sender)
-            args = self._decode(body, buffers, sender)
-            if not (isinstance(args, list) and len(args) == 2 and isinstance(args[0], list)
-                    and isinstance(args[1], dict) and all(isinstance(k, str) for k in args[1])):
+            try:
+                args = self._decode(body, buffers, sender, acks)
+            finally:
+                if acks:
+                    self._call_acks[key] = acks
+            if not (type(args) is list and len(args) == 2 and type(args[0]) is list
+                    and type(args[1]) is dict and all(type(k) is str for k in args[1])):
                 raise DecodeError("call body must be [args, kwargs]")
         except Exception as exc:
             self._reply_error(sender, call_id, exc)
@@ -374,14 +430,17 @@ class Endpoint(StreamEndpoint):
         chain = (chain_owner, chain_id)
         if loop is None and chain_owner == self._origin:
             loop = self._chain_loops.get(chain_id)
-        invoke = self._invoke(fn, kind, args[0], args[1], chain)
-        key = (sender, call_id)
         if loop is None or loop is self.loop:
-            task = self.loop.create_task(self._serve(sender, call_id, invoke))
-            self._tasks.add(task)
-            self._serving[key] = task
-            task.add_done_callback(functools.partial(self._served, key))
+            if kind == PLAIN:  # straight to the thread pool; the thread hands the result back
+                context = contextvars.copy_context()
+                context.run(CHAIN.set, chain)
+                self._serving[key] = self._executor.submit(
+                    self._run_plain, sender, call_id, context, fn, args[0], args[1])
+            else:
+                self._serving[key] = self.loop.create_task(
+                    self._serve(sender, call_id, fn, kind, args[0], args[1], chain))
             return
+        invoke = self._invoke(fn, kind, args[0], args[1], chain)
         try:
             future = asyncio.run_coroutine_threadsafe(invoke, loop)
         except RuntimeError as exc:  # that loop is closed
@@ -418,28 +477,63 @@ class Endpoint(StreamEndpoint):
                 return await fn(*args, **kwargs)
             if kind == GEN:
                 return fn(*args, **kwargs)
-            context = contextvars.copy_context()  # the chain follows the call into the thread
-            loop = asyncio.get_running_loop()
-            result = await loop.run_in_executor(self._executor, functools.partial(context.run, fn, *args, **kwargs))
-            if inspect.isawaitable(result):
-                result = await result
-            return result
+            return await self._in_thread(fn, args, kwargs)
         finally:
             CHAIN.reset(token)
 
-    async def _serve(self, sender: bytes, call_id: int, invoke: Any) -> None:
+    async def _in_thread(self, fn: Callable[..., Any], args: list[Any], kwargs: dict[str, Any]) -> Any:
+        """Run a plain callable in the thread pool, with the current context (the chain)."""
+        context = contextvars.copy_context()
+        loop = asyncio.get_running_loop()
+        result = await loop.run_in_executor(self._executor, functools.partial(context.run, fn, *args, **kwargs))
+        if inspect.isawaitable(result):
+            result = await result
+        return result
+
+    def _run_plain(self, sender: bytes, call_id: int, context: contextvars.Context, fn: Callable[..., Any],
+                   args: list[Any], kwargs: dict[str, Any]) -> None:
+        """In a pool thread: run a plain method and hand its outcome to the loop to answer."""
         try:
-            result = await invoke
+            result, error = context.run(fn, *args, **kwargs), None
+        except BaseException as exc:  # answered on the loop, like any error
+            result, error = None, exc
+        try:
+            self.loop.call_soon_threadsafe(self._plain_done, sender, call_id, context, result, error)
+        except RuntimeError:  # the loop is closed: the worker is going away
+            pass
+
+    def _plain_done(self, sender: bytes, call_id: int, context: contextvars.Context, result: object,
+                    error: BaseException | None) -> None:
+        key = (sender, call_id)
+        if error is None and inspect.isawaitable(result):  # a plain method that returned a coroutine
+            self._serving[key] = self.loop.create_task(
+                self._serve(sender, call_id, lambda: result, ASYNC, [], {}, context.run(CHAIN.get) or ("", 0)))
+            return
+        self._serving.pop(key, None)
+        if error is not None:
+            self._reply_error(sender, call_id, error)
+        else:
+            self._reply(sender, call_id, result)
+
+    async def _serve(self, sender: bytes, call_id: int, fn: Callable[..., Any], kind: int, args: list[Any],
+                     kwargs: dict[str, Any], chain: tuple[str, int]) -> None:
+        """Run one call on this endpoint's loop (a task of its own) and answer it."""
+        CHAIN.set(chain)  # the task runs in a copy of the context: nothing to reset
+        try:
+            if kind == ASYNC:
+                result = await fn(*args, **kwargs)
+            elif kind == GEN:
+                result = fn(*args, **kwargs)
+            else:
+                result = await self._in_thread(fn, args, kwargs)
         except BaseException as exc:
+            self._serving.pop((sender, call_id), None)
             self._reply_error(sender, call_id, exc)
             if not isinstance(exc, Exception):
                 raise
             return
+        self._serving.pop((sender, call_id), None)
         self._reply(sender, call_id, result)
-
-    def _served(self, key: tuple[bytes, int], task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
-        self._serving.pop(key, None)
 
     def _reply_future(self, sender: bytes, call_id: int, future: concurrent.futures.Future[Any]) -> None:
         self._serving.pop((sender, call_id), None)
@@ -459,11 +553,11 @@ class Endpoint(StreamEndpoint):
         except Exception as exc:
             self._reply_error(sender, call_id, exc)
             return
-        self._send_quiet(sender, [pack_header(Kind.RESULT, call_id), body, *buffers])
+        self._send_quiet(sender, [self._answer_header(Kind.RESULT, sender, call_id), body, *buffers])
 
     def _reply_error(self, sender: bytes, call_id: int, exc: BaseException) -> None:
         body, buffers = encode_exception(exc)
-        self._send_quiet(sender, [pack_header(Kind.ERROR, call_id), body, *buffers])
+        self._send_quiet(sender, [self._answer_header(Kind.ERROR, sender, call_id), body, *buffers])
 
     def _send_quiet(self, dest: bytes, frames: list[Any]) -> None:
         try:
@@ -473,6 +567,8 @@ class Endpoint(StreamEndpoint):
 
     def _on_answer(self, sender: bytes, kind: Kind, call_id: int, extra: list[object],
                    body: bytes, buffers: list[bytes]) -> None:
+        if len(extra) == 2 and type(extra[1]) is list:  # the acknowledgement of what our CALL shared
+            _shm.unpin(sender, extra[1])
         if kind is Kind.ERROR and (stream := self._streams.get((sender, call_id))) is not None:
             stream.end(self._decode_error(sender, body, buffers))  # the stream's generator raised
             return
@@ -487,7 +583,7 @@ class Endpoint(StreamEndpoint):
             return
         if kind is Kind.ERROR:
             future.set_exception(self._decode_error(sender, body, buffers))
-        elif extra == ["stream"]:
+        elif extra and extra[0] == "stream":
             stream = RemoteStream(
                 functools.partial(self._send_flow, sender, call_id),
                 functools.partial(self._close_soon, sender, call_id),

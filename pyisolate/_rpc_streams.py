@@ -29,6 +29,7 @@ class StreamEndpoint:
         def _decode(self, body: bytes, buffers: list[bytes], sender: bytes) -> object: ...
         def _send_quiet(self, dest: bytes, frames: list[Any]) -> None: ...
         def _reply_error(self, sender: bytes, call_id: int, exc: BaseException) -> None: ...
+        def _answer_header(self, kind: Kind, sender: bytes, call_id: int, mode: str = "") -> bytes: ...
 
 
     def _start_stream(self, peer: bytes, call_id: int, agen: Any) -> None:
@@ -47,7 +48,7 @@ class StreamEndpoint:
             self.loop,
             functools.partial(self._producers.pop, key, None),  # type: ignore[arg-type]
         )
-        self._send_quiet(peer, [pack_header(Kind.RESULT, call_id, "stream"), b""])
+        self._send_quiet(peer, [self._answer_header(Kind.RESULT, peer, call_id, "stream"), b""])
 
     def _on_item(self, sender: bytes, kind: Kind, call_id: int, body: bytes, buffers: list[bytes]) -> None:
         stream = self._streams.get((sender, call_id))

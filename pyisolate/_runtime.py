@@ -17,7 +17,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-__all__ = ["runtime_dir"]
+__all__ = ["cached_runtime_dir", "runtime_dir"]
 
 _log = logging.getLogger(__name__)
 
@@ -44,11 +44,7 @@ def runtime_dir(venv_root: Path, share_torch: bool = False) -> Path:
         RuntimeError: a runtime package cannot be located in the host.
         OSError: the directory could not be written.
     """
-    links = _runtime_links()
-    if share_torch:
-        known = {name for name, _ in links}
-        links += [(path.name, str(path)) for path in torch_family() if path.name not in known]
-    digest = hashlib.sha256(json.dumps([_LAYOUT_VERSION, links]).encode()).hexdigest()[:16]
+    links, digest = _links(share_torch)
     parent = Path(venv_root).absolute() / ".runtime"
     final = parent / digest
     if final.is_dir():
@@ -68,6 +64,53 @@ def runtime_dir(venv_root: Path, share_torch: bool = False) -> Path:
         raise
     _log.debug("built runtime directory %s", final)
     return final
+
+
+def cached_runtime_dir(venv_root: Path, share_torch: bool = False) -> Path | None:
+    """Return ``runtime_dir(venv_root, share_torch)`` if that costs no metadata scan, else None.
+
+    It answers once this process has computed the links (its first ``runtime_dir`` call), while
+    the pyisolate package's listing is unchanged and the directory exists: two stats, cheap
+    enough for the event loop. A worker's start asks this first and runs ``runtime_dir`` in a
+    thread only when it answers None.
+    """
+    known = _known.get(share_torch)
+    if known is None or known[0] != _listing_stamp():
+        return None
+    final = Path(venv_root).absolute() / ".runtime" / known[2]
+    return final if final.is_dir() else None
+
+
+#: share_torch -> (listing stamp, links, digest), computed once per process and listing.
+_known: dict[bool, tuple[tuple[str, int], list[tuple[str, str]], str]] = {}
+
+
+def _listing_stamp() -> tuple[str, int]:
+    """Where pyisolate is, and when its listing last changed.
+
+    An editable install links each entry of the package, so a module added to it needs new links.
+    """
+    package = _package_dir("pyisolate")
+    return str(package), os.stat(package).st_mtime_ns
+
+
+def _links(share_torch: bool) -> tuple[list[tuple[str, str]], str]:
+    """Return the runtime's links and their digest, scanning the metadata once per listing.
+
+    The runtime packages and torch's family do not change under a running host; only an
+    editable install's listing can (see _listing_stamp).
+    """
+    stamp = _listing_stamp()
+    known = _known.get(share_torch)
+    if known is not None and known[0] == stamp:
+        return known[1], known[2]
+    links = _runtime_links()
+    if share_torch:
+        names = {name for name, _ in links}
+        links += [(path.name, str(path)) for path in torch_family() if path.name not in names]
+    digest = hashlib.sha256(json.dumps([_LAYOUT_VERSION, links]).encode()).hexdigest()[:16]
+    _known[share_torch] = (stamp, links, digest)
+    return links, digest
 
 
 def _runtime_links() -> list[tuple[str, str]]:

@@ -50,6 +50,10 @@ class Segment:
 _Entry = tuple[str, int, tuple[int, int], "weakref.ref[mmap.mmap]"]
 _by_inode: dict[tuple[int, int], _Entry] = {}
 _by_address: dict[int, _Entry] = {}
+# Sender's name -> our mapping of that segment, so a segment received again costs no syscalls.
+# Safe against a sender that replaces its file: we keep mapping our own link, of known size.
+_by_sender_name: dict[str, _Entry] = {}
+_sender_names: dict[str, set[str]] = {}  # our name -> the senders' names it is known by
 @dataclass(eq=False)
 class _Pin:
     segment: Segment
@@ -124,6 +128,9 @@ def _forget(name: str, inode: tuple[int, int], address: int) -> None:
             del _by_inode[inode]
         if (entry := _by_address.get(address)) is not None and entry[0] == name:
             del _by_address[address]
+        for sender_name in _sender_names.pop(name, ()):
+            if (entry := _by_sender_name.get(sender_name)) is not None and entry[0] == name:
+                del _by_sender_name[sender_name]
     try:
         os.unlink(os.path.join(SHM_DIR, name))
     except FileNotFoundError:
@@ -149,6 +156,11 @@ def find(address: int) -> Segment | None:
     return _live(_by_address.get(address))
 
 
+def _remember(sender_name: str, entry: _Entry) -> None:
+    _by_sender_name[sender_name] = entry
+    _sender_names.setdefault(entry[0], set()).add(sender_name)
+
+
 class RefusedHandle(ValueError):
     """A received handle names a segment the sender may not share, or lies about its size."""
 
@@ -169,6 +181,10 @@ def receive(name: object, sender: str, needed: int, sender_in_host: bool = False
     owner = match.group(2)
     if owner != sender and not (owner == "host" and sender_in_host):
         raise RefusedHandle(f"segment {name!r} was not shared by {sender!r}")
+    with _lock:
+        known = _live(_by_sender_name.get(name))
+    if known is not None and needed <= known.size:
+        return known
     try:
         fd = os.open(os.path.join(SHM_DIR, name), os.O_RDWR | os.O_NOFOLLOW)
     except OSError as exc:
@@ -178,16 +194,22 @@ def receive(name: object, sender: str, needed: int, sender_in_host: bool = False
         if stat.st_size < needed or needed < 0:
             raise RefusedHandle(f"segment {name!r} holds {stat.st_size} bytes, the handle needs {needed}")
         with _lock:
-            known = _live(_by_inode.get((stat.st_dev, stat.st_ino)))
+            entry = _by_inode.get((stat.st_dev, stat.st_ino))
+            known = _live(entry)
+            if known is not None and entry is not None:
+                _remember(name, entry)
         if known is not None:
             return known  # we map it already: reuse
         own = _new_name()
         os.link(os.path.join(SHM_DIR, name), os.path.join(SHM_DIR, own))
         try:
-            return _register(own, fd, stat.st_size)
+            segment = _register(own, fd, stat.st_size)
         except BaseException:
             os.unlink(os.path.join(SHM_DIR, own))
             raise
+        with _lock:
+            _remember(name, _by_inode[segment.inode])
+        return segment
     finally:
         os.close(fd)
 

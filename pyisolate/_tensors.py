@@ -82,7 +82,7 @@ def decode_tensor(fields: list[Any], sender: str, sender_in_host: bool, acks: li
             and type(offset) is int and offset >= 0 and type(requires_grad) is bool):
         raise DecodeError("malformed tensor shape, stride or offset")
     extent = 0 if 0 in shape else 1 + sum((n - 1) * s for n, s in zip(shape, stride))
-    needed = (offset + extent) * torch.empty(0, dtype=dtype).element_size()
+    needed = (offset + extent) * dtype.itemsize
     if device == "cuda":
         tensor = _open_cuda(torch, handle, dtype, shape, stride, offset)
     elif handle is None:
@@ -114,7 +114,7 @@ def _open_cuda(torch: Any, handle: object, dtype: Any, shape: list[int], stride:
     device, ipc, size, storage_offset, ref_handle, ref_offset, event, event_sync = handle
     if not (type(device) is int and type(size) is int and type(storage_offset) is int and type(ref_offset) is int):
         raise DecodeError("malformed CUDA IPC handle")
-    item = torch.empty(0, dtype=dtype).element_size()
+    item = dtype.itemsize
     extent = 0 if 0 in shape else 1 + sum((n - 1) * s for n, s in zip(shape, stride))
     if (offset + extent) * item > size:  # checked before anything is opened
         raise DecodeError("CUDA tensor handle reaches past its storage")

@@ -98,6 +98,12 @@ def _uv_version() -> str:
     return importlib.metadata.version("uv")
 
 
+@functools.cache
+def _python() -> str:
+    # The running interpreter does not change; resolving its symlinks costs a stat per component.
+    return os.path.realpath(sys.executable)
+
+
 def validate_extension_name(name: str) -> str:
     """Check that an extension name is safe as an actor name and as a directory name.
 
@@ -213,7 +219,7 @@ def _fingerprint(dependencies: Sequence[str], *, share_torch: bool) -> str:
         "dependencies": list(dependencies),
         "share_torch": share_torch,
         "python_version": sys.version,
-        "python": os.path.realpath(sys.executable),
+        "python": _python(),
         "uv": _uv_version(),
         "env": {key: os.environ.get(key) for key in _CONTENT_ENV_VARS},
     }

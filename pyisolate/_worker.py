@@ -16,8 +16,8 @@ from pyisolate.workers.loader import class_spec
 from . import _shm, _venv
 from ._codec import DecodeError, decode_exception
 from ._config import ExtensionConfig
-from ._process import WorkerProcess
-from ._runtime import runtime_dir
+from ._process import WorkerProcess, ensure_fd_headroom
+from ._runtime import cached_runtime_dir, runtime_dir
 from .errors import (
     ExtensionClosedError,
     ExtensionCrashedError,
@@ -122,7 +122,10 @@ class Worker:
                 allow_direct_references=config.allow_direct_references,
                 progress=manager.config.on_progress,
             )
-            runtime = await asyncio.to_thread(runtime_dir, manager.config.venv_root, config.share_torch)
+            runtime = cached_runtime_dir(manager.config.venv_root, config.share_torch)
+            if runtime is None:  # a metadata scan, maybe symlinks to write: not on the loop
+                runtime = await asyncio.to_thread(runtime_dir, manager.config.venv_root, config.share_torch)
+            ensure_fd_headroom(self.name, manager.connecting_workers())
             secret = secrets.token_bytes(32)
             manager.broker.registry.expect(self.bname, secret)
             started = time.monotonic()

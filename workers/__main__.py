@@ -9,6 +9,7 @@ code (manager, venv builder).
 from __future__ import annotations
 
 import asyncio
+import gc
 import inspect
 import json
 import logging
@@ -55,6 +56,7 @@ async def _serve(boot: dict[str, Any]) -> int:
     from .connection import Connection, HandshakeError
     from .loader import import_class, load_extension
 
+    gc.enable()  # the bootstrap paused it for the runtime's imports; extension code runs with it on
     loop = asyncio.get_running_loop()
     conn = Connection(boot["endpoint"])
     finished = asyncio.Event()

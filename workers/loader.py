@@ -8,10 +8,10 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import keyword
+import os
 import re
 import sys
 import types
-from pathlib import Path
 from typing import Any, TypeVar
 
 from pyisolate._base import ExtensionBase
@@ -19,6 +19,10 @@ from pyisolate._base import ExtensionBase
 __all__ = ["ClassSpec", "class_spec", "import_class", "import_module_path", "load_extension"]
 
 T = TypeVar("T")
+
+#: A path as callers give it. (os.path, not pathlib: pathlib would cost every worker's start-up
+#: an import it otherwise never needs.)
+StrPath = str | os.PathLike[str]
 
 #: How the host names a class the worker must import: module, qualname and source file.
 ClassSpec = dict[str, str]
@@ -48,7 +52,7 @@ def import_class(spec: ClassSpec, base: type[T] = ExtensionBase) -> type[T]:  # 
     if module is None:
         if name == "__main__":  # the host's script: import it under another name
             name = "__pyisolate_host_main__"
-        module = _exec_file(name, Path(spec["file"]))
+        module = _exec_file(name, spec["file"])
     obj: Any = module
     for part in spec["qualname"].split("."):
         obj = getattr(obj, part)
@@ -57,16 +61,17 @@ def import_class(spec: ClassSpec, base: type[T] = ExtensionBase) -> type[T]:  # 
     return obj
 
 
-def import_module_path(module_path: str | Path) -> types.ModuleType:
+def import_module_path(module_path: StrPath) -> types.ModuleType:
     """Import the extension at ``module_path``: a package directory or a ``.py`` file."""
-    path = Path(module_path).resolve()
-    if path.is_dir():
-        init = path / "__init__.py"
-        if not init.is_file():
+    path = os.path.realpath(module_path)
+    if os.path.isdir(path):
+        init = os.path.join(path, "__init__.py")
+        if not os.path.isfile(init):
             raise ImportError(f"extension directory {path} has no __init__.py")
-        return _exec_file(_module_name(path.name), init, package_dir=path)
-    if path.suffix == ".py" and path.is_file():
-        return _exec_file(_module_name(path.stem), path)
+        return _exec_file(_module_name(os.path.basename(path)), init, package_dir=path)
+    stem, suffix = os.path.splitext(os.path.basename(path))
+    if suffix == ".py" and os.path.isfile(path):
+        return _exec_file(_module_name(stem), path)
     raise ImportError(f"extension module path {path} is neither a package directory nor a .py file")
 
 
@@ -81,8 +86,8 @@ def _module_name(stem: str) -> str:
     return f"pyisolate_extension_{name}" if taken else name
 
 
-def _exec_file(name: str, file: Path, package_dir: Path | None = None) -> types.ModuleType:
-    locations = [str(package_dir)] if package_dir is not None else None
+def _exec_file(name: str, file: StrPath, package_dir: str | None = None) -> types.ModuleType:
+    locations = [package_dir] if package_dir is not None else None
     spec = importlib.util.spec_from_file_location(name, file, submodule_search_locations=locations)
     if spec is None or spec.loader is None:
         raise ImportError(f"cannot import {file}")
@@ -138,7 +143,7 @@ async def _maybe_await(value: object) -> None:
         await value
 
 
-async def load_extension(module_path: str | Path, base: type[ExtensionBase]) -> ExtensionBase:
+async def load_extension(module_path: StrPath, base: type[ExtensionBase]) -> ExtensionBase:
     """Import the extension and run its hooks in the documented order (see ExtensionBase)."""
     instance: ExtensionBase = base()
     await _maybe_await(instance.before_module_loaded())

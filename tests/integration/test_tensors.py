@@ -105,6 +105,22 @@ async def test_passing_a_shared_tensor_again_is_metadata_only(manager):
     assert our_segments("host") == before
 
 
+async def test_a_calls_answer_acknowledges_the_tensors_it_received(manager):
+    t = await load(manager)
+    x = torch.ones(1024)
+    for _ in range(50):  # no ACK message of its own: the RESULT header carries it
+        assert await t.describe(x) == ["torch.float32", [1024], [1], 0, False]
+        assert _shm.pinned() == 0
+    with pytest.raises(TypeError):
+        await t.fill(x, "not a number")  # raises in the extension: the ERROR acknowledges too
+    assert _shm.pinned() == 0
+    many = [torch.full((4,), float(i)) for i in range(150)]  # more names than one header carries
+    assert await t.nbytes(many) == 150  # overflow acknowledged by ACK messages sent before the answer
+    assert _shm.pinned() == 0
+    del many, x  # their segments go now, not whenever this test's frame is collected
+    gc.collect()
+
+
 async def test_ten_thousand_sends_leave_nothing_behind(manager):
     t = await load(manager)
     baseline = our_segments()

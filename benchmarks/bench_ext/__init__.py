@@ -1,0 +1,74 @@
+"""The extension the benchmark suite loads: trivial methods, so the figures are the transport's.
+
+The ``*_loop`` methods time calls made *from* the extension (to the host's singleton or to
+another extension) and return the per-call samples in microseconds.
+"""
+
+import asyncio
+import time
+
+import pyisolate
+from bench_api import BenchService
+from pyisolate import ExtensionBase
+
+
+class Bench(ExtensionBase):
+    async def aecho(self, value):
+        return value
+
+    def echo(self, value):
+        return value
+
+    async def nbytes(self, data):
+        return len(data)
+
+    async def describe(self, tensor):
+        return tensor.numel()
+
+    async def same(self, value):
+        return value
+
+    async def keep(self, tensor):
+        self.kept = tensor  # hold it: later calls return an already-shared tensor
+        return None if tensor is None else tensor.numel()
+
+    async def kept_tensor(self):
+        return self.kept
+
+    async def singleton_loop(self, count, warmup):
+        return await _time(BenchService().echo, count, warmup)
+
+    async def peer_loop(self, peer, count, warmup):
+        return await _time(pyisolate.get_actor(peer).aecho, count, warmup)
+
+    async def peer_throughput(self, peer, in_flight, total):
+        target = pyisolate.get_actor(peer).aecho
+        return await _throughput(target, in_flight, total)
+
+    async def singleton_throughput(self, in_flight, total):
+        return await _throughput(BenchService().echo, in_flight, total)
+
+
+async def _time(call, count, warmup):
+    for _ in range(warmup):
+        await call(1)
+    samples = []
+    clock = time.perf_counter
+    for _ in range(count):
+        start = clock()
+        await call(1)
+        samples.append((clock() - start) * 1e6)
+    return samples
+
+
+async def _throughput(call, in_flight, total):
+    per_task = total // in_flight
+
+    async def worker():
+        for _ in range(per_task):
+            await call(1)
+
+    await asyncio.gather(*(worker() for _ in range(in_flight)))  # warm-up round
+    start = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(in_flight)))
+    return per_task * in_flight / (time.perf_counter() - start)

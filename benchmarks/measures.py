@@ -1,0 +1,234 @@
+"""pyisolate's figures, each taken next to its floor in the same run.
+
+Latencies are measured in rounds: every contender (floors and pyisolate paths) runs one
+block of calls per round, in turn, so a burst of load on this shared machine hits them all
+alike. Medians and p99 are over all blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import bench_api
+
+import floors
+import pyisolate
+from common import BENCH_EXT, Result, median_p99, size_label, time_calls
+
+IN_FLIGHT = 64
+
+
+class Setup:
+    """The manager, the extensions and the floors the call measures share."""
+
+    def __init__(self, work: Path, quick: bool) -> None:
+        self.work = work
+        self.quick = quick
+        self.manager: pyisolate.ExtensionManager | None = None
+        self.exts: dict[str, Any] = {}
+        self.direct = floors.DirectFloor("asyncio")
+        self.bare = floors.DirectFloor("bare")
+        self.relay = floors.RelayFloor()
+
+    async def __aenter__(self) -> Setup:
+        config = pyisolate.ExtensionManagerConfig(venv_root_path=self.work / "venvs")
+        self.manager = pyisolate.ExtensionManager(pyisolate.ExtensionBase, config)
+        try:
+            for name in ("bench", "bench2"):
+                self.exts[name] = await self.manager.load_extension(pyisolate.ExtensionConfig(
+                    name=name, module_path=BENCH_EXT, apis=[bench_api.BenchService]))
+            await self.direct.start()
+            await self.bare.start()
+            await self.relay.start()
+        except BaseException:
+            await self.__aexit__()
+            raise
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        for floor in (self.direct, self.bare):
+            if floor.proc is not None:
+                await floor.close()
+        if hasattr(self.relay, "relay"):
+            await self.relay.close()
+        if self.manager is not None:
+            await self.manager.stop_all()
+
+
+async def small_calls(s: Setup, count: int, rounds: int) -> list[Result]:
+    """Small-call latency: host->ext (async and plain methods), from a sync thread,
+    ext->singleton, ext->ext, against the direct, bare, relay and pipe floors."""
+    bench = s.exts["bench"]
+    sync_bench = pyisolate.sync(bench)
+    block = max(10, count // rounds)
+    samples: dict[str, list[float]] = {}
+
+    def from_thread() -> list[float]:
+        for _ in range(20):
+            sync_bench.aecho(1)
+        out = []
+        for _ in range(block):
+            start = time.perf_counter()
+            sync_bench.aecho(1)
+            out.append((time.perf_counter() - start) * 1e6)
+        return out
+
+    async def relay_block() -> list[float]:
+        return list((await s.relay.run(block, 20))["samples"])
+
+    contenders: dict[str, Callable[[], Awaitable[list[float]]]] = {
+        "floor.direct": lambda: time_calls(s.direct.small, block, 20),
+        "floor.bare": lambda: time_calls(s.bare.small, block, 20),
+        "floor.relay": relay_block,
+        "floor.pipe": lambda: asyncio.to_thread(floors.pipe_samples, block, 20),
+        "call.host_ext.async": lambda: time_calls(lambda: bench.aecho(1), block, 20),
+        "call.host_ext.plain": lambda: time_calls(lambda: bench.echo(1), block, 20),
+        "call.sync_thread": lambda: asyncio.to_thread(from_thread),
+        "call.ext_singleton": lambda: bench.singleton_loop(block, 20),
+        "call.ext_ext": lambda: bench.peer_loop("bench2", block, 20),
+    }
+    for _ in range(rounds):
+        for name, run in contenders.items():
+            samples.setdefault(name, []).extend(await run())
+
+    meta = {
+        "floor.direct": ("direct floor: zmq.asyncio ROUTER <-> DEALER", None, None, ""),
+        "floor.bare": ("bare floor: add_reader ROUTER <-> DEALER", None, None, ""),
+        "floor.relay": ("relay floor: DEALER -> ROUTER -> DEALER", None, None, ""),
+        "floor.pipe": ("multiprocessing.Pipe round trip", None, None, ""),
+        "call.host_ext.async": ("host -> extension, async method", "floor.direct", 1.25,
+                                "<= 1.25x direct floor; >= 1.6x faster than pyisolate 0.10.2"),
+        "call.host_ext.plain": ("host -> extension, plain method (thread pool)", "floor.direct", None, ""),
+        "call.sync_thread": ("sync host thread -> extension", "floor.direct", None, ""),
+        "call.ext_singleton": ("extension -> host singleton", "floor.direct", 1.3, "<= 1.3x direct floor"),
+        "call.ext_ext": ("extension -> extension", "floor.relay", 1.3, "<= 1.3x relay floor"),
+    }
+    results = []
+    for name, (label, baseline, target, note) in meta.items():
+        median, p99 = median_p99(samples[name])
+        group = "floors" if name.startswith("floor") else "small call"
+        r = Result(name, group, label, median, "us", p99=p99, baseline=baseline, target=target, target_note=note,
+                   samples=len(samples[name]))
+        if baseline == "floor.direct":
+            r.extra["x_bare_floor"] = median / median_p99(samples["floor.bare"])[0]
+        results.append(r)
+    _find(results, "call.host_ext.async").classic_target = 1.6
+    return results
+
+
+async def throughputs(s: Setup, total: int) -> list[Result]:
+    """Calls per second with IN_FLIGHT outstanding: host->ext, ext->singleton, ext->ext."""
+    bench = s.exts["bench"]
+    direct = await s.direct.throughput(IN_FLIGHT, total)
+    bare = await s.bare.throughput(IN_FLIGHT, total)
+    relay = (await s.relay.run(10, 10, IN_FLIGHT, total))["rate"]
+    host_ext = await floors.throughput(lambda: bench.aecho(1), IN_FLIGHT, total)
+    ext_singleton = await bench.singleton_throughput(IN_FLIGHT, total)
+    ext_ext = await bench.peer_throughput("bench2", IN_FLIGHT, total)
+    group = "throughput, 64 in flight"
+    return [
+        Result("throughput.floor.direct", "floors", "direct floor, 64 in flight", direct, "calls/s"),
+        Result("throughput.floor.bare", "floors", "bare floor, 64 in flight", bare, "calls/s"),
+        Result("throughput.floor.relay", "floors", "relay floor, 64 in flight", relay, "calls/s"),
+        Result("throughput.host_ext", group, "host -> extension", host_ext, "calls/s",
+               baseline="throughput.floor.direct", target=1 / 0.8, classic_target=4.0,
+               target_note=">= 0.8x the direct floor's rate; >= 4x pyisolate 0.10.2's",
+               extra={"x_bare_floor": bare / host_ext}),
+        Result("throughput.ext_singleton", group, "extension -> host singleton", ext_singleton, "calls/s",
+               baseline="throughput.floor.direct"),
+        Result("throughput.ext_ext", group, "extension -> extension", ext_ext, "calls/s",
+               baseline="throughput.floor.relay"),
+    ]
+
+
+async def payloads(s: Setup, sizes: list[int], reps: int) -> list[Result]:
+    """bytes values host->ext against one raw zmq frame of the same size (bare floor)."""
+    bench = s.exts["bench"]
+    results = []
+    for size in sizes:
+        payload = bytes(size)
+        n = reps if size <= 1 << 20 else max(5, reps // 20)
+        raw: list[float] = []
+        ours: list[float] = []
+        for _ in range(3):  # interleaved thirds
+            raw += await time_calls(lambda: s.bare.blob(payload), max(2, n // 3), 3)
+            ours += await time_calls(lambda: bench.nbytes(payload), max(2, n // 3), 3)
+        label = size_label(size)
+        raw_median, raw_p99 = median_p99(raw)
+        median, p99 = median_p99(ours)
+        results.append(Result(f"bytes.raw.{size}", "bytes payloads", f"raw zmq frame, {label}", raw_median, "us",
+                              p99=raw_p99, size=size, series="raw zmq frame", samples=len(raw)))
+        r = Result(f"bytes.{size}", "bytes payloads", f"bytes, {label}", median, "us", p99=p99,
+                   baseline=f"bytes.raw.{size}", size=size, series="pyisolate bytes", samples=len(ours))
+        if size == 1 << 20:
+            r.target, r.target_note = 1.5, "<= 1.5x a raw zmq frame"
+        results.append(r)
+        del payload
+    return results
+
+
+async def tensors(work: Path, sizes: list[int], reps: int) -> list[Result]:
+    """torch tensors to and from a share_torch extension: already shared, fresh, returned."""
+    import torch
+
+    config = pyisolate.ExtensionManagerConfig(venv_root_path=work / "venvs")
+    results: list[Result] = []
+    async with pyisolate.ExtensionManager(pyisolate.ExtensionBase, config) as manager:
+        ext = await manager.load_extension(pyisolate.ExtensionConfig(
+            name="bench-torch", module_path=BENCH_EXT, apis=[bench_api.BenchService], share_torch=True))
+        small = await time_calls(lambda: ext.aecho(1), reps * 2, 50)
+        median, p99 = median_p99(small)
+        results.append(Result("tensor.small_call", "tensors", "small call to the share_torch extension", median,
+                              "us", p99=p99, samples=len(small)))
+        for size in sizes:
+            n = reps if size <= 1 << 20 else max(5, reps // 10) if size <= 64 << 20 else 5
+            label = size_label(size)
+            shared = torch.ones(size // 4)
+            await ext.keep(shared)  # moved into shared memory here, once; the extension keeps it
+            figures = {
+                "shared": await time_calls(lambda: ext.describe(shared), n, 3),
+                "returned": await time_calls(ext.kept_tensor, n, 3),
+                "roundtrip": await time_calls(lambda: ext.same(shared), n, 3),
+            }
+            fresh = []
+            for _ in range(n):
+                t = torch.ones(size // 4)
+                start = time.perf_counter()
+                await ext.describe(t)
+                fresh.append((time.perf_counter() - start) * 1e6)
+                del t
+            figures["fresh"] = fresh
+            await ext.keep(None)
+            del shared
+            for kind, samples in figures.items():
+                median, p99 = median_p99(samples)
+                r = Result(f"tensor.{kind}.{size}", "tensors", f"tensor {label}, {_TENSOR_LABELS[kind]}", median, "us",
+                           p99=p99, size=size, series=f"tensor, {_TENSOR_LABELS[kind]}", samples=len(samples))
+                if kind == "shared" and size > 1024:
+                    r.baseline = "tensor.shared.1024"
+                    if size == max(sizes):  # 1 GiB; in quick mode the largest measured
+                        r.target, r.target_note = 1.5, "<= 1.5x an already-shared 1 KiB tensor"
+                if kind == "returned":
+                    r.baseline, r.target = "tensor.small_call", 2.0
+                    r.target_note = "<= 2x a small call"
+                if kind == "shared" and size == 64 << 20:
+                    r.classic_target = 3.0
+                    r.target_note = ">= 3x faster than pyisolate 0.10.2"
+                results.append(r)
+    return results
+
+
+_TENSOR_LABELS = {
+    "shared": "already shared, sent",
+    "fresh": "fresh, sent",
+    "returned": "already shared, returned",
+    "roundtrip": "already shared, sent and returned",
+}
+
+
+def _find(results: list[Result], name: str) -> Result:
+    return next(r for r in results if r.name == name)
