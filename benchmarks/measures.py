@@ -155,8 +155,8 @@ async def payloads(s: Setup, sizes: list[int], reps: int) -> list[Result]:
         raw: list[float] = []
         ours: list[float] = []
         for _ in range(3):  # interleaved thirds
-            raw += await time_calls(lambda: s.bare.blob(payload), max(2, n // 3), 3)
-            ours += await time_calls(lambda: bench.nbytes(payload), max(2, n // 3), 3)
+            raw += await time_calls(lambda p=payload: s.bare.blob(p), max(2, n // 3), 3)
+            ours += await time_calls(lambda p=payload: bench.nbytes(p), max(2, n // 3), 3)
         label = size_label(size)
         raw_median, raw_p99 = median_p99(raw)
         median, p99 = median_p99(ours)
@@ -190,9 +190,9 @@ async def tensors(work: Path, sizes: list[int], reps: int) -> list[Result]:
             shared = torch.ones(size // 4)
             await ext.keep(shared)  # moved into shared memory here, once; the extension keeps it
             figures = {
-                "shared": await time_calls(lambda: ext.describe(shared), n, 3),
+                "shared": await time_calls(lambda t=shared: ext.describe(t), n, 3),
                 "returned": await time_calls(ext.kept_tensor, n, 3),
-                "roundtrip": await time_calls(lambda: ext.same(shared), n, 3),
+                "roundtrip": await time_calls(lambda t=shared: ext.same(t), n, 3),
             }
             fresh = []
             for _ in range(n):

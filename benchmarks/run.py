@@ -129,10 +129,14 @@ def draw_chart(results: list[Result], path: Path) -> bool:
     for r in results:
         if r.size is not None and r.series is not None:
             series.setdefault(r.series, []).append((r.size, r.value))
+            if r.classic is not None:  # --compare: pyisolate 0.10.2 at the sizes it was measured
+                name = f"pyisolate 0.10.2: {r.series.removeprefix('pyisolate ')}"
+                series.setdefault(name, []).append((r.size, r.classic))
     fig, ax = plt.subplots(figsize=(9, 5.5))
     for name, points in series.items():
         points.sort()
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
+        style = {"linestyle": "--", "marker": "x"} if name.startswith("pyisolate 0.10.2") else {"marker": "o"}
+        ax.plot([p[0] for p in points], [p[1] for p in points], label=name, **style)  # type: ignore[arg-type]
     small = next((r for r in results if r.name == "call.host_ext.async"), None)
     if small is not None:
         ax.axhline(small.value, color="grey", linestyle=":", label="small call")

@@ -212,7 +212,9 @@ async def _measure(work: Path, quick: bool) -> list[common.Result]:
             warm,
             "s",
             target=0.3,
-            target_note="first answer within 0.3 s of load_extension, no torch",
+            target_note="first answer within 0.3 s of load_extension, no torch (a wall-clock figure: "
+            "--check judges start.warm.over_floor)",
+            ci_check=False,
             extra={"runs": [round(s, 3) for s in warm]},
         )
     )
@@ -306,7 +308,8 @@ async def _measure(work: Path, quick: bool) -> list[common.Result]:
             load_ratio = statistics.median(r[0] for r in runs) / statistics.median(r[0] for r in loads[1])
             extra |= {"floor_ratio": round(floor_ratio, 2), "over_floor": round(load_ratio / floor_ratio, 2)}
             over_floor = common.Result(
-                name="scale.load.10.over_floor", group=GROUP, label="10 at once vs 1, over the bare interpreters' ratio",
+                name="scale.load.10.over_floor", group=GROUP,
+                label="10 at once vs 1, over the bare interpreters' ratio",
                 value=load_ratio / floor_ratio, unit="x", target=1.25,
                 target_note="pyisolate adds at most 25% to how this machine scales 10 interpreter start-ups",
             )
@@ -322,6 +325,13 @@ async def _measure(work: Path, quick: bool) -> list[common.Result]:
             )
         )
     results.append(over_floor)
+    results.append(
+        common.Result(
+            name="start.warm.over_floor", group=GROUP, label="warm start over a bare interpreter's start",
+            value=statistics.median(warm) / statistics.median(floors[1]), unit="x", target=1.5,
+            target_note="load to first answer at most 1.5x a bare interpreter importing what a worker needs",
+        )
+    )
     return results
 
 

@@ -21,7 +21,7 @@ EXPECTED = {
     "bytes.raw.1048576", "bytes.1048576",
     "tensor.small_call", "tensor.shared.1024", "tensor.shared.67108864", "tensor.fresh.67108864",
     "tensor.returned.1024", "tensor.roundtrip.1024",
-    "start.cold", "start.warm", "memory.idle.pss", "memory.idle.uss", "memory.torch.extra",
+    "start.cold", "start.warm", "start.warm.over_floor", "memory.idle.pss", "memory.idle.uss", "memory.torch.extra",
     "scale.load.1", "scale.load.10", "scale.load.10.over_floor",
 }  # fmt: skip
 
