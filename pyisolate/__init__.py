@@ -14,11 +14,13 @@ from ._base import ExtensionBase
 from .errors import (
     CallTimeoutError,
     ConfigError,
+    DiscoveryError,
     EncodeError,
     EnvironmentBuildError,
     ExtensionClosedError,
     ExtensionCrashedError,
     ExtensionLoadError,
+    LoadExtensionsError,
     ProtocolError,
     PyisolateError,
     RemoteError,
@@ -33,11 +35,14 @@ if TYPE_CHECKING:
     from ._singleton import ProxiedSingleton
     from ._blocking import sync
     from ._sync import SyncExtensionManager
-    from ._venv import ProgressEvent
+    from ._venv import ProgressEvent, ProgressStep
+    from ._progress import ProgressDisplay
+    from ._discovery import discover
 
 __all__ = [
     "CallTimeoutError",
     "ConfigError",
+    "DiscoveryError",
     "EncodeError",
     "EnvironmentBuildError",
     "Extension",
@@ -48,7 +53,10 @@ __all__ = [
     "ExtensionLoadError",
     "ExtensionManager",
     "ExtensionManagerConfig",
+    "LoadExtensionsError",
+    "ProgressDisplay",
     "ProgressEvent",
+    "ProgressStep",
     "ProtocolError",
     "ProxiedSingleton",
     "PyisolateError",
@@ -56,6 +64,7 @@ __all__ = [
     "RestartPolicy",
     "SyncExtensionManager",
     "UnroutableError",
+    "discover",
     "emit",
     "get_actor",
     "sync",
@@ -63,7 +72,8 @@ __all__ = [
 
 __version__ = "0.1.0"
 
-logging.getLogger(__name__).addHandler(logging.NullHandler())
+# No handler of our own, not even a NullHandler: an application that configures no logging
+# still sees warnings and errors (worker stderr included) through logging's last resort.
 
 _LAZY = {
     "ExtensionConfig": "._config",
@@ -71,9 +81,12 @@ _LAZY = {
     "RestartPolicy": "._config",
     "Extension": "._extension",
     "ExtensionManager": "._manager",
+    "ProgressDisplay": "._progress",
     "ProgressEvent": "._venv",
+    "ProgressStep": "._venv",
     "ProxiedSingleton": "._singleton",
     "SyncExtensionManager": "._sync",
+    "discover": "._discovery",
     "emit": "._actors",
     "get_actor": "._actors",
     "sync": "._blocking",

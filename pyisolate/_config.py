@@ -209,6 +209,68 @@ class ExtensionConfig:
             if not isinstance(getattr(self, flag), bool):
                 raise ConfigError(f"ExtensionConfig.{flag} must be True or False, got {getattr(self, flag)!r}")
 
+    @classmethod
+    def from_path(cls, path: str | os.PathLike[str], **overrides: Any) -> ExtensionConfig:
+        """Build the config of the extension at ``path`` from its ``pyproject.toml``, if any.
+
+        ``[project].dependencies`` and the ``[tool.pyisolate]`` table feed the config (see
+        docs/guides/manifests.md); keyword arguments override them. The name is, in order:
+        ``name=``, ``[tool.pyisolate].name``, ``[project].name``, the directory's name (the
+        last two made valid: other characters become ``-``).
+
+        Args:
+            path: The extension's package directory, or a single ``.py`` file (no manifest).
+            **overrides: Any ExtensionConfig field but ``module_path``.
+
+        Returns:
+            The validated config, with ``module_path`` set to ``path``.
+
+        Raises:
+            ConfigError: ``path`` is not an extension, or its manifest or the result is invalid;
+                the message names the file, the field and the fix.
+            TypeError: an override is not an ExtensionConfig field.
+        """
+        from dataclasses import fields
+
+        from ._manifest import Manifest, default_name, read_manifest
+
+        known = {f.name for f in fields(cls)} - {"module_path"}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise TypeError(
+                f"ExtensionConfig.from_path() got unknown field(s) {', '.join(unknown)}; "
+                f"it takes the path, then any of {', '.join(sorted(known))}"
+            )
+        where = Path(path).expanduser().absolute()
+        if where.is_dir():
+            manifest = read_manifest(where)
+        elif where.is_file() and where.suffix == ".py":
+            manifest = Manifest(None)
+        else:
+            raise ConfigError(
+                f"ExtensionConfig.from_path(): {str(where)!r} is not an extension directory nor a .py file; "
+                "point it at the extension's package directory"
+            )
+        values = {**manifest.values, **overrides, "module_path": where}
+        if "name" not in values:
+            source = manifest.project_name or (where.stem if where.is_file() else where.name)
+            values["name"] = default_name(source)
+            from ._venv import validate_extension_name
+
+            try:
+                validate_extension_name(values["name"])
+            except ConfigError:
+                raise ConfigError(
+                    f"cannot make an extension name from {source!r} ({where}); set name in the "
+                    "[tool.pyisolate] table of its pyproject.toml, or pass name=..."
+                ) from None
+        try:
+            return cls(**values)
+        except ConfigError as exc:
+            if manifest.path is None or str(manifest.path) in str(exc):
+                raise
+            raise ConfigError(f"{exc} (settings read from {manifest.path})") from None
+
 
 def _check_shared_torch(extension: str, dependencies: Sequence[str]) -> None:
     """share_torch needs torch in the host, of a version every torch requirement admits."""

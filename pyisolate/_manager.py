@@ -6,6 +6,7 @@ import asyncio
 import logging
 import time
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
@@ -25,6 +26,7 @@ from ._worker import State, Worker, retrieve
 from .errors import (
     ConfigError,
     ExtensionClosedError,
+    LoadExtensionsError,
     UnroutableError,
 )
 
@@ -141,6 +143,67 @@ class ExtensionManager(Generic[T]):
             backend = LocalBackend(config.name, task, self.forget)
         self._extensions[config.name] = backend
         return Extension(backend)
+
+    async def load_extensions(self, configs: Iterable[ExtensionConfig]) -> dict[str, Extension]:
+        """Load several extensions concurrently; return once each is ready or has failed.
+
+        Arguments are checked before anything starts. Extensions that fail to load are
+        released (their names are free again); the others stay loaded.
+
+        Returns:
+            Name -> ready Extension, in the order of ``configs``.
+
+        Raises:
+            ConfigError: an item is not an ExtensionConfig, two share a name, or a name is
+                already loaded; nothing was started.
+            LoadExtensionsError: some failed; ``.loaded`` holds the ready ones, ``.failed``
+                (and the group's exceptions) why each other one failed.
+            ExtensionClosedError: the manager is stopped.
+
+        If the call is cancelled, every extension it started is stopped.
+        """
+        configs = list(configs)
+        seen: set[str] = set()
+        for config in configs:
+            if not isinstance(config, ExtensionConfig):
+                raise ConfigError(f"load_extensions() needs ExtensionConfig items, got {config!r}")
+            if config.name in seen:
+                raise ConfigError(f"load_extensions(): two configs are named {config.name!r}; rename one")
+            seen.add(config.name)
+        if self._closing:
+            raise ExtensionClosedError("this ExtensionManager is stopped")
+        if not configs:
+            return {}
+        self._bind()
+        taken = sorted(n for n in seen if n in self._extensions or self.broker.has_actor(n.encode()))
+        if taken:
+            raise ConfigError(f"extension(s) {', '.join(map(repr, taken))} already loaded; stop them first "
+                              "or choose other names")
+        handles: dict[str, Extension] = {}
+        try:
+            for config in configs:
+                handles[config.name] = self.load_extension(config)
+            outcomes = await asyncio.gather(*(self._ready(h) for h in handles.values()), return_exceptions=True)
+        except BaseException:
+            await asyncio.gather(*(h.stop() for h in handles.values()), return_exceptions=True)
+            raise
+        failed: dict[str, Exception] = {}
+        for name, outcome in zip(handles, outcomes):
+            if isinstance(outcome, Exception):
+                failed[name] = outcome
+            elif isinstance(outcome, BaseException):  # its start was cancelled from elsewhere
+                failed[name] = ExtensionClosedError(f"loading extension {name!r} was cancelled")
+                failed[name].__cause__ = outcome
+        if not failed:
+            return handles
+        await asyncio.gather(*(handles[name].stop() for name in failed), return_exceptions=True)
+        loaded = {name: handle for name, handle in handles.items() if name not in failed}
+        raise LoadExtensionsError(f"{len(failed)} of {len(handles)} extensions failed to load",
+                                  list(failed.values()), loaded=loaded, failed=dict(failed))
+
+    @staticmethod
+    async def _ready(handle: Extension) -> None:
+        await handle
 
     async def stop_all(self) -> None:
         """Stop every extension concurrently and close the broker; idempotent."""

@@ -1,4 +1,11 @@
-"""Start a worker process, follow its stderr, and stop it with a bounded ladder."""
+"""Start a worker process, log its output, and stop it with a bounded ladder.
+
+A worker's stdout and stderr reach the host's ``logging``, line by line, under the logger
+``pyisolate.extension.<name>`` (and ``extra={"extension": name, "stream": ...}``): stdout lines at
+INFO, stderr lines at WARNING, and the worker's own log records (``pyisolate.workers.logs``) at
+their real level under ``pyisolate.extension.<name>.<their logger>``. The last stderr lines are
+also kept for the error that reports a crash.
+"""
 
 from __future__ import annotations
 
@@ -9,13 +16,16 @@ import logging
 import os
 import resource
 import signal
-import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from pyisolate.workers.logs import parse_line
+
+from ._lines import LineSplitter
 from .errors import ExtensionLoadError
 
-__all__ = ["WorkerProcess", "ensure_fd_headroom"]
+__all__ = ["EXTENSION_LOGGER", "WorkerProcess", "ensure_fd_headroom", "extension_logger"]
 
 logger = logging.getLogger(__name__)
 
@@ -32,9 +42,22 @@ _BOOTSTRAP = (
 _PASSED = frozenset({"PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TERM", "TMPDIR", "SHELL"})
 _PASSED_PREFIXES = ("LC_", "CUDA_", "NVIDIA_", "OMP_", "MKL_", "OPENBLAS_", "XDG_")
 _TAIL_LINES = 40
-#: What one worker holds open in the host: its stdin and stderr pipes, and the broker's end of
-#: its connection (accepted once it connects).
-_FDS_PER_WORKER = 3
+#: After a worker exits, how long to wait for the rest of its output: a grandchild it started
+#: may hold the pipes open.
+_DRAIN_TIMEOUT = 1.0
+#: What one worker holds open in the host: its stdin, stdout and stderr pipes, and the broker's
+#: end of its connection (accepted once it connects).
+_FDS_PER_WORKER = 4
+#: Distinct logger names of one worker that get a host logger of their own; records of further
+#: names go to the extension's logger itself.
+_MAX_LOGGERS = 256
+#: Parent of every extension's logger; ``pyisolate.extension.<name>`` carries its output.
+EXTENSION_LOGGER = "pyisolate.extension"
+
+
+def extension_logger(name: str) -> logging.Logger:
+    """Return the host logger that receives extension ``name``'s output and log records."""
+    return logging.getLogger(f"{EXTENSION_LOGGER}.{name}")
 #: Kept free besides: the pipes of a spawn in progress, the broker, and the application's own.
 _FDS_SPARE = 32
 
@@ -82,14 +105,20 @@ def _fds_in_use() -> int | None:
 
 
 class WorkerProcess:
-    """One worker process. Owns the process, its pipes and the task that reads its stderr."""
+    """One worker process. Owns the process, its pipes and the tasks that read its output."""
 
     def __init__(self, name: str, proc: asyncio.subprocess.Process) -> None:
         self.name = name
         self._proc = proc
         self._tail: collections.deque[str] = collections.deque(maxlen=_TAIL_LINES)
-        assert proc.stderr is not None
-        self._reader = asyncio.get_running_loop().create_task(self._follow(proc.stderr))
+        self._logger = extension_logger(name)
+        self._loggers: dict[str, logging.Logger] = {}
+        assert proc.stdout is not None and proc.stderr is not None
+        loop = asyncio.get_running_loop()
+        self._readers = (
+            loop.create_task(self._follow(proc.stdout, self._on_stdout), name=f"pyisolate-stdout-{name}"),
+            loop.create_task(self._follow(proc.stderr, self._on_stderr), name=f"pyisolate-stderr-{name}"),
+        )
 
     @classmethod
     async def spawn(cls, *, name: str, python: Path, runtime: Path, boot: dict[str, Any],
@@ -109,6 +138,7 @@ class WorkerProcess:
         proc = await asyncio.create_subprocess_exec(
             str(python), "-I", "-c", _BOOTSTRAP, str(runtime),
             stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
             env=env,
             # Our own session: a Ctrl-C in the terminal reaches the host, which stops us in order.
@@ -131,17 +161,13 @@ class WorkerProcess:
         return self._proc.returncode
 
     def stderr_tail(self) -> str:
-        """The last lines the worker wrote to stderr."""
+        """The last lines the worker wrote to stderr (its log records included)."""
         return "\n".join(self._tail)
 
     async def wait(self) -> int:
-        """Wait for exit and for the last of its stderr; return the exit status."""
+        """Wait for exit and for the last of its output; return the exit status."""
         code = await self._proc.wait()
-        try:
-            async with asyncio.timeout(1.0):  # a grandchild may hold the pipe open
-                await asyncio.shield(self._reader)
-        except TimeoutError:
-            pass
+        await asyncio.wait(self._readers, timeout=_DRAIN_TIMEOUT)  # never cancels them
         return code
 
     async def stop(self, timeout: float) -> int:
@@ -171,28 +197,44 @@ class WorkerProcess:
         """Kill the worker if it still runs, reap it and close its pipes; idempotent."""
         if self._proc.returncode is None:
             self._signal(signal.SIGKILL)
-        await self._proc.wait()
+        await self.wait()  # the last lines it wrote still reach the log
         if self._proc.stdin is not None:
             self._proc.stdin.close()
-        if not self._reader.done():
-            self._reader.cancel()
-        await asyncio.gather(self._reader, return_exceptions=True)
+        for reader in self._readers:
+            reader.cancel()  # a no-op for a finished reader
+        await asyncio.gather(*self._readers, return_exceptions=True)
 
-    async def _follow(self, stream: asyncio.StreamReader) -> None:
-        """Copy the worker's stderr to ours, each line tagged with its name; keep a tail."""
-        prefix = f"[{self.name}] "
-        pending = b""
-        while chunk := await stream.read(65536):
-            pending += chunk
-            *lines, pending = pending.split(b"\n")
-            self._emit(prefix, lines)
-        if pending:
-            self._emit(prefix, [pending])
+    async def _follow(self, stream: asyncio.StreamReader, on_line: Callable[[str], None]) -> None:
+        """Hand each line of ``stream`` to ``on_line`` as it arrives, the unfinished last one too."""
+        splitter = LineSplitter()
+        try:
+            while chunk := await stream.read(65536):
+                for line in splitter.feed(chunk):
+                    on_line(line)
+        finally:  # also when cancelled: what was read is not lost
+            for line in splitter.flush():
+                on_line(line)
 
-    def _emit(self, prefix: str, lines: list[bytes]) -> None:
-        out = sys.stderr
-        for raw in lines:
-            line = raw.decode(errors="replace").rstrip("\r")
-            self._tail.append(line)
-            out.write(prefix + line + "\n")
-        out.flush()
+    def _on_stdout(self, line: str) -> None:
+        self._logger.info(line, extra={"extension": self.name, "stream": "stdout"})
+
+    def _on_stderr(self, line: str) -> None:
+        text, record = parse_line(line)
+        if text or record is None:
+            self._tail.append(text)
+            self._logger.warning(text, extra={"extension": self.name, "stream": "stderr"})
+        if record is not None:
+            first, *rest = record.message.splitlines() or [""]
+            self._tail.append(f"{logging.getLevelName(record.level)} {record.logger}: {first}")
+            self._tail.extend(rest)
+            logger = self._child_logger(record.logger)
+            logger.log(record.level, record.message, extra={"extension": self.name, "stream": "log"})
+
+    def _child_logger(self, name: str) -> logging.Logger:
+        """The host logger for the worker's logger ``name``: a child of the extension's logger."""
+        logger = self._loggers.get(name)
+        if logger is None:
+            if name in ("", "root") or len(self._loggers) >= _MAX_LOGGERS:
+                return self._logger  # loggers live as long as the host: a worker cannot add without end
+            logger = self._loggers[name] = logging.getLogger(f"{self._logger.name}.{name}")
+        return logger

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterable
 from typing import Any
 
 from ._blocking import Blocking, block
 from ._config import ExtensionConfig, ExtensionManagerConfig
 from ._extension import Extension
 from ._manager import ExtensionManager
+from .errors import LoadExtensionsError
 
 __all__ = ["SyncExtensionManager"]
 
@@ -40,6 +41,23 @@ class SyncExtensionManager:
             return await self._manager.load_extension(config)
 
         return Blocking(self._run("load_extension()", load()), self._loop)
+
+    def load_extensions(self, configs: Iterable[ExtensionConfig]) -> dict[str, Any]:
+        """Load several extensions concurrently; see ``ExtensionManager.load_extensions``.
+
+        The handles (also those in ``LoadExtensionsError.loaded``) return results directly.
+        """
+        configs = list(configs)
+
+        async def load() -> dict[str, Extension]:
+            return await self._manager.load_extensions(configs)
+
+        try:
+            loaded = self._run("load_extensions()", load())
+        except LoadExtensionsError as exc:
+            exc.loaded = {name: Blocking(handle, self._loop) for name, handle in exc.loaded.items()}
+            raise
+        return {name: Blocking(handle, self._loop) for name, handle in loaded.items()}
 
     def get_actor(self, name: str | type) -> Any:
         """A blocking handle to an extension or singleton by name."""

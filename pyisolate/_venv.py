@@ -4,17 +4,21 @@ Layout under ``venv_root``::
 
     <name>/                     one venv per extension
         .pyisolate-ready.json   written last, only after a successful build
+        .pyisolate-used         touched each time the venv is reused (its mtime: last use)
     .locks/<name>.lock          flock held while a venv is checked or built
     .runtime/<hash>/            see pyisolate._runtime
 
 A venv is keyed by a fingerprint of everything that decides its contents, so an unchanged
-extension starts without running uv at all. This module opens no sockets.
+extension starts without running uv at all. A build reports its steps (``ProgressStep``) as
+uv's own output says them, read line by line as uv prints it. This module opens no sockets.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import enum
 import fcntl
 import functools
 import hashlib
@@ -36,10 +40,11 @@ from pathlib import Path
 from packaging.requirements import InvalidRequirement, Requirement
 from packaging.utils import canonicalize_name
 
+from ._lines import LineSplitter
 from .errors import ConfigError, EnvironmentBuildError
 
 __all__ = [
-    "ProgressEvent", "ensure_venv", "uv_binary", "validate_dependencies",
+    "ProgressEvent", "ProgressStep", "ensure_venv", "uv_binary", "validate_dependencies",
     "validate_extension_name", "venv_dir",
 ]  # fmt: skip
 
@@ -47,6 +52,7 @@ _log = logging.getLogger(__name__)
 
 _LAYOUT_VERSION = 1  # bump when the layout changes, so older builds are not reused
 _MARKER = ".pyisolate-ready.json"
+_USED = ".pyisolate-used"
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _RESERVED_NAMES = frozenset({"host"})
 # Not PEP 508, and meaningful to a shell or to uv's argument parser.
@@ -63,16 +69,90 @@ _DROPPED_ENV_VARS = ("VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME")
 # With share_torch the child imports the host's torch, so uv must never resolve its own.
 _SHARED_TORCH_PACKAGES = ("torch",)
 _TAIL_LINES = 40
+_KEPT_LINES = 400  # of uv's output, searched for the packages at fault when it fails
+
+
+class ProgressStep(enum.StrEnum):
+    """The steps of an environment build, in the order they happen; each is also a plain ``str``.
+
+    A build that reports anything ends with exactly one of ``DONE``, ``REUSED`` or ``FAILED``.
+    """
+
+    #: Another build of this extension's venv holds its lock (another process, or task).
+    WAITING = "waiting"
+    #: The venv is up to date: no uv run at all. Final.
+    REUSED = "reused"
+    #: ``uv venv`` is creating the empty venv.
+    CREATING = "creating"
+    #: uv is resolving the dependencies (detail: the requirements).
+    RESOLVING = "resolving"
+    #: uv resolved ``packages`` packages and fetches those not in its cache; repeated with
+    #: the package as detail when uv names one (``numpy (17.4MiB)``, ``building foo==1.0``).
+    DOWNLOADING = "downloading"
+    #: uv has everything and installs ``packages`` packages into the venv.
+    INSTALLING = "installing"
+    #: The venv is ready (``packages``: how many uv installed). Final.
+    DONE = "done"
+    #: The build failed or was cancelled (detail: the tail of uv's output, or ``cancelled``). Final.
+    FAILED = "failed"
 
 
 @dataclass(frozen=True, kw_only=True)
 class ProgressEvent:
-    """One step of ``ensure_venv``: check, reuse, create, install, done or failed."""
+    """One step of an environment build, reported to ``ExtensionManagerConfig.on_progress``.
+
+    Attributes:
+        extension: the extension whose venv this is.
+        step: a ``ProgressStep`` (compares equal to its string: ``event.step == "done"``).
+        elapsed: seconds since the build (or the check for reuse) began.
+        detail: what the step is working on, in words; may be empty.
+        packages: how many packages the step concerns, where uv said so; else None.
+    """
 
     extension: str
     step: str
     elapsed: float
     detail: str = ""
+    packages: int | None = None
+
+
+#: uv's own lines (``uv pip install``, output not a terminal), leading blanks stripped.
+_RESOLVED = re.compile(r"Resolved (\d+) packages? in ")
+_DOWNLOADING = re.compile(r"Downloading (\S+)(?: \((.+)\))?$")
+_BUILDING = re.compile(r"Building (\S.*)$")
+_PREPARED = re.compile(r"Prepared (\d+) packages? in ")
+_INSTALLED = re.compile(r"Installed (\d+) packages? in ")
+
+_Emit = Callable[..., None]
+
+
+class _InstallProgress:
+    """Turn the lines ``uv pip install`` prints into progress steps, as they arrive."""
+
+    def __init__(self, emit: _Emit) -> None:
+        self._emit = emit
+        self.resolved: int | None = None
+        self.installed = 0
+
+    def __call__(self, line: str) -> None:
+        text = line.strip()
+        if match := _RESOLVED.match(text):
+            self.resolved = int(match[1])
+            self._emit(ProgressStep.DOWNLOADING, _count(self.resolved), packages=self.resolved)
+        elif match := _DOWNLOADING.match(text):
+            detail = f"{match[1]} ({match[2]})" if match[2] else match[1]
+            self._emit(ProgressStep.DOWNLOADING, detail, packages=self.resolved)
+        elif match := _BUILDING.match(text):
+            self._emit(ProgressStep.DOWNLOADING, f"building {match[1]}", packages=self.resolved)
+        elif match := _PREPARED.match(text):
+            count = self.resolved if self.resolved is not None else int(match[1])
+            self._emit(ProgressStep.INSTALLING, _count(count), packages=count)
+        elif match := _INSTALLED.match(text):
+            self.installed = int(match[1])
+
+
+def _count(n: int) -> str:
+    return f"{n} package" if n == 1 else f"{n} packages"
 
 
 @functools.cache
@@ -247,6 +327,18 @@ def _write_marker(target: Path, fingerprint: str, deps: Sequence[str], share_tor
     os.replace(tmp, target / _MARKER)  # a reader sees no marker or a whole one
 
 
+def _touch(target: Path) -> None:
+    """Record that the venv is used now (``pyisolate env list`` and ``env prune`` read it)."""
+    path = target / _USED
+    try:
+        os.utime(path)  # one syscall on the warm path
+    except FileNotFoundError:
+        with contextlib.suppress(OSError):
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o644))
+    except OSError:
+        pass  # a read-only venv root still works
+
+
 def _remove_tree(path: Path) -> None:
     if path.is_symlink() or path.is_file():
         path.unlink()
@@ -255,7 +347,8 @@ def _remove_tree(path: Path) -> None:
 
 
 def _install_command(python: Path, deps: Sequence[str], excludes: Path | None) -> list[str]:
-    command = [uv_binary(), "pip", "install", "--python", str(python), "--no-config"]
+    # Plain lines, parsed as they come: no colour codes, whatever the environment asks for.
+    command = [uv_binary(), "pip", "install", "--python", str(python), "--no-config", "--color", "never"]
     if excludes is not None:
         command += ["--excludes", str(excludes)]
     return [*command, *deps]
@@ -277,11 +370,13 @@ def _packages_at_fault(deps: Sequence[str], output: str) -> list[str]:
 
 
 async def _uv(
-    command: list[str], *, name: str, deps: Sequence[str], on_start: Callable[[], None]
+    command: list[str], *, name: str, deps: Sequence[str], on_start: Callable[[], None],
+    on_line: Callable[[str], None] | None = None,
 ) -> None:
     """Run uv in its own process group, raising EnvironmentBuildError if it fails.
 
-    On cancellation (or any error while it runs) the whole group is killed and reaped.
+    Each line uv prints goes to ``on_line`` as it arrives. On cancellation (or any error while
+    it runs, ``on_line``'s included) the whole group is killed and reaped.
     """
     env = {k: v for k, v in os.environ.items() if k not in _DROPPED_ENV_VARS}
     env["UV_PYTHON_DOWNLOADS"] = "never"
@@ -299,9 +394,18 @@ async def _uv(
             f"cannot run uv for extension {name!r}: {exc}",
             extension=name, packages=[], output_tail="",
         ) from exc  # fmt: skip
+    assert proc.stdout is not None
+    kept: collections.deque[str] = collections.deque(maxlen=_KEPT_LINES)
+    splitter = LineSplitter()
     try:
         on_start()
-        raw, _ = await proc.communicate()
+        while chunk := await proc.stdout.read(65536):
+            for line in splitter.feed(chunk):
+                kept.append(line)
+                if on_line is not None:
+                    on_line(line)
+        kept.extend(splitter.flush())
+        await proc.wait()
     except BaseException:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGKILL)
@@ -310,8 +414,8 @@ async def _uv(
         raise
     if proc.returncode == 0:
         return
-    output = raw.decode("utf-8", "replace")
-    tail = "\n".join(output.splitlines()[-_TAIL_LINES:])
+    output = "\n".join(kept)
+    tail = "\n".join(list(kept)[-_TAIL_LINES:])
     if deps:
         packages = _packages_at_fault(deps, output)
         what = f"uv could not install {', '.join(packages)}"
@@ -326,8 +430,8 @@ async def _uv(
 
 
 @contextlib.asynccontextmanager
-async def _exclusive_lock(path: Path) -> AsyncIterator[None]:
-    """Hold an exclusive flock on ``path``; a contended wait happens in a thread."""
+async def _exclusive_lock(path: Path, on_wait: Callable[[], None]) -> AsyncIterator[None]:
+    """Hold an exclusive flock on ``path``; a contended wait (``on_wait`` first) runs in a thread."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -335,6 +439,7 @@ async def _exclusive_lock(path: Path) -> AsyncIterator[None]:
         _log.debug("waiting for lock %s", path)
         waiter = asyncio.get_running_loop().run_in_executor(None, fcntl.flock, fd, fcntl.LOCK_EX)
         try:
+            on_wait()
             await asyncio.shield(waiter)
         except BaseException:
             # The thread may still be blocked in flock(): close the fd once it returns.
@@ -370,7 +475,8 @@ async def ensure_venv(
         name: the extension's name.
         dependencies: PEP 508 requirements to install into the venv.
         share_torch: the child uses the host's torch; uv never installs its own.
-        progress: called with a ProgressEvent at each step.
+        progress: called with a ProgressEvent at each step (see ProgressStep), from this
+            coroutine; a build that reports anything ends with DONE, REUSED or FAILED.
         allow_direct_references: accept ``name @ url`` requirements and local paths.
 
     Returns:
@@ -381,31 +487,49 @@ async def ensure_venv(
         EnvironmentBuildError: uv failed; the half-built venv has been removed.
     """
     started = time.monotonic()
+    final_reported = False
 
-    def emit(step: str, detail: str = "") -> None:
+    def emit(step: ProgressStep, detail: str = "", *, packages: int | None = None) -> None:
+        nonlocal final_reported
+        final_reported = step in (ProgressStep.DONE, ProgressStep.REUSED, ProgressStep.FAILED)
         if progress is not None:
             elapsed = time.monotonic() - started
-            progress(ProgressEvent(extension=name, step=step, elapsed=elapsed, detail=detail))
+            progress(ProgressEvent(extension=name, step=step, elapsed=elapsed, detail=detail, packages=packages))
 
     root = Path(venv_root).absolute()
     target = venv_dir(root, name)
     deps = validate_dependencies(dependencies, allow_direct_references=allow_direct_references)
     fingerprint = _fingerprint(deps, share_torch=share_torch)
-    emit("check")
     if _is_ready(target, fingerprint):
         _log.debug("reusing venv of %s at %s", name, target)
-        emit("reuse")
+        _touch(target)
+        emit(ProgressStep.REUSED)
         return target / "bin" / "python"
-    (root / ".locks").mkdir(parents=True, exist_ok=True)
-    async with _exclusive_lock(root / ".locks" / f"{name}.lock"):
-        if _is_ready(target, fingerprint):  # the previous holder of the lock built it
-            _log.debug("venv of %s was built meanwhile; reusing it", name)
-            emit("reuse")
-            return target / "bin" / "python"
-        await _build(target, name, deps, share_torch, fingerprint, emit)
+    try:
+        (root / ".locks").mkdir(parents=True, exist_ok=True)
+        async with _exclusive_lock(root / ".locks" / f"{name}.lock", on_wait=lambda: emit(ProgressStep.WAITING)):
+            if _is_ready(target, fingerprint):  # the previous holder of the lock built it
+                _log.debug("venv of %s was built meanwhile; reusing it", name)
+                _touch(target)
+                emit(ProgressStep.REUSED)
+                return target / "bin" / "python"
+            installed = await _build(target, name, deps, share_torch, fingerprint, emit)
+    except BaseException as exc:
+        if not final_reported:  # a progress callback that raised has had its final word
+            emit(ProgressStep.FAILED, _failure(exc))
+        raise
     _log.info("built venv of %s in %.2fs", name, time.monotonic() - started)
-    emit("done")
+    emit(ProgressStep.DONE, _count(installed) if deps else "", packages=installed)
     return target / "bin" / "python"
+
+
+def _failure(exc: BaseException) -> str:
+    """The detail of a FAILED step: uv's output, or what stopped the build."""
+    if isinstance(exc, EnvironmentBuildError):
+        return exc.output_tail
+    if isinstance(exc, asyncio.CancelledError):
+        return "cancelled"
+    return f"{type(exc).__name__}: {exc}"
 
 
 async def _build(
@@ -414,18 +538,22 @@ async def _build(
     deps: tuple[str, ...],
     share_torch: bool,
     fingerprint: str,
-    emit: Callable[[str, str], None],
-) -> None:
-    """Build the venv from scratch; on any failure or cancellation remove what was built."""
+    emit: _Emit,
+) -> int:
+    """Build the venv from scratch and return how many packages uv installed.
+
+    On any failure or cancellation, remove what was built.
+    """
     try:
         if os.path.lexists(target):
             _log.debug("removing stale or half-built venv %s", target)
             await asyncio.to_thread(_remove_tree, target)
         step = time.monotonic()
         # Always the host's own interpreter: the child shares the host's compiled pyzmq.
-        create = [uv_binary(), "venv", "--python", sys.executable, "--no-config", "--quiet"]
-        await _uv([*create, str(target)], name=name, deps=(), on_start=lambda: emit("create", ""))
+        create = [uv_binary(), "venv", "--python", sys.executable, "--no-config", "--quiet", "--color", "never"]
+        await _uv([*create, str(target)], name=name, deps=(), on_start=lambda: emit(ProgressStep.CREATING))
         _log.debug("created venv of %s in %.2fs", name, time.monotonic() - step)
+        installed = 0
         if deps:
             excludes = None
             if share_torch:
@@ -434,13 +562,13 @@ async def _build(
             step = time.monotonic()
             command = _install_command(target / "bin" / "python", deps, excludes)
             detail = " ".join(deps)
-            await _uv(command, name=name, deps=deps, on_start=lambda: emit("install", detail))
+            uv_progress = _InstallProgress(emit)
+            await _uv(command, name=name, deps=deps, on_start=lambda: emit(ProgressStep.RESOLVING, detail),
+                      on_line=uv_progress)
+            installed = uv_progress.installed
             _log.debug("installed %s into %s in %.2fs", detail, name, time.monotonic() - step)
         _write_marker(target, fingerprint, deps, share_torch)
-    except EnvironmentBuildError as exc:
-        _remove_tree(target)
-        emit("failed", exc.output_tail)
-        raise
     except BaseException:
         _remove_tree(target)
         raise
+    return installed

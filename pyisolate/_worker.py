@@ -16,7 +16,7 @@ from pyisolate.workers.loader import class_spec
 from . import _shm, _venv
 from ._codec import DecodeError, decode_exception
 from ._config import ExtensionConfig
-from ._process import WorkerProcess, ensure_fd_headroom
+from ._process import WorkerProcess, ensure_fd_headroom, extension_logger
 from ._runtime import cached_runtime_dir, runtime_dir
 from .errors import (
     ExtensionClosedError,
@@ -143,7 +143,8 @@ class Worker:
                     "session": _shm.session(),
                     "host_actors": ["host", *(n.decode() for n in manager.singleton_names())],
                     "handshake_timeout": manager.config.start_timeout,
-                    "log_level": logging.getLevelName(logging.getLogger("pyisolate").getEffectiveLevel()),
+                    # The worker drops records below what the host would log for this extension.
+                    "log_level": extension_logger(self.name).getEffectiveLevel(),
                 },
                 pass_env=tuple(config.pass_env),
                 env=dict(config.env),

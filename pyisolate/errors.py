@@ -1,9 +1,10 @@
 """The public exception tree of pyisolate.
 
-::
+The tree:
 
     PyisolateError
     ├── ConfigError (ValueError)            a config value is wrong; names the field and the fix
+    │   └── DiscoveryError                  some discovered extensions are invalid; carries the rest
     ├── EnvironmentBuildError               uv could not build an extension's venv
     ├── ExtensionLoadError                  the extension failed to import or start
     ├── ExtensionCrashedError               the worker process died (exit code, stderr tail)
@@ -12,7 +13,8 @@
     ├── RemoteError                         a remote exception that could not be rebuilt locally
     ├── ProtocolError                       a peer broke the wire protocol (version, framing)
     ├── UnroutableError (LookupError)       no actor of that name is connected to the broker
-    └── EncodeError (TypeError)             a value cannot travel; names its type and place
+    ├── EncodeError (TypeError)             a value cannot travel; names its type and place
+    └── LoadExtensionsError (ExceptionGroup) load_extensions(): some failed, the rest are loaded
 
 "You closed it" (`ExtensionClosedError`) is kept apart from "it broke"
 (`ExtensionCrashedError`), so callers can tell a shutdown race from a fault.
@@ -20,14 +22,22 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ._config import ExtensionConfig
+
 __all__ = [
     "CallTimeoutError",
     "ConfigError",
+    "DiscoveryError",
     "EncodeError",
     "EnvironmentBuildError",
     "ExtensionClosedError",
     "ExtensionCrashedError",
     "ExtensionLoadError",
+    "LoadExtensionsError",
     "ProtocolError",
     "PyisolateError",
     "RemoteError",
@@ -122,3 +132,57 @@ class UnroutableError(PyisolateError, LookupError):
 
 class EncodeError(PyisolateError, TypeError):
     """A value cannot be sent to another process."""
+
+
+class DiscoveryError(ConfigError):
+    """Some extensions found by ``pyisolate.discover()`` are invalid or share a name.
+
+    Attributes:
+        configs: The configs of the valid extensions, for a host that loads what it can.
+        problems: One ConfigError per invalid extension or duplicate name.
+    """
+
+    def __init__(self, problems: Sequence[ConfigError], configs: Sequence[ExtensionConfig]) -> None:
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"{len(problems)} problem(s) among the extensions found:\n{lines}")
+        self.problems = list(problems)
+        self.configs = list(configs)
+
+
+class LoadExtensionsError(ExceptionGroup[Exception], PyisolateError):
+    """``load_extensions()`` loaded some extensions and not others.
+
+    The failures are the group's ``exceptions``, so ``except* EnvironmentBuildError`` works,
+    and an uncaught one prints every cause with its traceback.
+
+    Attributes:
+        loaded: Name -> Extension, the ones that are ready (still running); blocking handles
+            when it comes from ``SyncExtensionManager.load_extensions()``.
+        failed: Name -> the exception that stopped that one (it has been released).
+    """
+
+    loaded: dict[str, Any]  # Extension, or a blocking handle from SyncExtensionManager
+    failed: dict[str, BaseException]
+
+    def __new__(
+        cls, message: str, exceptions: Sequence[Exception], *, loaded: dict[str, Any],
+        failed: dict[str, BaseException],
+    ) -> LoadExtensionsError:  # fmt: skip
+        self = super().__new__(cls, message, exceptions)
+        self.loaded = loaded
+        self.failed = failed
+        return self
+
+    def __init__(self, message: str, exceptions: Sequence[Exception], **_: Any) -> None:
+        super().__init__(message, exceptions)
+
+    def derive(self, excs: Sequence[Exception]) -> LoadExtensionsError:  # type: ignore[override]
+        return LoadExtensionsError(self.message, excs, loaded=self.loaded, failed=self.failed)
+
+    def __str__(self) -> str:
+        lines = [f"{self.message}:"]
+        for name, exc in self.failed.items():
+            if any(exc is mine for mine in self.exceptions):  # a split group shows its own part
+                first = str(exc).splitlines()[0] if str(exc) else ""
+                lines.append(f"  - {name}: {type(exc).__name__}: {first}")
+        return "\n".join(lines)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import inspect
+import io
 import json
 import logging
 import os
@@ -120,15 +121,26 @@ async def _serve(boot: dict[str, Any]) -> int:
         conn.close()
 
 
+def _setup_output(level: int | str) -> None:
+    """Send our log records and output to the host, which logs them under the extension's name.
+
+    The worker process is ours, so configuring its root logger is fine: records go to stderr as
+    ``logs.RecordHandler`` lines (the host re-logs them at their level), warnings become records,
+    and stdout is line-buffered so that a print reaches the host when it happens, not at exit.
+    """
+    from .logs import RecordHandler
+
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        sys.stdout.reconfigure(line_buffering=True)
+    logging.basicConfig(level=level, handlers=[RecordHandler(sys.stderr)])
+    logging.captureWarnings(True)
+
+
 def main() -> None:
     """Entry point of the worker process."""
     line = sys.stdin.buffer.readline()
     boot = json.loads(line)
-    logging.basicConfig(  # the worker process is ours: configuring its root logger is fine
-        level=boot.get("log_level", "WARNING"),
-        stream=sys.stderr,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
+    _setup_output(boot.get("log_level", logging.WARNING))
     threading.Thread(target=_watch_host, args=(sys.stdin.fileno(),), name="host-watch", daemon=True).start()
     sys.stdin = open(os.devnull)  # extension code must not consume the host-liveness pipe
     try:

@@ -66,5 +66,9 @@ def test_wheel_installs_only_the_pyisolate_namespace(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     top = {n.split("/")[0] for n in names}
     assert {t for t in top if not t.endswith(".dist-info")} == {"pyisolate"}
-    for required in ("pyisolate/py.typed", "pyisolate/broker/protocol.py", "pyisolate/workers/__main__.py"):
+    for required in ("pyisolate/py.typed", "pyisolate/broker/protocol.py", "pyisolate/workers/__main__.py",
+                     "pyisolate/__main__.py", "pyisolate/cli.py"):
         assert required in names
+    (entry_points,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
+    declared = zipfile.ZipFile(wheel).read(entry_points).decode()
+    assert "[console_scripts]\npyisolate = pyisolate.cli:main" in declared, declared

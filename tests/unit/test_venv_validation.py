@@ -164,7 +164,7 @@ def test_fingerprint_follows_what_decides_contents(monkeypatch: pytest.MonkeyPat
 def test_install_command_excludes_torch_only_when_shared(tmp_path: Path) -> None:
     python = tmp_path / "bin" / "python"
     plain = _venv._install_command(python, ["six"], None)
-    assert plain[1:] == ["pip", "install", "--python", str(python), "--no-config", "six"]
+    assert plain[1:] == ["pip", "install", "--python", str(python), "--no-config", "--color", "never", "six"]
     excludes = tmp_path / "excludes.txt"
     shared = _venv._install_command(python, ["six"], excludes)
     assert shared[-3:] == ["--excludes", str(excludes), "six"]
