@@ -171,8 +171,11 @@ async def payloads(s: Setup, sizes: list[int], reps: int) -> list[Result]:
     return results
 
 
-async def tensors(work: Path, sizes: list[int], reps: int) -> list[Result]:
-    """torch tensors to and from a share_torch extension: already shared, fresh, returned."""
+async def tensors(work: Path, sizes: list[int], reps: int, rounds: int = 3) -> list[Result]:
+    """torch tensors to and from a share_torch extension: already shared, fresh, returned.
+
+    Already-shared tensors of every size are kept alive at once and measured in rounds, next to
+    the small call, so that the size ratios compare figures taken moments apart."""
     import torch
 
     config = pyisolate.ExtensionManagerConfig(venv_root_path=work / "venvs")
@@ -180,45 +183,51 @@ async def tensors(work: Path, sizes: list[int], reps: int) -> list[Result]:
     async with pyisolate.ExtensionManager(pyisolate.ExtensionBase, config) as manager:
         ext = await manager.load_extension(pyisolate.ExtensionConfig(
             name="bench-torch", module_path=BENCH_EXT, apis=[bench_api.BenchService], share_torch=True))
-        small = await time_calls(lambda: ext.aecho(1), reps * 2, 50)
-        median, p99 = median_p99(small)
-        results.append(Result("tensor.small_call", "tensors", "small call to the share_torch extension", median,
-                              "us", p99=p99, samples=len(small)))
+        shared = {size: torch.ones(size // 4) for size in sizes}
+        for size, t in shared.items():
+            await ext.keep(size, t)  # moved into shared memory here, once; the extension keeps it
+        samples: dict[str, list[float]] = {}
+        block = max(10, reps // rounds)
+        for _ in range(rounds):
+            samples.setdefault("small", []).extend(await time_calls(lambda: ext.aecho(1), block, 10))
+            for size, t in shared.items():
+                for kind, call in (("shared", lambda t=t: ext.describe(t)),
+                                   ("returned", lambda s=size: ext.kept_tensor(s)),
+                                   ("roundtrip", lambda t=t: ext.same(t))):
+                    samples.setdefault(f"{kind}.{size}", []).extend(await time_calls(call, block, 5))
         for size in sizes:
-            n = reps if size <= 1 << 20 else max(5, reps // 10) if size <= 64 << 20 else 5
-            label = size_label(size)
-            shared = torch.ones(size // 4)
-            await ext.keep(shared)  # moved into shared memory here, once; the extension keeps it
-            figures = {
-                "shared": await time_calls(lambda t=shared: ext.describe(t), n, 3),
-                "returned": await time_calls(ext.kept_tensor, n, 3),
-                "roundtrip": await time_calls(lambda t=shared: ext.same(t), n, 3),
-            }
+            await ext.keep(size, None)
+        del shared
+        for size in sizes:  # a new tensor each time: one copy into shared memory
             fresh = []
-            for _ in range(n):
+            for _ in range(reps if size <= 1 << 20 else max(5, reps // 10) if size <= 64 << 20 else 5):
                 t = torch.ones(size // 4)
                 start = time.perf_counter()
                 await ext.describe(t)
                 fresh.append((time.perf_counter() - start) * 1e6)
                 del t
-            figures["fresh"] = fresh
-            await ext.keep(None)
-            del shared
-            for kind, samples in figures.items():
-                median, p99 = median_p99(samples)
-                r = Result(f"tensor.{kind}.{size}", "tensors", f"tensor {label}, {_TENSOR_LABELS[kind]}", median, "us",
-                           p99=p99, size=size, series=f"tensor, {_TENSOR_LABELS[kind]}", samples=len(samples))
-                if kind == "shared" and size > 1024:
-                    r.baseline = "tensor.shared.1024"
-                    if size == max(sizes):  # 1 GiB; in quick mode the largest measured
-                        r.target, r.target_note = 1.5, "<= 1.5x an already-shared 1 KiB tensor"
-                if kind == "returned":
-                    r.baseline, r.target = "tensor.small_call", 2.0
-                    r.target_note = "<= 2x a small call"
-                if kind == "shared" and size == 64 << 20:
-                    r.classic_target = 3.0
-                    r.target_note = ">= 3x faster than pyisolate 0.10.2"
-                results.append(r)
+            samples[f"fresh.{size}"] = fresh
+    median, p99 = median_p99(samples["small"])
+    results.append(Result("tensor.small_call", "tensors", "small call to the share_torch extension", median,
+                          "us", p99=p99, samples=len(samples["small"])))
+    for size in sizes:
+        label = size_label(size)
+        for kind in ("shared", "returned", "roundtrip", "fresh"):
+            median, p99 = median_p99(samples[f"{kind}.{size}"])
+            r = Result(f"tensor.{kind}.{size}", "tensors", f"tensor {label}, {_TENSOR_LABELS[kind]}", median, "us",
+                       p99=p99, size=size, series=f"tensor, {_TENSOR_LABELS[kind]}",
+                       samples=len(samples[f"{kind}.{size}"]))
+            if kind == "shared" and size > sizes[0]:
+                r.baseline = f"tensor.shared.{sizes[0]}"
+                if size == max(sizes):  # 1 GiB; in quick mode the largest measured
+                    r.target, r.target_note = 1.5, f"<= 1.5x an already-shared {size_label(sizes[0])} tensor"
+            if kind == "returned":
+                r.baseline, r.target = "tensor.small_call", 2.0
+                r.target_note = "<= 2x a small call"
+            if kind == "shared" and size == 64 << 20:
+                r.classic_target = 3.0
+                r.target_note = ">= 3x faster than pyisolate 0.10.2"
+            results.append(r)
     return results
 
 

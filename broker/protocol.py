@@ -59,7 +59,7 @@ class Kind(enum.IntEnum):
     REFUSED      reason (str)                                empty
     READY        (none)                                      {methods: [str, ...]}
     LOAD_FAILED  (none)                                      encoded exception
-    CALL         method, ref_id, chain_owner, chain_id       [args, kwargs]
+    CALL         method, ref_id, chain_owner, chain_id[, acks] [args, kwargs]
     RESULT       (none), or mode ("" or "stream") and acks   encoded value; nothing for a stream
     ERROR        (none), or "" and acks                      encoded exception
     UNROUTABLE   destination (str), reason (str)             the original header, verbatim

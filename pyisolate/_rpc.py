@@ -102,6 +102,9 @@ class Endpoint(StreamEndpoint):
         self._serving: dict[tuple[bytes, int], asyncio.Task[Any] | concurrent.futures.Future[Any]] = {}
         # Segments received in a CALL, acknowledged with its answer (no ACK message of their own).
         self._call_acks: dict[tuple[bytes, int], list[str]] = {}
+        # Segments received in answers, events and items, acknowledged with the next CALL to
+        # their sender (or an ACK message at the end of this turn of the loop).
+        self._owed_acks: dict[bytes, list[str]] = {}
 
     @property
     def root(self) -> object:
@@ -150,7 +153,13 @@ class Endpoint(StreamEndpoint):
         call_id = self._next_id
         try:
             body, buffers = self._encode(target, [list(args), kwargs], origin_loop)
-            header = pack_header(Kind.CALL, call_id, method, ref_id, chain[0], chain[1])
+            owed = self._owed_acks.pop(target, None)  # acknowledgements this call can carry
+            if owed is not None and len(owed) <= _ACKS_PER_HEADER:
+                header = pack_header(Kind.CALL, call_id, method, ref_id, chain[0], chain[1], owed)
+            else:
+                if owed:
+                    self._send_acks(target, owed)
+                header = pack_header(Kind.CALL, call_id, method, ref_id, chain[0], chain[1])
             if timeout is None:
                 timeout = self.default_timeout
             return await self._request(target, call_id, header, body, buffers, timeout, method)
@@ -253,6 +262,7 @@ class Endpoint(StreamEndpoint):
         self.exports.drop_receiver(peer)
         for key in [k for k in self._call_acks if k[0] == peer]:
             del self._call_acks[key]
+        self._owed_acks.pop(peer, None)
         _shm.drop_peer(peer)
 
     async def aclose(self) -> None:
@@ -312,7 +322,25 @@ class Endpoint(StreamEndpoint):
             return decode(body, buffers, self)
         finally:
             if received and acks is None:  # we hold our own names for these segments now: unpin
-                self._send_acks(sender, received)
+                self._owe_acks(sender, received)
+
+    def _owe_acks(self, peer: bytes, names: list[str]) -> None:
+        """Acknowledge segments received outside a CALL: with our next CALL to ``peer`` if it
+        leaves in this turn of the loop (a caller awaiting an answer usually calls again), else
+        with an ACK message of their own at the end of the turn."""
+        owed = self._owed_acks.get(peer)
+        if owed is None:
+            self._owed_acks[peer] = list(names)
+            # Two hops: an answer's future wakes its awaiting task in the next turn, and that
+            # task's next call must get the chance to carry these first.
+            self.loop.call_soon(self.loop.call_soon, self._flush_acks, peer)
+        else:
+            owed.extend(names)
+
+    def _flush_acks(self, peer: bytes) -> None:
+        names = self._owed_acks.pop(peer, None)
+        if names:
+            self._send_acks(peer, names)
 
     def _send_acks(self, dest: bytes, names: list[str]) -> None:
         for i in range(0, len(names), _ACKS_PER_HEADER):  # headers are small by rule
@@ -414,6 +442,11 @@ class Endpoint(StreamEndpoint):
         acks: list[str] = []
         key = (sender, call_id)
         try:
+            if len(extra) == 5:  # acks riding with the call
+                acked = extra.pop()
+                if not isinstance(acked, list):
+                    raise ProtocolError("a CALL header's fifth field must be a list of segment names")
+                _shm.unpin(sender, acked)
             method, ref_id, chain_owner, chain_id = call_fields(extra)
             fn, kind, loop = self._target(method, ref_id, sender)
             try:

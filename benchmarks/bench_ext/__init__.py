@@ -28,12 +28,14 @@ class Bench(ExtensionBase):
     async def same(self, value):
         return value
 
-    async def keep(self, tensor):
-        self.kept = tensor  # hold it: later calls return an already-shared tensor
+    async def keep(self, key, tensor):
+        """Hold ``tensor`` (None: drop it); kept_tensor(key) returns it, already shared."""
+        self.kept = getattr(self, "kept", {})
+        self.kept[key] = tensor
         return None if tensor is None else tensor.numel()
 
-    async def kept_tensor(self):
-        return self.kept
+    async def kept_tensor(self, key):
+        return self.kept[key]
 
     async def singleton_loop(self, count, warmup):
         return await _time(BenchService().echo, count, warmup)

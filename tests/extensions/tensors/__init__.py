@@ -24,6 +24,9 @@ class Tensors(ExtensionBase):
     def fill(self, t, value):
         t.fill_(value)
 
+    def pinned(self):
+        return pyisolate._shm.pinned()
+
     def make(self, n):
         return torch.arange(n, dtype=torch.float32)
 
