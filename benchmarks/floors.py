@@ -23,7 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import msgpack
@@ -101,6 +101,23 @@ while True:
 """
 
 
+def _send_frames(sock: Any, frames: list[Any]) -> bool:
+    """Send one message (frames under 64 KiB copied, larger ones not); True if one waits to be read."""
+    last = len(frames) - 1
+    for i, frame in enumerate(frames):
+        _send(sock, frame, _MORE if i < last else _LAST, len(frame) < 65536, False)
+    return bool(_get(sock, _EVENTS) & _POLLIN)
+
+
+def _queued(sock: Any) -> Iterator[list[bytes]]:
+    """Every message queued on ``sock`` now (the descriptor is edge-triggered: drain it all)."""
+    while _get(sock, _EVENTS) & _POLLIN:
+        frames = [_recv(sock, _LAST, True, False)]
+        while _get(sock, _RCVMORE):
+            frames.append(_recv(sock, _LAST, True, False))
+        yield frames
+
+
 async def _spawn(*args: str) -> asyncio.subprocess.Process:
     return await asyncio.create_subprocess_exec(sys.executable, "-c", *args, stdout=asyncio.subprocess.PIPE)
 
@@ -157,18 +174,11 @@ class DirectFloor:
                 future.set_result(frames[2])
 
     def _send(self, frames: list[Any]) -> None:
-        last = len(frames) - 1
-        for i, frame in enumerate(frames):
-            _send(self.sock, frame, _MORE if i < last else _LAST, len(frame) < 65536, False)
-        if _get(self.sock, _EVENTS) & _POLLIN:
+        if _send_frames(self.sock, frames):
             self.loop.call_soon(self._drain)
 
     def _drain(self) -> None:
-        sock = self.sock
-        while _get(sock, _EVENTS) & _POLLIN:
-            frames = [_recv(sock, _LAST, True, False)]
-            while _get(sock, _RCVMORE):
-                frames.append(_recv(sock, _LAST, True, False))
+        for frames in _queued(self.sock):
             if frames[1] == b"ready":
                 self.pending.pop(0).set_result(frames[0])
                 continue
@@ -243,18 +253,11 @@ class _Relay:
         self.loop.add_reader(self.fd, self._drain)
 
     def _send(self, frames: list[Any]) -> None:
-        last = len(frames) - 1
-        for i, frame in enumerate(frames):
-            _send(self.sock, frame, _MORE if i < last else _LAST, True, False)
-        if _get(self.sock, _EVENTS) & _POLLIN:
+        if _send_frames(self.sock, frames):
             self.loop.call_soon(self._drain)
 
     def _drain(self) -> None:
-        sock = self.sock
-        while _get(sock, _EVENTS) & _POLLIN:
-            frames = [_recv(sock, _LAST, True, False)]
-            while _get(sock, _RCVMORE):
-                frames.append(_recv(sock, _LAST, True, False))
+        for frames in _queued(self.sock):
             if frames[1] == b"ready":
                 self.joined.put_nowait(frames[0])
                 self._send([frames[0], b"ok", b""])

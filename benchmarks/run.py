@@ -8,8 +8,9 @@ size). Every figure with a floor is shown as a ratio to that floor, measured in 
   --quick    a subset with fewer samples, in under a minute (CI runs it with --check)
   --compare  also measure the classic pyisolate 0.10.2 from the package registry, in a
              throwaway venv, and show how many times faster pyisolate is
-  --check    exit 1 when a target is missed by more than 2x (a ratio over twice its target),
-             so a change that slows the call path fails CI
+  --check    exit 1 when a target is missed by more than 2x (a ratio over twice its target)
+             in two runs in a row, so a change that slows the call path fails CI and a burst
+             of load from another job does not
 """
 
 from __future__ import annotations
@@ -155,6 +156,10 @@ def draw_chart(results: list[Result], path: Path) -> bool:
     return True
 
 
+def _failed_checks(results: list[Result]) -> list[Result]:
+    return [r for r in results if r.ci_check and r.verdict(CHECK_SLACK) is False]
+
+
 def _progress(what: str) -> None:
     print(f"-- {what}", file=sys.stderr, flush=True)
 
@@ -195,7 +200,18 @@ def main() -> int:
     common.resolve(results)
     print_table(results)
     missed = [r for r in results if r.verdict() is False]
-    failed = [r for r in results if r.ci_check and r.verdict(CHECK_SLACK) is False]
+    failed = _failed_checks(results)
+    first_failed: list[str] = []
+    if args.check and failed:
+        # A burst of load from another job must not fail CI, a slower call path must: measure
+        # once more, and fail only what misses in both runs.
+        first_failed = [r.name for r in failed]
+        _progress(f"past 2x the target: {', '.join(first_failed)}; measuring again")
+        again = {r.name: r for r in asyncio.run(run_suite(args.work, args.quick, with_torch))}
+        common.resolve(list(again.values()))
+        failed = [r for r in failed if again[r.name].ci_check and again[r.name].verdict(CHECK_SLACK) is False]
+        notes.append(f"past 2x the target in the first run: {', '.join(first_failed)}; "
+                     f"in the second too: {', '.join(r.name for r in failed) or 'none'}")
     chart = args.out / "chart.png"
     drew = draw_chart(results, chart)
     if not drew:
@@ -208,6 +224,7 @@ def main() -> int:
         "results": [dataclasses.asdict(r) for r in results],
         "missed_targets": [r.name for r in missed],
         "failed_checks": [r.name for r in failed],
+        "failed_first_run": first_failed,
         "notes": notes,
     }
     (args.out / "results.json").write_text(json.dumps(report, indent=1))

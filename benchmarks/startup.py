@@ -238,24 +238,12 @@ async def _measure(work: Path, quick: bool) -> list[common.Result]:
     child, bare = [pair[0] for pair in pairs], [pair[1] for pair in pairs]
     child_uss = statistics.median(m["uss"] for m in child)
     bare_uss = statistics.median(m["uss"] for m in bare)
-    results.append(
-        _result(
-            "memory.torch.uss",
-            "idle share_torch extension (torch imported), USS",
-            [m["uss"] for m in child],
-            "MB",
-            extra={"pss": round(statistics.median(m["pss"] for m in child), 1)},
-        )
-    )
-    results.append(
-        _result(
-            "memory.torch.baseline",
-            "bare `python -c 'import torch'`, USS",
-            [m["uss"] for m in bare],
-            "MB",
-            extra={"pss": round(statistics.median(m["pss"] for m in bare), 1)},
-        )
-    )
+    for name, label, measured in (
+        ("memory.torch.uss", "idle share_torch extension (torch imported), USS", child),
+        ("memory.torch.baseline", "bare `python -c 'import torch'`, USS", bare),
+    ):
+        pss = round(statistics.median(m["pss"] for m in measured), 1)
+        results.append(_result(name, label, [m["uss"] for m in measured], "MB", extra={"pss": pss}))
     results.append(
         common.Result(
             name="memory.torch.extra",

@@ -79,6 +79,7 @@ class SocketPump:
         self._on_message = on_message
         self._fd: int = sock.getsockopt(zmq.FD)  # type: ignore[assignment]  # an int on POSIX
         self._scheduled = False
+        self._draining = False
         self._closed = False
         loop.add_reader(self._fd, self._drain)
         # Messages may already be queued (edge already fired before we registered).
@@ -94,8 +95,9 @@ class SocketPump:
         try:
             send_frames(self._sock, frames)
         finally:
-            # A send processes pending socket commands and can swallow the read edge.
-            if not self._scheduled and _get(self._sock, _EVENTS) & _POLLIN:
+            # A send processes pending socket commands and can swallow the read edge. (Inside a
+            # drain there is no need to look: the drain reads EVENTS before it stops.)
+            if not (self._scheduled or self._draining) and _get(self._sock, _EVENTS) & _POLLIN:
                 self._schedule()
 
     def close(self) -> None:
@@ -116,6 +118,13 @@ class SocketPump:
         self._scheduled = False
         if self._closed:
             return
+        self._draining = True
+        try:
+            self._drain_batch()
+        finally:
+            self._draining = False
+
+    def _drain_batch(self) -> None:
         sock = self._sock
         for _ in range(_BATCH):
             try:
