@@ -5,8 +5,9 @@
 - *bare floor*: the same exchange with the least an asyncio caller can pay: ``add_reader`` on
   the socket's descriptor, pyzmq's compiled send/recv, one future per call. pyisolate's own
   socket pump works this way, so this is the floor it is measured against in earnest.
-- *relay floor*: a bare ROUTER in this process relays between two DEALER processes; the
-  client (a blocking loop) times its own calls to the echo process through it.
+- *relay floor*: the direct floor's ROUTER (``zmq.asyncio``) relays between two DEALER
+  processes; the client (a blocking loop) times its own calls to the echo process through it.
+  The *bare relay floor* is the same with the bare floor's ROUTER.
 - *pipe floor*: a ``multiprocessing.Pipe`` round trip (``send_bytes``/``recv_bytes`` of
   msgpack, to a child process that is handed the pipe's descriptor; no pickle).
 
@@ -238,19 +239,37 @@ async def throughput(call: Callable[[], Awaitable[Any]], in_flight: int, total: 
 
 
 class _Relay:
-    """A bare ROUTER relay on the running loop: [from, to, ...] becomes [to, from, ...]."""
+    """A ROUTER relay on the running loop: [from, to, ...] becomes [to, from, ...].
 
-    def __init__(self) -> None:
+    ``style`` as for DirectFloor: "asyncio" awaits each message on ``zmq.asyncio`` sockets,
+    "bare" drives the socket from ``add_reader`` with pyzmq's compiled calls.
+    """
+
+    def __init__(self, style: str) -> None:
         self.loop = asyncio.get_running_loop()
-        self.ctx: zmq.Context[Any] = zmq.Context()
-        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.ctx: zmq.Context[Any] = zmq.asyncio.Context() if style == "asyncio" else zmq.Context()
+        self.sock: Any = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.dir = tempfile.TemporaryDirectory(prefix="pyisolate-floor-")
         self.endpoint = f"ipc://{self.dir.name}/relay"
         self.sock.bind(self.endpoint)
         self.joined: asyncio.Queue[bytes] = asyncio.Queue()
-        self.fd = self.sock.getsockopt(zmq.FD)
-        self.loop.add_reader(self.fd, self._drain)
+        self.fd: int | None = None
+        self.task: asyncio.Task[None] | None = None
+        if style == "asyncio":
+            self.task = asyncio.create_task(self._relay())
+        else:
+            self.fd = self.sock.getsockopt(zmq.FD)
+            self.loop.add_reader(self.fd, self._drain)
+
+    async def _relay(self) -> None:
+        while True:
+            frames = await self.sock.recv_multipart()
+            if frames[1] == b"ready":
+                self.joined.put_nowait(frames[0])
+                await self.sock.send_multipart([frames[0], b"ok", b""])
+            else:
+                await self.sock.send_multipart([frames[1], frames[0], *frames[2:]])
 
     def _send(self, frames: list[Any]) -> None:
         if _send_frames(self.sock, frames):
@@ -264,8 +283,12 @@ class _Relay:
             else:
                 self._send([frames[1], frames[0], *frames[2:]])
 
-    def close(self) -> None:
-        self.loop.remove_reader(self.fd)
+    async def close(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            await asyncio.gather(self.task, return_exceptions=True)
+        if self.fd is not None:
+            self.loop.remove_reader(self.fd)
         self.sock.close()
         self.ctx.term()
         self.dir.cleanup()
@@ -274,13 +297,19 @@ class _Relay:
 class RelayFloor:
     """A client process calls an echo process through a relay ROUTER in this process."""
 
+    def __init__(self, style: str) -> None:
+        self.style = style
+        self.relay: _Relay | None = None
+        self.echo: asyncio.subprocess.Process | None = None
+
     async def start(self) -> None:
-        self.relay = _Relay()
+        self.relay = _Relay(self.style)
         self.echo = await _spawn(ECHO, self.relay.endpoint, "echo")
         await self.relay.joined.get()
 
     async def run(self, count: int, warmup: int, in_flight: int = 1, total: int = 0) -> dict[str, Any]:
         """Latency samples (us) of ``count`` calls, and the rate with ``in_flight`` outstanding."""
+        assert self.relay is not None
         client = await _spawn(RELAY_CLIENT, self.relay.endpoint, str(count), str(warmup), str(in_flight), str(total))
         try:
             assert client.stdout is not None
@@ -292,8 +321,10 @@ class RelayFloor:
             await _stop(client)
 
     async def close(self) -> None:
-        await _stop(self.echo)
-        self.relay.close()
+        if self.echo is not None:
+            await _stop(self.echo)
+        if self.relay is not None:
+            await self.relay.close()
 
 
 def pipe_samples(count: int, warmup: int) -> list[float]:

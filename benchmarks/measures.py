@@ -32,7 +32,8 @@ class Setup:
         self.exts: dict[str, Any] = {}
         self.direct = floors.DirectFloor("asyncio")
         self.bare = floors.DirectFloor("bare")
-        self.relay = floors.RelayFloor()
+        self.relay = floors.RelayFloor("asyncio")
+        self.bare_relay = floors.RelayFloor("bare")
 
     async def __aenter__(self) -> Setup:
         config = pyisolate.ExtensionManagerConfig(venv_root_path=self.work / "venvs")
@@ -44,6 +45,7 @@ class Setup:
             await self.direct.start()
             await self.bare.start()
             await self.relay.start()
+            await self.bare_relay.start()
         except BaseException:
             await self.__aexit__()
             raise
@@ -53,8 +55,8 @@ class Setup:
         for floor in (self.direct, self.bare):
             if floor.proc is not None:
                 await floor.close()
-        if hasattr(self.relay, "relay"):
-            await self.relay.close()
+        await self.relay.close()
+        await self.bare_relay.close()
         if self.manager is not None:
             await self.manager.stop_all()
 
@@ -77,13 +79,14 @@ async def small_calls(s: Setup, count: int, rounds: int) -> list[Result]:
             out.append((time.perf_counter() - start) * 1e6)
         return out
 
-    async def relay_block() -> list[float]:
-        return list((await s.relay.run(block, 20))["samples"])
+    async def relay_block(floor: floors.RelayFloor) -> list[float]:
+        return list((await floor.run(block, 20))["samples"])
 
     contenders: dict[str, Callable[[], Awaitable[list[float]]]] = {
         "floor.direct": lambda: time_calls(s.direct.small, block, 20),
         "floor.bare": lambda: time_calls(s.bare.small, block, 20),
-        "floor.relay": relay_block,
+        "floor.relay": lambda: relay_block(s.relay),
+        "floor.relay.bare": lambda: relay_block(s.bare_relay),
         "floor.pipe": lambda: asyncio.to_thread(floors.pipe_samples, block, 20),
         "call.host_ext.async": lambda: time_calls(lambda: bench.aecho(1), block, 20),
         "call.host_ext.plain": lambda: time_calls(lambda: bench.echo(1), block, 20),
@@ -98,7 +101,8 @@ async def small_calls(s: Setup, count: int, rounds: int) -> list[Result]:
     meta = {
         "floor.direct": ("direct floor: zmq.asyncio ROUTER <-> DEALER", None, None, ""),
         "floor.bare": ("bare floor: add_reader ROUTER <-> DEALER", None, None, ""),
-        "floor.relay": ("relay floor: DEALER -> ROUTER -> DEALER", None, None, ""),
+        "floor.relay": ("relay floor: DEALER -> zmq.asyncio ROUTER -> DEALER", None, None, ""),
+        "floor.relay.bare": ("bare relay floor: DEALER -> add_reader ROUTER -> DEALER", None, None, ""),
         "floor.pipe": ("multiprocessing.Pipe round trip", None, None, ""),
         "call.host_ext.async": ("host -> extension, async method", "floor.direct", 1.25,
                                 "<= 1.25x direct floor; >= 1.6x faster than pyisolate 0.10.2"),
@@ -113,8 +117,9 @@ async def small_calls(s: Setup, count: int, rounds: int) -> list[Result]:
         group = "floors" if name.startswith("floor") else "small call"
         r = Result(name, group, label, median, "us", p99=p99, baseline=baseline, target=target, target_note=note,
                    samples=len(samples[name]))
-        if baseline == "floor.direct":
-            r.extra["x_bare_floor"] = median / median_p99(samples["floor.bare"])[0]
+        if baseline in ("floor.direct", "floor.relay"):
+            bare = "floor.bare" if baseline == "floor.direct" else "floor.relay.bare"
+            r.extra["x_bare_floor"] = median / median_p99(samples[bare])[0]
         results.append(r)
     _find(results, "call.host_ext.async").classic_target = 1.6
     return results
@@ -126,6 +131,7 @@ async def throughputs(s: Setup, total: int) -> list[Result]:
     direct = await s.direct.throughput(IN_FLIGHT, total)
     bare = await s.bare.throughput(IN_FLIGHT, total)
     relay = (await s.relay.run(10, 10, IN_FLIGHT, total))["rate"]
+    bare_relay = (await s.bare_relay.run(10, 10, IN_FLIGHT, total))["rate"]
     host_ext = await floors.throughput(lambda: bench.aecho(1), IN_FLIGHT, total)
     ext_singleton = await bench.singleton_throughput(IN_FLIGHT, total)
     ext_ext = await bench.peer_throughput("bench2", IN_FLIGHT, total)
@@ -134,6 +140,7 @@ async def throughputs(s: Setup, total: int) -> list[Result]:
         Result("throughput.floor.direct", "floors", "direct floor, 64 in flight", direct, "calls/s"),
         Result("throughput.floor.bare", "floors", "bare floor, 64 in flight", bare, "calls/s"),
         Result("throughput.floor.relay", "floors", "relay floor, 64 in flight", relay, "calls/s"),
+        Result("throughput.floor.relay.bare", "floors", "bare relay floor, 64 in flight", bare_relay, "calls/s"),
         Result("throughput.host_ext", group, "host -> extension", host_ext, "calls/s",
                baseline="throughput.floor.direct", target=1 / 0.8, classic_target=4.0,
                target_note=">= 0.8x the direct floor's rate; >= 4x pyisolate 0.10.2's",
@@ -141,7 +148,7 @@ async def throughputs(s: Setup, total: int) -> list[Result]:
         Result("throughput.ext_singleton", group, "extension -> host singleton", ext_singleton, "calls/s",
                baseline="throughput.floor.direct"),
         Result("throughput.ext_ext", group, "extension -> extension", ext_ext, "calls/s",
-               baseline="throughput.floor.relay"),
+               baseline="throughput.floor.relay", extra={"x_bare_floor": bare_relay / ext_ext}),
     ]
 
 

@@ -3,7 +3,8 @@
     .venv/bin/python benchmarks/run.py [--quick] [--compare] [--check] [--out DIR]
 
 Prints a table, writes DIR/results.json and draws DIR/chart.png (time against payload
-size). Every figure with a floor is shown as a ratio to that floor, measured in the same run.
+size). Every figure with a floor is shown as a ratio to that floor, measured in the same run
+("x bare": the ratio to the bare floor, the least an asyncio caller can pay).
 
   --quick    a subset with fewer samples, in under a minute (CI runs it with --check)
   --compare  also measure the classic pyisolate 0.10.2 from the package registry, in a
@@ -92,7 +93,8 @@ def print_table(results: list[Result]) -> None:
     groups: dict[str, list[Result]] = {}
     for r in results:
         groups.setdefault(r.group, []).append(r)
-    header = f"{'measure':<52}{'median':>11}{'p99':>10}{'ratio':>8}{'target':>8}{'0.10.2':>10}{'x faster':>9}  ok"
+    header = (f"{'measure':<52}{'median':>11}{'p99':>10}{'ratio':>8}{'target':>8}{'x bare':>8}{'0.10.2':>10}"
+              f"{'x faster':>9}  ok")
     for group, items in groups.items():
         print(f"\n== {group} ==")
         print(header)
@@ -103,7 +105,8 @@ def print_table(results: list[Result]) -> None:
             faster = f"{r.classic_ratio:.1f}" if r.classic_ratio is not None else "-"
             verdict = {True: "yes", False: "NO", None: ""}[r.verdict()]
             p99 = _fmt(r.p99, r.unit) if r.p99 is not None else "-"
-            print(f"{r.label[:51]:<52}{_fmt(r.value, r.unit):>11}{p99:>10}{ratio:>8}{target:>8}{classic:>10}"
+            bare = f"{r.extra['x_bare_floor']:.2f}" if "x_bare_floor" in r.extra else "-"
+            print(f"{r.label[:51]:<52}{_fmt(r.value, r.unit):>11}{p99:>10}{ratio:>8}{target:>8}{bare:>8}{classic:>10}"
                   f"{faster:>9}  {verdict}")
 
 

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 #: What the quick mode must measure, at least: the issue's measures and their floors.
 EXPECTED = {
-    "floor.direct", "floor.bare", "floor.relay", "floor.pipe",
+    "floor.direct", "floor.bare", "floor.relay", "floor.relay.bare", "floor.pipe",
     "call.host_ext.async", "call.host_ext.plain", "call.sync_thread", "call.ext_singleton", "call.ext_ext",
     "throughput.floor.direct", "throughput.floor.relay", "throughput.host_ext", "throughput.ext_singleton",
     "throughput.ext_ext",

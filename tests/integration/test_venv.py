@@ -216,7 +216,9 @@ async def test_cancel_while_waiting_for_the_lock_leaks_no_lock(tmp_path: Path) -
     events: list[ProgressEvent] = []
     async with asyncio.timeout(DEADLINE):  # would hang if the cancelled waiter kept the lock
         await ensure_venv(venv_root=tmp_path, name="ext", dependencies=[], progress=events.append)
-    assert _steps(events) == ["creating", "done"]
+    # The cancelled waiter's thread may still hold the lock for a moment once it is free (its
+    # descriptor is closed by a callback on the loop): this build may wait for that, then builds.
+    assert _steps(events) in (["creating", "done"], ["waiting", "creating", "done"])
 
 
 async def test_runtime_dir_shares_only_the_runtime(tmp_path: Path) -> None:
