@@ -129,7 +129,25 @@ async def _stop(proc: asyncio.subprocess.Process) -> None:
     await proc.wait()
 
 
-class DirectFloor:
+class _BareRouter:
+    """The bare way to drive a ROUTER from a loop: ``add_reader`` calls ``_drain``."""
+
+    sock: Any
+    loop: asyncio.AbstractEventLoop
+
+    def _send(self, frames: list[Any]) -> None:
+        if _send_frames(self.sock, frames):
+            self.loop.call_soon(self._drain)
+
+    def _drain(self) -> None:
+        for frames in _queued(self.sock):
+            self._handle(frames)
+
+    def _handle(self, frames: list[bytes]) -> None:
+        raise NotImplementedError
+
+
+class DirectFloor(_BareRouter):
     """A ROUTER on the running loop talking to an echo DEALER process.
 
     ``style="asyncio"``: the obvious asyncio program, ``zmq.asyncio`` sockets awaited per
@@ -174,18 +192,13 @@ class DirectFloor:
             if future is not None:
                 future.set_result(frames[2])
 
-    def _send(self, frames: list[Any]) -> None:
-        if _send_frames(self.sock, frames):
-            self.loop.call_soon(self._drain)
-
-    def _drain(self) -> None:
-        for frames in _queued(self.sock):
-            if frames[1] == b"ready":
-                self.pending.pop(0).set_result(frames[0])
-                continue
-            future = self.pending.pop(msgpack.unpackb(frames[1])[1], None)
-            if future is not None:
-                future.set_result(frames[2])
+    def _handle(self, frames: list[bytes]) -> None:
+        if frames[1] == b"ready":
+            self.pending.pop(0).set_result(frames[0])
+            return
+        future = self.pending.pop(msgpack.unpackb(frames[1])[1], None)
+        if future is not None:
+            future.set_result(frames[2])
 
     async def _call(self, header: bytes, call_id: int, body: Any) -> bytes:
         future = self.loop.create_future()
@@ -238,7 +251,7 @@ async def throughput(call: Callable[[], Awaitable[Any]], in_flight: int, total: 
     return per_lane * in_flight / (time.perf_counter() - start)
 
 
-class _Relay:
+class _Relay(_BareRouter):
     """A ROUTER relay on the running loop: [from, to, ...] becomes [to, from, ...].
 
     ``style`` as for DirectFloor: "asyncio" awaits each message on ``zmq.asyncio`` sockets,
@@ -271,17 +284,12 @@ class _Relay:
             else:
                 await self.sock.send_multipart([frames[1], frames[0], *frames[2:]])
 
-    def _send(self, frames: list[Any]) -> None:
-        if _send_frames(self.sock, frames):
-            self.loop.call_soon(self._drain)
-
-    def _drain(self) -> None:
-        for frames in _queued(self.sock):
-            if frames[1] == b"ready":
-                self.joined.put_nowait(frames[0])
-                self._send([frames[0], b"ok", b""])
-            else:
-                self._send([frames[1], frames[0], *frames[2:]])
+    def _handle(self, frames: list[bytes]) -> None:
+        if frames[1] == b"ready":
+            self.joined.put_nowait(frames[0])
+            self._send([frames[0], b"ok", b""])
+        else:
+            self._send([frames[1], frames[0], *frames[2:]])
 
     async def close(self) -> None:
         if self.task is not None:

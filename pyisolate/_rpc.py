@@ -31,14 +31,12 @@ from . import _shm
 from ._codec import DecodeError, decode, encode, encode_exception
 from ._refs import FLAG_ACTOR, FLAG_ASYNC, ActorProxy, ExportTable, RefProxy, is_async_callable
 from ._dispatch import ASYNC, GEN, PLAIN, call_fields, kind_of, public_methods, resolve_method
+from ._rpc_flow import FlowEndpoint
 from ._rpc_streams import StreamEndpoint
 from ._streams import Producer, RemoteStream
 from .errors import CallTimeoutError, EncodeError, ProtocolError, UnroutableError
 
 __all__ = ["CHAIN", "Endpoint", "public_methods", "resolve_method"]  # the last two: re-exported
-
-#: Segment names per ACK (or answer) header: MAX_HEADER_BYTES holds this many with room to spare.
-_ACKS_PER_HEADER = 64
 
 logger = logging.getLogger("pyisolate.rpc")
 
@@ -51,7 +49,7 @@ Send = Callable[[bytes, list[Any]], None]
 Control = Callable[[bytes, Kind, int, list[object], bytes, list[bytes]], None]
 
 
-class Endpoint(StreamEndpoint):
+class Endpoint(StreamEndpoint, FlowEndpoint):
     """The RPC machinery of one actor."""
 
     def __init__(
@@ -153,13 +151,7 @@ class Endpoint(StreamEndpoint):
         call_id = self._next_id
         try:
             body, buffers = self._encode(target, [list(args), kwargs], origin_loop)
-            owed = self._owed_acks.pop(target, None)  # acknowledgements this call can carry
-            if owed is not None and len(owed) <= _ACKS_PER_HEADER:
-                header = pack_header(Kind.CALL, call_id, method, ref_id, chain[0], chain[1], owed)
-            else:
-                if owed:
-                    self._send_acks(target, owed)
-                header = pack_header(Kind.CALL, call_id, method, ref_id, chain[0], chain[1])
+            header = self._call_header(target, call_id, method, ref_id, chain)
             if timeout is None:
                 timeout = self.default_timeout
             return await self._request(target, call_id, header, body, buffers, timeout, method)
@@ -202,30 +194,7 @@ class Endpoint(StreamEndpoint):
             raise
         finally:
             self._pending.pop(call_id, None)
-            self._in_flight[target] -= 1
-            waiters = self._slot_waiters.get(target)
-            while waiters:
-                waiter = waiters.popleft()
-                if not waiter.done():
-                    waiter.set_result(None)
-                    break
-
-    async def _wait_for_slot(self, target: bytes) -> None:
-        """Wait (first come, first served) until fewer than max_in_flight calls to target are open."""
-        waiters = self._slot_waiters.setdefault(target, collections.deque())
-        while self._in_flight.get(target, 0) >= self.max_in_flight:
-            waiter = self.loop.create_future()
-            waiters.append(waiter)
-            try:
-                await waiter
-            except asyncio.CancelledError:
-                if waiter.done() and not waiter.cancelled():  # woken and cancelled: wake the next one
-                    while waiters:
-                        other = waiters.popleft()
-                        if not other.done():
-                            other.set_result(None)
-                            break
-                raise
+            self._free_slot(target)
 
     def emit(self, dest: bytes, name: str, value: object) -> None:
         """Send event ``name`` to ``dest`` without waiting; callable from any thread."""
@@ -323,38 +292,6 @@ class Endpoint(StreamEndpoint):
         finally:
             if received and acks is None:  # we hold our own names for these segments now: unpin
                 self._owe_acks(sender, received)
-
-    def _owe_acks(self, peer: bytes, names: list[str]) -> None:
-        """Acknowledge segments received outside a CALL: with our next CALL to ``peer`` if it
-        leaves in this turn of the loop (a caller awaiting an answer usually calls again), else
-        with an ACK message of their own at the end of the turn."""
-        owed = self._owed_acks.get(peer)
-        if owed is None:
-            self._owed_acks[peer] = list(names)
-            # Two hops: an answer's future wakes its awaiting task in the next turn, and that
-            # task's next call must get the chance to carry these first.
-            self.loop.call_soon(self.loop.call_soon, self._flush_acks, peer)
-        else:
-            owed.extend(names)
-
-    def _flush_acks(self, peer: bytes) -> None:
-        names = self._owed_acks.pop(peer, None)
-        if names:
-            self._send_acks(peer, names)
-
-    def _send_acks(self, dest: bytes, names: list[str]) -> None:
-        for i in range(0, len(names), _ACKS_PER_HEADER):  # headers are small by rule
-            self._send_quiet(dest, [pack_header(Kind.ACK, 0, names[i:i + _ACKS_PER_HEADER]), b""])
-
-    def _answer_header(self, kind: Kind, sender: bytes, call_id: int, mode: str = "") -> bytes:
-        """The header of a CALL's answer, carrying the acknowledgement of what the CALL shared."""
-        acks = self._call_acks.pop((sender, call_id), None)
-        if acks is None:
-            return pack_header(kind, call_id, mode) if mode else pack_header(kind, call_id)
-        if len(acks) > _ACKS_PER_HEADER:
-            self._send_acks(sender, acks)
-            return pack_header(kind, call_id, mode) if mode else pack_header(kind, call_id)
-        return pack_header(kind, call_id, mode, acks)
 
     def resolve(self, owner: str, ref_id: int, flags: int) -> object:
         name = owner.encode()
