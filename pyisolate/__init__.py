@@ -7,7 +7,6 @@ which import ``pyisolate`` for ``ExtensionBase``, start with the least code poss
 
 from __future__ import annotations
 
-import logging
 from typing import TYPE_CHECKING, Any
 
 from ._base import ExtensionBase
@@ -35,8 +34,7 @@ if TYPE_CHECKING:
     from ._singleton import ProxiedSingleton
     from ._blocking import sync
     from ._sync import SyncExtensionManager
-    from ._venv import ProgressEvent, ProgressStep
-    from ._progress import ProgressDisplay
+    from ._progress import ProgressDisplay, ProgressEvent, ProgressStep
     from ._discovery import discover
 
 __all__ = [
@@ -82,8 +80,8 @@ _LAZY = {
     "Extension": "._extension",
     "ExtensionManager": "._manager",
     "ProgressDisplay": "._progress",
-    "ProgressEvent": "._venv",
-    "ProgressStep": "._venv",
+    "ProgressEvent": "._progress",
+    "ProgressStep": "._progress",
     "ProxiedSingleton": "._singleton",
     "SyncExtensionManager": "._sync",
     "discover": "._discovery",

@@ -96,7 +96,8 @@ class _Job:
 
 async def _build_one(config: _Job, root: Path, display: Callable[[Any], None]) -> dict[str, Any]:
     from ._runtime import runtime_dir
-    from ._venv import ProgressStep, ensure_venv
+    from ._progress import ProgressStep
+    from ._venv import ensure_venv
 
     started = time.monotonic()
     steps: list[str] = []

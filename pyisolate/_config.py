@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from .errors import ConfigError
 
 if TYPE_CHECKING:
-    from ._venv import ProgressEvent
+    from ._progress import ProgressEvent
 
 __all__ = ["ExtensionConfig", "ExtensionManagerConfig", "RestartPolicy"]
 

@@ -172,8 +172,7 @@ def remove_venv(root: Path, name: str) -> None:
     pids = in_use(target)
     if pids:
         raise VenvBusyError(f"in use by pid {', '.join(map(str, pids))}; stop those processes first")
-    (root / ".locks").mkdir(exist_ok=True)
-    fd = os.open(root / ".locks" / f"{name}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    fd = os.open(_venv.lock_path(root, name), os.O_RDWR | os.O_CREAT, 0o600)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -1,22 +1,109 @@
-"""Show environment builds on a terminal: one line per extension, redrawn in place.
+"""Progress of environment builds: its steps, uv's output read as steps, and a display.
 
-``ProgressDisplay`` takes the ``ProgressEvent`` objects that ``ExtensionManagerConfig(on_progress=...)``
-receives. On a terminal it keeps one line per extension and rewrites them in place (ANSI cursor
-movement); on anything else (a pipe, a CI log, a file) it appends one plain line per event, so a
+``ProgressEvent`` / ``ProgressStep`` are what ``ExtensionManagerConfig(on_progress=...)``
+receives; ``_InstallProgress`` turns the lines ``uv pip install`` prints into them.
+
+``ProgressDisplay`` shows builds on a terminal: one line per extension, rewritten in place
+(ANSI cursor movement); on anything else (a pipe, a CI log, a file) it appends one plain line per event, so a
 log reads top to bottom. It draws only when an event arrives: no thread, no timer.
 """
 
 from __future__ import annotations
 
+import enum
 import os
+import re
 import sys
 import threading
+from collections.abc import Callable
+from dataclasses import dataclass
 from types import TracebackType
 from typing import TextIO
 
-from ._venv import ProgressEvent, ProgressStep
+__all__ = ["ProgressDisplay", "ProgressEvent", "ProgressStep"]
 
-__all__ = ["ProgressDisplay"]
+
+class ProgressStep(enum.StrEnum):
+    """The steps of an environment build, in the order they happen; each is also a plain ``str``.
+
+    A build that reports anything ends with exactly one of ``DONE``, ``REUSED`` or ``FAILED``.
+    """
+
+    #: Another build of this extension's venv holds its lock (another process, or task).
+    WAITING = "waiting"
+    #: The venv is up to date: no uv run at all. Final.
+    REUSED = "reused"
+    #: ``uv venv`` is creating the empty venv.
+    CREATING = "creating"
+    #: uv is resolving the dependencies (detail: the requirements).
+    RESOLVING = "resolving"
+    #: uv resolved ``packages`` packages and fetches those not in its cache; repeated with
+    #: the package as detail when uv names one (``numpy (17.4MiB)``, ``building foo==1.0``).
+    DOWNLOADING = "downloading"
+    #: uv has everything and installs ``packages`` packages into the venv.
+    INSTALLING = "installing"
+    #: The venv is ready (``packages``: how many uv installed). Final.
+    DONE = "done"
+    #: The build failed or was cancelled (detail: the tail of uv's output, or ``cancelled``). Final.
+    FAILED = "failed"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProgressEvent:
+    """One step of an environment build, reported to ``ExtensionManagerConfig.on_progress``.
+
+    Attributes:
+        extension: the extension whose venv this is.
+        step: a ``ProgressStep`` (compares equal to its string: ``event.step == "done"``).
+        elapsed: seconds since the build (or the check for reuse) began.
+        detail: what the step is working on, in words; may be empty.
+        packages: how many packages the step concerns, where uv said so; else None.
+    """
+
+    extension: str
+    step: str
+    elapsed: float
+    detail: str = ""
+    packages: int | None = None
+
+
+#: uv's own lines (``uv pip install``, output not a terminal), leading blanks stripped.
+_RESOLVED = re.compile(r"Resolved (\d+) packages? in ")
+_DOWNLOADING = re.compile(r"Downloading (\S+)(?: \((.+)\))?$")
+_BUILDING = re.compile(r"Building (\S.*)$")
+_PREPARED = re.compile(r"Prepared (\d+) packages? in ")
+_INSTALLED = re.compile(r"Installed (\d+) packages? in ")
+
+_Emit = Callable[..., None]
+
+
+class _InstallProgress:
+    """Turn the lines ``uv pip install`` prints into progress steps, as they arrive."""
+
+    def __init__(self, emit: _Emit) -> None:
+        self._emit = emit
+        self.resolved: int | None = None
+        self.installed = 0
+
+    def __call__(self, line: str) -> None:
+        text = line.strip()
+        if match := _RESOLVED.match(text):
+            self.resolved = int(match[1])
+            self._emit(ProgressStep.DOWNLOADING, _count(self.resolved), packages=self.resolved)
+        elif match := _DOWNLOADING.match(text):
+            detail = f"{match[1]} ({match[2]})" if match[2] else match[1]
+            self._emit(ProgressStep.DOWNLOADING, detail, packages=self.resolved)
+        elif match := _BUILDING.match(text):
+            self._emit(ProgressStep.DOWNLOADING, f"building {match[1]}", packages=self.resolved)
+        elif match := _PREPARED.match(text):
+            count = self.resolved if self.resolved is not None else int(match[1])
+            self._emit(ProgressStep.INSTALLING, _count(count), packages=count)
+        elif match := _INSTALLED.match(text):
+            self.installed = int(match[1])
+
+
+def _count(n: int) -> str:
+    return f"{n} package" if n == 1 else f"{n} packages"
 
 _DEFAULT_COLUMNS = 80
 _UP = "\x1b[{}A"  # cursor up n lines

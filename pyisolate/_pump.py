@@ -22,7 +22,7 @@ from typing import Any
 
 import zmq
 
-__all__ = ["SocketPump", "recv_frames", "send_frames"]
+__all__ = ["SocketPump"]
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ _POLLIN = int(zmq.POLLIN)
 _COPY_BELOW = zmq.COPY_THRESHOLD
 
 
-def send_frames(sock: zmq.Socket[Any], frames: Sequence[Any]) -> None:
+def _send_frames(sock: zmq.Socket[Any], frames: Sequence[Any]) -> None:
     """Send one multipart message without blocking (small frames copied, large ones not)."""
     last = len(frames) - 1
     for i, frame in enumerate(frames):
@@ -47,7 +47,7 @@ def send_frames(sock: zmq.Socket[Any], frames: Sequence[Any]) -> None:
         _send(sock, frame, _MORE if i < last else _LAST, copy, False)
 
 
-def recv_frames(sock: zmq.Socket[Any]) -> list[bytes]:
+def _recv_frames(sock: zmq.Socket[Any]) -> list[bytes]:
     """Receive one whole multipart message that is known to be queued.
 
     Frames come as zmq.Frame objects, whose ``more`` flag is cheaper to read than RCVMORE;
@@ -93,7 +93,7 @@ class SocketPump:
             zmq.ZMQError: EHOSTUNREACH for an unknown peer on a ROUTER_MANDATORY socket.
         """
         try:
-            send_frames(self._sock, frames)
+            _send_frames(self._sock, frames)
         finally:
             # A send processes pending socket commands and can swallow the read edge. (Inside a
             # drain there is no need to look: the drain reads EVENTS before it stops.)
@@ -130,7 +130,7 @@ class SocketPump:
             try:
                 if not _get(sock, _EVENTS) & _POLLIN:
                     return
-                frames = recv_frames(sock)
+                frames = _recv_frames(sock)
             except zmq.ZMQError as exc:
                 if self._closed or exc.errno in (zmq.ENOTSOCK, zmq.EAGAIN):
                     return

@@ -84,7 +84,7 @@ def decode_tensor(fields: list[Any], sender: str, sender_in_host: bool, acks: li
     extent = 0 if 0 in shape else 1 + sum((n - 1) * s for n, s in zip(shape, stride))
     needed = (offset + extent) * dtype.itemsize
     if device == "cuda":
-        tensor = _open_cuda(torch, handle, dtype, shape, stride, offset)
+        tensor = _open_cuda(torch, handle, dtype, shape, stride, offset, needed)
     elif handle is None:
         if needed:
             raise DecodeError("a tensor with data needs a shared-memory segment")
@@ -106,7 +106,8 @@ def _ints(values: object) -> bool:
     return isinstance(values, list) and all(type(v) is int and v >= 0 for v in values)
 
 
-def _open_cuda(torch: Any, handle: object, dtype: Any, shape: list[int], stride: list[int], offset: int) -> Any:
+def _open_cuda(torch: Any, handle: object, dtype: Any, shape: list[int], stride: list[int], offset: int,
+               needed: int) -> Any:
     if not isinstance(handle, list) or len(handle) != 8:
         raise DecodeError("malformed CUDA IPC handle")
     if not torch.cuda.is_available():
@@ -114,9 +115,7 @@ def _open_cuda(torch: Any, handle: object, dtype: Any, shape: list[int], stride:
     device, ipc, size, storage_offset, ref_handle, ref_offset, event, event_sync = handle
     if not (type(device) is int and type(size) is int and type(storage_offset) is int and type(ref_offset) is int):
         raise DecodeError("malformed CUDA IPC handle")
-    item = dtype.itemsize
-    extent = 0 if 0 in shape else 1 + sum((n - 1) * s for n, s in zip(shape, stride))
-    if (offset + extent) * item > size:  # checked before anything is opened
+    if needed > size:  # checked before anything is opened
         raise DecodeError("CUDA tensor handle reaches past its storage")
     with torch.cuda.device(device):
         storage = torch.UntypedStorage._new_shared_cuda(

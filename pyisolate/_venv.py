@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import enum
 import fcntl
 import functools
 import hashlib
@@ -34,18 +33,17 @@ import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 from packaging.requirements import InvalidRequirement, Requirement
 from packaging.utils import canonicalize_name
 
 from ._lines import LineSplitter
+from ._progress import ProgressEvent, ProgressStep, _count, _Emit, _InstallProgress
 from .errors import ConfigError, EnvironmentBuildError
 
 __all__ = [
-    "ProgressEvent", "ProgressStep", "ensure_venv", "uv_binary", "validate_dependencies",
-    "validate_extension_name", "venv_dir",
+    "ensure_venv", "lock_path", "uv_binary", "validate_dependencies", "validate_extension_name", "venv_dir",
 ]  # fmt: skip
 
 _log = logging.getLogger(__name__)
@@ -70,89 +68,6 @@ _DROPPED_ENV_VARS = ("VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME")
 _SHARED_TORCH_PACKAGES = ("torch",)
 _TAIL_LINES = 40
 _KEPT_LINES = 400  # of uv's output, searched for the packages at fault when it fails
-
-
-class ProgressStep(enum.StrEnum):
-    """The steps of an environment build, in the order they happen; each is also a plain ``str``.
-
-    A build that reports anything ends with exactly one of ``DONE``, ``REUSED`` or ``FAILED``.
-    """
-
-    #: Another build of this extension's venv holds its lock (another process, or task).
-    WAITING = "waiting"
-    #: The venv is up to date: no uv run at all. Final.
-    REUSED = "reused"
-    #: ``uv venv`` is creating the empty venv.
-    CREATING = "creating"
-    #: uv is resolving the dependencies (detail: the requirements).
-    RESOLVING = "resolving"
-    #: uv resolved ``packages`` packages and fetches those not in its cache; repeated with
-    #: the package as detail when uv names one (``numpy (17.4MiB)``, ``building foo==1.0``).
-    DOWNLOADING = "downloading"
-    #: uv has everything and installs ``packages`` packages into the venv.
-    INSTALLING = "installing"
-    #: The venv is ready (``packages``: how many uv installed). Final.
-    DONE = "done"
-    #: The build failed or was cancelled (detail: the tail of uv's output, or ``cancelled``). Final.
-    FAILED = "failed"
-
-
-@dataclass(frozen=True, kw_only=True)
-class ProgressEvent:
-    """One step of an environment build, reported to ``ExtensionManagerConfig.on_progress``.
-
-    Attributes:
-        extension: the extension whose venv this is.
-        step: a ``ProgressStep`` (compares equal to its string: ``event.step == "done"``).
-        elapsed: seconds since the build (or the check for reuse) began.
-        detail: what the step is working on, in words; may be empty.
-        packages: how many packages the step concerns, where uv said so; else None.
-    """
-
-    extension: str
-    step: str
-    elapsed: float
-    detail: str = ""
-    packages: int | None = None
-
-
-#: uv's own lines (``uv pip install``, output not a terminal), leading blanks stripped.
-_RESOLVED = re.compile(r"Resolved (\d+) packages? in ")
-_DOWNLOADING = re.compile(r"Downloading (\S+)(?: \((.+)\))?$")
-_BUILDING = re.compile(r"Building (\S.*)$")
-_PREPARED = re.compile(r"Prepared (\d+) packages? in ")
-_INSTALLED = re.compile(r"Installed (\d+) packages? in ")
-
-_Emit = Callable[..., None]
-
-
-class _InstallProgress:
-    """Turn the lines ``uv pip install`` prints into progress steps, as they arrive."""
-
-    def __init__(self, emit: _Emit) -> None:
-        self._emit = emit
-        self.resolved: int | None = None
-        self.installed = 0
-
-    def __call__(self, line: str) -> None:
-        text = line.strip()
-        if match := _RESOLVED.match(text):
-            self.resolved = int(match[1])
-            self._emit(ProgressStep.DOWNLOADING, _count(self.resolved), packages=self.resolved)
-        elif match := _DOWNLOADING.match(text):
-            detail = f"{match[1]} ({match[2]})" if match[2] else match[1]
-            self._emit(ProgressStep.DOWNLOADING, detail, packages=self.resolved)
-        elif match := _BUILDING.match(text):
-            self._emit(ProgressStep.DOWNLOADING, f"building {match[1]}", packages=self.resolved)
-        elif match := _PREPARED.match(text):
-            count = self.resolved if self.resolved is not None else int(match[1])
-            self._emit(ProgressStep.INSTALLING, _count(count), packages=count)
-        elif match := _INSTALLED.match(text):
-            self.installed = int(match[1])
-
-
-def _count(n: int) -> str:
-    return f"{n} package" if n == 1 else f"{n} packages"
 
 
 @functools.cache
@@ -226,6 +141,14 @@ def venv_dir(venv_root: Path, name: str) -> Path:
     if resolved == root or not resolved.is_relative_to(root):
         raise ConfigError(f"extension name {name!r} resolves to {resolved}, outside {root}")
     return path
+
+
+def lock_path(venv_root: Path, name: str) -> Path:
+    """The file whose flock serialises building, checking and removing venv ``name`` (its
+    directory is created)."""
+    locks = venv_root / ".locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    return locks / f"{name}.lock"
 
 
 def validate_dependencies(
@@ -506,8 +429,7 @@ async def ensure_venv(
         emit(ProgressStep.REUSED)
         return target / "bin" / "python"
     try:
-        (root / ".locks").mkdir(parents=True, exist_ok=True)
-        async with _exclusive_lock(root / ".locks" / f"{name}.lock", on_wait=lambda: emit(ProgressStep.WAITING)):
+        async with _exclusive_lock(lock_path(root, name), on_wait=lambda: emit(ProgressStep.WAITING)):
             if _is_ready(target, fingerprint):  # the previous holder of the lock built it
                 _log.debug("venv of %s was built meanwhile; reusing it", name)
                 _touch(target)

@@ -17,7 +17,8 @@ import pyisolate
 import pyisolate.broker.protocol
 import pyisolate.workers
 from pyisolate._runtime import runtime_dir
-from pyisolate._venv import ProgressEvent, ensure_venv
+from pyisolate._progress import ProgressEvent
+from pyisolate._venv import ensure_venv
 from pyisolate.errors import EnvironmentBuildError
 
 pytestmark = pytest.mark.venv
