@@ -13,8 +13,10 @@ routing frame: it swaps the destination for the true sender's name and forwards 
 frames untouched. ``header`` is a small msgpack array ``[kind, call_id, *extra]``; ``body`` is
 the msgpack payload (see ``pyisolate._codec``); ``buffers`` carry large binary values raw.
 
-Messages addressed to the broker itself use the empty name ``b""`` (HELLO), and the broker
-answers as ``b""`` (WELCOME, REFUSED, UNROUTABLE).
+Messages addressed to the broker itself use the empty name ``b""`` (HELLO, CONSUMED), and the
+broker speaks as ``b""`` (WELCOME, REFUSED, UNROUTABLE, LOST, GONE). Those are *broker-only*
+kinds: a receiver accepts them only with the sender ``b""``, which the broker never stamps on
+an actor's message.
 """
 
 from __future__ import annotations
@@ -26,16 +28,23 @@ import msgpack
 
 __all__ = [
     "BROKER",
+    "BROKER_ONLY",
     "HOST",
     "MAX_HEADER_BYTES",
+    "NO_ACTOR",
     "PROTOCOL_VERSION",
+    "QUEUE_FULL",
+    "REQUESTS",
+    "TOO_LARGE",
+    "UNDELIVERED_CODES",
     "Kind",
+    "kind_of_header",
     "pack_header",
     "unpack_header",
 ]
 
 #: Bumped on any incompatible change to frames, kinds or header fields.
-PROTOCOL_VERSION: Final = 2
+PROTOCOL_VERSION: Final = 3
 
 #: Routing name of the broker itself.
 BROKER: Final = b""
@@ -62,7 +71,9 @@ class Kind(enum.IntEnum):
     CALL         method, ref_id, chain_owner, chain_id[, acks] [args, kwargs]
     RESULT       (none), or mode ("" or "stream") and acks   encoded value; nothing for a stream
     ERROR        (none), or "" and acks                      encoded exception
-    UNROUTABLE   destination (str), reason (str)             the original header, verbatim
+    UNROUTABLE   destination (str), reason (str), code (str)  the original header, verbatim:
+                                                             your message was not delivered;
+                                                             code: UNDELIVERED_CODES
     STOP         (none)                                      empty; answered with RESULT
     RELEASE      ref_id, count                               empty
     ITEM         (none); call_id is the stream's             encoded item
@@ -73,6 +84,10 @@ class Kind(enum.IntEnum):
     ACK          [segment names]                             empty; shared memory received
     CANCEL       (none); call_id is the call's               empty; the caller gave up
     HEARTBEAT    (none)                                      empty; echoed back
+    CONSUMED     messages, bytes (totals since joining)      empty; to the broker: delivery credit
+    LOST         answerer (str), reason (str)                the refused answer's header: the
+                                                             answer to your call was not delivered
+    GONE         actor (str)                                 encoded exception: why it left
     ===========  ==========================================  ===============================
     """
 
@@ -95,6 +110,22 @@ class Kind(enum.IntEnum):
     ACK = 17
     CANCEL = 18
     HEARTBEAT = 19
+    CONSUMED = 20
+    LOST = 21
+    GONE = 22
+
+
+#: Why a message was not delivered (UNROUTABLE's third field): no such actor (or it left), a
+#: bounded queue on the way is full, the message exceeds max_message_size.
+NO_ACTOR: Final = "no_actor"
+QUEUE_FULL: Final = "queue_full"
+TOO_LARGE: Final = "too_large"
+UNDELIVERED_CODES: Final = frozenset({NO_ACTOR, QUEUE_FULL, TOO_LARGE})
+
+#: Kinds only the broker sends (with the sender ``b""``); from anyone else they are dropped.
+BROKER_ONLY: Final = frozenset({Kind.WELCOME, Kind.REFUSED, Kind.UNROUTABLE, Kind.LOST, Kind.GONE})
+#: Kinds that ask for new work; the others answer or steer work already asked for.
+REQUESTS: Final = frozenset({Kind.CALL, Kind.STOP, Kind.EVENT})
 
 
 _KIND_OF: Final = {int(k): k for k in Kind}
@@ -105,6 +136,14 @@ def pack_header(kind: Kind, call_id: int = 0, *extra: object) -> bytes:
     """Pack a header frame."""
     header: bytes = _packb((int(kind), call_id, *extra))
     return header
+
+
+def kind_of_header(frame: bytes) -> int:
+    """The kind of a header without decoding it (its second byte), or -1; for routing decisions.
+
+    Every kind is a positive fixint right after the array header, so this is one index.
+    """
+    return frame[1] if len(frame) > 1 and 0x92 <= frame[0] <= 0x9F else -1
 
 
 def unpack_header(frame: bytes) -> tuple[Kind, int, list[object]]:

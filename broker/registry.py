@@ -55,6 +55,10 @@ class Registry:
         if rid is not None:
             self._by_rid.pop(rid, None)
 
+    def knows(self, name: bytes) -> bool:
+        """Whether ``name`` is connected or expected to join."""
+        return name in self._by_name or name in self._expected
+
     def name_of(self, rid: bytes) -> bytes | None:
         """The actor name bound to routing id ``rid``, if it joined."""
         return self._by_rid.get(rid)

@@ -2,10 +2,12 @@
 
 It reads only the routing frame of each message: it looks up the destination, replaces it
 with the true sender's name and forwards every other frame untouched. Messages for actors
-that live in the host (the host itself, later singletons) are handed to their handler in
-place, with no socket hop. An unroutable message is answered with UNROUTABLE to its
-sender, never dropped silently. The only messages the broker decodes are those addressed
-to itself (HELLO).
+that live in the host (the host itself, the singletons) are handed to their handler in
+place, with no socket hop. A worker is sent only as much as it has room to read (its window,
+see ``delivery``); the rest waits in a bounded backlog. A message that cannot be delivered
+is answered with UNROUTABLE to its sender (or LOST to the caller, for an answer), never
+dropped silently. The only messages the broker decodes are those addressed to itself (HELLO,
+CONSUMED); it peeks at a header's kind byte only to word a refusal.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 import warnings
 import weakref
 from collections.abc import Callable
@@ -25,7 +28,22 @@ import zmq
 
 from pyisolate._pump import SocketPump
 
-from .protocol import BROKER, MAX_HEADER_BYTES, PROTOCOL_VERSION, Kind, pack_header, unpack_header
+from pyisolate.errors import MessageTooLargeError, QueueFullError
+
+from .delivery import WINDOW_MESSAGES, Budget, Outbox, nbytes
+from .protocol import (
+    BROKER,
+    MAX_HEADER_BYTES,
+    NO_ACTOR,
+    PROTOCOL_VERSION,
+    QUEUE_FULL,
+    REQUESTS,
+    TOO_LARGE,
+    Kind,
+    kind_of_header,
+    pack_header,
+    unpack_header,
+)
 from .registry import Registry
 from .watchdog import LoopWatchdog
 
@@ -37,6 +55,13 @@ logger = logging.getLogger("pyisolate.broker")
 LocalHandler = Callable[[bytes, list[bytes]], None]
 #: Called with (name, pid) when a worker has joined.
 JoinHandler = Callable[[bytes, int], None]
+#: Called with the name of a worker whose connection is gone (the socket said so).
+LeaveHandler = Callable[[bytes], None]
+
+#: Refused joins logged per window before the rest are only counted (a flood of HELLOs must
+#: not flood the log).
+_REFUSALS_LOGGED = 5
+_REFUSAL_WINDOW = 10.0
 
 
 def _cleanup(ctx: zmq.Context[Any], sock: zmq.Socket[Any], ipc_dir: str | None) -> None:
@@ -68,18 +93,42 @@ class Broker:
     """Route messages between named actors. Owns its context, socket and ipc directory.
 
     Must be created on the event loop it serves (the host's).
+
+    Args:
+        block_warning: Seconds of a blocked loop before the watchdog logs it (None: off).
+        max_message_size: Largest message (all frames) it forwards; also each frame's limit
+            on the socket (ZMQ_MAXMSGSIZE), so a larger frame is never even allocated.
+        max_queued_bytes: Bytes held back, all slow workers together (see ``delivery``).
+        max_in_flight: Calls one actor may have open at another; sizes the per-sender queues.
+        clock: The time source for log rate limits (tests inject their own).
     """
 
-    def __init__(self, *, block_warning: float | None = 1.0) -> None:
+    def __init__(self, *, block_warning: float | None = 1.0, max_message_size: int = 256 << 20,
+                 max_queued_bytes: int = 1 << 30, max_in_flight: int = 512,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self._loop = asyncio.get_running_loop()
         self.registry = Registry()
         self._local: dict[bytes, LocalHandler] = {}
+        self._outboxes: dict[bytes, Outbox] = {}
+        self._budget = Budget(max_queued_bytes)
+        self._per_sender = 2 * max_in_flight + 1024
+        self.max_message_size = max_message_size
         self._on_join: JoinHandler | None = None
+        self._on_leave: LeaveHandler | None = None
+        self._clock = clock
+        self._refusals: list[float] = []
+        self.refused_joins = 0
         self.dropped = 0
+        self.refused = 0
         self._ctx: zmq.Context[Any] = zmq.Context()
         sock = self._ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        # A worker's window keeps honest traffic far below this; it is a backstop only.
+        sock.setsockopt(zmq.SNDHWM, 2 * WINDOW_MESSAGES)
+        # libzmq checks each frame's declared size before allocating it, and drops a peer that
+        # sends a larger one (noticed at the next send to it: see _lost).
+        sock.setsockopt(zmq.MAXMSGSIZE, max_message_size)
         self._sock = sock
         self._ipc_dir: str | None = None
         try:
@@ -94,7 +143,7 @@ class Broker:
             raise
         self.endpoint: str = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self._finalizer = weakref.finalize(self, _cleanup, self._ctx, sock, self._ipc_dir)
-        self._pump = SocketPump(sock, self._loop, self._on_frames)
+        self._pump = SocketPump(sock, self._loop, self._on_frames, after_drain=self._retry_blocked)
         self._watchdog = LoopWatchdog(self._loop, block_warning) if block_warning else None
         self.closed = False
         logger.debug("broker listening on %s", self.endpoint)
@@ -105,41 +154,89 @@ class Broker:
         return self._loop
 
     def has_actor(self, name: bytes) -> bool:
-        """Whether ``name`` is a host-side actor or a connected worker."""
-        return name in self._local or self.registry.rid_of(name) is not None
+        """Whether ``name`` is taken: a host-side actor, a connected worker, or one starting."""
+        return name in self._local or self.registry.knows(name)
 
     def add_local(self, name: bytes, handler: LocalHandler) -> None:
         """Serve the host-side actor ``name`` with ``handler``."""
-        if name in self._local or self.registry.rid_of(name) is not None:
+        if self.has_actor(name):
             raise ValueError(f"actor name {name.decode()!r} is taken")
         self._local[name] = handler
+
+    def expect(self, name: bytes, secret: bytes) -> None:
+        """Let a worker join as ``name`` once, with ``secret`` (one namespace with host actors)."""
+        if name in self._local or name == BROKER:
+            raise ValueError(f"actor name {name.decode()!r} is taken by an actor of the host")
+        self.registry.expect(name, secret)
+
+    def forget(self, name: bytes) -> None:
+        """``name`` left (or will not join): unbind it and drop what waits for it; idempotent."""
+        self.registry.forget(name)
+        outbox = self._outboxes.pop(name, None)
+        if outbox is not None:
+            outbox.close()
 
     def on_join(self, handler: JoinHandler) -> None:
         """Call ``handler(name, pid)`` whenever a worker completes its handshake."""
         self._on_join = handler
 
-    def send(self, dest: bytes, sender: bytes, frames: list[Any]) -> None:
+    def on_leave(self, handler: LeaveHandler) -> None:
+        """Call ``handler(name)`` when a joined worker's connection is found gone."""
+        self._on_leave = handler
+
+    def queued(self, name: bytes) -> int:
+        """Messages held back for worker ``name`` (0 for others)."""
+        outbox = self._outboxes.get(name)
+        return outbox.queued if outbox is not None else 0
+
+    def send(self, dest: bytes, sender: bytes, frames: list[Any], *, urgent: bool = False) -> None:
         """Send ``[header, body, *buffers]`` from the host-side ``sender`` to ``dest``.
 
-        A host-side destination is served in place, on the next turn of the loop.
+        A host-side destination is served in place, on the next turn of the loop. A worker
+        gets it when its window has room; until then it waits in the backlog. ``urgent``
+        (small control messages: heartbeats) skips the backlog.
 
         Raises:
             LookupError: no actor named ``dest`` is connected.
-            zmq.Again: the destination's queue is full.
+            QueueFullError: the backlog refused it (new work only; a refused answer is
+                reported to its caller with LOST instead).
+            MessageTooLargeError: the message exceeds ``max_message_size``.
         """
         handler = self._local.get(dest)
         if handler is not None:
             self._loop.call_soon(handler, sender, frames)
             return
-        rid = self.registry.rid_of(dest)
-        if rid is None:
+        outbox = self._outboxes.get(dest)
+        if outbox is None:
             raise LookupError(dest.decode(errors="replace"))
+        message = [outbox.rid, sender, *frames]
         try:
-            self._pump.send([rid, sender, *frames])
-        except zmq.ZMQError as exc:
-            if exc.errno == zmq.EHOSTUNREACH:
-                raise LookupError(dest.decode(errors="replace")) from exc
+            if urgent:
+                outbox.urgent(message)
+                return
+            size = nbytes(frames)
+            refusal = self._too_large(size) or outbox.offer(sender, message, size)
+        except LookupError:
+            self._lost(dest)
             raise
+        if refusal is None:
+            return
+        self.refused += 1
+        kind = kind_of_header(frames[0])
+        if kind in REQUESTS:
+            error = MessageTooLargeError if size > self.max_message_size else QueueFullError
+            raise error(refusal)
+        if kind in (Kind.RESULT, Kind.ERROR):
+            code = TOO_LARGE if size > self.max_message_size else QUEUE_FULL
+            self._notice(dest, Kind.LOST, frames[0], sender.decode(errors="replace"), refusal, code)
+        logger.debug("refused a message from %r to %r: %s", sender, dest, refusal)
+
+    def announce_gone(self, name: bytes, body: bytes) -> None:
+        """Tell every worker that ``name`` left, with ``body`` (an encoded exception) saying why."""
+        header = pack_header(Kind.GONE, 0, name.decode(errors="replace"))
+        for outbox in list(self._outboxes.values()):
+            if outbox.name != name:
+                self._urgent(outbox, [outbox.rid, BROKER, header, body])
 
     def close(self) -> None:
         """Stop routing and release the socket, context and ipc directory; idempotent."""
@@ -149,6 +246,9 @@ class Broker:
         if self._watchdog is not None:
             self._watchdog.close()
         self._pump.close()
+        for outbox in self._outboxes.values():
+            outbox.close()
+        self._outboxes.clear()
         self._finalizer()
 
     def __del__(self, _warn: Any = warnings.warn) -> None:
@@ -171,34 +271,110 @@ class Broker:
             return
         handler = self._local.get(dest)
         if handler is not None:
+            size = nbytes(frames[2:])
+            if size > self.max_message_size:
+                self._refuse_message(sender, dest, frames, self._too_large(size) or "", TOO_LARGE)
+                return
             handler(sender, frames[2:])
             return
-        dest_rid = self.registry.rid_of(dest)
-        if dest_rid is not None:
-            frames[0] = dest_rid
-            frames[1] = sender
-            try:
-                self._pump.send(frames)
-                return
-            except zmq.Again:
-                reason = "queue full"
-            except zmq.ZMQError as exc:
-                if exc.errno != zmq.EHOSTUNREACH:
-                    raise
-                reason = "disconnected"
-        else:
-            reason = "no such actor"
-        self._unroutable(rid, dest, reason, frames[2])
-
-    def _unroutable(self, rid: bytes, dest: bytes, reason: str, header: bytes) -> None:
-        if len(header) > MAX_HEADER_BYTES:
-            self._drop("unroutable message with an oversized header")
+        if dest == BROKER:
+            self._on_own(sender, frames[2])
             return
-        reply = [rid, BROKER, pack_header(Kind.UNROUTABLE, 0, dest.decode(errors="replace"), reason), header]
+        outbox = self._outboxes.get(dest)
+        if outbox is None:
+            self._refuse_message(sender, dest, frames, "no such actor", NO_ACTOR)
+            return
+        frames[0] = outbox.rid
+        frames[1] = sender
+        size = nbytes(frames[1:])
+        too_large = self._too_large(size)
+        if too_large is not None:
+            self._refuse_message(sender, dest, frames, too_large, TOO_LARGE)
+            return
         try:
-            self._pump.send(reply)
-        except zmq.ZMQError:
-            self._drop("cannot tell a sender its message was unroutable")
+            refusal = outbox.offer(sender, frames, size)
+        except LookupError:
+            self._lost(dest)
+            self._refuse_message(sender, dest, frames, "it left (its connection is gone)", NO_ACTOR)
+            return
+        if refusal is not None:
+            self._refuse_message(sender, dest, frames, refusal, QUEUE_FULL)
+
+    def _on_own(self, sender: bytes, header: bytes) -> None:
+        """A message from a joined worker to the broker itself: CONSUMED, its read totals."""
+        try:
+            kind, _, extra = unpack_header(header)
+        except ValueError as exc:
+            self._drop("malformed header to the broker: %s", exc)
+            return
+        outbox = self._outboxes.get(sender)
+        if kind is Kind.CONSUMED and len(extra) == 2 and outbox is not None:
+            try:
+                outbox.credit(extra[0], extra[1])
+            except LookupError:
+                self._lost(sender)
+        else:
+            self._drop("%s from %r to the broker", kind.name, sender)
+
+    def _too_large(self, size: int) -> str | None:
+        if size <= self.max_message_size:
+            return None
+        return (f"a message of {size} bytes exceeds max_message_size={self.max_message_size}; send large "
+                "data as numpy arrays or tensors (shared memory), or raise ExtensionManagerConfig.max_message_size")
+
+    def _refuse_message(self, sender: bytes, dest: bytes, frames: list[Any], reason: str, code: str) -> None:
+        """Tell whoever waits on a message that it was not delivered: its sender, or for an
+        answer, the caller waiting for it."""
+        self.refused += 1
+        header = frames[2]
+        kind = kind_of_header(header)
+        if kind in (Kind.RESULT, Kind.ERROR):
+            self._notice(dest, Kind.LOST, header, sender.decode(errors="replace"), reason, code)
+        elif kind in (Kind.CALL, Kind.STOP):
+            self._notice(sender, Kind.UNROUTABLE, header, dest.decode(errors="replace"), reason, code)
+        else:
+            self._drop("undeliverable %s from %r to %r: %s", kind, sender, dest, reason)
+
+    def _notice(self, to: bytes, kind: Kind, header: bytes, about: str, reason: str, code: str) -> None:
+        """Send a broker notice (UNROUTABLE, LOST) about ``header`` to actor ``to``, wherever it lives."""
+        if len(header) > MAX_HEADER_BYTES:
+            self._drop("no notice for an oversized header")
+            return
+        frames = [pack_header(kind, 0, about, reason, code), bytes(header)]
+        handler = self._local.get(to)
+        if handler is not None:
+            self._loop.call_soon(handler, BROKER, frames)
+            return
+        outbox = self._outboxes.get(to)
+        if outbox is None:
+            self._drop("notice for %r not sent", to)
+            return
+        self._urgent(outbox, [outbox.rid, BROKER, *frames])
+
+    def _urgent(self, outbox: Outbox, frames: list[Any]) -> None:
+        try:
+            outbox.urgent(frames)
+        except LookupError:
+            self._lost(outbox.name)
+
+    def _retry_blocked(self) -> None:
+        """After each drain: outboxes the socket pushed back (Again) may have room again."""
+        for outbox in [o for o in self._outboxes.values() if o.blocked]:
+            outbox.blocked = False
+            try:
+                outbox.flush()
+            except LookupError:
+                self._lost(outbox.name)
+
+    def _lost(self, name: bytes) -> None:
+        """The socket says ``name``'s connection is gone (it closed its socket, or sent a frame
+        over max_message_size and was cut off): stop routing to it and tell the owner."""
+        if self._outboxes.pop(name, None) is None:
+            return
+        self.registry.forget(name)
+        logger.debug("actor %r lost its connection to the broker", name.decode(errors="replace"))
+        if self._on_leave is not None:
+            self._loop.call_soon(self._on_leave, name)
 
     def _on_hello(self, rid: bytes, header: bytes, body: bytes) -> None:
         try:
@@ -219,21 +395,44 @@ class Broker:
             self._refuse(rid, f"protocol version {version!r} is not {PROTOCOL_VERSION}: "
                               "the worker runs a different pyisolate than the host")
             return
-        admission = self.registry.admit(rid, name.encode(), secret)
+        bname = name.encode()
+        if bname in self._local or bname == BROKER:
+            self._refuse(rid, f"the name {name!r} belongs to an actor of the host")
+            return
+        admission = self.registry.admit(rid, bname, secret)
         if not admission.ok:
             self._refuse(rid, admission.reason)
             return
         try:
             self._pump.send([rid, BROKER, pack_header(Kind.WELCOME, 0, PROTOCOL_VERSION), b""])
         except zmq.ZMQError:
-            self.registry.forget(name.encode())
+            self.registry.forget(bname)
             return
+        self._outboxes[bname] = Outbox(bname, rid, self._send_frames, self._budget, self._per_sender)
         logger.debug("actor %r joined (pid %d)", name, pid)
         if self._on_join is not None:
-            self._on_join(name.encode(), pid)
+            self._on_join(bname, pid)
+
+    def _send_frames(self, frames: list[Any]) -> None:
+        """Send to a worker; zmq.Again when its pipe is full, LookupError when it is gone."""
+        try:
+            self._pump.send(frames)
+        except zmq.Again:
+            raise
+        except zmq.ZMQError as exc:
+            if exc.errno == zmq.EHOSTUNREACH:
+                raise LookupError("disconnected") from exc
+            raise
 
     def _refuse(self, rid: bytes, reason: str) -> None:
-        logger.warning("refused a connection to the broker: %s", reason)
+        self.refused_joins += 1
+        now = self._clock()
+        self._refusals = [t for t in self._refusals if now - t < _REFUSAL_WINDOW]
+        if len(self._refusals) < _REFUSALS_LOGGED:
+            self._refusals.append(now)
+            more = "; further refusals in the next %.0f s are only counted" if len(self._refusals) == _REFUSALS_LOGGED else ""
+            logger.warning("refused a connection to the broker: %s" + more, reason,
+                           *([_REFUSAL_WINDOW] if more else []))
         try:
             self._pump.send([rid, BROKER, pack_header(Kind.REFUSED, 0, reason), b""])
         except zmq.ZMQError:

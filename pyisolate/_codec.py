@@ -68,6 +68,7 @@ from pyisolate._codec_base import (
     EXT_SET,
     EXT_TUPLE,
     MAX_DEPTH,
+    MAX_OBJECTS,
     Buffer,
     DecodeError,
     RefHooks,
@@ -89,7 +90,7 @@ from pyisolate._codec_walk import _Binary, _ExceptionArgs, _locate, _Unsendable,
 from pyisolate._tensors import decode_tensor, encode_tensor, is_tensor
 from pyisolate.errors import EncodeError, RemoteError
 
-__all__ = ["BUFFER_THRESHOLD", "MAX_BODY_BYTES", "MAX_DEPTH", "DecodeError", "decode",
+__all__ = ["BUFFER_THRESHOLD", "MAX_BODY_BYTES", "MAX_DEPTH", "MAX_OBJECTS", "DecodeError", "decode",
            "decode_exception", "encode", "encode_exception"]
 
 MAX_BODY_BYTES: int = 256 * 1024 * 1024
@@ -226,7 +227,12 @@ def decode(body: Buffer, buffers: Sequence[Buffer] = (), refs: RefHooks | None =
     if size > MAX_BODY_BYTES:
         raise DecodeError(f"message body of {size} bytes exceeds MAX_BODY_BYTES={MAX_BODY_BYTES}")
     data = body if type(body) is bytes else memoryview(body).tobytes()
-    decoder = _Decoder(buffers, refs) if buffers or refs is not None else _thread().decoder
+    if size > MAX_OBJECTS:  # big enough to hold too many objects: count them as they come
+        decoder = _Decoder(buffers, refs, counted=True)
+    elif buffers or refs is not None:
+        decoder = _Decoder(buffers, refs)
+    else:
+        decoder = _thread().decoder
     try:
         value = decoder.unpack(data)
     except (DecodeError, MemoryError):

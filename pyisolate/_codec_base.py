@@ -20,6 +20,10 @@ from pyisolate.errors import EncodeError, ProtocolError
 
 BUFFER_THRESHOLD: int = 64 * 1024
 MAX_DEPTH: int = 64
+#: Objects (containers and their items) one message may decode into. Every object takes at
+#: least one byte of the body, so a body this small needs no counting; past it, decoding counts
+#: and stops at the limit, before a body of empty maps turns into gigabytes of dicts.
+MAX_OBJECTS: int = 1 << 20
 
 EXT_TUPLE, EXT_SET, EXT_FROZENSET, EXT_BIGINT, EXT_COMPLEX, EXT_BYTEARRAY = 1, 2, 3, 4, 5, 6
 EXT_BYTES_BUFFER, EXT_BYTEARRAY_BUFFER, EXT_NP_SCALAR, EXT_NP_ARRAY, EXT_EXCEPTION = 7, 8, 9, 10, 11
@@ -147,21 +151,48 @@ def _to_buffer(data: bytes | memoryview) -> int:
 # --- decoding ---------------------------------------------------------------------------
 
 class _Decoder:
-    """The state of one decode: its buffer frames, which are taken, and ext nesting depth."""
+    """The state of one decode: its buffer frames, which are taken, ext nesting depth, and
+    (for a body that could hold more than MAX_OBJECTS objects) how many objects may still come."""
 
-    __slots__ = ("buffers", "used", "depth", "refs")
+    __slots__ = ("buffers", "used", "depth", "refs", "budget")
 
-    def __init__(self, buffers: Sequence[Buffer], refs: RefHooks | None = None) -> None:
+    def __init__(self, buffers: Sequence[Buffer], refs: RefHooks | None = None, counted: bool = False) -> None:
         self.buffers = buffers
         self.refs = refs
         self.used: set[int] = set()
         self.depth = 0
+        self.budget = MAX_OBJECTS if counted else -1
 
     def unpack(self, data: bytes) -> object:
         n = len(data)
-        return msgpack.unpackb(data, raw=False, use_list=True, strict_map_key=False,
-                               ext_hook=self.ext_hook, max_str_len=n, max_bin_len=n,
-                               max_array_len=n, max_map_len=n // 2, max_ext_len=n)
+        if self.budget < 0:
+            return msgpack.unpackb(data, raw=False, use_list=True, strict_map_key=False,
+                                   ext_hook=self.ext_hook, max_str_len=n, max_bin_len=n,
+                                   max_array_len=n, max_map_len=n // 2, max_ext_len=n)
+        limit = min(n, MAX_OBJECTS)
+        try:
+            return msgpack.unpackb(data, raw=False, use_list=True, strict_map_key=False,
+                                   ext_hook=self.ext_hook, max_str_len=n, max_bin_len=n,
+                                   max_array_len=limit, max_map_len=limit // 2, max_ext_len=n,
+                                   list_hook=self._count_list, object_hook=self._count_map)
+        except ValueError as exc:
+            if "max_array_len" in str(exc) or "max_map_len" in str(exc):  # one container over the limit
+                self._spend(MAX_OBJECTS + 1)
+            raise
+
+    def _count_list(self, items: list[Any]) -> list[Any]:
+        self._spend(len(items) + 1)
+        return items
+
+    def _count_map(self, items: dict[Any, Any]) -> dict[Any, Any]:
+        self._spend(2 * len(items) + 1)
+        return items
+
+    def _spend(self, objects: int) -> None:
+        self.budget -= objects
+        if self.budget < 0:
+            raise DecodeError(f"a value of more than MAX_OBJECTS={MAX_OBJECTS} objects (containers and their "
+                              "items) is refused; send large sequences as numpy arrays")
 
     def ext_hook(self, code: int, data: bytes) -> object:
         handler = _DECODERS.get(code)

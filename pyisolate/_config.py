@@ -24,6 +24,11 @@ def _positive(owner: str, name: str, value: float | None, *, optional: bool = Fa
         raise ConfigError(f"{owner}.{name} must be a positive number of seconds, got {value!r}")
 
 
+def _count(name: str, value: object, least: int, most: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not least <= value <= most:
+        raise ConfigError(f"ExtensionManagerConfig.{name} must be an int from {least} to {most}, got {value!r}")
+
+
 @dataclass(frozen=True, kw_only=True)
 class ExtensionManagerConfig:
     """Settings shared by every extension of one manager.
@@ -36,8 +41,16 @@ class ExtensionManagerConfig:
         stop_timeout: Seconds each rung of the stop ladder waits (ask, SIGTERM, SIGKILL).
         call_timeout: Default seconds a call from the host may take before it fails with
             ``CallTimeoutError`` (None: no limit); ``await ext.method(...).timeout(s)`` overrides it.
-        max_in_flight: Calls from the host to one actor that may await their answers at once;
-            further callers wait for a slot (backpressure), so queues stay bounded.
+        max_in_flight: Calls one actor (the host, a singleton, an extension) may have open at
+            another at once; further callers wait for a slot (backpressure). Every actor also
+            refuses a caller that has more than this many calls open with it.
+        max_message_size: Largest message, in bytes (body plus buffers), that travels between
+            actors; a larger value fails with ``MessageTooLargeError`` where it is sent, and a
+            larger frame from a worker is never even allocated by the host. Large arrays and
+            tensors travel through shared memory and do not count.
+        max_queued_bytes: Bytes the broker may hold back, all together, for extensions that
+            read slower than they are sent to (and each worker for a host that is not
+            reading); past it, new work fails with ``QueueFullError``.
         heartbeat_interval: Seconds between liveness pings to each ready worker.
         heartbeat_timeout: A worker whose ping stays unanswered this long (stuck in C code
             holding the GIL, or its event loop blocked) is killed, and its calls fail with
@@ -52,6 +65,8 @@ class ExtensionManagerConfig:
     stop_timeout: float = 5.0
     call_timeout: float | None = None
     max_in_flight: int = 512
+    max_message_size: int = 256 * 1024 * 1024
+    max_queued_bytes: int = 1024 * 1024 * 1024
     heartbeat_interval: float = 1.0
     heartbeat_timeout: float = 10.0
     loop_block_warning: float | None = 1.0
@@ -73,11 +88,9 @@ class ExtensionManagerConfig:
         _positive("ExtensionManagerConfig", "loop_block_warning", self.loop_block_warning, optional=True)
         _positive("ExtensionManagerConfig", "call_timeout", self.call_timeout, optional=True)
         _positive("ExtensionManagerConfig", "heartbeat_interval", self.heartbeat_interval)
-        if isinstance(self.max_in_flight, bool) or not isinstance(self.max_in_flight, int) or not 0 < self.max_in_flight <= 900:
-            raise ConfigError(
-                f"ExtensionManagerConfig.max_in_flight must be an int from 1 to 900 (below the socket's "
-                f"high-water mark of 1000), got {self.max_in_flight!r}"
-            )
+        _count("max_in_flight", self.max_in_flight, 1, 65536)
+        _count("max_message_size", self.max_message_size, 1024, 2**40)
+        _count("max_queued_bytes", self.max_queued_bytes, self.max_message_size, 2**62)
         _positive("ExtensionManagerConfig", "heartbeat_timeout", self.heartbeat_timeout)
 
     @property

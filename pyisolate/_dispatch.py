@@ -15,26 +15,46 @@ __all__ = ["ASYNC", "GEN", "PLAIN", "call_fields", "kind_of", "public_methods", 
 
 def public_methods(obj: object) -> list[str]:
     """Names of the methods of ``obj`` that may be called remotely."""
-    return sorted(
-        name
-        for name in dir(type(obj))
-        if not name.startswith("_") and name not in LIFECYCLE_HOOKS and callable(getattr(type(obj), name))
-    )
+    return sorted(name for name in dir(type(obj)) if _method(obj, name) is not None)
 
 
 def resolve_method(obj: object, name: object) -> Callable[..., Any]:
     """The bound method ``name`` of ``obj`` if it may be called remotely.
+
+    Only methods defined on the object's class qualify: functions (plain, coroutine, async
+    generator; static and class methods too). A class attribute that is a class, or some
+    other callable object (``runner = subprocess.Popen``, ``system = os.system``), is not a
+    method: calling it would construct or run something the author never exposed.
 
     Raises:
         AttributeError: private, lifecycle, missing or not a method.
     """
     if not isinstance(name, str) or not name or name.startswith("_") or name in LIFECYCLE_HOOKS:
         raise AttributeError(f"{name!r} cannot be called remotely: only public methods can")
-    attr = getattr(type(obj), name, None)
-    if attr is None or not callable(attr):
+    method = _method(obj, name)
+    if method is None:
         raise AttributeError(f"{type(obj).__name__!r} has no public method {name!r}")
-    method: Callable[..., Any] = getattr(obj, name)
     return method
+
+
+def _method(obj: object, name: str) -> Callable[..., Any] | None:
+    """``obj.name`` if it is a public method defined on the class, else None."""
+    if name.startswith("_") or name in LIFECYCLE_HOOKS:
+        return None
+    try:
+        raw = inspect.getattr_static(type(obj), name)
+    except AttributeError:
+        return None
+    if isinstance(raw, staticmethod):
+        return raw.__func__ if inspect.isfunction(raw.__func__) else None
+    if isinstance(raw, type) or not (inspect.isfunction(raw) or isinstance(raw, classmethod)
+                                     or inspect.ismethoddescriptor(raw) or hasattr(raw, "__get__")):
+        return None
+    bound = getattr(obj, name)
+    owner = getattr(bound, "__self__", None)
+    if (inspect.ismethod(bound) or inspect.isbuiltin(bound)) and owner in (obj, type(obj)):
+        return bound
+    return None
 
 
 GEN, ASYNC, PLAIN = 0, 1, 2

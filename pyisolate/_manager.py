@@ -10,12 +10,14 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
+from pyisolate.broker.delivery import nbytes
 from pyisolate.broker.protocol import HOST, Kind, pack_header
 from pyisolate.broker.router import Broker
 from pyisolate.workers.loader import class_spec, load_extension
 
 from . import _shm
 from ._base import ExtensionBase
+from ._codec import encode_exception
 from ._config import ExtensionConfig, ExtensionManagerConfig
 from ._events import Events
 from ._extension import Extension, LocalBackend
@@ -99,10 +101,12 @@ class ExtensionManager(Generic[T]):
         if self._loop is None:
             self._loop = loop
             _shm.configure_host()
-            self._broker = Broker(block_warning=self.config.loop_block_warning)
+            config = self.config
+            self._broker = Broker(block_warning=config.loop_block_warning, max_message_size=config.max_message_size,
+                                  max_queued_bytes=config.max_queued_bytes, max_in_flight=config.max_in_flight)
+            self._broker.on_leave(self._on_leave)
             self._endpoint = self._host_actor(HOST, None, self._on_control)
-            self._endpoint.default_timeout = self.config.call_timeout
-            self._endpoint.max_in_flight = self.config.max_in_flight
+            self._endpoint.default_timeout = config.call_timeout
             self._endpoint.answers_heartbeats = False  # ours are answers: they go to _on_control
             self._events = Events(loop)
         elif loop is not self._loop:
@@ -128,10 +132,7 @@ class ExtensionManager(Generic[T]):
         if self._closing:
             raise ExtensionClosedError("this ExtensionManager is stopped")
         self._bind()
-        if config.name in self._extensions or self.broker.has_actor(config.name.encode()):
-            raise ConfigError(
-                f"an extension named {config.name!r} is already loaded; stop it first or choose another name"
-            )
+        self._check_name(config.name)
         for api in config.apis:
             self._add_singleton(api)
         backend: Worker | LocalBackend
@@ -175,10 +176,8 @@ class ExtensionManager(Generic[T]):
         if not configs:
             return {}
         self._bind()
-        taken = sorted(n for n in seen if n in self._extensions or self.broker.has_actor(n.encode()))
-        if taken:
-            raise ConfigError(f"extension(s) {', '.join(map(repr, taken))} already loaded; stop them first "
-                              "or choose other names")
+        for name in seen:
+            self._check_name(name)
         handles: dict[str, Extension] = {}
         try:
             for config in configs:
@@ -200,6 +199,15 @@ class ExtensionManager(Generic[T]):
         loaded = {name: handle for name, handle in handles.items() if name not in failed}
         raise LoadExtensionsError(f"{len(failed)} of {len(handles)} extensions failed to load",
                                   list(failed.values()), loaded=loaded, failed=dict(failed))
+
+    def _check_name(self, name: str) -> None:
+        """Actor names are one namespace: the host, its singletons and every extension."""
+        if name in self._extensions:
+            raise ConfigError(f"an extension named {name!r} is already loaded; stop it first or choose another name")
+        bname = name.encode()  # (the host's own name is refused by ExtensionConfig already)
+        if bname in self._singletons or self.broker.has_actor(bname):
+            raise ConfigError(f"the extension name {name!r} is taken by a shared singleton (ProxiedSingleton) of "
+                              "the host: actor names are one namespace; choose another name")
 
     @staticmethod
     async def _ready(handle: Extension) -> None:
@@ -270,10 +278,22 @@ class ExtensionManager(Generic[T]):
         """Actor names of the shared singletons registered so far."""
         return list(self._singletons)
 
-    def fail_peer(self, name: bytes, exc: BaseException) -> None:
-        """Extension ``name`` is gone: every host-side actor drops what concerned it."""
+    def fail_peer(self, name: bytes, exc: BaseException, *, forget: bool = True) -> None:
+        """Extension ``name`` is gone: every actor drops what concerned it.
+
+        Host-side actors directly; workers hear GONE from the broker, with ``exc``. With
+        ``forget`` the broker also stops routing to it (not while it is still asked to stop).
+        """
         for endpoint in [self.endpoint, *self._singletons.values()]:
             endpoint.fail_peer(name, exc)
+        broker = self.broker
+        if forget:
+            broker.forget(name)
+        try:
+            body = encode_exception(exc)[0]
+        except Exception:  # its own exception cannot travel: say so in words
+            body = encode_exception(ExtensionClosedError(f"actor {name.decode()!r} left"))[0]
+        broker.announce_gone(name, body)
 
     def _host_actor(self, name: bytes, root: object, on_control: Any = None) -> Endpoint:
         broker = self.broker
@@ -282,7 +302,8 @@ class ExtensionManager(Generic[T]):
             broker.send(dest, name, frames)
 
         endpoint = Endpoint(name, self.loop, send, root=root, origin=HOST, chain_loops=self._chain_loops,
-                            on_control=on_control)
+                            on_control=on_control, max_in_flight=self.config.max_in_flight,
+                            max_message_size=self.config.max_message_size)
         broker.add_local(name, endpoint.on_frames)
         return endpoint
 
@@ -293,8 +314,9 @@ class ExtensionManager(Generic[T]):
             if type(endpoint.root) is not api:
                 raise ConfigError(f"two singleton classes are named {name.decode()!r}; rename one")
             return
-        if self.broker.has_actor(name):
-            raise ConfigError(f"the singleton name {name.decode()!r} is taken by an extension; rename one")
+        if name == HOST or name.decode() in self._extensions or self.broker.has_actor(name):
+            raise ConfigError(f"the singleton name {name.decode()!r} is taken by an extension (or the host): actor "
+                              "names are one namespace; rename the class or the extension")
         self._singletons[name] = self._host_actor(name, api())
 
     def connecting_workers(self) -> int:
@@ -318,24 +340,43 @@ class ExtensionManager(Generic[T]):
 
         A ping is answered by the worker's event loop, so a worker stuck in C code holding the
         GIL, or with a blocked loop, stops answering. Only pings actually sent count: a host
-        whose own loop was blocked does not blame its workers.
+        whose own loop was blocked does not blame its workers. No error of one round ends the
+        task: liveness must outlive any single fault.
         """
-        interval, limit = self.config.heartbeat_interval, self.config.heartbeat_timeout
+        interval = self.config.heartbeat_interval
         while True:
             await asyncio.sleep(interval)
-            now = time.monotonic()
-            for backend in list(self._extensions.values()):
-                if not isinstance(backend, Worker) or backend.state is not State.READY:
-                    continue
-                if backend.ping_since is None:
-                    backend.ping_since = now
-                elif now - backend.ping_since > limit and backend.process is not None:
-                    backend.hung_for = now - backend.ping_since
-                    logger.warning("extension %r stopped answering heartbeats for %.1f s: killing it",
-                                   backend.name, backend.hung_for)
-                    backend.process.kill()
-                    continue
-                self.endpoint._send_quiet(backend.bname, [pack_header(Kind.HEARTBEAT, 0), b""])
+            try:
+                self._beat_once(time.monotonic())
+            except Exception:  # a bug here must not end liveness checks for every worker
+                logger.exception("heartbeat round failed; the next one runs in %.1f s", interval)
+
+    def _beat_once(self, now: float) -> None:
+        limit = self.config.heartbeat_timeout
+        ping = [pack_header(Kind.HEARTBEAT, 0), b""]
+        for backend in list(self._extensions.values()):
+            if not isinstance(backend, Worker) or backend.state is not State.READY or backend.process is None:
+                continue
+            if backend.ping_since is None:
+                backend.ping_since = now
+            elif now - backend.ping_since > limit:
+                backend.hung_for = now - backend.ping_since
+                logger.warning("extension %r stopped answering heartbeats for %.1f s: killing it",
+                               backend.name, backend.hung_for)
+                backend.process.kill()
+                continue
+            try:
+                self.broker.send(backend.bname, HOST, ping, urgent=True)
+            except LookupError:
+                self._on_leave(backend.bname)
+
+    def _on_leave(self, name: bytes) -> None:
+        """The broker found ``name``'s connection gone while its process lives: end it."""
+        backend = self._extensions.get(name.decode(errors="replace"))
+        if isinstance(backend, Worker) and backend.state is State.READY and backend.process is not None:
+            backend.lost_connection = True
+            logger.warning("extension %r lost its connection to the broker: killing it", backend.name)
+            backend.process.kill()
 
     def _on_control(self, sender: bytes, kind: Kind, call_id: int, extra: list[object], body: bytes,
                     buffers: list[bytes]) -> None:
@@ -346,12 +387,15 @@ class ExtensionManager(Generic[T]):
             return
         if kind is Kind.EVENT:
             if extra and isinstance(extra[0], str) and self._events is not None:
+                who, size = sender.decode(errors="replace"), len(body) + nbytes(buffers)
+                if not self._events.admit(who, size):
+                    return  # counted and logged by Events; not even decoded
                 try:
-                    value = self.endpoint._decode(body, buffers, sender)
+                    value = self.endpoint.decode(body, buffers, sender)
                 except Exception as exc:  # a bad event must not take the host down
                     logger.warning("undecodable event %r from %r: %s", extra[0], sender, exc)
                     return
-                self._events.put(sender.decode(errors="replace"), extra[0], value)
+                self._events.put(who, extra[0], value, size)
             return
         backend = self._extensions.get(sender.decode(errors="replace"))
         if isinstance(backend, Worker) and kind in (Kind.READY, Kind.LOAD_FAILED):

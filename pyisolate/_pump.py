@@ -64,6 +64,9 @@ def _recv_frames(sock: zmq.Socket[Any]) -> list[bytes]:
 class SocketPump:
     """Feed messages from ``sock`` to ``on_message`` on ``loop``; send without blocking.
 
+    ``after_drain`` runs after each batch of received messages, and whenever the socket's
+    descriptor fires (which it also does when a full outgoing pipe gets room again).
+
     The pump does not own the socket; whoever created the socket closes it after
     ``close()``ing the pump.
     """
@@ -73,10 +76,12 @@ class SocketPump:
         sock: zmq.Socket[Any],
         loop: asyncio.AbstractEventLoop,
         on_message: Callable[[list[bytes]], None],
+        after_drain: Callable[[], None] | None = None,
     ) -> None:
         self._sock = sock
         self._loop = loop
         self._on_message = on_message
+        self._after_drain = after_drain
         self._fd: int = sock.getsockopt(zmq.FD)  # type: ignore[assignment]  # an int on POSIX
         self._scheduled = False
         self._draining = False
@@ -123,6 +128,8 @@ class SocketPump:
             self._drain_batch()
         finally:
             self._draining = False
+        if self._after_drain is not None and not self._closed:
+            self._after_drain()
 
     def _drain_batch(self) -> None:
         sock = self._sock

@@ -87,11 +87,17 @@ class RemoteStream:
         self._done = False
         self._error: BaseException | None = None
         self._taken = 0
+        self._credit = WINDOW  # items the producer may still send: the consumer's mirror of its count
         self._grant = grant
         self._finalizer = weakref.finalize(self, close)  # dropped early: tell the producer
 
+    def may_push(self) -> bool:
+        """Whether the producer had credit for one more item (a well-behaved one always does)."""
+        return self._credit > 0
+
     def push(self, item: object) -> None:
         """An item arrived."""
+        self._credit -= 1
         self._items.append(item)
         self._ready.set()
 
@@ -120,6 +126,7 @@ class RemoteStream:
         item = self._items.popleft()
         self._taken += 1
         if self._taken >= WINDOW // 2 and not self._done:
+            self._credit += self._taken
             self._grant(self._taken)
             self._taken = 0
         return item

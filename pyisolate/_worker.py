@@ -70,6 +70,7 @@ class Worker:
         self._stop_task: asyncio.Task[None] | None = None
         self.ping_since: float | None = None  # when the oldest unanswered heartbeat was sent
         self.hung_for: float | None = None
+        self.lost_connection = False  # the broker found its connection gone, so it was killed
         self._restarts: list[float] = []  # when each restart in the policy's window happened
         self._restarting: BaseException | None = None  # the crash being recovered from
         self.restart_count = 0
@@ -127,7 +128,7 @@ class Worker:
                 runtime = await asyncio.to_thread(runtime_dir, manager.config.venv_root, config.share_torch)
             ensure_fd_headroom(self.name, manager.connecting_workers())
             secret = secrets.token_bytes(32)
-            manager.broker.registry.expect(self.bname, secret)
+            manager.broker.expect(self.bname, secret)
             started = time.monotonic()
             self.process = await WorkerProcess.spawn(
                 name=self.name,
@@ -145,6 +146,11 @@ class Worker:
                     "handshake_timeout": manager.config.start_timeout,
                     # The worker drops records below what the host would log for this extension.
                     "log_level": extension_logger(self.name).getEffectiveLevel(),
+                    "limits": {
+                        "max_in_flight": manager.config.max_in_flight,
+                        "max_message_size": manager.config.max_message_size,
+                        "max_queued_bytes": manager.config.max_queued_bytes,
+                    },
                 },
                 pass_env=tuple(config.pass_env),
                 env=dict(config.env),
@@ -166,7 +172,7 @@ class Worker:
             if self.state is State.STARTING:
                 self._fail(State.FAILED, exc if isinstance(exc, Exception) else ExtensionClosedError(
                     f"loading extension {self.name!r} was cancelled"))
-            await self._release()
+            await self._release(self._error or ExtensionClosedError(f"extension {self.name!r} was stopped"))
             raise
 
     def on_control(self, kind: Kind, body: bytes, buffers: list[bytes]) -> None:
@@ -195,7 +201,6 @@ class Worker:
         if not self.ready.done():
             self.ready.set_result(None)  # waiters look at state and _error
         self._manager.fail_peer(self.bname, exc)
-        self._manager.broker.registry.forget(self.bname)
 
     async def _watch_exit(self, process: WorkerProcess) -> None:
         code = await process.wait()
@@ -205,6 +210,9 @@ class Worker:
         how = describe_exit(code)
         if self.hung_for is not None:
             how = f"stopped answering heartbeats for {self.hung_for:.1f} s and was killed ({how})"
+        elif self.lost_connection:
+            how = (f"lost its connection to the broker and was killed ({how}); a worker is cut off when it "
+                   "sends a frame larger than max_message_size or closes its socket")
         tail = process.stderr_tail()
         if self.state is State.STARTING:
             self._fail(State.FAILED, ExtensionLoadError(
@@ -241,12 +249,12 @@ class Worker:
     def _begin_restart(self, crash: ExtensionCrashedError, delay: float) -> None:
         """Fail what was pending (at-most-once), then start a new worker under the same name."""
         self._manager.fail_peer(self.bname, crash)
-        self._manager.broker.registry.forget(self.bname)
         self._restarting = crash
         self.restart_count += 1
         self.state = State.STARTING
         self.ready = self._manager.loop.create_future()
         self.ping_since = self.hung_for = None
+        self.lost_connection = False
         logger.warning("restarting extension %r in %.2f s (restart %d of %d within %.0f s)", self.name, delay,
                        len(self._restarts), self.config.restart.max_restarts if self.config.restart else 0,
                        self.config.restart.within if self.config.restart else 0)
@@ -263,7 +271,8 @@ class Worker:
             await asyncio.gather(self.start_task, return_exceptions=True)
         was_ready = self.state is State.READY
         self.state = State.STOPPING
-        self._manager.fail_peer(self.bname, ExtensionClosedError(f"extension {self.name!r} was stopped"))
+        closed = ExtensionClosedError(f"extension {self.name!r} was stopped")
+        self._manager.fail_peer(self.bname, closed, forget=False)  # it still takes STOP
         if was_ready and self.process is not None and self.process.returncode is None:
             try:
                 async with asyncio.timeout(self._manager.config.stop_timeout):
@@ -277,11 +286,12 @@ class Worker:
                 logger.warning("extension %r: stop() raised %r", self.name, exc)
         if self.process is not None:
             await self.process.stop(self._manager.config.stop_timeout)
-        await self._release()
+        await self._release(closed)
         self.state = State.STOPPED
 
-    async def _release(self) -> None:
-        self._manager.broker.registry.forget(self.bname)
+    async def _release(self, why: BaseException) -> None:
+        # Calls that slipped in while it stopped (they waited for a slot) end here too.
+        self._manager.fail_peer(self.bname, why)
         self._manager.forget(self)
         if self._watch is not None and not self._watch.done():
             self._watch.cancel()

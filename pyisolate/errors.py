@@ -13,6 +13,8 @@ The tree:
     ├── RemoteError                         a remote exception that could not be rebuilt locally
     ├── ProtocolError                       a peer broke the wire protocol (version, framing)
     ├── UnroutableError (LookupError)       no actor of that name is connected to the broker
+    ├── QueueFullError                      a bounded queue is full: names which, for whom, the limit
+    ├── MessageTooLargeError                a message exceeds max_message_size
     ├── EncodeError (TypeError)             a value cannot travel; names its type and place
     └── LoadExtensionsError (ExceptionGroup) load_extensions(): some failed, the rest are loaded
 
@@ -38,8 +40,10 @@ __all__ = [
     "ExtensionCrashedError",
     "ExtensionLoadError",
     "LoadExtensionsError",
+    "MessageTooLargeError",
     "ProtocolError",
     "PyisolateError",
+    "QueueFullError",
     "RemoteError",
     "UnroutableError",
 ]
@@ -128,6 +132,19 @@ class ProtocolError(PyisolateError):
 
 class UnroutableError(PyisolateError, LookupError):
     """No actor of the given name is connected to the broker."""
+
+
+class QueueFullError(PyisolateError):
+    """A bounded queue between actors is full; the message names the queue, for whom, and the limit.
+
+    Callers that stay within ``max_in_flight`` never see it for calls (they wait for a slot
+    instead); it means a sender went past what the protocol allows, or honest traffic needs
+    more than the configured memory (``ExtensionManagerConfig.max_queued_bytes``).
+    """
+
+
+class MessageTooLargeError(PyisolateError):
+    """A message (body plus buffers) exceeds ``ExtensionManagerConfig.max_message_size``."""
 
 
 class EncodeError(PyisolateError, TypeError):

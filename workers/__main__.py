@@ -59,7 +59,9 @@ async def _serve(boot: dict[str, Any]) -> int:
 
     gc.enable()  # the bootstrap paused it for the runtime's imports; extension code runs with it on
     loop = asyncio.get_running_loop()
-    conn = Connection(boot["endpoint"])
+    limits = boot.get("limits", {})
+    conn = Connection(boot["endpoint"], max_message_size=limits.get("max_message_size", -1),
+                      max_queued_bytes=limits.get("max_queued_bytes", 1 << 30))
     finished = asyncio.Event()
     stop_tasks: set[asyncio.Task[None]] = set()
 
@@ -88,7 +90,9 @@ async def _serve(boot: dict[str, Any]) -> int:
 
     name = boot["name"]
     _shm.configure(boot["session"], name)
-    endpoint = Endpoint(name.encode(), loop, send, on_control=on_control)
+    endpoint = Endpoint(name.encode(), loop, send, on_control=on_control,
+                        max_in_flight=limits.get("max_in_flight", 512),
+                        max_message_size=limits.get("max_message_size", 256 << 20))
     endpoint.host_actors = frozenset(n.encode() for n in boot["host_actors"])
     try:
         try:

@@ -1,8 +1,20 @@
-"""The worker's DEALER socket: connect, handshake with the broker, send and receive."""
+"""The worker's DEALER socket: connect, handshake with the broker, send and receive.
+
+Flow control, both ways:
+
+- Reading: the broker sends this worker only as much as its window allows, and the window
+  moves as we report what we have read (CONSUMED, running totals), which we do once a
+  quarter of the window has been read, at the end of a batch of messages.
+- Writing: when the host's loop is busy the socket's pipe fills (zmq.Again); messages then
+  wait here, in order, and leave as soon as the pipe has room. This backlog is bounded in
+  bytes: past the bound, new work (a call, an event) fails with QueueFullError at the call
+  site, while answers and control messages, which the protocol itself bounds, still queue.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -11,12 +23,16 @@ import msgpack
 import zmq
 
 from pyisolate._pump import SocketPump
-from pyisolate.broker.protocol import BROKER, PROTOCOL_VERSION, Kind, pack_header, unpack_header
+from pyisolate.broker.delivery import REPORT_BYTES, REPORT_MESSAGES, nbytes
+from pyisolate.broker.protocol import BROKER, PROTOCOL_VERSION, REQUESTS, Kind, kind_of_header, pack_header, unpack_header
+from pyisolate.errors import QueueFullError
 
 __all__ = ["Connection", "HandshakeError"]
 
 #: How long a final message may take to leave when the worker shuts down.
 _FLUSH_SECONDS = 2.0
+_POLLOUT = int(zmq.POLLOUT)
+_EVENTS = int(zmq.EVENTS)
 
 
 class HandshakeError(Exception):
@@ -24,14 +40,26 @@ class HandshakeError(Exception):
 
 
 class Connection:
-    """One DEALER connection to the broker. Owns its context and socket."""
+    """One DEALER connection to the broker. Owns its context and socket.
 
-    def __init__(self, endpoint: str) -> None:
+    Args:
+        endpoint: The broker's endpoint.
+        max_message_size: Largest frame accepted from the broker (ZMQ_MAXMSGSIZE).
+        max_queued_bytes: Bytes that may wait to be sent while the host is not reading.
+    """
+
+    def __init__(self, endpoint: str, *, max_message_size: int = -1, max_queued_bytes: int = 1 << 30) -> None:
         self._ctx: zmq.Context[Any] = zmq.Context()
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.setsockopt(zmq.MAXMSGSIZE, max_message_size)
         self._sock.connect(endpoint)
         self._pump: SocketPump | None = None
+        self._backlog: collections.deque[tuple[Sequence[Any], int]] = collections.deque()
+        self._backlog_bytes = 0
+        self._max_queued_bytes = max_queued_bytes
+        self._read = [0, 0]  # messages and bytes read since the handshake
+        self._reported = [0, 0]
         self.closed = False
 
     def handshake(self, name: str, secret: bytes, timeout: float) -> None:
@@ -55,14 +83,64 @@ class Connection:
 
     def start(self, loop: asyncio.AbstractEventLoop, on_message: Callable[[list[bytes]], None]) -> None:
         """Start delivering incoming messages to ``on_message`` on ``loop``."""
-        self._pump = SocketPump(self._sock, loop, on_message)
+        read = self._read
+
+        def counted(frames: list[bytes]) -> None:
+            read[0] += 1
+            read[1] += nbytes(frames)
+            on_message(frames)
+
+        self._pump = SocketPump(self._sock, loop, counted, after_drain=self._after_drain)
 
     def send(self, frames: Sequence[Any]) -> None:
-        """Send ``[destination, header, body, *buffers]``."""
-        if self._pump is None:
+        """Send ``[destination, header, body, *buffers]``, or queue it while the pipe is full.
+
+        Raises:
+            QueueFullError: the backlog is over ``max_queued_bytes`` and this is new work.
+        """
+        pump = self._pump
+        if pump is None:
             self._sock.send_multipart(frames, copy=False)
-        else:
-            self._pump.send(frames)
+            return
+        if self.closed:
+            return  # the worker is shutting down: what its last tasks send has nowhere to go
+        if not self._backlog:
+            try:
+                pump.send(frames)
+                return
+            except zmq.Again:
+                pass
+        size = nbytes(frames)
+        if self._backlog_bytes + size > self._max_queued_bytes and kind_of_header(frames[1]) in REQUESTS:
+            raise QueueFullError(
+                f"this worker's outgoing queue is full: {self._backlog_bytes} bytes wait for the host to read "
+                f"them (max_queued_bytes={self._max_queued_bytes}); the host's event loop is not keeping up")
+        self._backlog.append((frames, size))
+        self._backlog_bytes += size
+
+    def queued(self) -> int:
+        """Messages waiting for room in the pipe."""
+        return len(self._backlog)
+
+    def _after_drain(self) -> None:
+        if self._backlog and int(self._sock.get(_EVENTS)) & _POLLOUT:
+            self._flush()
+        read, reported = self._read, self._reported
+        if read[0] - reported[0] >= REPORT_MESSAGES or read[1] - reported[1] >= REPORT_BYTES:
+            reported[:] = read
+            self.send([BROKER, pack_header(Kind.CONSUMED, 0, read[0], read[1]), b""])
+
+    def _flush(self) -> None:
+        assert self._pump is not None
+        backlog = self._backlog
+        while backlog:
+            frames, size = backlog[0]
+            try:
+                self._pump.send(frames)
+            except zmq.Again:
+                return
+            backlog.popleft()
+            self._backlog_bytes -= size
 
     def close(self, flush: bool = False) -> None:
         """Close the socket (waiting briefly for queued messages if ``flush``); idempotent."""
@@ -71,5 +149,12 @@ class Connection:
         self.closed = True
         if self._pump is not None:
             self._pump.close()
+        if flush:
+            for frames, _ in self._backlog:  # what waited for room: give it the linger time too
+                try:
+                    self._sock.send_multipart(frames, copy=False, flags=zmq.NOBLOCK)
+                except zmq.ZMQError:
+                    break
+        self._backlog.clear()
         self._sock.close(linger=int(_FLUSH_SECONDS * 1000) if flush else 0)
         self._ctx.term()

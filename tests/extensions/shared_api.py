@@ -27,6 +27,9 @@ class DatabaseAPI(ProxiedSingleton):
     async def loop_id(self):
         return id(asyncio.get_running_loop())
 
+    async def run_callback(self, fn, *args):
+        return await fn(*args)
+
 
 class SlowService(ProxiedSingleton):
     def __init__(self):

@@ -158,3 +158,36 @@ async def test_host_side_actor_is_served_in_place(broker, peers):
     assert await a.recv() == [b"svc", b"h2", b"b2"]
     with pytest.raises(LookupError):
         broker.send(b"nobody", b"svc", [b"h", b"b"])
+
+
+async def test_a_worker_cannot_join_under_a_host_actors_name(broker, peers):
+    """Actor names are one namespace: a name served in the host is refused at expect and at join."""
+    broker.add_local(b"Vault", lambda sender, frames: None)
+    with pytest.raises(ValueError, match="taken by an actor of the host"):
+        broker.expect(b"Vault", b"s" * 32)
+    broker.registry.expect(b"Vault", b"s" * 32)  # even if the registry were told to expect it
+    kind, extra = await peers().hello("Vault", b"s" * 32)
+    assert kind is Kind.REFUSED and "belongs to an actor of the host" in extra[0]
+
+
+async def test_refused_joins_are_logged_with_a_rate_limit(ctx, caplog):
+    """5,000 refused HELLOs: every one is answered and counted, a handful are logged."""
+    broker = Broker(block_warning=None, clock=lambda: 0.0)  # one rate-limit window throughout
+    peer = Peer(ctx, broker.endpoint)
+    try:
+        body = msgpack.packb({"name": "nobody", "secret": b"x", "pid": os.getpid()})
+        header = pack_header(Kind.HELLO, 0, PROTOCOL_VERSION)
+        with caplog.at_level("WARNING", logger="pyisolate.broker"):
+            for _ in range(10):
+                for _ in range(500):
+                    await peer.sock.send_multipart([BROKER, header, body])
+                for _ in range(500):
+                    kind, _, _ = unpack_header((await peer.recv())[1])
+                    assert kind is Kind.REFUSED
+        assert broker.refused_joins == 5000
+        refusals = [r for r in caplog.records if "refused a connection" in r.getMessage()]
+        assert len(refusals) == 5
+        assert "only counted" in refusals[-1].getMessage()
+    finally:
+        peer.close()
+        broker.close()

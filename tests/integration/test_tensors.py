@@ -127,12 +127,12 @@ async def test_tensors_in_an_answer_are_acknowledged_by_the_next_call_or_at_the_
     for _ in range(20):
         made = await t.make(4)
         assert made.tolist() == [0.0, 1.0, 2.0, 3.0]
-        assert endpoint._owed_acks  # owed, not sent yet: the next call will carry them
+        assert endpoint.acks.owed  # owed, not sent yet: the next call will carry them
         assert await t.pinned() == 0  # ...and it did, before the method ran
     await t.make(4)
     await asyncio.sleep(0)  # two turns of the loop, no call to carry them:
     await asyncio.sleep(0)  # the end of the turn sends an ACK message instead
-    assert endpoint._owed_acks == {}
+    assert endpoint.acks.owed == {}
     assert await t.pinned() == 0
 
 

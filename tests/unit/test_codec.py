@@ -699,3 +699,22 @@ else:
             decode(bytes(body[:cut] if data.draw(st.booleans()) else body))
         except DecodeError:
             pass
+
+
+def test_decoding_stops_at_max_objects_before_building_them():
+    """A body is bounded by objects, not only by depth: millions of empty maps are refused
+    after MAX_OBJECTS, whether in one array or spread over many small ones."""
+    from pyisolate._codec import MAX_OBJECTS
+
+    flat = b"\xdd" + (64 << 20).to_bytes(4, "big") + b"\x80" * (64 << 20)
+    with pytest.raises(DecodeError, match="MAX_OBJECTS"):
+        decode(flat)
+    inner = b"\xdc" + (1000).to_bytes(2, "big") + b"\x80" * 1000
+    spread = b"\xdd" + (4096).to_bytes(4, "big") + inner * 4096
+    with pytest.raises(DecodeError, match="MAX_OBJECTS"):
+        decode(spread)
+    inside_a_tuple = encode((list(range(MAX_OBJECTS)),))[0]
+    with pytest.raises(DecodeError, match="MAX_OBJECTS"):
+        decode(inside_a_tuple)
+    below = [list(range(100)) for _ in range(MAX_OBJECTS // 200)]
+    assert decode(encode(below)[0]) == below

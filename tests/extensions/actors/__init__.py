@@ -59,14 +59,24 @@ class Actors(ExtensionBase):
         return await host_step(n)
 
     def make_adder(self, k):
-        return lambda x: x + k
+        def adder(x):
+            self.adder_calls = getattr(self, "adder_calls", 0) + 1
+            return x + k
+
+        return adder
+
+    def adder_calls_seen(self):
+        return getattr(self, "adder_calls", 0)
+
+    def keep(self, fn):
+        self.kept = fn
+        return True
 
     async def reference_counts(self):
         gc.collect()
         await asyncio.sleep(0)  # let finalizers' RELEASE messages go out first
         endpoint = pyisolate._context.worker_endpoint()
-        live = sum(1 for ref in endpoint._proxies.values() if ref() is not None)
-        return {"exports": len(endpoint.exports), "proxies": live}
+        return {"exports": len(endpoint.exports), "proxies": endpoint.values.live_proxies()}
 
     # streams
     async def count(self, n):
@@ -113,6 +123,10 @@ class Actors(ExtensionBase):
     # misuse of references
     async def pass_on(self, fn, other):
         return await pyisolate.get_actor(other).call_back(fn, 1)
+
+    async def call_ref_method(self, owner, ref_id, method):
+        endpoint = pyisolate._context.worker_endpoint()
+        return await endpoint.remote_call(owner.encode(), method, (), {}, ref_id)
 
     async def forge_call(self, owner, ref_id):
         from pyisolate._refs import RefProxy

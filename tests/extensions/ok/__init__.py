@@ -2,6 +2,7 @@
 
 import asyncio
 import os
+import subprocess
 import sys
 import threading
 
@@ -13,6 +14,10 @@ class CustomError(Exception):
 
 
 class OkExtension(ExtensionBase):
+    # Callable class attributes that are not methods: never callable remotely.
+    runner = subprocess.Popen
+    system = os.system
+
     def __init__(self):
         self.hooks = []
         self.release_async = asyncio.Event()
@@ -40,6 +45,9 @@ class OkExtension(ExtensionBase):
 
     def echo(self, value):
         return value
+
+    def make_bytes(self, n):
+        return bytes(n)
 
     async def aecho(self, *args, **kwargs):
         return args, kwargs
@@ -120,18 +128,6 @@ class OkExtension(ExtensionBase):
         sys.stderr.write("holding the GIL in C code\n")
         sys.stderr.flush()
         return bool(re.match(r"(a+)+$", "a" * 40 + "!"))  # catastrophic backtracking, GIL held
-
-    async def crowd(self, release_at):
-        """Wait until ``release_at`` calls wait together; report the most seen at once."""
-        if not hasattr(self, "crowd_open"):
-            self.crowd_open, self.waiting, self.most = asyncio.Event(), 0, 0
-        self.waiting += 1
-        self.most = max(self.most, self.waiting)
-        if self.waiting >= release_at:
-            self.crowd_open.set()
-        await self.crowd_open.wait()
-        self.waiting -= 1
-        return self.most
 
     def rss(self):
         with open("/proc/self/statm") as f:

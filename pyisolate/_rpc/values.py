@@ -1,0 +1,166 @@
+"""Values in and out of one actor: the codec with its hooks for references and shared memory.
+
+Encoding turns callables into references this actor exports (``_refs.ExportTable``) and pins
+shared memory for the destination; decoding turns references into proxies and collects the
+shared-memory segments to acknowledge. A reference is honoured only between its owner and
+the actor it was given to: a received reference must be owned by its sender (a proxy of it)
+or by us and given to that sender (our own object coming back). Whole actors (``get_actor``)
+are names anyone may use, so actor references pass freely.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+from pyisolate.broker.protocol import Kind, pack_header
+
+from .._codec import DecodeError, decode, encode
+from .._refs import FLAG_ACTOR, FLAG_ASYNC, ActorProxy, ExportTable, RefProxy, is_async_callable
+from pyisolate.broker.delivery import nbytes
+
+from ..errors import EncodeError, MessageTooLargeError
+from .flow import Acks
+
+__all__ = ["Values"]
+
+#: Sends ``[header, body, *buffers]`` to an actor, never raising for a departed one.
+SendQuiet = Callable[[bytes, list[Any]], None]
+
+
+class Values:
+    """The codec's RefHooks for one actor: references out and in, shared memory accounting."""
+
+    def __init__(self, name: bytes, loop: asyncio.AbstractEventLoop, send_quiet: SendQuiet,
+                 remote_call: Callable[..., Any], acks: Acks, max_message_size: int) -> None:
+        self.name = name
+        self.max_message_size = max_message_size
+        self._loop = loop
+        self._send_quiet = send_quiet
+        self._remote_call = remote_call
+        self._acks = acks
+        self.exports = ExportTable()
+        self.proxies: dict[tuple[bytes, int], weakref.ref[RefProxy]] = {}
+        self.host_actors: frozenset[bytes] = frozenset()  # worker: actors living in the host
+        # The codec reads these (RefHooks) while it encodes or decodes one message.
+        self.shm_dest = b""
+        self.shm_sender = ""
+        self.shm_sender_in_host = False
+        self.shm_acks: list[str] = []
+        self._enc_dest = b""
+        self._enc_loop: asyncio.AbstractEventLoop | None = None
+        self._enc_seen: dict[int, tuple[str, int, int]] = {}
+        self._dec_sender = b""
+        self._dec_seen: set[tuple[bytes, int]] = set()
+
+    # -- out -------------------------------------------------------------------------------
+
+    def encode(self, dest: bytes, value: object, loop: asyncio.AbstractEventLoop | None) -> tuple[bytes, list[Any]]:
+        """Encode ``value`` for ``dest``; callables defined on ``loop`` run there when called."""
+        self._enc_dest, self._enc_loop, self._enc_seen = dest, loop, {}
+        self.shm_dest = dest
+        try:
+            body, buffers = encode(value, self)
+            if (buffers or len(body) > 65536) and len(body) + nbytes(buffers) > self.max_message_size:
+                raise MessageTooLargeError(
+                    f"a value of {len(body) + nbytes(buffers)} bytes for {dest.decode()!r} exceeds "
+                    f"max_message_size={self.max_message_size}; send large data as numpy arrays or tensors "
+                    "(they travel through shared memory), or raise ExtensionManagerConfig.max_message_size")
+            return body, buffers
+        except BaseException:
+            for _, ref_id, _ in self._enc_seen.values():  # the message is not sent: undo its counts
+                self.exports.release(ref_id, dest, 1)
+            raise
+        finally:
+            self._enc_seen = {}
+
+    def export(self, obj: object) -> tuple[str, int, int] | None:
+        if isinstance(obj, RefProxy):
+            owner = obj._pyisolate_owner
+            if owner != self._enc_dest:
+                raise EncodeError(
+                    f"{obj!r} was received from {owner.decode()!r} and can only be passed back to it"
+                )
+            return owner.decode(), obj._pyisolate_ref, obj._pyisolate_flags
+        if isinstance(obj, ActorProxy):
+            return obj._pyisolate_owner.decode(), 0, FLAG_ACTOR
+        if isinstance(obj, type) or not callable(obj):
+            return None
+        ref = self._enc_seen.get(id(obj))
+        if ref is None:
+            ref_id = self.exports.add(obj, self._enc_dest, self._enc_loop)
+            ref = (self.name.decode(), ref_id, FLAG_ASYNC if is_async_callable(obj) else 0)
+            self._enc_seen[id(obj)] = ref
+        return ref
+
+    # -- in --------------------------------------------------------------------------------
+
+    def decode(self, body: bytes, buffers: list[bytes], sender: bytes, acks: list[str] | None = None) -> object:
+        """Decode a message from ``sender``. Shared-memory segments it names are acknowledged:
+        collected in ``acks`` (a CALL's, to travel with its answer), or else owed to the sender."""
+        self._dec_seen = set()
+        self._dec_sender = sender
+        self.shm_sender = sender.decode()
+        self.shm_sender_in_host = sender in self.host_actors
+        received: list[str] = [] if acks is None else acks
+        self.shm_acks = received
+        try:
+            return decode(body, buffers, self)
+        finally:
+            if received and acks is None:  # we hold our own names for these segments now: unpin
+                self._acks.owe(sender, received)
+
+    def resolve(self, owner: str, ref_id: int, flags: int) -> object:
+        name = owner.encode()
+        if flags & FLAG_ACTOR:
+            return ActorProxy(name, self._remote_call)
+        sender = self._dec_sender
+        if name == self.name:  # one of ours, coming back
+            export = self.exports.get(ref_id)
+            if export is None or sender not in export.counts:
+                raise DecodeError(f"reference {ref_id} of {owner!r} was never given to {sender.decode()!r} "
+                                  "(or is released): refused")
+            return export.obj
+        if name != sender:
+            raise DecodeError(f"{sender.decode()!r} sent a reference owned by {owner!r}: only its owner "
+                              "can hand out a reference")
+        key = (name, ref_id)
+        entry = self.proxies.get(key)
+        proxy = entry() if entry is not None else None
+        if proxy is None:
+            cell = [0]
+            proxy = RefProxy(name, ref_id, flags, self._remote_call, cell)
+            weakref.finalize(proxy, self._release_soon, name, ref_id, cell)
+            self.proxies[key] = weakref.ref(proxy)
+        if key not in self._dec_seen:
+            self._dec_seen.add(key)
+            proxy._pyisolate_cell[0] += 1
+        return proxy
+
+    def live_proxies(self) -> int:
+        """Proxies of other actors' objects alive here."""
+        return sum(1 for ref in self.proxies.values() if ref() is not None)
+
+    def on_release(self, sender: bytes, extra: list[object]) -> None:
+        """RELEASE: ``sender`` dropped ``count`` received copies of one of our references."""
+        if len(extra) == 2 and type(extra[0]) is int and type(extra[1]) is int:
+            self.exports.release(extra[0], sender, extra[1])
+
+    def drop_peer(self, peer: bytes) -> None:
+        """``peer`` is gone: it holds none of our references any more."""
+        self.exports.drop_receiver(peer)
+
+    def _release_soon(self, owner: bytes, ref_id: int, cell: list[int]) -> None:
+        # A finalizer: it may run in any thread, at any point of the loop's work.
+        try:
+            self._loop.call_soon_threadsafe(self._release, owner, ref_id, cell[0])
+        except RuntimeError:  # loop closed: the owner forgets us when we go
+            pass
+
+    def _release(self, owner: bytes, ref_id: int, count: int) -> None:
+        entry = self.proxies.get((owner, ref_id))
+        if entry is not None and entry() is None:
+            del self.proxies[(owner, ref_id)]
+        self._send_quiet(owner, [pack_header(Kind.RELEASE, 0, ref_id, count), b""])
