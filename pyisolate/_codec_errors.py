@@ -21,7 +21,7 @@ from pyisolate._codec_base import (
     _thread,
 )
 from pyisolate._codec_walk import _ExceptionArgs, _walk_arg
-from pyisolate.errors import EncodeError, RemoteError
+from pyisolate.errors import EncodeError, PyisolateError, RemoteError
 
 
 def _encode_exception(exc: BaseException | _ExceptionArgs) -> object:
@@ -37,6 +37,8 @@ def _encode_exception(exc: BaseException | _ExceptionArgs) -> object:
                   if type(v := getattr(exc, k, None)) in (str, bytes, int)}
     elif type(exc) is RemoteError:  # passing through a further hop keeps the original type name
         extras = {"remote_type": str(exc.remote_type)}
+    elif isinstance(exc, PyisolateError) and cls._pyisolate_fields:  # keyword fields: rebuilt as itself
+        extras = {"fields": {k: v for k in cls._pyisolate_fields if _plain(v := getattr(exc, k, None))}}
     try:
         tb_text = "".join(traceback.format_exception(exc))
     except Exception:
@@ -56,6 +58,11 @@ def _encode_exception(exc: BaseException | _ExceptionArgs) -> object:
         return _ext(EXT_EXCEPTION, _pack(st, fields))
     finally:
         st.active.discard(id(exc))
+
+
+def _plain(value: object) -> bool:
+    """A keyword field that may travel: str, int, None, or a list of str."""
+    return value is None or type(value) in (str, int) or (type(value) is list and all(type(v) is str for v in value))
 
 
 def _safe_str(exc: BaseException) -> str:
@@ -80,6 +87,9 @@ def _decode_exception(dec: _Decoder, data: bytes) -> BaseException:
                 exc = cls(*args, extras["filename"], None, extras.get("filename2"))
             elif cls is RemoteError and len(args) == 1 and type(extras.get("remote_type")) is str:
                 exc = RemoteError(args[0], remote_type=extras["remote_type"], remote_traceback=tb_text)
+            elif issubclass(cls, PyisolateError) and cls._pyisolate_fields and type(extras.get("fields")) is dict:
+                fields = extras["fields"]
+                exc = cls(*args, **{k: v for k, v in fields.items() if k in cls._pyisolate_fields and _plain(v)})
             else:
                 exc = cls(*args)
             if str(exc) != message:  # args do not rebuild it faithfully

@@ -52,6 +52,10 @@ __all__ = [
 class PyisolateError(Exception):
     """Base class of every error pyisolate raises itself."""
 
+    #: Keyword arguments of the constructor that travel with the error to another process,
+    #: so that it is rebuilt there as itself (str, int, None and lists of str only).
+    _pyisolate_fields: tuple[str, ...] = ()
+
 
 class ConfigError(PyisolateError, ValueError):
     """A configuration value is invalid."""
@@ -59,6 +63,8 @@ class ConfigError(PyisolateError, ValueError):
 
 class EnvironmentBuildError(PyisolateError):
     """uv failed to create or populate an extension's virtual environment."""
+
+    _pyisolate_fields = ("extension", "packages", "output_tail")
 
     def __init__(self, message: str, *, extension: str, packages: list[str], output_tail: str) -> None:
         super().__init__(message)
@@ -76,6 +82,8 @@ class EnvironmentBuildError(PyisolateError):
 class ExtensionLoadError(PyisolateError):
     """The extension's module or class could not be loaded in its worker."""
 
+    _pyisolate_fields = ("extension", "remote_traceback")
+
     def __init__(self, message: str, *, extension: str, remote_traceback: str = "") -> None:
         super().__init__(message)
         self.extension = extension
@@ -90,6 +98,8 @@ class ExtensionLoadError(PyisolateError):
 
 class ExtensionCrashedError(PyisolateError):
     """The extension's worker process exited while calls were pending or it was needed."""
+
+    _pyisolate_fields = ("extension", "exit_code", "stderr_tail")
 
     def __init__(
         self, message: str, *, extension: str, exit_code: int | None, stderr_tail: str = ""

@@ -163,3 +163,26 @@ asyncio.run(main())
                                      text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == (["loaded", "1", "True"] if hard_room else ["refused", "True"])
+
+
+async def test_a_call_between_extensions_ends_when_its_target_crashes(manager):
+    """Extension -> extension: the caller's pending call fails with the crash, at once (the
+    broker tells every worker that an actor left), instead of waiting forever."""
+    from shared_api import DatabaseAPI
+
+    from pyisolate import ExtensionCrashedError
+
+    def fanin(name: str) -> ExtensionConfig:
+        return ExtensionConfig(name=name, module_path=ext("fanin"), apis=[DatabaseAPI])
+
+    async with asyncio.timeout(120):
+        target, caller = await asyncio.gather(manager.load_extension(fanin("target")),
+                                              manager.load_extension(fanin("caller")))
+    async with asyncio.timeout(60):
+        pending = asyncio.ensure_future(caller.call("target", "gate", "caller", 1))
+        assert await caller.call("target", "echo", "reached") == "reached"  # the gate call is open
+        manager._extensions["target"].process.kill()
+        with pytest.raises(ExtensionCrashedError, match="target") as info:
+            await pending
+        assert info.value.exit_code == -9
+        assert await caller.echo("fine") == "fine"

@@ -718,3 +718,14 @@ def test_decoding_stops_at_max_objects_before_building_them():
         decode(inside_a_tuple)
     below = [list(range(100)) for _ in range(MAX_OBJECTS // 200)]
     assert decode(encode(below)[0]) == below
+
+
+def test_pyisolate_errors_with_keyword_fields_travel_as_themselves():
+    from pyisolate.errors import EnvironmentBuildError, ExtensionCrashedError, ExtensionLoadError
+
+    for exc in (ExtensionCrashedError("extension 'x' died", extension="x", exit_code=-9, stderr_tail="last words"),
+                ExtensionLoadError("no", extension="x", remote_traceback="tb"),
+                EnvironmentBuildError("uv failed", extension="x", packages=["a", "b"], output_tail="out")):
+        back = decode(*encode(exc))
+        assert type(back) is type(exc) and str(back) == str(exc)
+        assert all(getattr(back, f) == getattr(exc, f) for f in type(exc)._pyisolate_fields)
