@@ -94,7 +94,7 @@ def _decode_exception(dec: _Decoder, data: bytes) -> BaseException:
                 exc = cls(*args)
             if str(exc) != message:  # args do not rebuild it faithfully
                 exc = None
-            else:
+            elif "remote_traceback" not in getattr(cls, "_pyisolate_fields", ()):
                 exc.remote_traceback = tb_text  # type: ignore[attr-defined]
         except Exception:
             exc = None
