@@ -36,6 +36,9 @@ __all__ = ["ExtensionManager"]
 
 logger = logging.getLogger("pyisolate")
 
+#: How long a worker whose connection closed may take to exit before it counts as cut off.
+_CUT_OFF_GRACE = 2.0
+
 T = TypeVar("T", bound=ExtensionBase)
 
 
@@ -71,6 +74,7 @@ class ExtensionManager(Generic[T]):
         self._events: Events | None = None
         self._heartbeats: asyncio.Task[None] | None = None
         self._extensions: dict[str, Worker | LocalBackend] = {}
+        self._leaving: set[asyncio.Task[None]] = set()  # checks of workers whose connection closed
         self._closing = False
 
     # -- loop-bound parts, created on first use --------------------------------------------
@@ -223,9 +227,11 @@ class ExtensionManager(Generic[T]):
         self._extensions.clear()
         assert self._events is not None
         await self._events.aclose()
-        if self._heartbeats is not None:
-            self._heartbeats.cancel()
-            await asyncio.gather(self._heartbeats, return_exceptions=True)
+        for task in [self._heartbeats, *self._leaving]:
+            if task is not None:
+                task.cancel()
+        await asyncio.gather(*self._leaving, *([self._heartbeats] if self._heartbeats else []),
+                             return_exceptions=True)
         await asyncio.gather(*(ep.aclose() for ep in [self.endpoint, *self._singletons.values()]))
         self.broker.close()
 
@@ -371,12 +377,24 @@ class ExtensionManager(Generic[T]):
                 self._on_leave(backend.bname)
 
     def _on_leave(self, name: bytes) -> None:
-        """The broker found ``name``'s connection gone while its process lives: end it."""
+        """The broker found ``name``'s connection gone. A worker that dies closes it on its way
+        out, and is reported as the crash it is; one still running after ``_CUT_OFF_GRACE`` was
+        cut off (a frame over max_message_size, or it closed its socket) and cannot serve: end it."""
         backend = self._extensions.get(name.decode(errors="replace"))
         if isinstance(backend, Worker) and backend.state is State.READY and backend.process is not None:
-            backend.lost_connection = True
-            logger.warning("extension %r lost its connection to the broker: killing it", backend.name)
-            backend.process.kill()
+            task = self.loop.create_task(self._end_if_cut_off(backend, backend.process))
+            self._leaving.add(task)
+            task.add_done_callback(self._leaving.discard)
+
+    async def _end_if_cut_off(self, backend: Worker, process: Any) -> None:
+        try:
+            async with asyncio.timeout(_CUT_OFF_GRACE):
+                await asyncio.shield(process.wait())
+        except TimeoutError:
+            if backend.process is process and process.returncode is None:
+                backend.lost_connection = True
+                logger.warning("extension %r lost its connection to the broker: killing it", backend.name)
+                process.kill()
 
     def _on_control(self, sender: bytes, kind: Kind, call_id: int, extra: list[object], body: bytes,
                     buffers: list[bytes]) -> None:

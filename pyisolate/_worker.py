@@ -23,6 +23,7 @@ from .errors import (
     ExtensionCrashedError,
     ExtensionLoadError,
     PyisolateError,
+    UnroutableError,
 )
 
 if TYPE_CHECKING:
@@ -84,18 +85,37 @@ class Worker:
             return await asyncio.wrap_future(
                 asyncio.run_coroutine_threadsafe(self.wait_ready(), self._manager.loop)
             )
-        await asyncio.shield(self.ready)
+        while self.state is State.STARTING:  # a restart that fails in turn starts another
+            await asyncio.shield(self.ready)
         if self.state is not State.READY:
             raise self._unavailable()
 
     async def call(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any],
                    timeout: float | None = None) -> Any:
-        if self.state is not State.READY:
-            policy = self.config.restart
-            if self._restarting is not None and policy is not None and policy.calls_during_restart == "fail":
-                raise self._restarting
-            await self.wait_ready()
-        return await self._manager.endpoint.remote_call(self.bname, method, args, kwargs, 0, timeout)
+        retried = False
+        while True:
+            if self.state is not State.READY:
+                policy = self.config.restart
+                if self._restarting is not None and policy is not None and policy.calls_during_restart == "fail":
+                    raise self._restarting
+                await self.wait_ready()
+            try:
+                return await self._manager.endpoint.remote_call(self.bname, method, args, kwargs, 0, timeout)
+            except UnroutableError:
+                if retried or self.state is not State.READY:
+                    raise
+            # Ready, yet the broker has no such actor: the worker died (or was cut off) and its exit
+            # is not processed yet. Nothing was sent, so once the exit is known the call goes by the
+            # restart policy like any call made during a restart (waits, or fails with the crash).
+            retried = True
+            await self._wait_down()
+
+    async def _wait_down(self) -> None:
+        """Return once the exit of the current worker process has been processed."""
+        if asyncio.get_running_loop() is not self._manager.loop:
+            return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self._wait_down(), self._manager.loop))
+        if self._watch is not None:
+            await asyncio.wait([self._watch])
 
     async def stop(self) -> None:
         if asyncio.get_running_loop() is not self._manager.loop:
@@ -214,10 +234,10 @@ class Worker:
             how = (f"lost its connection to the broker and was killed ({how}); a worker is cut off when it "
                    "sends a frame larger than max_message_size or closes its socket")
         tail = process.stderr_tail()
-        if self.state is State.STARTING:
+        if self.state is State.STARTING and self._restarting is None:  # its first load: that failed
             self._fail(State.FAILED, ExtensionLoadError(
                 f"extension {self.name!r} {how} before it was ready", extension=self.name, remote_traceback=tail))
-        else:
+        else:  # it crashed, or a restart did: the policy decides again
             logger.warning("extension %r %s", self.name, how)
             crash = ExtensionCrashedError(
                 f"extension {self.name!r} {how}", extension=self.name, exit_code=code, stderr_tail=tail)
@@ -252,6 +272,8 @@ class Worker:
         self._restarting = crash
         self.restart_count += 1
         self.state = State.STARTING
+        if not self.ready.done():  # a restart that died before it was ready: its waiters move on
+            self.ready.set_result(None)
         self.ready = self._manager.loop.create_future()
         self.ping_since = self.hung_for = None
         self.lost_connection = False

@@ -106,12 +106,14 @@ class Calls:
     async def request_stop(self, target: bytes) -> None:
         """Ask worker ``target`` to run its stop hook and exit."""
         self._next_id += 1
-        await self._request(target, self._next_id, pack_header(Kind.STOP, self._next_id), b"", [])
+        await self._request(target, self._next_id, pack_header(Kind.STOP, self._next_id), b"", [], slot=False)
 
     async def _request(self, target: bytes, call_id: int, header: bytes, body: bytes, buffers: list[Any],
-                       timeout: float | None = None, method: str = "") -> Any:
+                       timeout: float | None = None, method: str = "", *, slot: bool = True) -> Any:
         slots = self.slots
-        if not slots.take(target):
+        if not slot:  # STOP: not work the target queues, so it does not wait behind its calls
+            slots.take(target) or slots.force(target)
+        elif not slots.take(target):
             if timeout is None:
                 await slots.wait(target)
             else:
@@ -143,8 +145,8 @@ class Calls:
             async with asyncio.timeout(timeout):
                 return await future
         except TimeoutError:
-            if not future.cancelled():
-                raise  # the remote method itself raised TimeoutError
+            if future.done() and not future.cancelled():  # answered as the time ran out, maybe with
+                return future.result()  # a TimeoutError the remote method raised: that is its answer
             self.timeouts += 1
             self._send_quiet(target, [pack_header(Kind.CANCEL, call_id), b""])
             raise CallTimeoutError(

@@ -51,6 +51,11 @@ class Slots:
         self._open[target] = n + 1
         return True
 
+    def force(self, target: bytes) -> bool:
+        """Open a call to ``target`` past the cap (a control request that must not queue)."""
+        self._open[target] = self._open.get(target, 0) + 1
+        return True
+
     async def wait(self, target: bytes) -> None:
         """Wait in line for a slot to ``target``; on return the call holds it."""
         waiter: asyncio.Future[None] = self._loop.create_future()

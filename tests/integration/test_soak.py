@@ -1,4 +1,8 @@
-"""The chaos soak, short: steady load while workers are SIGKILLed; nothing lost or leaked."""
+"""The chaos soak, short: steady load and fan-in overload while workers are SIGKILLed.
+
+Every call must end with its own value or the typed error of a fault that hit it; a timeout
+on a healthy worker, any other error, a wrong value or a raw zmq error counts as lost.
+"""
 
 from __future__ import annotations
 
@@ -23,7 +27,7 @@ def load_soak():
 
 async def test_chaos_soak_loses_no_call_and_leaks_nothing(venv_root):
     counts = await load_soak()(venv_root, SECONDS, extensions=4, clients=16, kill_every=1.0)
-    assert counts["lost"] == 0, counts
-    assert counts["leaked_processes"] == counts["leaked_fds"] == counts["leaked_segments"] == 0, counts
-    assert counts["kills"] > 0 and counts["restarts"] > 0 and counts["ok"] > 0, counts
     print(counts)
+    assert counts["lost"] == 0 and counts["raw_zmq"] == 0, counts
+    assert counts["leaked_processes"] == counts["leaked_fds"] == counts["leaked_segments"] == 0, counts
+    assert counts["kills"] > 10 and counts["restarts"] > 10 and counts["ok"] > counts["caused"], counts

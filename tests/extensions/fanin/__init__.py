@@ -25,6 +25,22 @@ class FanIn(ExtensionBase):
     async def echo(self, value):
         return value
 
+    async def slow_echo(self, value, seconds):
+        await asyncio.sleep(seconds)
+        return value
+
+    async def fan_slow(self, target, n, seconds):
+        """Call ``target.slow_echo(i, seconds)`` n times at once; right answers, and errors by type."""
+        actor = pyisolate.get_actor(target)
+        results = await asyncio.gather(*(actor.slow_echo(i, seconds) for i in range(n)), return_exceptions=True)
+        errors, examples = {}, {}
+        for r in results:
+            if isinstance(r, BaseException):
+                key = f"{type(r).__module__}.{type(r).__name__}"
+                errors[key] = errors.get(key, 0) + 1
+                examples.setdefault(key, str(r)[:300])
+        return sum(1 for i, r in enumerate(results) if r == i), errors, examples
+
     async def fan(self, target, n, method="echo"):
         """Call ``target.method(i)`` n times at once; return how many came back right, and errors."""
         actor = pyisolate.get_actor(target)
