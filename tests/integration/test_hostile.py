@@ -115,6 +115,8 @@ async def test_a_reference_is_honoured_only_between_its_owner_and_whom_it_was_gi
 
         assert await a.keep(secret) is True  # a holds a live reference of the host now
         (host_ref,) = list(manager.endpoint.exports._by_id)
+        with pytest.raises(ProtocolError, match="never given to 'hostile'"):  # passed back as if it held it
+            await bad.send_foreign_reference("DatabaseAPI", "run_callback", "host", host_ref)
         with pytest.raises(LookupError, match="not held by 'hostile'"):
             await bad.call_ref("host", host_ref)  # calls a's live reference as if it were its own
 
@@ -183,6 +185,7 @@ async def test_a_message_over_max_message_size_fails_typed_where_it_is_sent(venv
         async with asyncio.timeout(60):
             with pytest.raises(MessageTooLargeError, match="max_message_size"):
                 await ok.echo(bytes(5 * MiB))
+            assert manager.broker.refused == 0  # refused where it was made: nothing was sent
             assert await ok.echo(bytes(MiB)) == bytes(MiB)
             with pytest.raises(MessageTooLargeError, match="max_message_size"):
                 await ok.make_bytes(5 * MiB)

@@ -186,3 +186,62 @@ async def test_a_call_between_extensions_ends_when_its_target_crashes(manager):
             await pending
         assert info.value.exit_code == -9
         assert await caller.echo("fine") == "fine"
+
+
+async def test_the_heartbeat_task_survives_a_failing_round(venv_root, monkeypatch):
+    """A round of heartbeats that raises (any error at all) does not end liveness checks: a
+    worker that hangs later is still found and killed."""
+    from pyisolate import ExtensionCrashedError
+
+    config = ExtensionManagerConfig(venv_root_path=venv_root, heartbeat_interval=0.1, heartbeat_timeout=2.0)
+    async with ExtensionManager(ExtensionBase, config) as manager:
+        e = await manager.load_extension(ExtensionConfig(name="beats", module_path=ext("ok")))
+        real_send, failed = manager.broker.send, asyncio.Event()
+
+        def send_once_broken(dest, sender, frames, **kw):
+            if not failed.is_set():
+                failed.set()
+                raise RuntimeError("a send that breaks in a way nobody foresaw")
+            return real_send(dest, sender, frames, **kw)
+
+        monkeypatch.setattr(manager.broker, "send", send_once_broken)
+        async with asyncio.timeout(30):
+            await failed.wait()
+        assert not manager._heartbeats.done()
+        with pytest.raises(ExtensionCrashedError, match="heartbeats"):
+            async with asyncio.timeout(60):
+                await e.hold_the_gil()
+
+
+async def test_a_call_cancelled_before_it_starts_is_still_answered(venv_root):
+    """CALL and CANCEL read in one batch (the worker was busy): the call never starts, yet it is
+    answered, so its slot comes back; with max_in_flight=2 the next call proceeds."""
+    from shared_api import DatabaseAPI
+
+    config = ExtensionManagerConfig(venv_root_path=venv_root, max_in_flight=2)
+    async with ExtensionManager(ExtensionBase, config) as manager:
+        e = await manager.load_extension(ExtensionConfig(name="busy", module_path=ext("fanin"), apis=[DatabaseAPI]))
+        blocking = asyncio.Event()
+        manager.on_event("blocking", lambda sender, seconds: blocking.set())
+        async with asyncio.timeout(60):
+            blocked = asyncio.ensure_future(e.block_loop(1.0))
+            await blocking.wait()  # the worker reads nothing until it is done
+            doomed = asyncio.ensure_future(e.echo("never runs"))
+            await asyncio.sleep(0)  # one turn: the CALL leaves
+            doomed.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await doomed  # and the CANCEL leaves right behind it
+            assert await e.echo("next") == "next"  # needs the cancelled call's slot back
+            assert await blocked is True
+        assert manager.endpoint.pending_calls() == 0
+
+
+async def test_a_timeout_raised_by_the_remote_method_is_its_answer(manager):
+    """A call with a timeout whose method itself raises TimeoutError gets that error, not
+    CallTimeoutError, and nothing is asked to cancel."""
+    e = await manager.load_extension(ExtensionConfig(name="ok", module_path=ext("ok")))
+    async with asyncio.timeout(60):
+        with pytest.raises(TimeoutError, match="the extension's own timeout") as info:
+            await e.raise_timeout().timeout(30)
+    assert not isinstance(info.value, CallTimeoutError)
+    assert manager.endpoint.calls.timeouts == 0

@@ -71,6 +71,9 @@ class OkExtension(ExtensionBase):
     def raise_value_error(self, message):
         raise ValueError(message)
 
+    async def raise_timeout(self):
+        raise TimeoutError("the extension's own timeout")
+
     def raise_key_error(self, key):
         return {}[key]
 
