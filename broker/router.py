@@ -214,7 +214,7 @@ class Broker:
             if urgent:
                 outbox.urgent(message)
                 return
-            size = nbytes(frames)
+            size = nbytes(frames) + len(sender)  # what the worker counts: the sender frame too
             refusal = self._too_large(size) or outbox.offer(sender, message, size)
         except LookupError:
             self._lost(dest)

@@ -37,8 +37,8 @@ def _encode_exception(exc: BaseException | _ExceptionArgs) -> object:
                   if type(v := getattr(exc, k, None)) in (str, bytes, int)}
     elif type(exc) is RemoteError:  # passing through a further hop keeps the original type name
         extras = {"remote_type": str(exc.remote_type)}
-    elif isinstance(exc, PyisolateError) and cls._pyisolate_fields:  # keyword fields: rebuilt as itself
-        extras = {"fields": {k: v for k in cls._pyisolate_fields if _plain(v := getattr(exc, k, None))}}
+    elif isinstance(exc, PyisolateError) and exc._pyisolate_fields:  # keyword fields: rebuilt as itself
+        extras = {"fields": {k: v for k in exc._pyisolate_fields if _plain(v := getattr(exc, k, None))}}
     try:
         tb_text = "".join(traceback.format_exception(exc))
     except Exception:

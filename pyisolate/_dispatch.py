@@ -47,9 +47,8 @@ def _method(obj: object, name: str) -> Callable[..., Any] | None:
         return None
     if isinstance(raw, staticmethod):
         return raw.__func__ if inspect.isfunction(raw.__func__) else None
-    if isinstance(raw, type) or not (inspect.isfunction(raw) or isinstance(raw, classmethod)
-                                     or inspect.ismethoddescriptor(raw) or hasattr(raw, "__get__")):
-        return None
+    if not (inspect.isfunction(raw) or isinstance(raw, classmethod) or hasattr(raw, "__get__")):
+        return None  # a class, a builtin such as os.system, a plain value: not a method
     bound = getattr(obj, name)
     owner = getattr(bound, "__self__", None)
     if (inspect.ismethod(bound) or inspect.isbuiltin(bound)) and owner in (obj, type(obj)):

@@ -24,6 +24,7 @@ from ._extension import Extension, LocalBackend
 from ._refs import ActorProxy
 from ._rpc import Endpoint
 from ._singleton import ProxiedSingleton, actor_name
+from ._process import WorkerProcess
 from ._worker import State, Worker, retrieve
 from .errors import (
     ConfigError,
@@ -386,7 +387,7 @@ class ExtensionManager(Generic[T]):
             self._leaving.add(task)
             task.add_done_callback(self._leaving.discard)
 
-    async def _end_if_cut_off(self, backend: Worker, process: Any) -> None:
+    async def _end_if_cut_off(self, backend: Worker, process: WorkerProcess) -> None:
         try:
             async with asyncio.timeout(_CUT_OFF_GRACE):
                 await asyncio.shield(process.wait())

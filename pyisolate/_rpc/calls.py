@@ -173,6 +173,10 @@ class Calls:
         future = entry[0]
         if future.done():  # the caller stopped waiting: timed out or cancelled
             self.late_answers += 1
+            try:  # decoded all the same, so what it shares is acknowledged and released
+                self._values.decode(body, buffers, sender)
+            except DecodeError:
+                pass
             return
         if kind is Kind.ERROR:
             future.set_exception(self.decode_error(sender, body, buffers))

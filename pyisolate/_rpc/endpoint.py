@@ -25,6 +25,7 @@ from pyisolate.broker.protocol import BROKER, BROKER_ONLY, Kind, pack_header, un
 
 from .. import _shm
 from .._codec import DecodeError, decode_exception
+from .._refs import ExportTable
 from ..errors import EncodeError, PyisolateError
 from .calls import Calls
 from .flow import Acks
@@ -114,8 +115,8 @@ class Endpoint:
         self.values.host_actors = value
 
     @property
-    def exports(self) -> Any:
-        """The references this actor has handed out (an ExportTable)."""
+    def exports(self) -> ExportTable:
+        """The references this actor has handed out."""
         return self.values.exports
 
     @property

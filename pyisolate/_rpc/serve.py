@@ -94,7 +94,9 @@ class Server:
                 if not isinstance(acked, list):
                     raise ProtocolError("a CALL header's fifth field must be a list of segment names")
                 _shm.unpin(sender, acked)
-            if open_now >= self.max_in_flight or key in self._serving:
+            if key in self._serving:
+                raise ProtocolError(f"call id {call_id} of {sender.decode()!r} is already being served")
+            if open_now >= self.max_in_flight:
                 self.refused += 1
                 raise QueueFullError(
                     f"actor {self.name.decode()!r} already serves {open_now} calls from {sender.decode()!r}, "
