@@ -28,7 +28,11 @@ class DatabaseAPI(ProxiedSingleton):
         return id(asyncio.get_running_loop())
 
     async def run_callback(self, fn, *args):
-        return await fn(*args)
+        result = fn(*args)
+        return await result if asyncio.iscoroutine(result) or asyncio.isfuture(result) else result
+
+    def make_secret(self):
+        return lambda: "singleton secret"
 
 
 class SlowService(ProxiedSingleton):

@@ -115,8 +115,11 @@ async def test_a_reference_is_honoured_only_between_its_owner_and_whom_it_was_gi
 
         assert await a.keep(secret) is True  # a holds a live reference of the host now
         (host_ref,) = list(manager.endpoint.exports._by_id)
+        held = await manager.get_actor(DatabaseAPI).make_secret()  # the host holds one of the singleton's
+        assert await held() == "singleton secret"
+        (db_ref,) = list(manager._singletons[b"DatabaseAPI"].exports._by_id)
         with pytest.raises(ProtocolError, match="never given to 'hostile'"):  # passed back as if it held it
-            await bad.send_foreign_reference("DatabaseAPI", "run_callback", "host", host_ref)
+            await bad.send_foreign_reference("DatabaseAPI", "run_callback", "DatabaseAPI", db_ref)
         with pytest.raises(LookupError, match="not held by 'hostile'"):
             await bad.call_ref("host", host_ref)  # calls a's live reference as if it were its own
 
