@@ -102,7 +102,8 @@ class Worker:
             try:
                 return await self._manager.endpoint.remote_call(self.bname, method, args, kwargs, 0, timeout)
             except UnroutableError:
-                if retried or self.state is not State.READY:
+                # Ours only if the broker lost the worker (one the extension raised is its answer).
+                if retried or self.state is not State.READY or self._manager.broker.has_actor(self.bname):
                     raise
             # Ready, yet the broker has no such actor: the worker died (or was cut off) and its exit
             # is not processed yet. Nothing was sent, so once the exit is known the call goes by the
