@@ -60,6 +60,10 @@ def _segments(session: str) -> set[str]:
     return {n for n in os.listdir("/dev/shm") if session and n.startswith(f"psi-{session}-")}
 
 
+#: When a call started, the restarts of the actors it involves by then, whether one was down.
+Stamp = tuple[float, tuple[int, ...], bool]
+
+
 class Ledger:
     """Counts each call by how it ended, and knows which faults happened to whom, and when."""
 
@@ -77,18 +81,19 @@ class Ledger:
     def kill(self, name: str) -> None:
         self.killed_at[name].append(time.monotonic())
 
-    def start(self, *names: str) -> tuple[float, tuple[int, ...]]:
-        """What ``ended`` compares with: when the call started, and the restarts so far."""
-        return time.monotonic(), self._restarts(names)
+    def start(self, *names: str) -> Stamp:
+        """What ``ended`` compares with: when the call started, the restarts so far, and
+        whether one of ``names`` was down (restarting) already."""
+        return time.monotonic(), self._restarts(names), self._down(names)
 
-    def hit(self, before: tuple[float, tuple[int, ...]], names: tuple[str, ...]) -> bool:
+    def hit(self, before: Stamp, names: tuple[str, ...]) -> bool:
         """Whether one of ``names`` was killed, restarted or down while the call ran."""
-        began, restarts = before
-        if self._restarts(names) != restarts or self._down(names):
+        began, restarts, was_down = before
+        if was_down or self._restarts(names) != restarts or self._down(names):
             return True
         return any(t >= began - self.NOTICE for n in names for t in self.killed_at[n][-3:])
 
-    def ended(self, outcome: object, expected: object, before: tuple[float, tuple[int, ...]],
+    def ended(self, outcome: object, expected: object, before: Stamp,
               names: tuple[str, ...], caused: tuple[type[BaseException], ...] = (pyisolate.ExtensionCrashedError,)
               ) -> None:
         if isinstance(outcome, zmq.ZMQError):
