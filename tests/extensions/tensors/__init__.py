@@ -11,6 +11,7 @@ from pyisolate import ExtensionBase
 class Tensors(ExtensionBase):
     def __init__(self):
         self.kept = None
+        self.made = None
 
     def torch_file(self):
         return torch.__file__
@@ -51,8 +52,13 @@ class Tensors(ExtensionBase):
     async def pass_to(self, other, t):
         return await pyisolate.get_actor(other).describe(t)
 
-    def segments(self, prefix):
-        return sorted(n for n in os.listdir("/dev/shm") if n.startswith(prefix))
+    def shm_stats(self):
+        """What shared memory holds in this worker, and its open descriptors."""
+        return {**pyisolate._shm.stats(), "fds": len(os.listdir("/proc/self/fd"))}
+
+    def make_and_keep(self, n):
+        self.made = torch.arange(n, dtype=torch.float32)
+        return self.made
 
     async def crash(self):
         os._exit(3)
