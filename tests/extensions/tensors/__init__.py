@@ -56,6 +56,22 @@ class Tensors(ExtensionBase):
         """What shared memory holds in this worker, and its open descriptors."""
         return {**pyisolate._shm.stats(), "fds": len(os.listdir("/proc/self/fd"))}
 
+    def expanded(self, n):
+        return torch.arange(4.0).expand(n, 4)
+
+    def array(self, n):
+        import numpy  # the "np" configuration has it
+
+        return numpy.arange(n, dtype=numpy.float64)
+
+    async def limit_file_size(self, nbytes):  # on the loop: signals need the main thread
+        """Lower our own RLIMIT_FSIZE so that no segment can be reserved here (EFBIG)."""
+        import resource
+        import signal
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
     def make_and_keep(self, n):
         self.made = torch.arange(n, dtype=torch.float32)
         return self.made
