@@ -45,6 +45,7 @@ class NoRoom(OSError):
     def __init__(self, size: int, cause: OSError) -> None:
         super().__init__(cause.errno, f"cannot reserve {size} bytes of shared memory: {cause.strerror}")
         self.size = size
+        self.reason = cause.strerror or str(cause)
 
     @property
     def fix(self) -> str:

@@ -351,5 +351,5 @@ def warn_copy(exc: NoRoom, what: str) -> None:
     logger.warning(
         "shared memory cannot hold a %s of %d bytes (%s), so it travels as a copy through the "
         "socket; so will any other value that does not fit (this warning is shown once). Fix: %s",
-        what, exc.size, exc.strerror, exc.fix,
+        what, exc.size, exc.reason, exc.fix,
     )
