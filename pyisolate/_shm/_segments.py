@@ -34,6 +34,8 @@ logger = logging.getLogger("pyisolate.shm")
 _ID_RE = re.compile(r"([A-Za-z0-9_.-]{1,64}):([0-9a-f]{32})")
 #: Host-side actors share the host's memory: their segments are all owned by "host".
 HOST = "host"
+#: Ids a mapping is remembered by, besides its own (see ``_alias``).
+_MAX_ALIASES = 8
 
 
 class Source(Protocol):
@@ -286,8 +288,7 @@ def receive(segment_id: object, sender: str, needed: int, sender_in_host: bool =
         with _lock:
             known = _live(_by_inode.get((st.st_dev, st.st_ino)))
             if known is not None:  # mapped already, under another id: reuse it
-                known.mapping.ids.append(segment_id)
-                _by_id[segment_id] = known.mapping
+                _alias(known.mapping, segment_id)
                 return known
         try:
             mm = mmap.mmap(fd, st.st_size)
@@ -301,6 +302,22 @@ def receive(segment_id: object, sender: str, needed: int, sender_in_host: bool =
     finally:
         if fd >= 0:
             os.close(fd)
+
+
+def _alias(mapping: _Mapping, segment_id: str) -> None:
+    """Know ``mapping`` by ``segment_id`` too; forget its oldest other ids past a few (lock held).
+
+    A segment that goes back and forth gets a new id from each new mapping of it elsewhere; a
+    long-lived mapping here must not collect them without end. A forgotten id costs the next
+    receipt of it one check, which finds this mapping again by its inode.
+    """
+    mapping.ids.append(segment_id)
+    _by_id[segment_id] = mapping
+    others = [i for i in mapping.ids if i != mapping.own_id]
+    for old in others[:-_MAX_ALIASES]:
+        mapping.ids.remove(old)
+        if _by_id.get(old) is mapping:
+            del _by_id[old]
 
 
 def pin(peer: bytes, segment: Segment, key: str) -> None:

@@ -240,3 +240,16 @@ def test_no_room_for_a_segment_is_typed_and_names_the_fix(table):
         signal.signal(signal.SIGXFSZ, previous_handler)
     assert info.value.errno == errno.EFBIG and "ulimit -f" in info.value.fix
     assert info.value.size == 4 << 20
+
+
+def test_a_segment_received_under_many_ids_is_remembered_by_a_few(table):
+    fd = _memfd.create(4096)
+    ids = [f"b:{token()}" for _ in range(50)]  # e.g. our tensor coming back, each time a new id
+    for segment_id in ids:
+        table.add(segment_id, os.dup(fd))
+    os.close(fd)
+    segments = [_shm.receive(segment_id, "b", 4096) for segment_id in ids]
+    assert all(s.mm is segments[0].mm for s in segments) and _shm.mapped() == 1
+    mapping = segments[0].mapping
+    assert len(mapping.ids) <= 9 and sum(m is mapping for m in _segments._by_id.values()) <= 9
+    assert _shm.receive(ids[0], "b", 4096).mm is segments[0].mm  # forgotten, found again by inode
