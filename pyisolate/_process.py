@@ -163,7 +163,12 @@ class WorkerProcess:
             theirs.close()
         # stdin carries nothing: it stays open for the worker's life, and its end-of-file tells
         # the worker the host is gone.
-        channel = _shm.attach_worker(name, ours, asyncio.get_running_loop(), json.dumps(boot).encode())
+        try:
+            channel = _shm.attach_worker(name, ours, asyncio.get_running_loop(), json.dumps(boot).encode())
+        except BaseException:
+            ours.close()
+            await cls(name, proc).aclose()  # it would wait for a bootstrap that never comes
+            raise
         logger.debug("started worker %r (pid %d)", name, proc.pid)
         return cls(name, proc, channel)
 
