@@ -140,7 +140,8 @@ async def test_expanded_tensors_and_broadcast_arrays_travel_dense_with_their_val
         assert await t.values(wide) == wide.tolist()
         back = await t.expanded(3)
         assert back.tolist() == [[0.0, 1.0, 2.0, 3.0]] * 3 and back.stride() == (4, 1)
-        broadcast = numpy.broadcast_to(numpy.arange(1 << 17, dtype=numpy.float64), (4, 1 << 17))  # 4 MiB
+        shared = await n.echo(numpy.arange(1 << 17, dtype=numpy.float64))  # 1 MiB, in a segment
+        broadcast = numpy.broadcast_to(shared, (4, 1 << 17))  # a zero stride over shared memory
         echoed = await n.echo(broadcast)
         assert numpy.array_equal(echoed, broadcast) and echoed.strides == (8 << 17, 8)
 
