@@ -89,13 +89,22 @@ async def time_calls(call: Callable[[], Awaitable[Any]], count: int, warmup: int
 
 
 def memory_of(pid: int) -> dict[str, float]:
-    """PSS, USS and RSS of a process in MB (from /proc/PID/smaps_rollup)."""
-    fields: dict[str, int] = {}
+    """PSS, USS and RSS of a process in MB (from /proc/PID/smaps_rollup).
+
+    Not for workers: they are non-dumpable, so only root may read their /proc files; a worker
+    reports its own (``memory_from(await ext.smaps_rollup())``).
+    """
     with open(f"/proc/{pid}/smaps_rollup") as f:
-        for line in f:
-            parts = line.split()
-            if len(parts) >= 3 and parts[-1] == "kB":
-                fields[parts[0].rstrip(":")] = int(parts[1])
+        return memory_from(f.read())
+
+
+def memory_from(smaps_rollup: str) -> dict[str, float]:
+    """PSS, USS and RSS in MB, from the text of a smaps_rollup file."""
+    fields: dict[str, int] = {}
+    for line in smaps_rollup.splitlines():
+        parts = line.split()
+        if len(parts) >= 3 and parts[-1] == "kB":
+            fields[parts[0].rstrip(":")] = int(parts[1])
     uss = fields.get("Private_Clean", 0) + fields.get("Private_Dirty", 0)
     return {"pss": fields.get("Pss", 0) / 1024, "uss": uss / 1024, "rss": fields.get("Rss", 0) / 1024}
 

@@ -9,7 +9,8 @@
   new manager (its broker starts inside the timed span, as in an application's start).
 - ``start.warm``: the same with the venv already built; target under 0.3 s.
 - ``memory.idle.pss`` / ``memory.idle.uss``: an idle loaded extension without torch, in MB
-  (``/proc/PID/smaps_rollup``); target PSS under 30 MB.
+  (its ``/proc/self/smaps_rollup``, which it reports itself: workers are non-dumpable, so only
+  root could read their /proc files); target PSS under 30 MB.
 - ``memory.torch.uss`` next to ``memory.torch.baseline`` (a bare ``python -I -c "import torch"``
   of the same interpreter, blocked on stdin, alive at the same time so that libtorch's pages
   are shared by both), and ``memory.torch.extra``, their difference: what pyisolate adds to a
@@ -100,8 +101,8 @@ async def _weigh(root: Path, config: pyisolate.ExtensionConfig) -> dict[str, flo
     async with _manager(root) as manager:
         ext = await manager.load_extension(config)
         for _ in range(3):
-            pid = await ext.ping()
-        return common.memory_of(pid)
+            await ext.ping()
+        return common.memory_from(await ext.smaps_rollup())  # workers are non-dumpable: it tells
 
 
 @contextlib.asynccontextmanager
@@ -136,10 +137,10 @@ async def _weigh_torch(root: Path, config: pyisolate.ExtensionConfig) -> tuple[d
     """
     async with _manager(root) as manager:
         ext = await manager.load_extension(config)
-        pid = await ext.ping()
+        await ext.ping()
         async with _bare_torch() as bare_pid:
             await ext.ping()
-            return common.memory_of(pid), common.memory_of(bare_pid)
+            return common.memory_from(await ext.smaps_rollup()), common.memory_of(bare_pid)
 
 
 async def _load_many(root: Path, names: list[str]) -> tuple[float, int, int]:

@@ -23,8 +23,8 @@ msgpack carries None, bool, int in [-2**63, 2**64), float, str, small bytes, lis
     11    exception         msgpack [module, qualname, args, str(exc), traceback, extras]
     12    reference         msgpack [owner actor, ref id, flags]: a callable or actor proxy
     13    torch tensor      msgpack [device, dtype, shape, stride, offset, requires_grad,
-                          segment name (cpu) or CUDA IPC handle (cuda)]; see _tensors
-    14    numpy array, shm  msgpack [segment name, dtype.str, shape, strides, offset]; see _shm
+                          segment id or buffer index (cpu), or CUDA IPC handle (cuda)]; see _tensors
+    14    numpy array, shm  msgpack [segment id, dtype.str, shape, strides, offset]; see _shm
 
 The fast path is msgpack's C packer alone. Because it packs bytes, bytearray and memoryview
 natively, the body is scanned (C speed) for bin headers and for more container headers than
@@ -282,7 +282,8 @@ def _decode_tensor(dec: _Decoder, data: bytes) -> object:
     if dec.refs is None:
         raise DecodeError("a tensor handle is not accepted here")
     refs = dec.refs
-    return decode_tensor(dec.nested(data, "tensor"), refs.shm_sender, refs.shm_sender_in_host, refs.shm_acks)
+    return decode_tensor(dec.nested(data, "tensor"), refs.shm_sender, refs.shm_sender_in_host, refs.shm_acks,
+                         dec.take)
 
 
 def _decode_ref(dec: _Decoder, data: bytes) -> object:

@@ -66,7 +66,10 @@ def _encode_ndarray(arr: Any) -> object:
     _check_dtype(arr.dtype)
     st = _thread()
     if arr.nbytes >= SHM_THRESHOLD and st.refs is not None and _shm.session():
-        return _ext(EXT_SHM_ARRAY, _pack(st, _shm_array(arr, st.refs.shm_dest)))
+        try:
+            return _ext(EXT_SHM_ARRAY, _pack(st, _shm_array(arr, st.refs.shm_dest)))
+        except _shm.NoRoom as exc:  # no shared memory for it: a copy in a buffer frame
+            _shm.warn_copy(exc, "numpy array")
     if not arr.flags.c_contiguous:
         arr = arr.copy(order="C")
     index, data = None, b""
@@ -191,7 +194,8 @@ def _segment_of(arr: Any) -> tuple[_shm.Segment, int] | None:
 
 
 def _shm_array(arr: Any, dest: bytes) -> list[object]:
-    found = _segment_of(arr) if all(s >= 0 for s in arr.strides) else None
+    # A layout whose elements share memory (broadcast, zero strides) or run backwards is sent dense.
+    found = _segment_of(arr) if _shm.extent(arr.shape, arr.strides, arr.itemsize) is not None else None
     if found is None:  # one copy into a new segment
         segment = _shm.create(arr.nbytes)
         shared = _numpy().ndarray(arr.shape, arr.dtype, buffer=segment.mm)
@@ -199,8 +203,7 @@ def _shm_array(arr: Any, dest: bytes) -> list[object]:
         arr, offset = shared, 0
     else:
         segment, offset = found
-    _shm.pin(dest, segment)
-    return [segment.name, arr.dtype.str, list(arr.shape), list(arr.strides), offset]
+    return [_shm.share(dest, segment), arr.dtype.str, list(arr.shape), list(arr.strides), offset]
 
 
 def _decode_shm_array(dec: _Decoder, data: bytes) -> object:
@@ -217,11 +220,13 @@ def _decode_shm_array(dec: _Decoder, data: bytes) -> object:
     _, dt = _parse_dtype(text)
     if dt is None:
         raise DecodeError("cannot decode a numpy array: numpy is not installed in this process")
-    extent = 0 if 0 in shape else dt.itemsize + sum((n - 1) * s for n, s in zip(shape, strides))
+    extent = _shm.extent(shape, strides, dt.itemsize)
+    if extent is None:
+        raise DecodeError("a shared array whose elements share memory (zero or overlapping strides) is refused")
     refs = dec.refs
     try:
         segment = _shm.receive(name, refs.shm_sender, offset + extent, refs.shm_sender_in_host)
     except _shm.RefusedHandle as exc:
         raise DecodeError(str(exc)) from None
-    refs.shm_acks.append(name)
+    refs.shm_acks.append(_shm.ack_key(name))
     return _numpy().ndarray(shape, dt, buffer=segment.mm, offset=offset, strides=strides)

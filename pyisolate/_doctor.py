@@ -23,7 +23,6 @@ OK, INFO, WARN, ERROR = "ok", "info", "warn", "error"
 GIB = 1 << 30
 # Linux sun_path holds 108 bytes, the last one NUL.
 _SUN_PATH_MAX = 107
-_SHM = Path("/dev/shm")
 
 
 @dataclass(frozen=True)
@@ -98,23 +97,49 @@ def check_ipc() -> Check:
 
 
 def check_shm() -> Check:
-    fix = ("give the container more shared memory: docker run --shm-size=8g ... (compose: shm_size; "
-           "Kubernetes: an emptyDir with medium: Memory mounted at /dev/shm)")
-    if not _SHM.is_dir():
-        return Check("shm", ERROR, "/dev/shm does not exist: tensors and large arrays cannot be passed "
-                     "as shared memory", "mount a tmpfs at /dev/shm, or " + fix)
+    """Shared memory for tensors and arrays: sealed memfds, not files in /dev/shm."""
+    import resource
+
+    from ._shm import _memfd
+
     try:
-        with tempfile.NamedTemporaryFile(dir=_SHM, prefix="pyisolate-doctor-"):
-            pass
+        os.close(_memfd.create(1 << 20))
     except OSError as exc:
-        return Check("shm", ERROR, f"/dev/shm is not writable: {exc}",
-                     "make /dev/shm writable for this user (mode 1777)")
-    vfs = os.statvfs(_SHM)
-    total, free = vfs.f_blocks * vfs.f_frsize, vfs.f_bavail * vfs.f_frsize
-    summary = f"/dev/shm is writable: {size(total)}, {size(free)} free"
-    if total < GIB:
-        return Check("shm", WARN, summary + "; under 1 GiB, large tensors and arrays will not fit", fix)
+        fix = exc.fix if isinstance(exc, _memfd.NoRoom) else "use Linux 3.17 or later"
+        return Check("shm", WARN, f"a sealed memfd cannot be made ({exc}): tensors and large arrays will "
+                     "travel as copies through the socket", fix)
+    available = _available_memory()
+    summary = ("tensors and arrays share sealed memfds (kernel memory: the size of /dev/shm does not matter); "
+               + (f"{size(available)} of memory available" if available is not None else "memory available unknown"))
+    if available is not None and available < GIB:
+        return Check("shm", WARN, summary + ": large tensors and arrays will not fit and travel as copies",
+                     "free memory, or give the container more (docker run --memory ...)")
+    soft_fsize = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if soft_fsize != resource.RLIM_INFINITY:
+        return Check("shm", WARN, summary + f"; the file-size limit ({size(soft_fsize)}) makes larger values "
+                     "travel as copies", "raise it: ulimit -f unlimited")
     return Check("shm", OK, summary)
+
+
+def _available_memory() -> int | None:
+    """Bytes of memory available to this process: MemAvailable, within a cgroup's limit if lower."""
+    available: int | None = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    available = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f:
+            limit = f.read().strip()
+        with open("/sys/fs/cgroup/memory.current") as f:
+            left = int(limit) - int(f.read())
+        available = left if available is None else min(available, left)
+    except (OSError, ValueError):  # no cgroup v2 limit ("max"), or not readable
+        pass
+    return available
 
 
 def check_torch() -> tuple[Check, Any]:

@@ -16,12 +16,14 @@ import logging
 import os
 import resource
 import signal
+import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from pyisolate.workers.logs import parse_line
 
+from . import _shm
 from ._lines import LineSplitter
 from .errors import ExtensionLoadError
 
@@ -29,14 +31,17 @@ __all__ = ["EXTENSION_LOGGER", "WorkerProcess", "ensure_fd_headroom", "extension
 
 logger = logging.getLogger(__name__)
 
-#: The child's first code: put the host's runtime (pyisolate, zmq, msgpack) at the END of
-#: sys.path, after the venv's own site-packages, then run the worker. ``-I`` keeps out
-#: PYTHONPATH, user site-packages and the current directory. The cyclic garbage collector
-#: stays off while the runtime imports (its passes over the new modules found nothing but
-#: cost every start-up several ms); the worker turns it on before any extension code runs.
+#: The child's first code: make the process non-dumpable (PR_SET_DUMPABLE = 4, to 0) before
+#: it reads anything secret, so that other processes of the same user cannot read its memory,
+#: environment or descriptors through /proc or ptrace; put the host's runtime (pyisolate, zmq,
+#: msgpack) at the END of sys.path, after the venv's own site-packages, then run the worker.
+#: ``-I`` keeps out PYTHONPATH, user site-packages and the current directory. The cyclic
+#: garbage collector stays off while the runtime imports (its passes over the new modules found
+#: nothing but cost every start-up several ms); the worker turns it on before any extension
+#: code runs. The last argument is the worker's end of its control channel (see ``_shm``).
 _BOOTSTRAP = (
-    "import gc, sys; gc.disable(); sys.path.append(sys.argv.pop(1)); "
-    "from pyisolate.workers.__main__ import main; main()"
+    "import gc, sys, ctypes; gc.disable(); ctypes.CDLL(None).prctl(4, 0, 0, 0, 0); "
+    "sys.path.append(sys.argv.pop(1)); from pyisolate.workers.__main__ import main; main()"
 )
 # A worker gets a clean environment: these host variables, and those its config names.
 _PASSED = frozenset({"PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TERM", "TMPDIR", "SHELL"})
@@ -45,9 +50,10 @@ _TAIL_LINES = 40
 #: After a worker exits, how long to wait for the rest of its output: a grandchild it started
 #: may hold the pipes open.
 _DRAIN_TIMEOUT = 1.0
-#: What one worker holds open in the host: its stdin, stdout and stderr pipes, and the broker's
-#: end of its connection (accepted once it connects).
-_FDS_PER_WORKER = 4
+#: What one worker holds open in the host: its stdin, stdout and stderr pipes, its control
+#: channel, and the broker's end of its connection (accepted once it connects). Segments it
+#: shares are counted apart, within their own budget (see ``_shm._memfd``).
+_FDS_PER_WORKER = 5
 #: Distinct logger names of one worker that get a host logger of their own; records of further
 #: names go to the extension's logger itself.
 _MAX_LOGGERS = 256
@@ -107,9 +113,10 @@ def _fds_in_use() -> int | None:
 class WorkerProcess:
     """One worker process. Owns the process, its pipes and the tasks that read its output."""
 
-    def __init__(self, name: str, proc: asyncio.subprocess.Process) -> None:
+    def __init__(self, name: str, proc: asyncio.subprocess.Process, channel: _shm.HostChannel | None = None) -> None:
         self.name = name
         self._proc = proc
+        self._channel = channel
         self._tail: collections.deque[str] = collections.deque(maxlen=_TAIL_LINES)
         self._logger = extension_logger(name)
         self._loggers: dict[str, logging.Logger] = {}
@@ -123,10 +130,12 @@ class WorkerProcess:
     @classmethod
     async def spawn(cls, *, name: str, python: Path, runtime: Path, boot: dict[str, Any],
                     pass_env: tuple[str, ...] = (), env: dict[str, str] | None = None) -> WorkerProcess:
-        """Start ``python`` as a worker and hand it ``boot`` on its stdin.
+        """Start ``python`` as a worker and hand it ``boot`` on its private control channel.
 
         The worker's environment holds only locale, home, temp-dir and accelerator variables of
         the host, the host variables named in ``pass_env``, and ``env``: no secrets by default.
+        ``boot`` (the launch secret among it) goes on a socketpair the worker inherits, which no
+        other process can open, unlike a pipe (``/proc/<pid>/fd/0``) or the command line.
         """
         venv = python.parent.parent
         env = {
@@ -135,20 +144,33 @@ class WorkerProcess:
         } | (env or {})
         env["VIRTUAL_ENV"] = str(venv)
         env["PATH"] = os.pathsep.join([str(python.parent), env.get("PATH", "")])
-        proc = await asyncio.create_subprocess_exec(
-            str(python), "-I", "-c", _BOOTSTRAP, str(runtime),
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            env=env,
-            # Our own session: a Ctrl-C in the terminal reaches the host, which stops us in order.
-            start_new_session=True,
-        )
-        assert proc.stdin is not None
-        # The pipe stays open for the worker's life: its end-of-file tells the worker the host is gone.
-        proc.stdin.write(json.dumps(boot).encode() + b"\n")
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                str(python), "-I", "-c", _BOOTSTRAP, str(runtime), str(theirs.fileno()),
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                env=env,
+                pass_fds=(theirs.fileno(),),
+                # Our own session: a Ctrl-C in the terminal reaches the host, which stops us in order.
+                start_new_session=True,
+            )
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        # stdin carries nothing: it stays open for the worker's life, and its end-of-file tells
+        # the worker the host is gone.
+        try:
+            channel = _shm.attach_worker(name, ours, asyncio.get_running_loop(), json.dumps(boot).encode())
+        except BaseException:
+            ours.close()
+            await cls(name, proc).aclose()  # it would wait for a bootstrap that never comes
+            raise
         logger.debug("started worker %r (pid %d)", name, proc.pid)
-        return cls(name, proc)
+        return cls(name, proc, channel)
 
     @property
     def pid(self) -> int:
@@ -200,6 +222,8 @@ class WorkerProcess:
         await self.wait()  # the last lines it wrote still reach the log
         if self._proc.stdin is not None:
             self._proc.stdin.close()
+        if self._channel is not None:
+            self._channel.close()
         for reader in self._readers:
             reader.cancel()  # a no-op for a finished reader
         await asyncio.gather(*self._readers, return_exceptions=True)

@@ -1,11 +1,14 @@
 """Tensors as shared-memory handles: the only module that imports torch, and lazily.
 
-A CPU tensor travels as the name of a /dev/shm segment holding its storage plus its metadata
-(dtype, shape, stride, storage offset, requires_grad); the body never carries its data. A
-tensor whose storage is not shared yet is moved into a new segment once (one copy): its
-storage is replaced in place, so later sends of it, or of views made from it afterwards, cost
-one small message. A CUDA tensor travels as a CUDA IPC handle (torch's own, reference counted
-by torch), and its data stays on its device.
+A CPU tensor travels as the id of a segment (a sealed memfd, see ``_shm``) holding its storage
+plus its metadata (dtype, shape, stride, storage offset, requires_grad); the body never
+carries its data. A tensor whose storage is not shared yet is moved into a new segment once
+(one copy): its storage is replaced in place, so later sends of it, or of views made from it
+afterwards, cost one small message. A layout in which two indexes share memory (``expand()``,
+zero or overlapping strides) travels as a contiguous copy, and is refused on receipt. Where
+shared memory has no room, the tensor's data travels as a copy in a buffer frame (handle: the
+frame's index), with one warning per process. A CUDA tensor travels as a CUDA IPC handle
+(torch's own, reference counted by torch), and its data stays on its device.
 """
 
 from __future__ import annotations
@@ -13,8 +16,10 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+from collections.abc import Callable
+
 from . import _shm
-from ._codec_base import DecodeError
+from ._codec_base import Buffer, DecodeError, _to_buffer
 
 __all__ = ["decode_tensor", "encode_tensor", "is_tensor"]
 
@@ -47,11 +52,24 @@ def encode_tensor(t: Any, dest: bytes) -> list[object]:
     nbytes = storage.nbytes()
     if nbytes == 0:
         return ["cpu", *meta, None]
-    segment = _shm.find(storage.data_ptr())
-    if segment is None:
-        segment = _move_to_shm(t, storage, nbytes, torch)
-    _shm.pin(dest, segment)
-    return ["cpu", *meta, segment.name]
+    if _shm.extent(t.shape, t.stride(), 1) is None:  # two indexes share memory: send it dense
+        t = t.detach().clone(memory_format=torch.contiguous_format)
+        meta[2], meta[3] = list(t.stride()), 0
+        storage = t.untyped_storage()
+        nbytes = storage.nbytes()
+    try:
+        segment = _shm.find(storage.data_ptr())
+        if segment is None:
+            segment = _move_to_shm(t, storage, nbytes, torch)
+        return ["cpu", *meta, _shm.share(dest, segment)]
+    except _shm.NoRoom as exc:
+        _shm.warn_copy(exc, "tensor")
+    dense = t.detach().contiguous()
+    data = bytearray(dense.numel() * dense.element_size())
+    if data:
+        torch.frombuffer(data, dtype=torch.uint8).copy_(dense.reshape(-1).view(torch.uint8))
+    meta[2], meta[3] = list(dense.stride()), 0
+    return ["cpu", *meta, _to_buffer(memoryview(data))]
 
 
 def _move_to_shm(t: Any, storage: Any, nbytes: int, torch: Any) -> _shm.Segment:
@@ -66,7 +84,8 @@ def _move_to_shm(t: Any, storage: Any, nbytes: int, torch: Any) -> _shm.Segment:
     return segment
 
 
-def decode_tensor(fields: list[Any], sender: str, sender_in_host: bool, acks: list[str]) -> Any:
+def decode_tensor(fields: list[Any], sender: str, sender_in_host: bool, acks: list[str],
+                  take: Callable[[object], Buffer] | None = None) -> Any:
     """Rebuild a tensor from its payload, after checking every field against the segment."""
     try:
         import torch
@@ -81,25 +100,50 @@ def decode_tensor(fields: list[Any], sender: str, sender_in_host: bool, acks: li
     if not (_ints(shape) and _ints(stride) and len(shape) == len(stride) <= _MAX_DIMS
             and type(offset) is int and offset >= 0 and type(requires_grad) is bool):
         raise DecodeError("malformed tensor shape, stride or offset")
-    extent = 0 if 0 in shape else 1 + sum((n - 1) * s for n, s in zip(shape, stride))
-    needed = (offset + extent) * dtype.itemsize
     if device == "cuda":
-        tensor = _open_cuda(torch, handle, dtype, shape, stride, offset, needed)
+        extent: int | None = 0 if 0 in shape else 1 + sum((n - 1) * s for n, s in zip(shape, stride))
+        assert extent is not None
+        tensor = _open_cuda(torch, handle, dtype, shape, stride, offset, (offset + extent) * dtype.itemsize)
+    elif (extent := _shm.extent(shape, stride, 1)) is None:
+        raise DecodeError("a tensor handle whose elements share memory (zero or overlapping strides) is refused")
     elif handle is None:
-        if needed:
+        if extent:
             raise DecodeError("a tensor with data needs a shared-memory segment")
         tensor = torch.empty_strided(shape, stride, dtype=dtype)
+    elif type(handle) is int:
+        tensor = _from_frame(torch, take, handle, dtype, shape, stride, offset)
     else:
         try:
-            segment = _shm.receive(handle, sender, needed, sender_in_host)
+            segment = _shm.receive(handle, sender, (offset + extent) * dtype.itemsize, sender_in_host)
         except _shm.RefusedHandle as exc:
             raise DecodeError(str(exc)) from None
-        acks.append(handle)
+        acks.append(_shm.ack_key(handle))
         storage = torch.frombuffer(segment.mm, dtype=torch.uint8).untyped_storage()
         tensor = torch.empty(0, dtype=dtype).set_(storage, offset, shape, stride)
     if requires_grad:
         tensor.requires_grad_(True)
     return tensor
+
+
+def _from_frame(torch: Any, take: Callable[[object], Buffer] | None, index: int, dtype: Any,
+                shape: list[int], stride: list[int], offset: int) -> Any:
+    """A tensor whose data came as a copy in a buffer frame (shared memory had no room)."""
+    if take is None:
+        raise DecodeError("a tensor in a buffer frame is not accepted here")
+    numel, dense = 1, [0] * len(shape)
+    for i in reversed(range(len(shape))):  # C order, as torch gives a contiguous tensor
+        dense[i] = numel
+        numel *= shape[i]
+    if offset != 0 or (numel and dense != stride):
+        raise DecodeError("a tensor in a buffer frame must be contiguous from its start")
+    frame = take(index)
+    if memoryview(frame).nbytes != numel * dtype.itemsize:
+        raise DecodeError(f"a tensor of shape {shape} and dtype {dtype} needs {numel * dtype.itemsize} bytes, "
+                          f"its frame holds {memoryview(frame).nbytes}")
+    data = bytearray(frame)  # ours and writable, as a received tensor is
+    if not data:
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer(data, dtype=torch.uint8).view(dtype).reshape(shape)
 
 
 def _ints(values: object) -> bool:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import child_pids, ipc_dirs
+from tests.support import child_pids, ipc_dirs, open_fds
 
 
 @pytest.fixture(scope="session")
@@ -36,3 +36,29 @@ def no_leaks():
     yield
     assert child_pids() == set(), "a test left child processes running"
     assert ipc_dirs() - before_ipc == set(), "a test left a broker ipc directory behind"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def process_singletons() -> None:
+    """Start what lives as long as the process before no_fd_leaks counts: pyzmq's garbage
+    collector of zero-copy frames (a thread, a context and sockets, made on the first large send)."""
+    import zmq
+
+    ctx = zmq.Context()
+    pair = ctx.socket(zmq.PAIR), ctx.socket(zmq.PAIR)
+    pair[0].bind("inproc://pyisolate-tests-warm-up")
+    pair[1].connect("inproc://pyisolate-tests-warm-up")
+    pair[0].send(bytes(1 << 17), copy=False)
+    pair[1].recv()
+    for sock in pair:
+        sock.close(linger=0)
+    ctx.term()
+
+
+@pytest.fixture(autouse=True)
+def no_fd_leaks():
+    """Every test closes the file descriptors it opened: pipes, sockets, channels, segments."""
+    before = open_fds()
+    yield
+    left = {fd: target for fd, target in open_fds().items() if before.get(fd) != target}
+    assert not left, f"a test left file descriptors open: {left}"

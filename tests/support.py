@@ -45,3 +45,14 @@ def rss() -> int:
     """Resident memory of this process, in bytes."""
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def open_fds() -> dict[int, str]:
+    """This process's open file descriptors and what each refers to."""
+    fds: dict[int, str] = {}
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            fds[int(name)] = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:
+            pass  # the listing's own descriptor, closed by now
+    return fds

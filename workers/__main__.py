@@ -1,9 +1,11 @@
-"""The worker process: ``python -I -c <bootstrap> RUNTIME_DIR`` started by the host.
+"""The worker process: ``python -I -c <bootstrap> RUNTIME_DIR CHANNEL_FD`` started by the host.
 
-The host writes one JSON line on our stdin (name, broker endpoint, launch secret, module
-path, extension class) and keeps the pipe open: end-of-file on stdin means the host is
-gone, even if it was killed, and the worker exits at once. Nothing here imports host-only
-code (manager, venv builder).
+The bootstrap has made the process non-dumpable already. The host sends the bootstrap JSON
+(name, broker endpoint, launch secret, module path, extension class) as the first message on
+our private control channel (descriptor CHANNEL_FD, a socketpair no other process can open),
+which later carries shared-memory segments. Our stdin carries nothing: the host keeps the pipe
+open, end-of-file on it means the host is gone, even if it was killed, and the worker exits at
+once. Nothing here imports host-only code (manager, venv builder).
 """
 
 from __future__ import annotations
@@ -12,18 +14,22 @@ import asyncio
 import gc
 import inspect
 import io
-import json
 import logging
 import os
 import sys
 import threading
 import traceback
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pyisolate._shm import WorkerChannel
 
 EXIT_OK = 0
 EXIT_LOAD_FAILED = 3
 EXIT_HANDSHAKE = 4
 EXIT_HOST_GONE = 5
+#: The host sends the bootstrap right after it starts us; past this it is gone or stuck.
+_BOOT_TIMEOUT = 60.0
 
 logger = logging.getLogger("pyisolate.workers")
 
@@ -46,7 +52,7 @@ def _watch_host(stdin_fd: int) -> None:
         os._exit(EXIT_HOST_GONE)
 
 
-async def _serve(boot: dict[str, Any]) -> int:
+async def _serve(boot: dict[str, Any], channel: WorkerChannel) -> int:
     from pyisolate import _context, _shm
     from pyisolate._base import ExtensionBase
     from pyisolate._codec import encode, encode_exception
@@ -89,7 +95,7 @@ async def _serve(boot: dict[str, Any]) -> int:
         finished.set()
 
     name = boot["name"]
-    _shm.configure(boot["session"], name)
+    _shm.configure(boot["session"], name, source=channel)
     endpoint = Endpoint(name.encode(), loop, send, on_control=on_control,
                         max_in_flight=limits.get("max_in_flight", 512),
                         max_message_size=limits.get("max_message_size", 256 << 20))
@@ -142,13 +148,19 @@ def _setup_output(level: int | str) -> None:
 
 def main() -> None:
     """Entry point of the worker process."""
-    line = sys.stdin.buffer.readline()
-    boot = json.loads(line)
+    from pyisolate._shm import WorkerChannel
+
+    channel = WorkerChannel(int(sys.argv[1]))
+    try:
+        boot = channel.boot(timeout=_BOOT_TIMEOUT)
+    except (OSError, RuntimeError, ValueError) as exc:
+        sys.stderr.write(f"pyisolate worker: no bootstrap from the host: {exc}\n")
+        os._exit(EXIT_HOST_GONE)
     _setup_output(boot.get("log_level", logging.WARNING))
     threading.Thread(target=_watch_host, args=(sys.stdin.fileno(),), name="host-watch", daemon=True).start()
     sys.stdin = open(os.devnull)  # extension code must not consume the host-liveness pipe
     try:
-        code = asyncio.run(_serve(boot))
+        code = asyncio.run(_serve(boot, channel))
     except Exception:
         traceback.print_exc()
         code = 1

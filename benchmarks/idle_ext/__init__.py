@@ -13,3 +13,8 @@ from pyisolate import ExtensionBase
 class Idle(ExtensionBase):
     async def ping(self):
         return os.getpid()
+
+    async def smaps_rollup(self):
+        """Our memory figures: a worker is non-dumpable, so only root could read them from outside."""
+        with open("/proc/self/smaps_rollup") as f:
+            return f.read()

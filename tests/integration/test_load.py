@@ -183,25 +183,31 @@ async def test_a_flood_at_a_singleton_does_not_starve_another_caller(venv_root):
 
 
 async def test_a_raw_flood_at_a_singleton_is_refused_past_the_cap_and_memory_stays_bounded(venv_root):
-    """A plugin that bypasses its own cap and sends 50,000 CALLs to a singleton at once: the
-    singleton serves at most max_in_flight of them at a time and refuses the rest; another
-    caller is still served, and host memory stays bounded."""
+    """A plugin that bypasses its own cap and sends 50,000 CALLs at once to a singleton whose
+    method holds each one: the singleton holds max_in_flight (512) and refuses the other
+    49,488; another caller is still served, and host memory stays bounded."""
     async with ExtensionManager(ExtensionBase, ExtensionManagerConfig(venv_root_path=venv_root)) as manager:
         async with asyncio.timeout(120):
             hostile, other = await asyncio.gather(
-                manager.load_extension(ExtensionConfig(name="hostile", module_path=ext("hostile"), apis=[DatabaseAPI])),
+                manager.load_extension(ExtensionConfig(name="hostile", module_path=ext("hostile"),
+                                                       apis=[DatabaseAPI, SlowService])),
                 manager.load_extension(fanin("other")))
             await other.latencies(5)
-        singleton = manager._singletons[b"DatabaseAPI"]
+        slow = manager._singletons[b"SlowService"]
+        SlowService().release.clear()  # the one instance of the host: held until released below
         before = rss()
-        async with asyncio.timeout(300):
-            await hostile.flood_calls("DatabaseAPI", "get", 50_000)
-            median, _ = await other.latencies(20)
-            assert singleton.server.open_calls(b"hostile") <= 512
-            assert await hostile.echo("still served") == "still served"
+        try:
+            async with asyncio.timeout(300):
+                await hostile.flood_calls("SlowService", "block", 50_000, ())
+                assert await hostile.echo("read") == "read"  # after its 50,000 CALLs, from the same sender
+                assert slow.server.open_calls(b"hostile") == 512
+                assert slow.server.refused == 50_000 - 512
+                median, _ = await other.latencies(20)
+                grown = rss() - before
+        finally:
+            SlowService().release.set()
         assert median < 0.1
-        assert rss() - before < 64 * MiB
-        assert singleton.server.refused > 0
+        assert grown < 64 * MiB
 
 
 async def test_a_stream_producer_that_ignores_the_window_is_cut_off(venv_root):

@@ -22,16 +22,17 @@ DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.com
           torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool]
 
 
-def our_segments(actor: str | None = None) -> set[str]:
-    prefix = f"psi-{_shm.session()}-" + (f"{actor}-" if actor else "")
-    return {n for n in os.listdir("/dev/shm") if n.startswith(prefix)}
+def host_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
 
 
 @pytest.fixture
 async def manager(venv_root: Path):
     async with ExtensionManager(ExtensionBase, ExtensionManagerConfig(venv_root_path=venv_root)) as m:
         yield m
-    assert not our_segments() - {n for n in our_segments("host")}, "a worker left segments behind"
+    assert _shm.stats()["worker_fds"] == 0, "the host holds descriptors of stopped workers"
+    # Segments live in no file system (other test runs on this machine may use /dev/shm).
+    assert not [n for n in os.listdir("/dev/shm") if n.startswith(f"psi-{os.getpid()}x")]
 
 
 async def load(manager, name="tensors", **kw):
@@ -98,11 +99,11 @@ async def test_passing_a_shared_tensor_again_is_metadata_only(manager):
     await t.echo(x)  # moved into shared memory once
     segment = _shm.find(x.untyped_storage().data_ptr())
     assert segment is not None
-    before = our_segments("host")
+    before = (_shm.mapped(), _shm.stats()["worker_fds"], host_fds())
     for _ in range(20):
         back = await t.echo(x)
         assert back.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()  # our mapping, reused
-    assert our_segments("host") == before
+    assert (_shm.mapped(), _shm.stats()["worker_fds"], host_fds()) == before
 
 
 async def test_a_calls_answer_acknowledges_the_tensors_it_received(manager):
@@ -138,24 +139,30 @@ async def test_tensors_in_an_answer_are_acknowledged_by_the_next_call_or_at_the_
 
 async def test_ten_thousand_sends_leave_nothing_behind(manager):
     t = await load(manager)
-    baseline = our_segments()
+    baseline = (_shm.mapped(), _shm.stats()["fds_held"], host_fds())
+    worker_baseline = (await t.shm_stats())["fds"]
     for i in range(10_000):
         await t.echo(torch.full((8,), float(i)))
     gc.collect()
     await t.echo(None)  # the worker's last ACKs and its finalizers have run
     assert _shm.pinned() == 0
-    assert our_segments() == baseline
-    assert await t.segments(f"psi-{_shm.session()}-") == sorted(baseline)
+    assert _shm.stats()["worker_fds"] == 0  # the worker DROPped every segment it PUT
+    assert (_shm.mapped(), _shm.stats()["fds_held"], host_fds()) == baseline
+    worker = await t.shm_stats()
+    assert (worker["mapped"], worker["pinned"], worker["fds_held"], worker["fds"]) == (0, 0, 0, worker_baseline)
 
 
-async def test_stopping_an_extension_removes_its_segments(manager):
+async def test_stopping_an_extension_releases_its_segments(manager):
     t = await load(manager)
     ours = torch.arange(1000, dtype=torch.float32)
-    await t.keep(ours)  # the worker holds it under a name of its own, and exits without unlinking
-    assert our_segments("tensors")
+    await t.keep(ours)  # the worker maps our segment
+    theirs = await t.make_and_keep(10)  # and shares one of its own: the host holds its descriptor
+    assert (await t.shm_stats())["mapped"] == 2
+    assert _shm.stats()["worker_fds"] == 1
     await t.stop()
-    assert not our_segments("tensors")
-    assert ours.sum().item() == sum(range(1000))  # our mapping is untouched
+    assert _shm.stats()["worker_fds"] == 0
+    assert ours.sum().item() == sum(range(1000))  # our mappings are untouched
+    assert theirs.tolist() == list(range(10))
 
 
 async def test_large_numpy_arrays_travel_through_shared_memory(manager):
@@ -185,9 +192,9 @@ async def test_a_crashed_extension_leaves_no_segments(manager):
     from pyisolate import ExtensionCrashedError
 
     t = await load(manager)
-    await t.keep(torch.ones(100))
-    assert our_segments("tensors")
+    await t.make_and_keep(100)
+    assert _shm.stats()["worker_fds"] == 1
     with pytest.raises(ExtensionCrashedError):
         async with asyncio.timeout(10):
             await t.crash()
-    assert not our_segments("tensors")
+    assert _shm.stats()["worker_fds"] == 0  # released before the crash was reported

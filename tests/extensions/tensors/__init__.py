@@ -11,6 +11,7 @@ from pyisolate import ExtensionBase
 class Tensors(ExtensionBase):
     def __init__(self):
         self.kept = None
+        self.made = None
 
     def torch_file(self):
         return torch.__file__
@@ -51,8 +52,29 @@ class Tensors(ExtensionBase):
     async def pass_to(self, other, t):
         return await pyisolate.get_actor(other).describe(t)
 
-    def segments(self, prefix):
-        return sorted(n for n in os.listdir("/dev/shm") if n.startswith(prefix))
+    def shm_stats(self):
+        """What shared memory holds in this worker, and its open descriptors."""
+        return {**pyisolate._shm.stats(), "fds": len(os.listdir("/proc/self/fd"))}
+
+    def expanded(self, n):
+        return torch.arange(4.0).expand(n, 4)
+
+    def array(self, n):
+        import numpy  # the "np" configuration has it
+
+        return numpy.arange(n, dtype=numpy.float64)
+
+    async def limit_file_size(self, nbytes):  # on the loop: signals need the main thread
+        """Lower our own RLIMIT_FSIZE so that no segment can be reserved here (EFBIG)."""
+        import resource
+        import signal
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+    def make_and_keep(self, n):
+        self.made = torch.arange(n, dtype=torch.float32)
+        return self.made
 
     async def crash(self):
         os._exit(3)

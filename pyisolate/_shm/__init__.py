@@ -1,0 +1,122 @@
+"""Shared memory for tensors and large arrays: sealed memfds, their descriptors passed by the host.
+
+- ``_memfd``: a segment is a memfd with every page reserved and sealed against shrinking and
+  growing, so no holder can make another one's mapping fault; receivers check that before
+  mapping (``check``). Where no segment can be had (memory, file-size or descriptor limits)
+  ``NoRoom`` tells the sender to send a copy through the socket instead, with one warning.
+- ``_segments``: this process's mappings, ids (``<owner>:<random>``, the capability), the
+  checks a received handle passes, and pins until acknowledged.
+- ``_channel``: the private socketpair between the host and each worker, which carries the
+  bootstrap and the segments' descriptors (SCM_RIGHTS); ``_hub``: the host's end of them all.
+
+The rest of pyisolate uses what this module names.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+from typing import TYPE_CHECKING
+
+from . import _memfd
+from ._channel import MAX_SEGMENTS_PER_WORKER, WorkerChannel
+from ._layout import extent
+from ._memfd import NoRoom, RefusedHandle
+from ._segments import (
+    Segment,
+    Source,
+    ack_key,
+    create,
+    drop_peer,
+    find,
+    mapped,
+    pin,
+    pinned,
+    receive,
+    share,
+    state,
+    unpin,
+    warn_copy,
+)
+from ._segments import _address as _address
+
+if TYPE_CHECKING:  # the hub is host-only code: a worker never imports it
+    import asyncio
+    import socket
+
+    from ._hub import HostChannel as HostChannel
+    from ._hub import Hub
+
+__all__ = [
+    "MAX_SEGMENTS_PER_WORKER", "NoRoom", "RefusedHandle", "Segment", "Source", "WorkerChannel", "ack_key",
+    "attach_worker", "configure", "configure_host", "create", "drop_peer", "extent", "find", "hub", "mapped",
+    "pin", "pinned", "receive", "session", "share", "stats", "sweep", "unpin", "warn_copy",
+]
+
+_hub: Hub | None = None
+
+
+def configure(session: str, actor: str, *, source: Source | None = None) -> None:
+    """Name the segments this process creates (each worker calls this once).
+
+    ``source``: the worker's control channel, through which our segments reach the host and
+    other actors' segments come.
+    """
+    state.session, state.actor = session, actor
+    state.source = source
+    state.shares_by_put = source is not None
+
+
+def configure_host() -> str:
+    """Make this process the host of shared memory (once): the hub that holds the workers' segments."""
+    global _hub
+    if _hub is None:
+        from ._hub import Hub
+        from ._segments import own_fd
+
+        _hub = Hub(own_fd)
+        configure(f"{os.getpid()}x{os.urandom(4).hex()}", "host", source=_hub)
+        state.shares_by_put = False  # GETs are answered from the host's own mappings
+        atexit.register(sweep)
+    return state.session
+
+
+def session() -> str:
+    """The session of this host and its workers ('' before configure)."""
+    return state.session
+
+
+def hub() -> Hub | None:
+    """The host's hub (None in a worker, or before ``configure_host``)."""
+    return _hub
+
+
+def attach_worker(name: str, sock: socket.socket, loop: asyncio.AbstractEventLoop, boot: bytes) -> HostChannel:
+    """Take the host's end ``sock`` of worker ``name``'s channel: send ``boot``, then serve it on ``loop``."""
+    configure_host()
+    assert _hub is not None
+    channel = _hub.attach(name, sock, loop)
+    channel.send_boot(boot)
+    return channel
+
+
+def sweep(actor: str | None = None) -> int:
+    """Close what the host holds for worker ``actor`` (every worker if None), once it has exited.
+
+    Segments live in no file system: a worker's memory goes with its last mapping, and its
+    descriptors here with its channel. Returns how many channels were closed.
+    """
+    return _hub.sweep(actor) if _hub is not None else 0
+
+
+def stats() -> dict[str, object]:
+    """Counts for tests and diagnostics: descriptors held, mappings, pins; in the host, the
+    descriptors workers PUT (after handling what they sent) and the refusals, by reason."""
+    result: dict[str, object] = {}
+    if _hub is not None:
+        with _hub.lock:
+            for channel in [c for cs in _hub.channels.values() for c in cs]:
+                channel.pump(None, answer=False)
+            result["worker_fds"] = len(_hub.fds)
+            result["refused"] = dict(_hub.refused)
+    return {"fds_held": _memfd.held(), "mapped": mapped(), "pinned": pinned(), **result}
