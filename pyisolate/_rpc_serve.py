@@ -45,6 +45,9 @@ class ServeEndpoint:
     _executor: concurrent.futures.ThreadPoolExecutor
     _serving: dict[tuple[bytes, int], asyncio.Task[Any] | concurrent.futures.Future[Any]]
     _call_acks: dict[tuple[bytes, int], list[str]]
+    #: In a worker: what a SystemExit raised by a served method does instead of being answered
+    #: (``workers.exits.leave``: the process exits with its code). None: answered like any error.
+    on_system_exit: Callable[[SystemExit], None] | None = None
 
     if TYPE_CHECKING:
         def _decode(self, body: bytes, buffers: list[bytes], sender: bytes,
@@ -206,6 +209,9 @@ class ServeEndpoint:
         self._send_quiet(sender, [self._answer_header(Kind.RESULT, sender, call_id), body, *buffers])
 
     def _reply_error(self, sender: bytes, call_id: int, exc: BaseException) -> None:
+        if isinstance(exc, SystemExit) and self.on_system_exit is not None:
+            self.on_system_exit(exc)  # every method's outcome passes here, the generators' too
+            return
         body, buffers = encode_exception(exc)
         self._send_quiet(sender, [self._answer_header(Kind.ERROR, sender, call_id), body, *buffers])
 
