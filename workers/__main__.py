@@ -9,6 +9,7 @@ code (manager, venv builder).
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import inspect
 import io
@@ -19,6 +20,8 @@ import sys
 import threading
 import traceback
 from typing import Any
+
+from . import exits
 
 EXIT_OK = 0
 EXIT_LOAD_FAILED = 3
@@ -43,7 +46,7 @@ def _watch_host(stdin_fd: int) -> None:
         sys.stderr.write("pyisolate worker: the host process went away; exiting\n")
         sys.stderr.flush()
     finally:
-        os._exit(EXIT_HOST_GONE)
+        exits.exit_now(EXIT_HOST_GONE)
 
 
 async def _serve(boot: dict[str, Any]) -> int:
@@ -78,6 +81,8 @@ async def _serve(boot: dict[str, Any]) -> int:
             result = instance.stop() if isinstance(instance, ExtensionBase) else None
             if inspect.isawaitable(result):
                 await result
+        except SystemExit as exc:
+            exits.leave(exc, functools.partial(conn.close, flush=True))
         except Exception as exc:
             logger.exception("stop() of the extension failed")
             body, buffers = encode_exception(exc)
@@ -89,6 +94,8 @@ async def _serve(boot: dict[str, Any]) -> int:
     name = boot["name"]
     _shm.configure(boot["session"], name)
     endpoint = Endpoint(name.encode(), loop, send, on_control=on_control)
+    # SystemExit from a method: exit with its code; the call fails as a crash (workers.exits).
+    endpoint.on_system_exit = functools.partial(exits.leave, close=functools.partial(conn.close, flush=True))
     endpoint.host_actors = frozenset(n.encode() for n in boot["host_actors"])
     try:
         try:
@@ -99,11 +106,14 @@ async def _serve(boot: dict[str, Any]) -> int:
         # Serve from here on: the extension may call other actors while it loads.
         conn.start(loop, lambda frames: endpoint.on_frames(frames[0], frames[1:]))
         _context.set_worker_endpoint(endpoint)
+        exits.install()  # before any extension code: its descendants stay ours, SIGTERM takes them
         try:
             for spec in boot["apis"]:  # the host modules defining shared singletons
                 import_class(spec, ProxiedSingleton)
             base = import_class(boot["extension_class"]) if boot["extension_class"] else ExtensionBase
             instance = await load_extension(boot["module_path"], base)
+        except SystemExit as exc:
+            exits.leave(exc, functools.partial(conn.close, flush=True))
         except Exception as exc:
             logger.error("extension %r failed to load", name, exc_info=True)
             body, buffers = encode_exception(exc)
@@ -145,12 +155,12 @@ def main() -> None:
     sys.stdin = open(os.devnull)  # extension code must not consume the host-liveness pipe
     try:
         code = asyncio.run(_serve(boot))
+    except SystemExit as exc:  # from a task the extension started itself
+        exits.leave(exc)
     except Exception:
         traceback.print_exc()
         code = 1
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    exits.exit_now(code)  # its descendants go with it, its output is flushed
 
 
 if __name__ == "__main__":
