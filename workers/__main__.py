@@ -154,9 +154,11 @@ def main() -> None:
     threading.Thread(target=_watch_host, args=(sys.stdin.fileno(),), name="host-watch", daemon=True).start()
     sys.stdin = open(os.devnull)  # extension code must not consume the host-liveness pipe
     try:
-        code = asyncio.run(_serve(boot))
-    except SystemExit as exc:  # from a task the extension started itself
-        exits.leave(exc)
+        with asyncio.Runner() as runner:  # asyncio.run(), with a way out before its teardown
+            try:
+                code = runner.run(_serve(boot))
+            except SystemExit as exc:  # from a task the extension started itself
+                exits.leave(exc)
     except Exception:
         traceback.print_exc()
         code = 1

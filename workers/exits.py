@@ -3,7 +3,7 @@
 The ways out: the host asked it to stop; its extension failed to load; the host went away
 (end-of-file on stdin, seen by the host-watch thread); SIGTERM; and ``SystemExit`` raised by
 the extension's own code, from a method of any kind (coroutine, plain, async generator, a
-callback) or a hook. Each ends in ``exit_now``: SIGKILL every descendant (``workers.tree``;
+callback), a hook, or a task of its own. Each ends in ``exit_now``: SIGKILL every descendant (``workers.tree``;
 the worker is their subreaper, so daemons are found too) and wait for them, flush stdout and
 stderr, ``os._exit``. No interpreter shutdown: nothing else runs, and nothing else prints.
 

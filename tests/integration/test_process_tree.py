@@ -217,7 +217,7 @@ async def test_a_worker_killed_outright_leaves_nothing_of_its_process_group(venv
         kill_quietly(pids)  # those in sessions of their own: the limit docs/architecture.md states
 
 
-@pytest.mark.parametrize("method", ["exit_async", "exit_plain", "exit_stream"])
+@pytest.mark.parametrize("method", ["exit_async", "exit_plain", "exit_stream", "exit_in_task"])
 async def test_sys_exit_in_a_method_ends_the_worker_with_that_code_like_a_crash(manager, method, caplog):
     caplog.set_level(logging.INFO, logger="pyisolate.extension")
     policy = RestartPolicy(max_restarts=3, within=600, backoff=0.01)
@@ -242,7 +242,7 @@ async def test_sys_exit_in_a_method_ends_the_worker_with_that_code_like_a_crash(
             second = await e.pid()  # restarted, as after any crash
         assert info.value.exit_code == 3 and info.value.extension == "forker"
         tail = info.value.stderr_tail
-        assert "SystemExit(3)" in tail and f"in {method}()" in tail
+        assert "SystemExit(3)" in tail and f"in {method}" in tail
         assert "Traceback" not in tail and "ZMQError" not in tail, tail
         stdout = [r.getMessage() for r in caplog.records if getattr(r, "stream", None) == "stdout"]
         assert "last words, no newline" in stdout  # flushed on the way out

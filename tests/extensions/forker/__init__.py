@@ -115,6 +115,15 @@ class Forker(ExtensionBase):
         sys.stdout.write("last words, no newline")
         sys.exit(code)
 
+    async def exit_in_task(self, code):
+        """sys.exit() in a task of the extension's own, not in a method: the method waits."""
+        async def exit_in_task_body():
+            sys.stdout.write("last words, no newline")
+            sys.exit(code)
+
+        self.task = asyncio.get_running_loop().create_task(exit_in_task_body())
+        await asyncio.Event().wait()
+
     async def crash(self, code):
         os._exit(code)
 
