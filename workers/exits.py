@@ -3,13 +3,14 @@
 The ways out: the host asked it to stop; its extension failed to load; the host went away
 (end-of-file on stdin, seen by the host-watch thread); SIGTERM; and ``SystemExit`` raised by
 the extension's own code, from a method of any kind (coroutine, plain, async generator, a
-callback), a hook, or a task of its own. Each ends in ``exit_now``: SIGKILL every descendant (``workers.tree``;
-the worker is their subreaper, so daemons are found too) and wait for them, flush stdout and
-stderr, ``os._exit``. No interpreter shutdown: nothing else runs, and nothing else prints.
+callback), a hook, or a task of its own. Each ends in ``exit_now``: SIGKILL every
+descendant (``workers.tree``; the worker is their subreaper, so daemons are found too) and
+wait for them, flush stdout and stderr, ``os._exit``. No interpreter shutdown: nothing else
+runs, and nothing else prints.
 
 ``SystemExit`` is honoured as Python would: the worker exits with its code (None: 0, an int:
-that int, anything else: printed, then 1). The call that raised it gets no answer; the host
-sees the worker exit and fails it, like every call still pending, with
+its low byte, anything else: printed, then 1). The call that raised it gets no answer; the
+host sees the worker exit and fails it, like every call still pending, with
 ``ExtensionCrashedError`` carrying that exit code. A ``RestartPolicy`` treats it as a crash.
 """
 
