@@ -66,9 +66,6 @@ class Producer:
             raise
         except Exception as exc:
             self._send_error(exc)
-        except SystemExit as exc:  # a worker exits here (Endpoint.on_system_exit); elsewhere it goes on up
-            self._send_error(exc)
-            raise
         finally:
             try:
                 await self._agen.aclose()

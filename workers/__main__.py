@@ -81,8 +81,6 @@ async def _serve(boot: dict[str, Any]) -> int:
             result = instance.stop() if isinstance(instance, ExtensionBase) else None
             if inspect.isawaitable(result):
                 await result
-        except SystemExit as exc:
-            exits.leave(exc, functools.partial(conn.close, flush=True))
         except Exception as exc:
             logger.exception("stop() of the extension failed")
             body, buffers = encode_exception(exc)
@@ -94,8 +92,7 @@ async def _serve(boot: dict[str, Any]) -> int:
     name = boot["name"]
     _shm.configure(boot["session"], name)
     endpoint = Endpoint(name.encode(), loop, send, on_control=on_control)
-    # SystemExit from a method: exit with its code; the call fails as a crash (workers.exits).
-    endpoint.on_system_exit = functools.partial(exits.leave, close=functools.partial(conn.close, flush=True))
+    endpoint.on_system_exit = exits.leave  # the worker exits with its code; the call fails as a crash
     endpoint.host_actors = frozenset(n.encode() for n in boot["host_actors"])
     try:
         try:
@@ -106,14 +103,14 @@ async def _serve(boot: dict[str, Any]) -> int:
         # Serve from here on: the extension may call other actors while it loads.
         conn.start(loop, lambda frames: endpoint.on_frames(frames[0], frames[1:]))
         _context.set_worker_endpoint(endpoint)
-        exits.install()  # before any extension code: its descendants stay ours, SIGTERM takes them
+        # Before any extension code: its descendants stay ours, SIGTERM takes them along, and a
+        # SystemExit (from a method, a hook, a task) ends the worker after what it sent has left.
+        exits.install(close=functools.partial(conn.close, flush=True))
         try:
             for spec in boot["apis"]:  # the host modules defining shared singletons
                 import_class(spec, ProxiedSingleton)
             base = import_class(boot["extension_class"]) if boot["extension_class"] else ExtensionBase
             instance = await load_extension(boot["module_path"], base)
-        except SystemExit as exc:
-            exits.leave(exc, functools.partial(conn.close, flush=True))
         except Exception as exc:
             logger.error("extension %r failed to load", name, exc_info=True)
             body, buffers = encode_exception(exc)
@@ -157,7 +154,7 @@ def main() -> None:
         with asyncio.Runner() as runner:  # asyncio.run(), with a way out before its teardown
             try:
                 code = runner.run(_serve(boot))
-            except SystemExit as exc:  # from a task the extension started itself
+            except SystemExit as exc:  # from a hook, the stop hook, a task the extension started
                 exits.leave(exc)
     except Exception:
         traceback.print_exc()

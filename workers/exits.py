@@ -33,13 +33,18 @@ logger = logging.getLogger("pyisolate.workers")
 
 #: How long a worker on its way out waits for its SIGKILLed descendants to be gone.
 _DESCENDANTS_TIMEOUT = 5.0
+#: What leave() runs first: closes the connection, letting what was already sent leave.
+_close: Callable[[], None] | None = None
 
 
-def install() -> None:
-    """Before any extension code runs: adopt orphaned descendants, and end cleanly on SIGTERM.
+def install(close: Callable[[], None] | None = None) -> None:
+    """Before any extension code runs: adopt orphaned descendants, end cleanly on SIGTERM.
 
+    ``close`` is what ``leave`` runs before the process exits (the connection's flushing close).
     Call from the main thread.
     """
+    global _close
+    _close = close
     tree.become_subreaper()
     signal.signal(signal.SIGTERM, _on_sigterm)
 
@@ -67,15 +72,18 @@ def exit_code(exc: SystemExit) -> int:
     return 1
 
 
-def leave(exc: SystemExit, close: Callable[[], None] | None = None) -> NoReturn:
-    """Extension code raised ``exc``: say where, ``close`` the connection, exit with its code."""
+def leave(exc: SystemExit) -> NoReturn:
+    """Extension code raised ``exc``: say where, close the connection, exit with its code.
+
+    Runs on the worker's main thread (the event loop's), never returns.
+    """
     code = exit_code(exc)
     try:
         where = traceback.extract_tb(exc.__traceback__)[-1:]
         place = f" at {where[0].filename}:{where[0].lineno} in {where[0].name}()" if where else ""
         logger.warning("the extension raised SystemExit(%r)%s; the worker exits with code %d", exc.code, place, code)
-        if close is not None:
-            close()  # what was already sent still leaves; the call that raised gets no answer
+        if _close is not None:
+            _close()  # what was already sent still leaves; the call that raised gets no answer
     finally:
         exit_now(code)
 

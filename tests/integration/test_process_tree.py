@@ -266,6 +266,8 @@ async def test_sys_exit_in_the_stop_hook_ends_the_worker_at_once(venv_root):
                 await e.stop()
             await assert_all_gone(pids, fds)
             assert worker.returncode == 4
+            tail = worker.stderr_tail()
+            assert "SystemExit(4)" in tail and "Traceback" not in tail and "ZMQError" not in tail, tail
     finally:
         kill_quietly(pids)
 
