@@ -210,7 +210,7 @@ class ServeEndpoint:
 
     def _reply_error(self, sender: bytes, call_id: int, exc: BaseException) -> None:
         if isinstance(exc, SystemExit) and self.on_system_exit is not None:
-            self.on_system_exit(exc)  # every method's outcome passes here, the generators' too
+            self.on_system_exit(exc)  # every outcome of a method passes here
             return
         body, buffers = encode_exception(exc)
         self._send_quiet(sender, [self._answer_header(Kind.ERROR, sender, call_id), body, *buffers])
