@@ -127,6 +127,7 @@ class WorkerProcess:
             loop.add_reader(self._pidfd, self._on_exit)
         self._killed: list[int] = []  # pidfds of the descendants the host SIGKILLed
         self._leftovers = asyncio.Lock()
+        self._swept = False  # the worker's process group, once, at its first seen exit
         self._tail: collections.deque[str] = collections.deque(maxlen=_TAIL_LINES)
         self._logger = extension_logger(name)
         self._loggers: dict[str, logging.Logger] = {}
@@ -239,7 +240,9 @@ class WorkerProcess:
     async def _end_leftovers(self) -> None:
         """The worker is gone: kill what is left of its process group, wait for what we killed."""
         async with self._leftovers:  # whoever waits on the worker also waits for this
-            tree.kill_group(self._pidfd, self._proc.pid)
+            if not self._swept:  # once: the later the sweep, the likelier a pid reused (no pidfd)
+                self._swept = True
+                tree.kill_group(self._pidfd, self._proc.pid)
             killed, self._killed = self._killed, []
             if killed:
                 await _exited(killed, _DRAIN_TIMEOUT)
