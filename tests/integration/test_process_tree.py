@@ -14,6 +14,7 @@ import asyncio
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
 import textwrap
@@ -173,19 +174,17 @@ async def test_a_host_killed_by_sigkill_takes_every_grandchild_along(venv_root, 
     try:
         async with asyncio.timeout(120):
             pids = json.loads(await host.stdout.readline())
-        assert set(pids) == KINDS | {"worker"}
-        fds = pidfds(pids)
-        host.send_signal(signal.SIGKILL)
-        await host.wait()
-        await assert_all_gone(pids, fds)
+            assert set(pids) == KINDS | {"worker"}
+            fds = pidfds(pids)
+            host.send_signal(signal.SIGKILL)
+            await host.wait()
+            await assert_all_gone(pids, fds)
     finally:
         if host.returncode is None:
             host.kill()
         async with asyncio.timeout(30):
             await host.communicate()  # end-of-file: nobody holds the pipe any more
         kill_quietly(pids)
-        import shutil
-
         for leftover in ipc_dirs() - before:  # a SIGKILLed host cannot clean up; the next one sweeps
             shutil.rmtree(leftover, ignore_errors=True)
 
