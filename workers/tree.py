@@ -190,7 +190,7 @@ def _kill_child(pid: int, parent: int) -> int | None:
         return _MOVED
     try:
         signal.pidfd_send_signal(fd, signal.SIGKILL)
-    except ProcessLookupError:
+    except OSError:  # it exited just now; or EPERM (a setuid program): its children may still be ours
         pass
     return fd
 
