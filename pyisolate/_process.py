@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from pyisolate.workers import tree
 from pyisolate.workers.logs import parse_line
 
 from . import _shm
@@ -51,9 +52,9 @@ _TAIL_LINES = 40
 #: may hold the pipes open.
 _DRAIN_TIMEOUT = 1.0
 #: What one worker holds open in the host: its stdin, stdout and stderr pipes, its control
-#: channel, and the broker's end of its connection (accepted once it connects). Segments it
-#: shares are counted apart, within their own budget (see ``_shm._memfd``).
-_FDS_PER_WORKER = 5
+#: channel, its pidfd, and the broker's end of its connection (accepted once it connects).
+#: Segments it shares are counted apart, within their own budget (see ``_shm._memfd``).
+_FDS_PER_WORKER = 6
 #: Distinct logger names of one worker that get a host logger of their own; records of further
 #: names go to the extension's logger itself.
 _MAX_LOGGERS = 256
@@ -111,17 +112,33 @@ def _fds_in_use() -> int | None:
 
 
 class WorkerProcess:
-    """One worker process. Owns the process, its pipes and the tasks that read its output."""
+    """One worker process. Owns the process, its pipes and the tasks that read its output.
+
+    And its descendants: the worker kills them on its way out (``pyisolate.workers.exits``);
+    where the host has to SIGKILL the worker, it kills the worker's descendants first, and
+    once the worker is gone, however it went, what is left of its process group
+    (``pyisolate.workers.tree``).
+    """
 
     def __init__(self, name: str, proc: asyncio.subprocess.Process, channel: _shm.HostChannel | None = None) -> None:
         self.name = name
         self._proc = proc
         self._channel = channel
+        loop = asyncio.get_running_loop()
+        # The worker's pidfd, opened at once (it is only reaped once it has exited): it names
+        # this process and its process group, never a later one that gets its pid. It also
+        # tells when the worker exits, where its pipes do not: a descendant may hold them.
+        self._pidfd = tree.open_pidfd(proc.pid)
+        self._exit: asyncio.Future[None] = loop.create_future()
+        if self._pidfd is not None:
+            loop.add_reader(self._pidfd, self._on_exit)
+        self._killed: list[int] = []  # pidfds of the descendants the host SIGKILLed
+        self._leftovers = asyncio.Lock()
+        self._swept = False  # the worker's process group, once, at its first seen exit
         self._tail: collections.deque[str] = collections.deque(maxlen=_TAIL_LINES)
         self._logger = extension_logger(name)
         self._loggers: dict[str, logging.Logger] = {}
         assert proc.stdout is not None and proc.stderr is not None
-        loop = asyncio.get_running_loop()
         self._readers = (
             loop.create_task(self._follow(proc.stdout, self._on_stdout), name=f"pyisolate-stdout-{name}"),
             loop.create_task(self._follow(proc.stderr, self._on_stderr), name=f"pyisolate-stderr-{name}"),
@@ -188,16 +205,45 @@ class WorkerProcess:
 
     async def wait(self) -> int:
         """Wait for exit and for the last of its output; return the exit status."""
-        code = await self._proc.wait()
+        if self._pidfd is not None:
+            await asyncio.shield(self._exit)
+        else:  # no pidfd: asyncio's wait, which also waits until nothing holds the pipes
+            await self._proc.wait()
+        await self._end_leftovers()
         await asyncio.wait(self._readers, timeout=_DRAIN_TIMEOUT)  # never cancels them
-        return code
+        self._close_pipes()  # so that asyncio's wait returns once it has the status
+        return await self._proc.wait()
+
+    def _on_exit(self) -> None:
+        assert self._pidfd is not None
+        asyncio.get_running_loop().remove_reader(self._pidfd)
+        if not self._exit.done():
+            self._exit.set_result(None)
+
+    def _close_pipes(self) -> None:
+        """Close our ends of the worker's pipes (a process we could not kill may hold the others)."""
+        if self._proc.stdin is not None:
+            self._proc.stdin.close()
+        # asyncio's Process keeps its transport private; only the pipes are closed, as the
+        # subprocess transport's close() may reap the worker behind the child watcher's back.
+        transport: asyncio.SubprocessTransport | None = getattr(self._proc, "_transport", None)
+        for fd in (1, 2):
+            try:
+                pipe = transport.get_pipe_transport(fd) if transport is not None else None
+            except AttributeError:  # a pipe never connected
+                continue
+            if pipe is not None:
+                pipe.close()
 
     async def stop(self, timeout: float) -> int:
-        """Wait up to ``timeout`` for a requested exit, then SIGTERM, then SIGKILL."""
+        """Wait up to ``timeout`` for a requested exit, then SIGTERM, then SIGKILL (descendants first)."""
         for sig in (None, signal.SIGTERM, signal.SIGKILL):
             if sig is not None and self._proc.returncode is None:
                 logger.debug("sending %s to worker %r", sig.name, self.name)
-                self._signal(sig)
+                if sig is signal.SIGKILL:
+                    self.kill()
+                else:
+                    self._signal(sig)
             try:
                 async with asyncio.timeout(timeout):
                     return await self.wait()
@@ -206,27 +252,46 @@ class WorkerProcess:
         return await self.wait()  # SIGKILL cannot be ignored
 
     def kill(self) -> None:
-        """SIGKILL the worker now (its exit is reported by whoever waits on it)."""
+        """SIGKILL the worker and its descendants now (its exit is reported by whoever waits on it)."""
+        if self._pidfd is not None and not tree.exited(self._pidfd):
+            # Before the worker: its descendants are found under it (it is their subreaper),
+            # and the SIGKILLed worker could not take them along.
+            self._killed += tree.kill_descendants(self._proc.pid, self._pidfd)
         self._signal(signal.SIGKILL)
+
+    async def _end_leftovers(self) -> None:
+        """The worker is gone: kill what is left of its process group, wait for what we killed."""
+        async with self._leftovers:  # whoever waits on the worker also waits for this
+            if not self._swept:  # once: the later the sweep, the likelier a pid reused (no pidfd)
+                self._swept = True
+                tree.kill_group(self._pidfd, self._proc.pid)
+            killed, self._killed = self._killed, []
+            if killed:
+                await _exited(killed, _DRAIN_TIMEOUT)
 
     def _signal(self, sig: signal.Signals) -> None:
         try:
-            self._proc.send_signal(sig)
+            if self._pidfd is not None:  # never another process, and never reaps (Popen.send_signal may)
+                signal.pidfd_send_signal(self._pidfd, sig)
+            else:
+                self._proc.send_signal(sig)
         except ProcessLookupError:
             pass
 
     async def aclose(self) -> None:
         """Kill the worker if it still runs, reap it and close its pipes; idempotent."""
         if self._proc.returncode is None:
-            self._signal(signal.SIGKILL)
+            self.kill()
         await self.wait()  # the last lines it wrote still reach the log
-        if self._proc.stdin is not None:
-            self._proc.stdin.close()
         if self._channel is not None:
             self._channel.close()
         for reader in self._readers:
             reader.cancel()  # a no-op for a finished reader
         await asyncio.gather(*self._readers, return_exceptions=True)
+        if self._pidfd is not None:
+            asyncio.get_running_loop().remove_reader(self._pidfd)
+            os.close(self._pidfd)
+            self._pidfd = None
 
     async def _follow(self, stream: asyncio.StreamReader, on_line: Callable[[str], None]) -> None:
         """Hand each line of ``stream`` to ``on_line`` as it arrives, the unfinished last one too."""
@@ -262,3 +327,28 @@ class WorkerProcess:
                 return self._logger  # loggers live as long as the host: a worker cannot add without end
             logger = self._loggers[name] = logging.getLogger(f"{self._logger.name}.{name}")
         return logger
+
+
+async def _exited(pidfds: list[int], timeout: float) -> None:
+    """Wait until each process behind ``pidfds`` has exited (at most ``timeout`` s); close them."""
+    loop = asyncio.get_running_loop()
+    left = set(pidfds)
+    all_exited = asyncio.Event()
+
+    def on_exit(fd: int) -> None:  # a pidfd turns readable when its process exits
+        loop.remove_reader(fd)
+        left.discard(fd)
+        if not left:
+            all_exited.set()
+
+    try:
+        for fd in pidfds:
+            loop.add_reader(fd, on_exit, fd)
+        async with asyncio.timeout(timeout):
+            await all_exited.wait()
+    except TimeoutError:
+        logger.warning("%d processes SIGKILLed by the host have not exited after %.1f s", len(left), timeout)
+    finally:
+        for fd in left:
+            loop.remove_reader(fd)
+        tree.close_pidfds(pidfds)

@@ -225,7 +225,11 @@ class Worker:
 
     async def _watch_exit(self, process: WorkerProcess) -> None:
         code = await process.wait()
-        if self.state in (State.STOPPING, State.STOPPED, State.FAILED):
+        if self.state is State.STOPPING:  # gone in its stop hook (SystemExit, a crash): no answer will come
+            self._manager.fail_peer(self.bname, ExtensionClosedError(
+                f"extension {self.name!r} {describe_exit(code)} while stopping"))
+            return
+        if self.state in (State.STOPPED, State.FAILED):
             return
         _shm.sweep(self.name)  # the names it held; before anyone hears of the crash
         how = describe_exit(code)

@@ -11,6 +11,7 @@ once. Nothing here imports host-only code (manager, venv builder).
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import inspect
 import io
@@ -23,6 +24,8 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from pyisolate._shm import WorkerChannel
+
+from . import exits
 
 EXIT_OK = 0
 EXIT_LOAD_FAILED = 3
@@ -49,7 +52,7 @@ def _watch_host(stdin_fd: int) -> None:
         sys.stderr.write("pyisolate worker: the host process went away; exiting\n")
         sys.stderr.flush()
     finally:
-        os._exit(EXIT_HOST_GONE)
+        exits.exit_now(EXIT_HOST_GONE)
 
 
 async def _serve(boot: dict[str, Any], channel: WorkerChannel) -> int:
@@ -99,6 +102,7 @@ async def _serve(boot: dict[str, Any], channel: WorkerChannel) -> int:
     endpoint = Endpoint(name.encode(), loop, send, on_control=on_control,
                         max_in_flight=limits.get("max_in_flight", 512),
                         max_message_size=limits.get("max_message_size", 256 << 20))
+    endpoint.server.on_system_exit = exits.leave  # the worker exits with its code; the call fails as a crash
     endpoint.host_actors = frozenset(n.encode() for n in boot["host_actors"])
     try:
         try:
@@ -109,6 +113,9 @@ async def _serve(boot: dict[str, Any], channel: WorkerChannel) -> int:
         # Serve from here on: the extension may call other actors while it loads.
         conn.start(loop, lambda frames: endpoint.on_frames(frames[0], frames[1:]))
         _context.set_worker_endpoint(endpoint)
+        # Before any extension code: its descendants stay ours, SIGTERM takes them along, and a
+        # SystemExit (from a method, a hook, a task) ends the worker after what it sent has left.
+        exits.install(close=functools.partial(conn.close, flush=True))
         try:
             for spec in boot["apis"]:  # the host modules defining shared singletons
                 import_class(spec, ProxiedSingleton)
@@ -160,13 +167,15 @@ def main() -> None:
     threading.Thread(target=_watch_host, args=(sys.stdin.fileno(),), name="host-watch", daemon=True).start()
     sys.stdin = open(os.devnull)  # extension code must not consume the host-liveness pipe
     try:
-        code = asyncio.run(_serve(boot, channel))
+        with asyncio.Runner() as runner:  # asyncio.run(), with a way out before its teardown
+            try:
+                code = runner.run(_serve(boot, channel))
+            except SystemExit as exc:  # from a hook, the stop hook, a task the extension started
+                exits.leave(exc)
     except Exception:
         traceback.print_exc()
         code = 1
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    exits.exit_now(code)  # its descendants go with it, its output is flushed
 
 
 if __name__ == "__main__":

@@ -65,6 +65,9 @@ class Server:
         self._elsewhere: set[tuple[bytes, int]] = set()  # served on another loop of this process
         self._open: dict[bytes, int] = {}  # calls open per sender, from receipt to answer
         self.refused = 0
+        #: In a worker: what a SystemExit raised by a served method does instead of being answered
+        #: (``workers.exits.leave``: the process exits with its code). None: answered like any error.
+        self.on_system_exit: Callable[[SystemExit], None] | None = None
         self._executor = concurrent.futures.ThreadPoolExecutor(thread_name_prefix=f"pyisolate-{name.decode()}")
 
     @property
@@ -281,6 +284,9 @@ class Server:
 
     def send_error(self, sender: bytes, call_id: int, exc: BaseException) -> None:
         """Send ERROR ``exc`` for ``call_id`` (a refused call, or a stream that broke)."""
+        if isinstance(exc, SystemExit) and self.on_system_exit is not None:
+            self.on_system_exit(exc)  # every outcome of a method passes here
+            return
         body, buffers = encode_exception(exc)
         self._send_quiet(sender, [self._acks.answer_header(Kind.ERROR, sender, call_id), body, *buffers])
 

@@ -143,6 +143,17 @@ class Hostile(ExtensionBase):
             pyisolate.emit("big", bytes(size))
         return n
 
+    async def answer_with(self, module, qualname, args, message):
+        """Answer this very call with a hand-written ERROR of any exception type (ext 11)."""
+        import msgpack
+
+        me = asyncio.current_task()
+        sender, call_id = next(key for key, task in _endpoint().server._serving.items() if task is me)
+        payload = msgpack.packb([module, qualname, args, message, "forged", {}])
+        body = msgpack.packb(msgpack.ExtType(11, payload))
+        _endpoint()._send(sender, [pack_header(Kind.ERROR, call_id), body])
+        return "this late answer is dropped"
+
     def dropped(self):
         endpoint = _endpoint()
         return endpoint.dropped + endpoint.calls.dropped
