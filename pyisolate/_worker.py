@@ -231,7 +231,6 @@ class Worker:
             return
         if self.state in (State.STOPPED, State.FAILED):
             return
-        _shm.sweep(self.name)  # the names it held; before anyone hears of the crash
         how = describe_exit(code)
         if self.hung_for is not None:
             how = f"stopped answering heartbeats for {self.hung_for:.1f} s and was killed ({how})"
@@ -256,6 +255,9 @@ class Worker:
                 self._fail(State.CRASHED, crash)
             else:
                 self._begin_restart(crash, delay)
+        # The segments it shared, held until now: an answer it sent just before it died could
+        # still be decoded; its calls have ended now, and its callers resume only after this.
+        _shm.sweep(self.name)
         await process.aclose()
 
     def _restart_delay(self) -> float | None:
@@ -324,7 +326,7 @@ class Worker:
             self._watch.cancel()
         if self.process is not None:
             await self.process.aclose()
-            _shm.sweep(self.name)  # names the worker left (its memory goes with its mappings)
+            _shm.sweep(self.name)  # descriptors held for it (its memory goes with its mappings)
         if self._watch is not None:
             await asyncio.gather(self._watch, return_exceptions=True)
 

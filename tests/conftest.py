@@ -29,6 +29,23 @@ async def manager(venv_root: Path):
         yield m
 
 
+#: The longest any remote call of a test may take, unless the test sets its own call_timeout.
+CALL_BOUND = 60.0
+
+
+@pytest.fixture(autouse=True)
+def bounded_calls(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every remote call a test makes has its own bound: managers made in tests default to
+    ``call_timeout=CALL_BOUND``, so a call that never ends fails with CallTimeoutError within a
+    minute instead of waiting for pytest's timeout. (Awaits on anything else carry an
+    ``asyncio.timeout`` of their own in the tests.)"""
+    from pyisolate._config import ExtensionManagerConfig
+
+    defaults = ExtensionManagerConfig.__init__.__kwdefaults__
+    assert defaults is not None and defaults["call_timeout"] is None
+    monkeypatch.setitem(defaults, "call_timeout", CALL_BOUND)
+
+
 @pytest.fixture(autouse=True)
 def no_leaks():
     """Every test leaves no child process and no broker ipc directory behind."""

@@ -42,6 +42,10 @@ class HostChannel:
         self.ids: set[str] = set()
         self._deferred: collections.deque[bytes] = collections.deque()  # GETs met while draining
         self.closed = False
+        # The worker's end is closed (it exited). What it PUT stays until the host has handled
+        # its exit (``Hub.sweep``): an answer it sent just before it died may still be on its
+        # way through the broker, and names those segments.
+        self.eof = False
         sock.setblocking(False)
         loop.add_reader(sock.fileno(), self._on_readable)
 
@@ -58,10 +62,11 @@ class HostChannel:
     def pump(self, limit: int | None, answer: bool) -> bool:
         """Handle what is waiting (at most ``limit`` messages); GETs wait unless ``answer``.
 
-        Returns whether the worker's end is closed (end of file), which closes ours.
+        Returns whether the worker's end is closed (end of file): ours stops reading then, and
+        closes when the host sweeps it.
         """
         handled = 0
-        while not self.closed and (limit is None or handled < limit):
+        while not self.closed and not self.eof and (limit is None or handled < limit):
             try:
                 data, fds, cut = recv(self._sock)
             except BlockingIOError:
@@ -70,7 +75,8 @@ class HostChannel:
                 data, fds, cut = b"", [], False
             handled += 1
             if not data and not fds:
-                self.close()
+                self.eof = True
+                self._stop_reading()
                 return True
             kind = data[0] if data else 0
             if cut:
@@ -88,7 +94,13 @@ class HostChannel:
                     self._loop.call_soon_threadsafe(self._on_readable)
             else:
                 self._refuse("unexpected message", f"kind {kind} with {len(fds)} descriptors", fds)
-        return False
+        return self.eof
+
+    def _stop_reading(self) -> None:
+        try:
+            self._loop.remove_reader(self._sock.fileno())
+        except (RuntimeError, ValueError):  # the loop is closed: it reads nothing any more
+            pass
 
     def _on_put(self, segment_id: str, fd: int) -> None:
         if segment_id.partition(":")[0] != self.name:
@@ -135,10 +147,8 @@ class HostChannel:
         if self.closed:
             return
         self.closed = True
-        try:
-            self._loop.remove_reader(self._sock.fileno())
-        except (RuntimeError, ValueError):  # the loop is closed: it reads nothing any more
-            pass
+        if not self.eof:
+            self._stop_reading()
         self._sock.close()
         with self._hub.lock:
             for segment_id in list(self.ids):
@@ -220,7 +230,7 @@ class Hub:
         closed = 0
         with self.lock:
             for channel in [c for n, cs in self.channels.items() if name is None or n == name for c in cs]:
-                if name is None or channel.pump(None, answer=False):
+                if name is None or channel.eof or channel.pump(None, answer=False):
                     channel.close()
                     closed += 1
         return closed

@@ -154,27 +154,31 @@ async def test_each_host_loop_gets_its_own_chains_back(manager):
 
     assert await a.call_back(where_main) is True
     assert await a.singleton_loop() == id(main_loop)
-    await asyncio.to_thread(thread.join)
+    async with asyncio.timeout(120):  # its calls have their own bound: a hang ends there
+        await asyncio.to_thread(thread.join)
     assert results == {"callback on its loop": True, "singleton on its loop": True}
 
 
 async def test_streams_flow_with_bounded_buffering_and_close_early(manager):
     a = await load(manager, "a")
-    assert [x async for x in a.count(5)] == [0, 1, 2, 3, 4]
+    async with asyncio.timeout(30):
+        assert [x async for x in a.count(5)] == [0, 1, 2, 3, 4]
     stream = a.endless()
     taken = []
-    async for item in stream:
-        taken.append(item)
-        if len(taken) == 100:
-            break
+    async with asyncio.timeout(30):
+        async for item in stream:
+            taken.append(item)
+            if len(taken) == 100:
+                break
     produced = await a.produced_count()
     assert 100 <= produced <= 100 + 16 + 1, produced  # the producer ran at most a window ahead
     await stream.aclose()
     async with asyncio.timeout(10):
         assert await a.wait_closed() is True  # its finally ran
     with pytest.raises(ValueError, match="stream broke"):
-        async for _ in a.failing_stream():
-            pass
+        async with asyncio.timeout(30):
+            async for _ in a.failing_stream():
+                pass
 
 
 async def test_breaking_out_of_a_stream_closes_the_remote_generator(manager):
@@ -185,7 +189,8 @@ async def test_breaking_out_of_a_stream_closes_the_remote_generator(manager):
             if item == 2:
                 break
 
-    await consume()  # the stream is dropped here
+    async with asyncio.timeout(30):
+        await consume()  # the stream is dropped here
     gc.collect()
     async with asyncio.timeout(10):
         assert await a.wait_closed() is True
@@ -240,7 +245,8 @@ async def test_a_stream_can_be_consumed_from_another_loop(manager):
 
         return asyncio.run(run())
 
-    assert await asyncio.to_thread(other_thread) == list(range(40))
+    async with asyncio.timeout(60):
+        assert await asyncio.to_thread(other_thread) == list(range(40))
 
 
 async def test_events_beyond_the_bound_are_dropped_loudly(manager, caplog, monkeypatch):

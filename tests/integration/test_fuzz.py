@@ -77,7 +77,8 @@ async def test_broker_and_host_endpoint_survive_random_frames():
         broker.registry.expect(name.encode(), b"s" * 32)
         body = msgpack.packb({"name": name, "secret": b"s" * 32, "pid": 1})
         await sock.send_multipart([BROKER, pack_header(Kind.HELLO, 0, PROTOCOL_VERSION), body])
-        assert (await sock.recv_multipart())[0] == BROKER
+        async with asyncio.timeout(10):
+            assert (await sock.recv_multipart())[0] == BROKER
         return sock
 
     fuzzer, probe = await joined("fuzzer"), await joined("probe")

@@ -72,7 +72,8 @@ async def test_workers_exit_when_the_host_is_killed(venv_root, tmp_path):
         async with asyncio.timeout(120):
             worker_pid = int(await host.stdout.readline())
         host.send_signal(signal.SIGKILL)
-        await host.wait()
+        async with asyncio.timeout(30):
+            await host.wait()
         assert await wait_for_exit(worker_pid, timeout=10), "worker outlived its SIGKILLed host"
     finally:
         if host.returncode is None:
@@ -85,7 +86,8 @@ async def test_workers_exit_when_the_host_is_killed(venv_root, tmp_path):
 
 async def test_stale_ipc_directory_of_a_dead_host_is_swept(venv_root, tmp_path):
     dead = await asyncio.create_subprocess_exec(sys.executable, "-c", "pass")
-    await dead.wait()
+    async with asyncio.timeout(30):
+        await dead.wait()
     import tempfile
 
     stale = Path(tempfile.gettempdir()) / f"pyisolate-{dead.pid}-abc123"

@@ -166,7 +166,7 @@ async def test_a_flood_at_a_singleton_does_not_starve_another_caller(venv_root):
     host's memory grows by less than 64 MiB."""
     # Scheduling 100,000 tasks keeps the flooder's own loop busy for seconds (asyncio runs every
     # ready task in one turn): its heartbeats wait that long, so the limit is raised here.
-    config = ExtensionManagerConfig(venv_root_path=venv_root, heartbeat_timeout=120)
+    config = ExtensionManagerConfig(venv_root_path=venv_root, heartbeat_timeout=120, call_timeout=300)
     async with ExtensionManager(ExtensionBase, config) as manager:
         async with asyncio.timeout(120):
             flooder, other = await asyncio.gather(manager.load_extension(fanin("flooder")),
@@ -211,18 +211,23 @@ async def test_a_raw_flood_at_a_singleton_is_refused_past_the_cap_and_memory_sta
 
 
 async def test_a_stream_producer_that_ignores_the_window_is_cut_off(venv_root):
-    """A producer that sends 200,000 items without credit: the consumer takes what the window
-    allowed (16), then the stream ends with ProtocolError; nothing past the window is kept."""
+    """A producer that sends 200,000 items without credit: the consumer gets the 16 the window
+    allowed, then the stream ends with ProtocolError; nothing past the window is kept."""
     async with ExtensionManager(ExtensionBase, ExtensionManagerConfig(venv_root_path=venv_root)) as manager:
         async with asyncio.timeout(120):
             hostile = await manager.load_extension(ExtensionConfig(name="hostile", module_path=ext("hostile")))
+        flooded = asyncio.Event()
+        manager.on_event("flooded", lambda sender, n: flooded.set())
         before = rss()
         got: list[int] = []
         with pytest.raises(ProtocolError, match="past the window"):
             async with asyncio.timeout(120):
-                async for item in hostile.stream_flood(200_000):
-                    got.append(item)
-        assert len(got) <= 16
+                stream = hostile.stream_flood(200_000).__aiter__()
+                got.append(await stream.__anext__())  # the call starts; 1 taken: no credit granted yet
+                await flooded.wait()  # every item has reached the host by now
+                while True:
+                    got.append(await stream.__anext__())
+        assert len(got) == 16
         assert rss() - before < 64 * MiB
         async with asyncio.timeout(60):
             assert await hostile.echo(1) == 1

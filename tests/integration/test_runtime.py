@@ -244,7 +244,8 @@ async def test_calls_from_other_threads_and_loops(manager):
 
     thread = threading.Thread(target=other_thread)
     thread.start()
-    await asyncio.to_thread(thread.join)
+    async with asyncio.timeout(120):  # its calls have their own bound: a hang ends there
+        await asyncio.to_thread(thread.join)
     assert not errors, errors
     assert results == ["from another loop", list(range(10))]
 
@@ -256,7 +257,8 @@ async def test_manager_outside_a_loop_says_how_to_use_it(venv_root):
         manager.load_extension(ok_config())
 
     with pytest.raises(RuntimeError, match="async code"):
-        await asyncio.to_thread(sync_load)
+        async with asyncio.timeout(30):
+            await asyncio.to_thread(sync_load)
     await manager.stop_all()
 
 

@@ -40,14 +40,17 @@ def test_sync_host_uses_extensions_and_singletons_without_asyncio(venv_root: Pat
 
 async def test_sync_facades_refuse_to_run_inside_an_event_loop(venv_root: Path):
     config = ExtensionManagerConfig(venv_root_path=venv_root)
-    sync_manager = await asyncio.to_thread(SyncExtensionManager, ExtensionBase, config)
+    async with asyncio.timeout(30):
+        sync_manager = await asyncio.to_thread(SyncExtensionManager, ExtensionBase, config)
     try:
         with pytest.raises(RuntimeError, match="await the call instead"):
             sync_manager.load_extension(ExtensionConfig(name="ok", module_path=ext("ok")))
     finally:
-        await asyncio.to_thread(sync_manager.stop_all)
+        async with asyncio.timeout(60):
+            await asyncio.to_thread(sync_manager.stop_all)
     async with ExtensionManager(ExtensionBase, config) as manager:
         extension = await manager.load_extension(ExtensionConfig(name="ok", module_path=ext("ok")))
         with pytest.raises(RuntimeError, match="await the call instead"):
             pyisolate.sync(extension).echo(1)
-        assert await asyncio.to_thread(lambda: pyisolate.sync(extension).echo(5)) == 5  # from a thread: fine
+        async with asyncio.timeout(60):
+            assert await asyncio.to_thread(lambda: pyisolate.sync(extension).echo(5)) == 5  # from a thread: fine

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy
 import pytest
 
-from pyisolate import ExtensionBase, ExtensionConfig, ExtensionManager, ExtensionManagerConfig, _shm
+from pyisolate import ExtensionBase, ExtensionConfig, ExtensionCrashedError, ExtensionManager, ExtensionManagerConfig, _shm
 
 torch = pytest.importorskip("torch")
 
@@ -198,3 +198,22 @@ async def test_a_crashed_extension_leaves_no_segments(manager):
         async with asyncio.timeout(10):
             await t.crash()
     assert _shm.stats()["worker_fds"] == 0  # released before the crash was reported
+
+
+async def test_an_answer_sent_just_before_its_worker_died_still_arrives(manager):
+    """A worker answers with a shared tensor and dies at once: the host holds the segment's
+    descriptor until it has handled the exit, so the answer, already on its way, is read
+    intact rather than failing for a segment gone."""
+    import time
+
+    e = await load(manager)
+    async with asyncio.timeout(60):
+        call = asyncio.ensure_future(e.answer_then_die(1 << 18))
+        await asyncio.sleep(0)  # one turn: the call leaves
+        time.sleep(1.0)  # the host reads nothing while the worker answers and dies
+        t = await call  # the answer and the worker's exit are both waiting now
+    assert t.shape == (1 << 18,) and float(t.sum()) == float(sum(range(1 << 18)))
+    del t, call  # the host's mapping closes with the tensor (the task holds it too)
+    with pytest.raises(ExtensionCrashedError):
+        async with asyncio.timeout(60):
+            await e.torch_file()

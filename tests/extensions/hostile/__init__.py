@@ -97,6 +97,7 @@ class Hostile(ExtensionBase):
         body = encode(0)[0]
         for _ in range(items):
             _raw("host", Kind.ITEM, call_id, body=body)
+        pyisolate.emit("flooded", items)  # behind every item: the host has them all when it sees this
         await asyncio.Event().wait()
 
     async def send_foreign_reference(self, dest, method, owner, ref_id):

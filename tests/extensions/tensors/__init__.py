@@ -1,6 +1,7 @@
 """An extension with share_torch=True: tensors in and out, in place, views, autograd."""
 
 import os
+import time
 
 import torch
 
@@ -81,3 +82,19 @@ class Tensors(ExtensionBase):
 
     def nbytes(self, data):
         return len(data)
+
+    async def answer_then_die(self, n):
+        """Answer this call with a fresh shared tensor, then die at once (its segment's last
+        holder, besides the host, goes with it)."""
+        import asyncio
+
+        from pyisolate.broker.protocol import Kind, pack_header
+
+        endpoint = pyisolate._context.worker_endpoint()
+        me = asyncio.current_task()
+        sender, call_id = next(key for key, task in endpoint.server._serving.items() if task is me)
+        body, buffers = endpoint.values.encode(sender, torch.arange(n, dtype=torch.float64), None)
+        endpoint._send(sender, [pack_header(Kind.RESULT, call_id), body, *buffers])
+        pyisolate.emit("answered", True)
+        time.sleep(0.3)  # a moment for the socket to send both; the host is not reading meanwhile
+        os._exit(9)
