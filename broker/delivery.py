@@ -80,14 +80,8 @@ class Outbox:
 
     def offer(self, sender: bytes, frames: list[Any], size: int) -> str | None:
         """Send ``frames`` (routing id first) now, or queue them; return why not, if refused."""
-        if not self.queued and self._fits(size):
-            try:
-                self._send(frames)
-            except zmq.Again:
-                self.blocked = True
-            else:
-                self._count(size)
-                return None
+        if not self.queued and self._fits(size) and self._send_now(frames, size):
+            return None
         refusal = self._refusal(sender, frames[2], size)
         if refusal is not None:
             return refusal
@@ -103,14 +97,8 @@ class Outbox:
     def urgent(self, frames: list[Any]) -> None:
         """Send a small control message (heartbeat, broker notice) ahead of the backlog."""
         size = nbytes(frames[1:])
-        if not self._urgent and not self.blocked:
-            try:
-                self._send(frames)
-            except zmq.Again:
-                self.blocked = True
-            else:
-                self._count(size)
-                return
+        if not self._urgent and not self.blocked and self._send_now(frames, size):
+            return
         self._urgent.append((frames, size))
         self._hold(size)
 
@@ -162,21 +150,25 @@ class Outbox:
         return (not self.blocked and self.sent_messages - self.read_messages < WINDOW_MESSAGES
                 and (unread + size <= WINDOW_BYTES or unread < REPORT_BYTES))
 
-    def _try(self, frames: list[Any], size: int) -> bool:
+    def _send_now(self, frames: list[Any], size: int) -> bool:
+        """Send at once; False (and blocked) when the socket's pipe is full."""
         try:
             self._send(frames)
         except zmq.Again:
             self.blocked = True
             return False
-        self._count(size)
+        self.sent_messages += 1
+        self.sent_bytes += size
+        return True
+
+    def _try(self, frames: list[Any], size: int) -> bool:
+        """Send a queued message and take it off the books."""
+        if not self._send_now(frames, size):
+            return False
         self.queued -= 1
         self.queued_bytes -= size
         self._budget.used -= size
         return True
-
-    def _count(self, size: int) -> None:
-        self.sent_messages += 1
-        self.sent_bytes += size
 
     def _hold(self, size: int) -> None:
         self.queued += 1
