@@ -56,3 +56,21 @@ def open_fds() -> dict[int, str]:
         except OSError:
             pass  # the listing's own descriptor, closed by now
     return fds
+
+
+def block_until_readable(fd: int, seconds: float) -> None:
+    """Block this thread (and so its event loop) until ``fd`` is readable, at most ``seconds``.
+
+    For tests that need the host's loop blocked while a worker does something: they block on
+    the worker's own signal (a FIFO it writes, its pidfd), not for a guessed time.
+    """
+    import select
+
+    readable, _, _ = select.select([fd], [], [], seconds)
+    assert readable, f"nothing to read within {seconds} s"
+
+
+def fifo(path: Path) -> int:
+    """Make a FIFO at ``path`` and open its reading end without blocking; the caller closes it."""
+    os.mkfifo(path)
+    return os.open(path, os.O_RDONLY | os.O_NONBLOCK)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import os
 
 import pytest
 from shared_api import DatabaseAPI, SlowService
@@ -19,7 +20,7 @@ from pyisolate import (
     ExtensionManagerConfig,
     ProtocolError,
 )
-from tests.support import ext, rss
+from tests.support import block_until_readable, ext, fifo, rss
 
 MiB = 1 << 20
 
@@ -235,32 +236,31 @@ async def test_a_stream_producer_that_ignores_the_window_is_cut_off(venv_root):
         assert set(counts) <= {0}
 
 
-async def test_workers_queue_while_the_host_loop_is_blocked_and_nothing_is_lost(venv_root):
+async def test_workers_queue_while_the_host_loop_is_blocked_and_nothing_is_lost(venv_root, tmp_path):
     """The host's loop blocks while an extension sends 5,000 events and a call's answer: its
     socket's pipe fills (zmq says Again), the rest waits in the worker, in order, and all of it
     arrives once the host reads again."""
-    import time
-
     async with ExtensionManager(ExtensionBase, ExtensionManagerConfig(venv_root_path=venv_root)) as manager:
         async with asyncio.timeout(120):
-            actors = await manager.load_extension(ExtensionConfig(name="a", module_path=ext("actors"),
-                                                                  apis=[DatabaseAPI, SlowService]))
+            bad = await manager.load_extension(ExtensionConfig(name="hostile", module_path=ext("hostile")))
         ticks: list[int] = []
         manager.on_event("tick", lambda sender, i: ticks.append(i))
-        async with asyncio.timeout(60):
-            call = asyncio.ensure_future(actors.emit_events(5000))
-            await asyncio.sleep(0)  # let the call leave (one turn), then block the loop
-            time.sleep(1.0)  # the host's loop is blocked: nothing is read meanwhile
-            assert await call == 5000
-            assert await actors.echo("behind them") == "behind them"
+        done = fifo(tmp_path / "done")
+        try:
+            async with asyncio.timeout(60):
+                call = asyncio.ensure_future(bad.emit_ticks(5000, str(tmp_path / "done")))
+                await asyncio.sleep(0)  # one turn: the call leaves; then the loop blocks
+                block_until_readable(done, 30)  # until the worker has emitted all 5,000
+                assert await call == 5000
+                assert await bad.echo("behind them") == "behind them"
+        finally:
+            os.close(done)
         assert ticks == list(range(5000))
 
 
-async def test_past_max_queued_bytes_a_worker_refuses_new_work_with_queue_full(venv_root):
+async def test_past_max_queued_bytes_a_worker_refuses_new_work_with_queue_full(venv_root, tmp_path):
     """While the host does not read, a worker keeps at most max_queued_bytes waiting: an event
     past that fails where it is emitted, with QueueFullError naming the queue and the limit."""
-    import time
-
     from pyisolate import QueueFullError
 
     config = ExtensionManagerConfig(venv_root_path=venv_root, max_message_size=MiB, max_queued_bytes=MiB)
@@ -270,9 +270,13 @@ async def test_past_max_queued_bytes_a_worker_refuses_new_work_with_queue_full(v
         async with asyncio.timeout(60):
             # More messages than the pipes hold (1,000 in the worker's socket, 1,000 in the host's):
             # the rest waits in the worker, and past 1 MiB of it the emitter is refused.
-            call = asyncio.ensure_future(bad.emit_big(6000, 1000))
-            await asyncio.sleep(0)
-            time.sleep(1.0)
+            done = fifo(tmp_path / "done")
+            try:
+                call = asyncio.ensure_future(bad.emit_big(6000, 1000, str(tmp_path / "done")))
+                await asyncio.sleep(0)  # one turn: the call leaves; then the loop blocks
+                block_until_readable(done, 30)  # until the worker has emitted, or was refused
+            finally:
+                os.close(done)
             with pytest.raises(QueueFullError, match="outgoing queue is full.*max_queued_bytes=1048576"):
                 await call
             assert await bad.echo("still serving") == "still serving"

@@ -204,14 +204,18 @@ async def test_an_answer_sent_just_before_its_worker_died_still_arrives(manager)
     """A worker answers with a shared tensor and dies at once: the host holds the segment's
     descriptor until it has handled the exit, so the answer, already on its way, is read
     intact rather than failing for a segment gone."""
-    import time
+    from tests.support import block_until_readable
 
     e = await load(manager)
-    async with asyncio.timeout(60):
-        call = asyncio.ensure_future(e.answer_then_die(1 << 18))
-        await asyncio.sleep(0)  # one turn: the call leaves
-        time.sleep(1.0)  # the host reads nothing while the worker answers and dies
-        t = await call  # the answer and the worker's exit are both waiting now
+    pidfd = os.pidfd_open(manager._extensions["tensors"].process.pid)
+    try:
+        async with asyncio.timeout(60):
+            call = asyncio.ensure_future(e.answer_then_die(1 << 18))
+            await asyncio.sleep(0)  # one turn: the call leaves; then the loop blocks
+            block_until_readable(pidfd, 30)  # until the worker, having answered, is dead
+            t = await call  # the answer and the worker's exit were both waiting
+    finally:
+        os.close(pidfd)
     assert t.shape == (1 << 18,) and float(t.sum()) == float(sum(range(1 << 18)))
     del t, call  # the host's mapping closes with the tensor (the task holds it too)
     with pytest.raises(ExtensionCrashedError):

@@ -22,6 +22,12 @@ def _raw(dest, kind, call_id=0, *extra, body=b"", buffers=()):
     _endpoint()._send(dest.encode(), [pack_header(Kind(kind), call_id, *extra), body, *buffers])
 
 
+def _tell(fifo):
+    """Write one byte to a FIFO the test reads (it waits there while its own loop is blocked)."""
+    with open(fifo, "wb") as f:
+        f.write(b"!")
+
+
 def _my_call_from(caller):
     """The id of the call this method is serving for ``caller`` (the newest one)."""
     return max(cid for (sender, cid) in _endpoint().server._serving if sender == caller.encode())
@@ -138,10 +144,22 @@ class Hostile(ExtensionBase):
         body = b"\x92" + b"\x91" + value + b"\x80"  # [[value], {}]
         return await self._call_raw(dest, method, body)
 
-    async def emit_big(self, n, size):
-        """Emit ``n`` events of ``size`` bytes each, as fast as they go."""
-        for _ in range(n):
-            pyisolate.emit("big", bytes(size))
+    async def emit_big(self, n, size, done=None):
+        """Emit ``n`` events of ``size`` bytes each, as fast as they go; then (or when one fails)
+        write a byte to the FIFO ``done``, if given."""
+        try:
+            for _ in range(n):
+                pyisolate.emit("big", bytes(size))
+        finally:
+            if done is not None:
+                _tell(done)
+        return n
+
+    async def emit_ticks(self, n, done):
+        """Emit events ``("tick", i)`` for i < n, then write a byte to the FIFO ``done``."""
+        for i in range(n):
+            pyisolate.emit("tick", i)
+        _tell(done)
         return n
 
     async def answer_with(self, module, qualname, args, message):
