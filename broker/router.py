@@ -430,9 +430,11 @@ class Broker:
         self._refusals = [t for t in self._refusals if now - t < _REFUSAL_WINDOW]
         if len(self._refusals) < _REFUSALS_LOGGED:
             self._refusals.append(now)
-            more = "; further refusals in the next %.0f s are only counted" if len(self._refusals) == _REFUSALS_LOGGED else ""
-            logger.warning("refused a connection to the broker: %s" + more, reason,
-                           *([_REFUSAL_WINDOW] if more else []))
+            if len(self._refusals) < _REFUSALS_LOGGED:
+                logger.warning("refused a connection to the broker: %s", reason)
+            else:
+                logger.warning("refused a connection to the broker: %s; further refusals in the next %.0f s "
+                               "are only counted", reason, _REFUSAL_WINDOW)
         try:
             self._pump.send([rid, BROKER, pack_header(Kind.REFUSED, 0, reason), b""])
         except zmq.ZMQError:

@@ -287,7 +287,8 @@ class Worker:
         logger.warning("restarting extension %r in %.2f s (restart %d of %d within %.0f s)", self.name, delay,
                        len(self._restarts), self.config.restart.max_restarts if self.config.restart else 0,
                        self.config.restart.within if self.config.restart else 0)
-        self.start_task = self._manager.loop.create_task(self._restart_after(delay), name=f"pyisolate-restart-{self.name}")
+        self.start_task = self._manager.loop.create_task(self._restart_after(delay),
+                                                         name=f"pyisolate-restart-{self.name}")
         self.start_task.add_done_callback(retrieve)
 
     async def _restart_after(self, delay: float) -> None:

@@ -24,7 +24,15 @@ import zmq
 
 from pyisolate._pump import SocketPump
 from pyisolate.broker.delivery import REPORT_BYTES, REPORT_MESSAGES, nbytes
-from pyisolate.broker.protocol import BROKER, PROTOCOL_VERSION, REQUESTS, Kind, kind_of_header, pack_header, unpack_header
+from pyisolate.broker.protocol import (
+    BROKER,
+    PROTOCOL_VERSION,
+    REQUESTS,
+    Kind,
+    kind_of_header,
+    pack_header,
+    unpack_header,
+)
 from pyisolate.errors import QueueFullError
 
 __all__ = ["Connection", "HandshakeError"]

@@ -26,7 +26,7 @@ from pyisolate.broker.protocol import BROKER, BROKER_ONLY, Kind, pack_header, un
 from .. import _shm
 from .._codec import DecodeError, decode_exception
 from .._refs import ExportTable
-from ..errors import EncodeError, PyisolateError
+from ..errors import PyisolateError
 from .calls import Calls
 from .flow import Acks
 from .serve import Server
@@ -159,7 +159,7 @@ class Endpoint:
         try:
             body, buffers = self.values.encode(dest, value, None)
             self._send(dest, [pack_header(Kind.EVENT, 0, name), body, *buffers])
-        except (EncodeError, PyisolateError, LookupError):
+        except (PyisolateError, LookupError):  # EncodeError, QueueFullError, MessageTooLargeError, ...
             if not from_thread:
                 raise  # the emitter is right here to receive it
             logger.error("event %r dropped: it cannot be sent", name, exc_info=True)

@@ -149,7 +149,8 @@ import pyisolate
 async def main():
     in_use = len(os.listdir("/proc/self/fd"))
     soft = in_use + 40  # room for the broker's own descriptors, not for a worker's spare
-    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, resource.getrlimit(resource.RLIMIT_NOFILE)[1] if {hard_room} else soft))
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1] if {hard_room} else soft
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     config = pyisolate.ExtensionManagerConfig(venv_root_path={str(venv_root)!r})
     async with pyisolate.ExtensionManager(pyisolate.ExtensionBase, config) as manager:
         try:

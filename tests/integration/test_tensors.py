@@ -10,7 +10,14 @@ from pathlib import Path
 import numpy
 import pytest
 
-from pyisolate import ExtensionBase, ExtensionConfig, ExtensionCrashedError, ExtensionManager, ExtensionManagerConfig, _shm
+from pyisolate import (
+    ExtensionBase,
+    ExtensionConfig,
+    ExtensionCrashedError,
+    ExtensionManager,
+    ExtensionManagerConfig,
+    _shm,
+)
 
 torch = pytest.importorskip("torch")
 
