@@ -69,6 +69,7 @@ from pyisolate._codec_base import (
     EXT_TUPLE,
     MAX_DEPTH,
     MAX_OBJECTS,
+    NOT_BUILTIN,
     Buffer,
     DecodeError,
     RefHooks,
@@ -78,6 +79,7 @@ from pyisolate._codec_base import (
     _thread,
     _to_buffer,
     _type_name,
+    base_value,
 )
 from pyisolate._codec_errors import _decode_exception, _encode_exception, _safe_str
 from pyisolate._codec_numpy import (
@@ -104,12 +106,15 @@ _NOT_NESTING = bytes(b for b in range(256) if not (0x80 <= b <= 0x9F or 0xC7 <= 
 
 # --- encoding ---------------------------------------------------------------------------
 
-def encode(value: object, refs: RefHooks | None = None) -> tuple[bytes, list[bytes | memoryview]]:
+def encode(value: object, refs: RefHooks | None = None, role: str = "") -> tuple[bytes, list[bytes | memoryview]]:
     """Encode a value for another process.
 
     Args:
         value: What to send.
         refs: Turns callables and proxies into references (ext 12); without it they cannot travel.
+        role: What the value is, for error messages in the caller's terms: ``"arguments"``
+            (a call's ``[args, kwargs]``: "argument 2", "keyword argument 'x'"), ``"result"``,
+            ``"event"``, ``"item"`` (of a stream); ``""``: a path such as ``[0]['x']``.
 
     Returns:
         ``(body, buffers)``: the msgpack body and the large binary frames it refers to. Buffers
@@ -132,9 +137,9 @@ def encode(value: object, refs: RefHooks | None = None) -> tuple[bytes, list[byt
                 buffers.clear()
                 body = _pack(st, prepared)
     except _Unsendable as exc:
-        raise EncodeError(exc.describe()) from None
+        raise EncodeError(exc.describe(role)) from None
     except (EncodeError, ValueError, TypeError, OverflowError, RecursionError) as exc:
-        raise _locate(value, exc) from None
+        raise _locate(value, exc, role) from None
     finally:
         st.buffers = outer
         st.refs = outer_refs
@@ -181,13 +186,24 @@ def _find_encoder(obj: object) -> Callable[[Any], object]:
         return _encode_exception
     if is_tensor(obj):
         return _encode_tensor
-    encoder = _find_numpy_encoder(obj)
+    encoder = _find_numpy_encoder(obj)  # before builtin subclasses: np.float64 is a float
     if encoder is None:
+        if base_value(obj) is not NOT_BUILTIN:  # a subclass of a builtin travels as its base type
+            return _encode_base
         refs = _thread().refs
         if refs is not None and (ref := refs.export(obj)) is not None:
             return lambda _: _ext(EXT_REF, _pack(_thread(), list(ref)))
         raise EncodeError(f"cannot send value of type {_type_name(type(obj))!r}: {_SUPPORTED}")
     return encoder
+
+
+def _encode_base(obj: object) -> object:
+    """A subclass of a builtin as its base value; ready to pack, since msgpack calls its hook
+    once per value (a tuple, or an int past 64 bits, is made an ext type here)."""
+    value = base_value(obj)
+    if type(value) is tuple or (type(value) is int and not -(2**63) <= value < 2**64):  # type: ignore[operator]
+        return _ENCODERS[type(value)](value)
+    return value
 
 
 _codec_base._find_encoder = _find_encoder  # for _default, msgpack's hook in every packer

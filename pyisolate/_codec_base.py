@@ -69,8 +69,36 @@ def _ext(code: int, data: bytes) -> object:
 _U32 = struct.Struct("<I")
 _SCALARS = frozenset({type(None), bool, int, float, str, complex})
 _CONTAINERS = frozenset({list, tuple, dict, set, frozenset})
-_SUPPORTED = ("supported types are None, bool, int, float, complex, str, bytes, bytearray, "
-              "list, tuple, dict, set, frozenset, exceptions, and numpy arrays and scalars")
+#: What travels: the one list, also in docs/protocol.md ("Types that travel"), which a test
+#: keeps equal to this.
+TRAVELS = ("None, bool, int, float, complex, str, bytes, bytearray, list, tuple, dict, set, frozenset, "
+           "exceptions, numpy arrays and numpy scalars, torch tensors (between actors), callables and "
+           "actor proxies (as references, between actors)")
+_SUPPORTED = f"supported types are {TRAVELS} (docs/protocol.md, Values)"
+
+
+def base_value(obj: object) -> object:
+    """A subclass of str, int, float, bytes, tuple, list or dict as a value of its base type
+    (lossy: the subclass is not kept), or ``NOT_BUILTIN``. Base methods only, so an override
+    of ``__str__`` or ``__iter__`` cannot change what is sent."""
+    if isinstance(obj, str):
+        return str.__str__(obj)
+    if isinstance(obj, int) and not isinstance(obj, bool):
+        return int.__int__(obj)
+    if isinstance(obj, float):
+        return float.__float__(obj)
+    if isinstance(obj, bytes):
+        return bytes(memoryview(obj))
+    if isinstance(obj, tuple):
+        return tuple(tuple.__iter__(obj))
+    if isinstance(obj, list):
+        return list(list.__iter__(obj))
+    if isinstance(obj, dict):
+        return dict(dict.items(obj))
+    return NOT_BUILTIN
+
+
+NOT_BUILTIN = object()
 
 
 def _type_name(t: type) -> str:

@@ -14,8 +14,10 @@ from pyisolate._codec_base import (
     _SUPPORTED,
     BUFFER_THRESHOLD,
     MAX_DEPTH,
+    NOT_BUILTIN,
     _thread,
     _type_name,
+    base_value,
 )
 from pyisolate._codec_numpy import (
     _check_dtype,
@@ -45,28 +47,33 @@ class _ExceptionArgs:
         self.exc, self.args = exc, args
 
 
+#: One step into a container: ("index", i) of a list or tuple, ("value", key) of a dict, ("key",
+#: key) a dict key itself, ("element", item) of a set.
+Step = tuple[str, object]
+
+
 class _Unsendable(Exception):
     """Raised by _walk at the first value that cannot travel; frames add path on the way up."""
 
     def __init__(self, obj: object, reason: str | None) -> None:
         self.obj, self.reason = obj, reason  # reason None: nested too deep
-        self.path: list[str] = []
+        self.path: list[Step] = []
         self.containers: list[object] = []
 
-    def add(self, segment: str, container: object) -> None:
-        self.path.append(segment)
+    def add(self, step: Step, container: object) -> None:
+        self.path.append(step)
         self.containers.append(container)
 
-    def describe(self) -> str:
+    def describe(self, role: str = "") -> str:
         path, objs = self.path[::-1], [*self.containers[::-1], self.obj]
-        where = _where(path)
+        where = _where(path, role)
         if self.reason is not None:
             return f"cannot send value of type {_type_name(type(self.obj))!r} at {where}: {self.reason}"
         seen: dict[int, int] = {}
         for j, obj in enumerate(objs):
             if (i := seen.setdefault(id(obj), j)) != j:
                 return (f"cannot send a self-referencing value: the {_type_name(type(obj))} at "
-                        f"{_where(path[:j])} is its own container from {_where(path[:i])}")
+                        f"{_where(path[:j], role)} is its own container from {_where(path[:i], role)}")
         return f"cannot send value nested deeper than MAX_DEPTH={MAX_DEPTH} levels at {where}"
 
 
@@ -78,6 +85,8 @@ def _walk(obj: object, depth: int) -> object:
     if isinstance(obj, (bytes, bytearray)) and (t is bytes or t is bytearray):
         return _Binary(obj) if t is bytearray or len(obj) >= BUFFER_THRESHOLD else obj
     if t not in _CONTAINERS and not isinstance(obj, BaseException):
+        if isinstance(obj, (dict, list, tuple)) and _find_numpy_encoder(obj) is None:
+            return _walk(base_value(obj), depth)  # a subclass travels as its base: walk that
         if (problem := _leaf_problem(obj)) is not None:
             raise _Unsendable(obj, problem)
         return obj
@@ -100,12 +109,12 @@ def _walk(obj: object, depth: int) -> object:
             try:
                 new_key = _walk(key, depth + 1)
             except _Unsendable as exc:
-                exc.add(f"<key {_short(key)}>", obj)
+                exc.add(("key", key), obj)
                 raise
             try:
                 new_val = val if type(val) in _SCALARS else _walk(val, depth + 1)
             except _Unsendable as exc:
-                exc.add(f"[{_short(key)}]", obj)
+                exc.add(("value", key), obj)
                 raise
             changed = changed or new_key is not key or new_val is not val
             pairs.append((new_key, new_val))
@@ -117,7 +126,7 @@ def _walk(obj: object, depth: int) -> object:
         try:
             new = item if type(item) in _SCALARS else _walk(item, depth + 1)
         except _Unsendable as exc:
-            exc.add(f"[{i}]" if t is list or t is tuple else f"<element {_short(item)}>", obj)
+            exc.add(("index", i) if t is list or t is tuple else ("element", item), obj)
             raise
         changed = changed or new is not item
         items.append(new)
@@ -132,6 +141,8 @@ def _leaf_problem(obj: object) -> str | None:
             return None if _thread().refs is not None else "torch tensors travel only between actors"
         encoder = _find_numpy_encoder(obj)  # what _find_encoder finds for a non-exception
         if encoder is None:
+            if base_value(obj) is not NOT_BUILTIN:
+                return None  # a subclass of a builtin: it travels as its base type
             refs = _thread().refs
             return None if refs is not None and refs.export(obj) is not None else _SUPPORTED
     if encoder is _encode_ndarray or encoder is _encode_np_scalar:
@@ -149,18 +160,48 @@ def _walk_arg(arg: object, depth: int) -> object:
         return _safe_repr(arg)
 
 
-def _locate(value: object, exc: BaseException) -> EncodeError:
+def _locate(value: object, exc: BaseException, role: str = "") -> EncodeError:
     try:
         _walk(value, 0)
     except _Unsendable as found:
-        return EncodeError(found.describe())
+        return EncodeError(found.describe(role))
     return EncodeError(f"cannot encode value of type {_type_name(type(value))!r}: {exc}")
 
 
-def _where(path: list[str]) -> str:
+#: How each role names the value itself, before the steps into it.
+_ROLES = {"result": "the return value", "event": "the event's value", "item": "the stream item"}
+
+
+def _where(path: list[Step], role: str = "") -> str:
+    """Where in the value: ``[0]['x']``, or in the caller's terms for a known ``role``."""
+    if role == "arguments" and len(path) >= 2 and path[0] in (("index", 0), ("index", 1)):
+        kind, label = path[1]
+        head = f"argument {label + 1}" if path[0] == ("index", 0) else f"keyword argument {_short(label)}"
+        return ", ".join([head, *(_said(step) for step in _trimmed(path[2:]))])
+    if role in _ROLES:
+        return ", ".join([_ROLES[role], *(_said(step) for step in _trimmed(path))])
     if not path:
         return "the top level"
-    return "".join(path if len(path) <= 12 else [*path[:6], "...", *path[-4:]])
+    return "".join(_bracket(step) for step in _trimmed(path))
+
+
+def _trimmed(path: list[Step]) -> list[Step]:
+    return path if len(path) <= 12 else [*path[:6], ("more", None), *path[-4:]]
+
+
+def _bracket(step: Step) -> str:
+    kind, label = step
+    if kind == "index":
+        return f"[{label}]"
+    if kind == "value":
+        return f"[{_short(label)}]"
+    return {"key": f"<key {_short(label)}>", "element": f"<element {_short(label)}>"}.get(kind, "...")
+
+
+def _said(step: Step) -> str:
+    kind, label = step
+    return {"index": f"item {label}", "value": f"key {_short(label)}", "key": f"the key {_short(label)}",
+            "element": f"the set element {_short(label)}"}.get(kind, "...")
 
 
 def _short(obj: object) -> str:

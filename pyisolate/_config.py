@@ -184,11 +184,16 @@ class ExtensionConfig:
                 f"ExtensionConfig.dependencies must be a list of requirement strings, got the string "
                 f"{self.dependencies!r}; write [{self.dependencies!r}]"
             )
-        object.__setattr__(
-            self,
-            "dependencies",
-            validate_dependencies(self.dependencies, allow_direct_references=self.allow_direct_references),
-        )
+        deps = self.dependencies
+        if isinstance(deps, (str, bytes)):
+            validate_dependencies(deps)  # raises: says to write a list
+        checked: list[str] = []
+        for index, dep in enumerate(deps):
+            try:
+                checked += validate_dependencies([dep], allow_direct_references=self.allow_direct_references)
+            except ConfigError as exc:
+                raise ConfigError(f"ExtensionConfig.dependencies[{index}] (extension {self.name!r}): {exc}") from None
+        object.__setattr__(self, "dependencies", tuple(checked))
         from ._singleton import ProxiedSingleton
 
         if isinstance(self.apis, (str, type)):

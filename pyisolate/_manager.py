@@ -146,7 +146,7 @@ class ExtensionManager(Generic[T]):
         else:
             task = self.loop.create_task(load_extension(Path(config.module_path), self.extension_type))
             task.add_done_callback(retrieve)
-            backend = LocalBackend(config.name, task, self.forget)
+            backend = LocalBackend(config.name, task, self._forget)
         self._extensions[config.name] = backend
         return Extension(backend)
 
@@ -281,11 +281,11 @@ class ExtensionManager(Generic[T]):
         if self._loop is None:
             self._bind()
 
-    def singleton_names(self) -> list[bytes]:
+    def _singleton_names(self) -> list[bytes]:
         """Actor names of the shared singletons registered so far."""
         return list(self._singletons)
 
-    def fail_peer(self, name: bytes, exc: BaseException, *, forget: bool = True) -> None:
+    def _fail_peer(self, name: bytes, exc: BaseException, *, forget: bool = True) -> None:
         """Extension ``name`` is gone: every actor drops what concerned it.
 
         Host-side actors directly; workers hear GONE from the broker, with ``exc``. With
@@ -326,18 +326,18 @@ class ExtensionManager(Generic[T]):
                               "names are one namespace; rename the class or the extension")
         self._singletons[name] = self._host_actor(name, api())
 
-    def connecting_workers(self) -> int:
+    def _connecting_workers(self) -> int:
         """Workers spawned that have not said READY yet: each may still open a connection."""
         return sum(
             1 for b in self._extensions.values()
             if isinstance(b, Worker) and b.state is State.STARTING and b.process is not None
         )
 
-    def forget(self, backend: Worker | LocalBackend) -> None:
+    def _forget(self, backend: Worker | LocalBackend) -> None:
         if self._extensions.get(backend.name) is backend:
             del self._extensions[backend.name]
 
-    def start_heartbeats(self) -> None:
+    def _start_heartbeats(self) -> None:
         """Check every ready worker's liveness from now on (once per manager)."""
         if self._heartbeats is None and not self._closing:
             self._heartbeats = self.loop.create_task(self._beat(), name="pyisolate-heartbeats")

@@ -170,6 +170,8 @@ def read_manifest(directory: Path) -> Manifest:
         raise _fail(path, "[project].name", f'must be a string, e.g. name = "my-extension"; got {project_name!r}')
     _check_requires_python(path, project.get("requires-python"))
 
+    if "dependencies" not in project:
+        _check_dependencies_spelling(path, project)
     if "dependencies" in project.get("dynamic", ()):
         raise _fail(path, "[project].dynamic", "lists 'dependencies', which pyisolate cannot compute; "
                     "list them in [project].dependencies instead")
@@ -186,6 +188,28 @@ def read_manifest(directory: Path) -> Manifest:
                 raise _fail(path, f"[project].dependencies[{index}]:", str(exc)) from None
         values["dependencies"] = deps
     return Manifest(path, values, project_name)
+
+
+#: The keys PEP 621 allows in [project]; a key outside them that looks like "dependencies" is a
+#: typo that would otherwise build an empty venv and fail later, far from its cause.
+_PROJECT_KEYS = frozenset({
+    "name", "version", "description", "readme", "requires-python", "license", "license-files",
+    "authors", "maintainers", "keywords", "classifiers", "urls", "scripts", "gui-scripts",
+    "entry-points", "dependencies", "optional-dependencies", "dynamic", "import-names",
+    "import-namespaces",
+})  # fmt: skip
+_DEPENDENCY_MISSPELLINGS = frozenset({"requires", "requirements", "depends", "deps", "install_requires",
+                                      "install-requires", "dependency", "require"})
+
+
+def _check_dependencies_spelling(path: Path, project: dict[str, Any]) -> None:
+    """No [project].dependencies: refuse a key that was surely meant to be it."""
+    unknown = [key for key in project if key not in _PROJECT_KEYS]
+    for key in unknown:
+        if key.lower() in _DEPENDENCY_MISSPELLINGS or difflib.get_close_matches(key.lower(), ["dependencies"],
+                                                                                 n=1, cutoff=0.75):
+            raise _fail(path, f"[project].{key}", "is not a [project] key, and [project] has no dependencies; did "
+                        f"you mean 'dependencies'? Rename it: dependencies = {project[key]!r}")
 
 
 def _check_requires_python(path: Path, spec: Any) -> None:

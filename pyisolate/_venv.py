@@ -215,6 +215,29 @@ def _validate_one(item: object, allow_direct: bool) -> str:
     return spec
 
 
+def with_numpy_for_torch(deps: tuple[str, ...]) -> tuple[str, ...]:
+    """A share_torch venv's requirements, with numpy unless the extension asks for its own.
+
+    torch's numpy bridge (``tensor.numpy()``, ``torch.from_numpy``) needs numpy importable in
+    the worker; without it every worker warns "Failed to initialize NumPy" and ``.numpy()``
+    raises. The host's own numpy version is asked for when the host has one (torch works with
+    it there); the extension's own numpy requirement, when it has one, wins.
+    """
+    from packaging.requirements import InvalidRequirement, Requirement
+    from packaging.utils import canonicalize_name
+
+    for dep in deps:
+        try:
+            if canonicalize_name(Requirement(dep).name) == "numpy":
+                return deps
+        except InvalidRequirement:  # a local path (allow_direct_references): not numpy
+            continue
+    try:
+        return (*deps, f"numpy=={importlib.metadata.version('numpy')}")
+    except importlib.metadata.PackageNotFoundError:
+        return (*deps, "numpy")
+
+
 def _fingerprint(dependencies: Sequence[str], *, share_torch: bool) -> str:
     """Return the sha256 hex digest of everything that decides a venv's contents."""
     facts = {
@@ -422,6 +445,8 @@ async def ensure_venv(
     root = Path(venv_root).absolute()
     target = venv_dir(root, name)
     deps = validate_dependencies(dependencies, allow_direct_references=allow_direct_references)
+    if share_torch:
+        deps = with_numpy_for_torch(deps)
     fingerprint = _fingerprint(deps, share_torch=share_torch)
     if _is_ready(target, fingerprint):
         _log.debug("reusing venv of %s at %s", name, target)

@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import re
 import secrets
 import signal
+import sys
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -147,7 +149,7 @@ class Worker:
             runtime = cached_runtime_dir(manager.config.venv_root, config.share_torch)
             if runtime is None:  # a metadata scan, maybe symlinks to write: not on the loop
                 runtime = await asyncio.to_thread(runtime_dir, manager.config.venv_root, config.share_torch)
-            ensure_fd_headroom(self.name, manager.connecting_workers())
+            ensure_fd_headroom(self.name, manager._connecting_workers())
             secret = secrets.token_bytes(32)
             manager.broker.expect(self.bname, secret)
             started = time.monotonic()
@@ -163,7 +165,7 @@ class Worker:
                     "extension_class": manager.extension_spec,
                     "apis": [class_spec(api) for api in config.apis],
                     "session": _shm.session(),
-                    "host_actors": ["host", *(n.decode() for n in manager.singleton_names())],
+                    "host_actors": ["host", *(n.decode() for n in manager._singleton_names())],
                     "handshake_timeout": manager.config.start_timeout,
                     # The worker drops records below what the host would log for this extension.
                     "log_level": extension_logger(self.name).getEffectiveLevel(),
@@ -203,13 +205,13 @@ class Worker:
         if kind is Kind.READY:
             self.state = State.READY
             self._restarting = None
-            self._manager.start_heartbeats()
+            self._manager._start_heartbeats()
             if not self.ready.done():
                 self.ready.set_result(None)
             return
         try:
             remote = decode_exception(body, buffers)
-            text = f"{type(remote).__name__}: {remote}"
+            text = f"{type(remote).__name__}: {remote}{_host_module_hint(remote)}"
             tb = getattr(remote, "remote_traceback", "")
         except DecodeError as exc:
             text, tb = f"undecodable failure report: {exc}", ""
@@ -221,12 +223,12 @@ class Worker:
         self._error = exc
         if not self.ready.done():
             self.ready.set_result(None)  # waiters look at state and _error
-        self._manager.fail_peer(self.bname, exc)
+        self._manager._fail_peer(self.bname, exc)
 
     async def _watch_exit(self, process: WorkerProcess) -> None:
         code = await process.wait()
         if self.state is State.STOPPING:  # gone in its stop hook (SystemExit, a crash): no answer will come
-            self._manager.fail_peer(self.bname, ExtensionClosedError(
+            self._manager._fail_peer(self.bname, ExtensionClosedError(
                 f"extension {self.name!r} {describe_exit(code)} while stopping"))
             return
         if self.state in (State.STOPPED, State.FAILED):
@@ -275,7 +277,7 @@ class Worker:
 
     def _begin_restart(self, crash: ExtensionCrashedError, delay: float) -> None:
         """Fail what was pending (at-most-once), then start a new worker under the same name."""
-        self._manager.fail_peer(self.bname, crash)
+        self._manager._fail_peer(self.bname, crash)
         self._restarting = crash
         self.restart_count += 1
         self.state = State.STARTING
@@ -302,7 +304,7 @@ class Worker:
         was_ready = self.state is State.READY
         self.state = State.STOPPING
         closed = ExtensionClosedError(f"extension {self.name!r} was stopped")
-        self._manager.fail_peer(self.bname, closed, forget=False)  # it still takes STOP
+        self._manager._fail_peer(self.bname, closed, forget=False)  # it still takes STOP
         if was_ready and self.process is not None and self.process.returncode is None:
             try:
                 async with asyncio.timeout(self._manager.config.stop_timeout):
@@ -321,8 +323,8 @@ class Worker:
 
     async def _release(self, why: BaseException) -> None:
         # Calls that slipped in while it stopped (they waited for a slot) end here too.
-        self._manager.fail_peer(self.bname, why)
-        self._manager.forget(self)
+        self._manager._fail_peer(self.bname, why)
+        self._manager._forget(self)
         if self._watch is not None and not self._watch.done():
             self._watch.cancel()
         if self.process is not None:
@@ -330,6 +332,30 @@ class Worker:
             _shm.sweep(self.name)  # descriptors held for it (its memory goes with its mappings)
         if self._watch is not None:
             await asyncio.gather(self._watch, return_exceptions=True)
+
+
+def _host_module_hint(remote: BaseException) -> str:
+    """When an extension failed to import a module the host has loaded, say why and what to do:
+    an extension sees only its own venv; a host module with ProxiedSingletons comes with apis=."""
+    match = re.fullmatch(r"No module named '([\w.]+)'", str(remote)) if isinstance(remote, ImportError) else None
+    if match is None:
+        return ""
+    name = match[1].split(".")[0]
+    module = sys.modules.get(name)
+    if module is None:
+        return ""
+    from ._singleton import ProxiedSingleton
+
+    singletons = sorted(
+        value.__qualname__ for value in vars(module).values()
+        if isinstance(value, type) and issubclass(value, ProxiedSingleton) and value is not ProxiedSingleton
+    )
+    if singletons:
+        return (f" ({name!r} is a module of the host that defines the singleton(s) {', '.join(singletons)}: list "
+                f"them in ExtensionConfig(apis=[{', '.join(singletons)}]) and the extension can import it)")
+    return (f" ({name!r} is a module of the host; an extension sees only its own venv: add it to the "
+            "extension's dependencies, or, if it defines a ProxiedSingleton, list that class in "
+            "ExtensionConfig(apis=[...]))")
 
 
 def retrieve(task: asyncio.Task[Any]) -> None:

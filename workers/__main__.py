@@ -64,7 +64,7 @@ async def _serve(boot: dict[str, Any], channel: WorkerChannel) -> int:
     from pyisolate.broker.protocol import HOST, Kind, pack_header
 
     from .connection import Connection, HandshakeError
-    from .loader import import_class, load_extension
+    from .loader import import_class, load_extension, trim_traceback
 
     gc.enable()  # the bootstrap paused it for the runtime's imports; extension code runs with it on
     loop = asyncio.get_running_loop()
@@ -122,8 +122,10 @@ async def _serve(boot: dict[str, Any], channel: WorkerChannel) -> int:
             base = import_class(boot["extension_class"]) if boot["extension_class"] else ExtensionBase
             instance = await load_extension(boot["module_path"], base)
         except Exception as exc:
-            logger.error("extension %r failed to load", name, exc_info=True)
-            body, buffers = encode_exception(exc)
+            # Reported once, by the host's ExtensionLoadError, which carries the traceback (from
+            # the extension's own frames: the loader's are dropped). Not logged here as well.
+            logger.debug("extension %r failed to load", name)
+            body, buffers = encode_exception(trim_traceback(exc))
             send(HOST, [pack_header(Kind.LOAD_FAILED), body, *buffers])
             conn.close(flush=True)
             return EXIT_LOAD_FAILED

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 from pyisolate._base import ExtensionBase
 
-__all__ = ["ClassSpec", "class_spec", "import_class", "import_module_path", "load_extension"]
+__all__ = ["ClassSpec", "class_spec", "import_class", "import_module_path", "load_extension", "trim_traceback"]
 
 T = TypeVar("T")
 
@@ -156,3 +156,39 @@ async def load_extension(module_path: StrPath, base: type[ExtensionBase]) -> Ext
             await _maybe_await(instance.before_module_loaded())
     await _maybe_await(instance.on_module_loaded(module))
     return instance
+
+
+def _our_dirs() -> tuple[str, ...]:
+    """Where pyisolate's own code lives in this process, as imported (in a worker: the runtime
+    directory's links), with a separator so a prefix test matches whole directories only."""
+    import pyisolate
+    import pyisolate.broker
+    import pyisolate.workers
+
+    return tuple(os.path.dirname(m.__file__ or "") + os.sep for m in (pyisolate, pyisolate.broker, pyisolate.workers))
+
+
+def trim_traceback(exc: BaseException) -> BaseException:
+    """Drop pyisolate's loader frames and importlib's machinery from ``exc``'s traceback (and
+    its causes'), keeping the extension's own frames: what a user reads is their code.
+
+    Returns ``exc``, changed in place.
+    """
+    ours = _our_dirs()
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        frames = []
+        tb = current.__traceback__
+        while tb is not None:
+            filename = tb.tb_frame.f_code.co_filename
+            if not (filename.startswith(ours) or filename.startswith("<frozen importlib")):
+                frames.append(tb)
+            tb = tb.tb_next
+        rebuilt = None
+        for frame_tb in reversed(frames):
+            rebuilt = types.TracebackType(rebuilt, frame_tb.tb_frame, frame_tb.tb_lasti, frame_tb.tb_lineno)
+        current.__traceback__ = rebuilt
+        current = current.__cause__ or current.__context__
+    return exc

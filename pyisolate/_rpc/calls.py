@@ -94,7 +94,7 @@ class Calls:
         self._next_id += 1
         call_id = self._next_id
         try:
-            body, buffers = self._values.encode(target, [list(args), kwargs], origin_loop)
+            body, buffers = self._values.encode(target, [list(args), kwargs], origin_loop, "arguments")
             header = self._acks.call_header(target, call_id, method, ref_id, chain)
             if timeout is None:
                 timeout = self.default_timeout

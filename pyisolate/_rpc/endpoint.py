@@ -157,7 +157,7 @@ class Endpoint:
 
     def _emit(self, dest: bytes, name: str, value: object, from_thread: bool) -> None:
         try:
-            body, buffers = self.values.encode(dest, value, None)
+            body, buffers = self.values.encode(dest, value, None, "event")
             self._send(dest, [pack_header(Kind.EVENT, 0, name), body, *buffers])
         except (PyisolateError, LookupError):  # EncodeError, QueueFullError, MessageTooLargeError, ...
             if not from_thread:

@@ -270,7 +270,7 @@ class Server:
             self.streams.start(sender, call_id, result)
             return
         try:
-            body, buffers = self._values.encode(sender, result, None)
+            body, buffers = self._values.encode(sender, result, None, "result")
         except Exception as exc:
             self.reply_error(sender, call_id, exc)
             return

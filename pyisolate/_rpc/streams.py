@@ -58,7 +58,7 @@ class Streams:
         values, send_quiet = self._values, self._send_quiet
 
         def send_item(item: object) -> None:
-            body, buffers = values.encode(peer, item, None)
+            body, buffers = values.encode(peer, item, None, "item")
             send_quiet(peer, [header_item, body, *buffers])
 
         self._per_sender[peer] = self._per_sender.get(peer, 0) + 1

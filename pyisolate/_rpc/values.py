@@ -57,12 +57,14 @@ class Values:
 
     # -- out -------------------------------------------------------------------------------
 
-    def encode(self, dest: bytes, value: object, loop: asyncio.AbstractEventLoop | None) -> tuple[bytes, list[Any]]:
-        """Encode ``value`` for ``dest``; callables defined on ``loop`` run there when called."""
+    def encode(self, dest: bytes, value: object, loop: asyncio.AbstractEventLoop | None,
+               role: str = "") -> tuple[bytes, list[Any]]:
+        """Encode ``value`` for ``dest``; callables defined on ``loop`` run there when called.
+        ``role`` says what the value is, for errors in the caller's terms (see ``_codec.encode``)."""
         self._enc_dest, self._enc_loop, self._enc_seen = dest, loop, {}
         self.shm_dest = dest
         try:
-            body, buffers = encode(value, self)
+            body, buffers = encode(value, self, role)
             if (buffers or len(body) > 65536) and len(body) + nbytes(buffers) > self.max_message_size:
                 raise MessageTooLargeError(
                     f"a value of {len(body) + nbytes(buffers)} bytes for {dest.decode()!r} exceeds "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import sys
 import threading
@@ -178,10 +179,12 @@ async def test_values_survive_the_trip(manager):
 
 async def test_unsupported_values_fail_clearly_and_the_connection_stays_usable(manager):
     extension = await manager.load_extension(ok_config())
-    with pytest.raises(EncodeError, match=r"object.*\[0\]\['x'\]") as info:
+    with pytest.raises(EncodeError, match=r"type 'object' at argument 1, key 'x': supported types are") as info:
         await extension.echo({"x": object()})
     assert isinstance(info.value, TypeError)
-    with pytest.raises(TypeError, match="object"):
+    with pytest.raises(EncodeError, match=r"type 'object' at keyword argument 'value', item 1"):
+        await extension.echo(value=[1, object()])
+    with pytest.raises(TypeError, match=r"type 'object' at the return value, key 'ok', item 2"):
         await extension.return_unsendable()
     assert await extension.echo("usable") == "usable"
 
@@ -272,3 +275,31 @@ async def test_a_value_the_receiver_cannot_decode_fails_the_call_clearly(manager
         await extension.echo(numpy.ones(4))
     assert isinstance(info.value, ValueError)
     assert await extension.echo("still usable") == "still usable"
+
+
+async def test_an_import_failure_is_reported_once_with_the_extensions_own_frames(manager, caplog):
+    """A failing import reaches the host once, as ExtensionLoadError; its traceback starts at
+    the extension's file, without pyisolate's loader frames or importlib's machinery."""
+    with caplog.at_level("DEBUG", logger="pyisolate.extension"):
+        with pytest.raises(ExtensionLoadError) as info:
+            async with asyncio.timeout(120):
+                await manager.load_extension(ExtensionConfig(name="broken", module_path=ext("broken_import")))
+    tb = info.value.remote_traceback
+    assert "broken_import/__init__.py" in tb and "pyisolate_test_module_that_does_not_exist" in tb
+    assert "loader.py" not in tb and "<frozen importlib" not in tb and "__main__.py" not in tb
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING and "Traceback" in r.getMessage()]
+
+
+async def test_importing_a_host_module_without_apis_says_to_list_its_singletons(manager):
+    """An extension importing the host's singleton module without ``apis=[...]`` fails to load
+    with a message that names the singletons and the fix; with apis= it loads."""
+    from shared_api import DatabaseAPI, SlowService
+
+    with pytest.raises(ExtensionLoadError, match=r"'shared_api' is a module of the host .*"
+                                                 r"apis=\[DatabaseAPI, SlowService\]"):
+        async with asyncio.timeout(120):
+            await manager.load_extension(ExtensionConfig(name="needs-apis", module_path=ext("needs_apis")))
+    async with asyncio.timeout(120):
+        fixed = await manager.load_extension(ExtensionConfig(
+            name="needs-apis-fixed", module_path=ext("needs_apis"), apis=[DatabaseAPI, SlowService]))
+        assert await fixed.ping() == "pong"

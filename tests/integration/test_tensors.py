@@ -228,3 +228,18 @@ async def test_an_answer_sent_just_before_its_worker_died_still_arrives(manager)
     with pytest.raises(ExtensionCrashedError):
         async with asyncio.timeout(60):
             await e.torch_file()
+
+
+async def test_share_torch_workers_have_numpy_for_torch(manager, caplog):
+    """A share_torch venv gets numpy (the host's version) unless the extension names its own:
+    ``tensor.numpy()`` works and no worker warns "Failed to initialize NumPy"."""
+    with caplog.at_level("WARNING", logger="pyisolate.extension"):
+        e = await load(manager)
+        async with asyncio.timeout(60):
+            doubled, version = await e.through_numpy(torch.arange(4, dtype=torch.float32))
+            assert doubled.tolist() == [0.0, 2.0, 4.0, 6.0]
+            assert version == numpy.__version__
+            own = await load(manager, "tensors-np1", dependencies=["numpy<2"])
+            _, own_version = await own.through_numpy(torch.ones(2))
+    assert own_version.startswith("1.")  # the extension's own numpy requirement wins
+    assert not [r for r in caplog.records if "Failed to initialize NumPy" in r.getMessage()]

@@ -12,6 +12,7 @@ from tests.support import ext
     ("field", "value", "needle"),
     [
         ("dependencies", ["--index-url=http://example.invalid"], "--index-url"),
+        ("dependencies", ["numpy", "six;;"], "ExtensionConfig.dependencies[1] (extension 'good')"),
         ("dependencies", ["numpy; rm -rf /"], "numpy; rm -rf /"),
         ("dependencies", ["pkg @ https://example.invalid/pkg.whl"], "https://example.invalid"),
         ("dependencies", "numpy", "numpy"),

@@ -115,6 +115,8 @@ def test_an_unknown_override_is_a_type_error(tmp_path: Path) -> None:
         ('[project]\ndynamic = ["dependencies"]\n', "[project].dynamic", "list them in [project].dependencies"),
         ('[project]\nrequires-python = ">=4"\n', "[project].requires-python", "relax requires-python"),
         ("project = 3\n", "[project]", "[project] section"),
+        ('[project]\ndependancies = ["six"]\n', "[project].dependancies", "did you mean 'dependencies'"),
+        ('[project]\nrequires = ["six"]\n', "[project].requires", "dependencies = ['six']"),
     ],
 )
 def test_a_malformed_manifest_names_the_file_the_field_and_the_fix(
@@ -145,3 +147,12 @@ def test_requires_python_that_admits_the_host_passes(tmp_path: Path) -> None:
     running = f"{sys.version_info.major}.{sys.version_info.minor}"
     directory = _extension(tmp_path, f'[project]\nrequires-python = "=={running}.*"\n')
     assert ExtensionConfig.from_path(directory).name == "ext"
+
+
+def test_other_unknown_project_keys_pass_and_dependencies_wins(tmp_path: Path) -> None:
+    """Only a near miss of a missing `dependencies` is refused; with `dependencies` present, or
+    a key nothing like it, the manifest reads as before."""
+    ok = _extension(tmp_path, '[project]\ndependencies = ["six"]\nrequires = ["x"]\n', name="a")
+    assert ExtensionConfig.from_path(ok).dependencies == ("six",)
+    other = _extension(tmp_path, '[project]\nhomepage = "https://example.invalid"\n', name="b")
+    assert ExtensionConfig.from_path(other).dependencies == ()

@@ -99,3 +99,9 @@ class Tensors(ExtensionBase):
         conn = next(c.cell_contents for c in endpoint._send.__closure__ if hasattr(c.cell_contents, "close"))
         conn.close(flush=True)
         os._exit(9)
+
+    def through_numpy(self, t):
+        """torch -> numpy -> torch, as image nodes do (to PIL and back)."""
+        import numpy
+
+        return torch.from_numpy(numpy.ascontiguousarray(t.numpy() * 2)), numpy.__version__
