@@ -84,3 +84,10 @@ def test_importing_pyisolate_and_the_worker_side_is_light():
         "assert threading.active_count() == 1"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_the_manager_shows_users_only_what_they_call():
+    """Internal methods of ExtensionManager carry a leading underscore, so the API page lists
+    only the calls an application makes."""
+    public = {n for n in dir(ExtensionManager) if not n.startswith("_") and callable(getattr(ExtensionManager, n))}
+    assert public == {"aclose", "get_actor", "load_extension", "load_extensions", "on_event", "stop_all"}
