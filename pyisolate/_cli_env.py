@@ -16,7 +16,7 @@ from typing import Any
 
 from . import _envs
 from ._config import ExtensionConfig
-from ._doctor import size
+from ._doctor import nearest_existing, size
 from .cli import EXIT_FAILED, EXIT_OK, UsageError, error, print_json
 from .errors import ConfigError, EnvironmentBuildError
 
@@ -48,9 +48,7 @@ def _root_is_a_directory(run: Callable[[argparse.Namespace], int]) -> Callable[[
 
     def checked(args: argparse.Namespace) -> int:
         root: Path = args.venv_root
-        existing = root
-        while not existing.exists() and existing != existing.parent:
-            existing = existing.parent
+        existing = nearest_existing(root)
         if not existing.is_dir():
             where = "" if existing == root else f" ({existing} is not one)"
             raise UsageError(f"venv root {root}: not a directory{where}; pass the right one with --venv-root "

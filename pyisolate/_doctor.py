@@ -170,10 +170,15 @@ def check_cuda(torch: Any) -> Check:
     return Check("cuda", OK, f"CUDA IPC available: {len(names)} device(s): {', '.join(names)}")
 
 
+def nearest_existing(path: Path) -> Path:
+    """``path`` if it exists, else its nearest ancestor that does (where it would be created)."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
 def check_venv_root(root: Path) -> Check:
-    existing = root
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
+    existing = nearest_existing(root)
     fix = "pass --venv-root DIR (or set PYISOLATE_VENV_ROOT) to a writable directory"
     if not existing.is_dir():
         return Check("venv_root", ERROR, f"venv root {root} cannot be used: {existing} is not a directory", fix)

@@ -189,7 +189,8 @@ def _unrecognized(parser: argparse.ArgumentParser, args: argparse.Namespace, arg
     """Exit 2 on arguments no parser took, with the usage of the command they were given to."""
     # The top level's options take no value, so its first plain word is the command.
     command = next((i for i, token in enumerate(arguments) if not token.startswith("-")), len(arguments))
-    given_to = parser if arguments.index(extra[0]) < command else getattr(args, "command_parser", parser)
+    where = arguments.index(extra[0]) if extra[0] in arguments else len(arguments)
+    given_to = parser if where < command else getattr(args, "command_parser", parser)
     given_to.error(f"unrecognized arguments: {' '.join(extra)}")
 
 
