@@ -8,6 +8,7 @@ import datetime
 import importlib.metadata
 import shutil
 import time
+import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Any
 
 from . import _envs
 from ._config import ExtensionConfig
-from ._doctor import size
+from ._doctor import nearest_existing, size
 from .cli import EXIT_FAILED, EXIT_OK, UsageError, error, print_json
 from .errors import ConfigError, EnvironmentBuildError
 
@@ -40,6 +41,21 @@ def _require_root(root: Path) -> None:
     if not _envs.looks_like_root(root):
         raise UsageError(f"{root} does not look like a pyisolate venv root (no .locks, .runtime or built "
                          "venv in it); pass the right one with --venv-root DIR or set PYISOLATE_VENV_ROOT")
+
+
+def _root_is_a_directory(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Refuse (exit code 2) a venv root that is, or lies under, something other than a directory."""
+
+    def checked(args: argparse.Namespace) -> int:
+        root: Path = args.venv_root
+        existing = nearest_existing(root)
+        if not existing.is_dir():
+            where = "" if existing == root else f" ({existing} is not one)"
+            raise UsageError(f"venv root {root}: not a directory{where}; pass the right one with --venv-root "
+                             "DIR or set PYISOLATE_VENV_ROOT")
+        return run(args)
+
+    return checked
 
 
 def _existing_dir(text: str) -> Path:
@@ -144,14 +160,31 @@ def _report(args: argparse.Namespace, results: list[dict[str, Any]]) -> int:
     return EXIT_OK if ok else EXIT_FAILED
 
 
+def _known_name(directory: Path) -> str | None:
+    """The name of an extension whose manifest is invalid, where what it says about the name can
+    still be read: as ExtensionConfig.from_path() would name it, else None."""
+    from ._manifest import MANIFEST, default_name
+    from ._venv import validate_extension_name
+
+    if not directory.is_dir():
+        return None
+    try:
+        manifest = tomllib.loads((directory / MANIFEST).read_text()) if (directory / MANIFEST).is_file() else {}
+        tool, project = manifest.get("tool", {}).get("pyisolate", {}), manifest.get("project", {})
+        name = tool["name"] if "name" in tool else default_name(project.get("name") or directory.name)
+        return validate_extension_name(name)
+    except (OSError, ValueError, AttributeError, TypeError, ConfigError):  # unreadable TOML, names of no type
+        return None
+
+
 def _configs(directories: list[Path]) -> tuple[list[_Job], list[dict[str, Any]]]:
     configs, failures = [], []
     for directory in directories:
         try:
             configs.append(ExtensionConfig.from_path(directory))
         except ConfigError as exc:
-            failures.append({"name": None, "directory": str(directory), "venv": None, "status": "failed",
-                             "seconds": 0.0, "error": str(exc)})
+            failures.append({"name": _known_name(directory), "directory": str(directory), "venv": None,
+                             "status": "failed", "seconds": 0.0, "error": str(exc)})
     names: dict[str, int] = {}
     for config in configs:
         names[config.name] = names.get(config.name, 0) + 1
@@ -208,15 +241,18 @@ def _kept_names(directories: list[Path]) -> set[str]:
     from ._discovery import ENTRY_POINT_GROUP, extension_dirs
 
     names = {point.name for point in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)}
+    problems = []
     for directory in directories:
         folders = [directory] if any((directory / m).is_file() for m in ("__init__.py", "pyproject.toml")) \
             else extension_dirs(directory)
         for folder in folders:
             try:
                 names.add(ExtensionConfig.from_path(folder).name)
-            except ConfigError as exc:
-                raise ConfigError(f"cannot tell which venv --keep {folder} uses: {exc}; fix it, or leave it "
-                                  "out of --keep") from None
+            except ConfigError as exc:  # every one, so that one run shows all there is to fix
+                problems.append(f"  {exc}")  # it names the folder or its manifest
+    if problems:
+        raise ConfigError("cannot tell which venvs these extensions under --keep use; fix them, or leave them "
+                          "out of --keep:\n" + "\n".join(problems))
     return names
 
 
@@ -301,18 +337,19 @@ COMMANDS: dict[str, tuple[str, str, Callable[[argparse.ArgumentParser, Any], Non
     "list": ("list the venvs: extension, dependencies, size, last use",
              "List every venv under the venv root: its extension's name, status (ready; stale: the next "
              "load rebuilds it; incomplete: a build was interrupted), size on disk, when it was last used "
-             "(built or reused by a host), and its dependencies.", _configure_list, _list),
+             "(built or reused by a host), and its dependencies.", _configure_list, _root_is_a_directory(_list)),
     "build": ("build the venvs of extension directories, starting nothing",
               "Build (or find up to date) the venv of each extension directory, as its pyproject.toml "
               "says, with a progress line per extension. Exit code 1 when any build fails.",
-              _configure_build, _build),
+              _configure_build, _root_is_a_directory(_build)),
     "repair": ("rebuild one venv from scratch",
                "Remove a venv and build it again: by NAME from what its last build recorded, or from an "
                "extension's DIR and its manifest. Refuses while a process runs from the venv.",
-               _configure_repair, _repair),
+               _configure_repair, _root_is_a_directory(_repair)),
     "prune": ("remove venvs no extension uses",
               "Remove the venvs that no extension under --keep uses, and/or that were unused for "
               "--older-than DAYS (both given: only venvs that are both). Never touches anything outside "
               "the venv root, never follows symlinks, skips venvs a process runs from or a build holds. "
-              "Exit code 1 when a venv that should go could not be removed.", _configure_prune, _prune),
+              "Exit code 1 when a venv that should go could not be removed.", _configure_prune,
+              _root_is_a_directory(_prune)),
 }

@@ -170,14 +170,26 @@ def check_cuda(torch: Any) -> Check:
     return Check("cuda", OK, f"CUDA IPC available: {len(names)} device(s): {', '.join(names)}")
 
 
+def nearest_existing(path: Path) -> Path:
+    """``path`` if it exists, else its nearest ancestor that does (where it would be created)."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
 def check_venv_root(root: Path) -> Check:
-    existing = root
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        what = "is not a writable directory" if existing == root else f"cannot be created ({existing} is not writable)"
-        return Check("venv_root", ERROR, f"venv root {root} {what}",
-                     "pass --venv-root DIR (or set PYISOLATE_VENV_ROOT) to a writable directory")
+    existing = nearest_existing(root)
+    fix = "pass --venv-root DIR (or set PYISOLATE_VENV_ROOT) to a writable directory"
+    if not existing.is_dir():
+        return Check("venv_root", ERROR, f"venv root {root} cannot be used: {existing} is not a directory", fix)
+    # Make (and remove) a directory where pyisolate would: permission bits do not tell, for root,
+    # a read-only mount or /proc, where even root cannot create anything.
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".pyisolate-doctor-", dir=existing))
+    except OSError as exc:
+        what = "is not writable" if existing == root else "cannot be created"
+        return Check("venv_root", ERROR, f"venv root {root} {what}: making a directory in {existing} "
+                     f"fails ({exc.strerror or exc})", fix)
     free = shutil.disk_usage(existing).free
     state = "exists" if existing == root else "will be created"
     summary = f"venv root {root} {state}; {size(free)} free on its disk"

@@ -139,21 +139,21 @@ def build_parser() -> argparse.ArgumentParser:
     _root_option(doctor)
     _json_option(doctor)
     doctor.add_argument("--strict", action="store_true", help="count warnings as problems")
-    doctor.set_defaults(run=_doctor)
+    doctor.set_defaults(run=_doctor, command_parser=doctor)
 
     env = commands.add_parser(
         "env", help="list, build, repair and prune the extensions' venvs", formatter_class=formatter,
         description="Manage the virtual environments pyisolate builds, one per extension, under the "
         f"venv root (--venv-root, else ${VENV_ROOT_ENV}, else ./venvs).",
     )  # fmt: skip
-    env.set_defaults(run=lambda _: _usage(env))
+    env.set_defaults(run=lambda _: _usage(env), command_parser=env)
     env_commands = env.add_subparsers(title="commands", metavar="COMMAND")
     for name, (help_text, description, configure, run) in _cli_env.COMMANDS.items():
         sub = env_commands.add_parser(name, help=help_text, description=description, formatter_class=formatter)
         _root_option(sub)
         _json_option(sub)
         configure(sub, _days)
-        sub.set_defaults(run=run)
+        sub.set_defaults(run=run, command_parser=sub)
 
     bench = commands.add_parser(
         "bench", help="run the benchmark suite (source checkout only)", formatter_class=formatter,
@@ -184,13 +184,25 @@ def _split_bench(argv: list[str]) -> tuple[list[str], list[str] | None]:
     return argv, None
 
 
+def _unrecognized(parser: argparse.ArgumentParser, args: argparse.Namespace, arguments: list[str],
+                  extra: list[str]) -> None:
+    """Exit 2 on arguments no parser took, with the usage of the command they were given to."""
+    # The top level's options take no value, so its first plain word is the command.
+    command = next((i for i, token in enumerate(arguments) if not token.startswith("-")), len(arguments))
+    where = arguments.index(extra[0]) if extra[0] in arguments else len(arguments)
+    given_to = parser if where < command else getattr(args, "command_parser", parser)
+    given_to.error(f"unrecognized arguments: {' '.join(extra)}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return its exit code (0 ok, 1 problems found, 2 usage error)."""
     arguments = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     arguments, bench_args = _split_bench(arguments)
     try:
-        args = parser.parse_args(arguments)
+        args, extra = parser.parse_known_args(arguments)
+        if extra:
+            _unrecognized(parser, args, arguments, extra)
     except SystemExit as exc:  # argparse: 0 after --help/--version, 2 on a usage error
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     if bench_args is not None:

@@ -29,9 +29,10 @@ def cli(*args: str | Path, cwd: Path | None = None, env: dict[str, str] | None =
     )  # fmt: skip
 
 
-def cli_json(*args: str | Path, expect: int = 0, **kwargs: object) -> dict:
+def cli_json(*args: str | Path, expect: int | None = 0, **kwargs: object) -> dict:
+    """Run with ``--json``; check the exit code (any, with ``expect=None``) and parse stdout."""
     done = cli(*args, "--json", **kwargs)  # type: ignore[arg-type]
-    assert done.returncode == expect, done.stdout + done.stderr
+    assert expect is None or done.returncode == expect, done.stdout + done.stderr
     return json.loads(done.stdout)
 
 
@@ -78,6 +79,57 @@ def test_usage_errors_exit_2_and_say_why(command: list[str], needle: str, tmp_pa
     done = cli(*command, cwd=tmp_path)
     assert done.returncode == 2
     assert needle in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("command", "given_to"),
+    [
+        (["env", "repair", "one", "two"], "env repair"),
+        (["env", "repair", "one", "--bogus"], "env repair"),
+        (["env", "list", "extra"], "env list"),
+        (["doctor", "--bogus"], "doctor"),
+        (["--bogus", "doctor"], ""),  # a top-level option, before the command
+    ],
+)
+def test_a_wrong_argument_shows_the_usage_of_the_command_it_was_given_to(command: list[str], given_to: str,
+                                                                         tmp_path: Path) -> None:
+    done = cli(*command, cwd=tmp_path)
+    assert done.returncode == 2
+    prog = f"pyisolate {given_to}".rstrip()
+    assert done.stderr.startswith(f"usage: {prog} [-h]"), done.stderr
+    assert f"{prog}: error: unrecognized arguments: {command[-1] if given_to else command[0]}" in done.stderr
+
+
+@pytest.mark.parametrize("command", [["list"], ["build", "."], ["repair", "x"], ["prune", "--older-than", "1"]])
+def test_env_commands_refuse_a_venv_root_that_is_not_a_directory(command: list[str], tmp_path: Path) -> None:
+    a_file = tmp_path / "venvs"
+    a_file.write_text("not a directory")
+    for root, said in ((a_file, f"venv root {a_file}: not a directory"),
+                       (a_file / "below", f"not a directory ({a_file} is not one)")):
+        done = cli("env", *command, "--venv-root", root, cwd=tmp_path)
+        assert done.returncode == 2, done.stdout + done.stderr
+        assert said in done.stderr and done.stdout == ""
+    assert a_file.read_text() == "not a directory"
+
+
+def test_doctor_reports_a_venv_root_it_cannot_create(tmp_path: Path) -> None:
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    # /proc: the directory is there and, for root, "writable", yet nothing can be created in it.
+    for root, said in ((Path("/proc/pyisolate-venvs"), "cannot be created: making a directory in /proc fails"),
+                       (a_file / "venvs", f"{a_file} is not a directory")):
+        done = cli("doctor", "--venv-root", root)
+        assert done.returncode == 1, done.stdout
+        line = next(line for line in done.stdout.splitlines() if line.startswith("error  venv_root"))
+        assert said in line and "no problems found" not in done.stdout
+        assert "fix: pass --venv-root DIR" in done.stdout
+        report = cli_json("doctor", "--venv-root", root, expect=1)
+        assert report["ok"] is False
+        assert next(c for c in report["checks"] if c["name"] == "venv_root")["status"] == "error"
+    writable = cli_json("doctor", "--venv-root", tmp_path / "new" / "venvs", expect=None)
+    check = next(c for c in writable["checks"] if c["name"] == "venv_root")
+    assert check["status"] in ("ok", "warn") and "will be created" in check["summary"]
+    assert not (tmp_path / "new").exists()  # the probe left nothing behind
 
 
 def test_doctor_json_reports_each_check_with_its_fix() -> None:
@@ -181,6 +233,34 @@ def test_a_bad_manifest_fails_the_build_with_file_field_and_fix(tmp_path: Path, 
     assert failed["status"] == "failed" and good["status"] == "built"  # the others still build
     assert str(bad / "pyproject.toml") in failed["error"] and "[tool.pyisolate].pass_env" in failed["error"]
     assert 'pass_env = ["HF_HOME"]' in failed["error"]
+
+
+def test_a_failed_build_names_the_extension_when_its_manifest_says(tmp_path: Path, extensions: Path) -> None:
+    _extension(extensions, "named_dir", '[project]\nname = "Named Ext"\ndependencies = 3\n')
+    _extension(extensions, "by_folder", '[tool.pyisolate]\nrestart = "often"\n')
+    _extension(extensions, "unreadable", "[project\n")
+    dirs = [extensions / d for d in ("named_dir", "by_folder", "unreadable")]
+    report = cli_json("env", "build", *dirs, "--venv-root", tmp_path / "v", expect=1)
+    assert [(e["name"], e["status"]) for e in report["extensions"]] == [
+        ("Named-Ext", "failed"), ("by_folder", "failed"), (None, "failed")]  # as from_path() would name them
+    text = cli("env", "build", *dirs, "--venv-root", tmp_path / "v")
+    assert text.returncode == 1
+    assert [line.split()[:2] for line in text.stdout.splitlines() if line.startswith("failed")] == [
+        ["failed", "Named-Ext"], ["failed", "by_folder"], ["failed", "?"]]
+
+
+def test_prune_lists_every_bad_manifest_and_removes_nothing(tmp_path: Path, extensions: Path) -> None:
+    root = tmp_path / "venvs"
+    (root / ".locks").mkdir(parents=True)  # a venv root, as a host leaves it
+    bad = [_extension(extensions, "bad_one", '[tool.pyisolate]\npass_env = "HOME"\n'),
+           _extension(extensions, "bad_two", "[project\n")]
+    done = cli("env", "prune", "--keep", extensions, "--venv-root", root)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "leave them out of --keep" in done.stderr
+    for directory in bad:
+        assert str(directory / "pyproject.toml") in done.stderr
+    assert "[tool.pyisolate].pass_env" in done.stderr and "not valid TOML" in done.stderr
+    assert done.stdout == "" and (root / ".locks").is_dir()
 
 
 def test_bench_runs_the_suite_of_the_checkout() -> None:

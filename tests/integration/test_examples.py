@@ -1,12 +1,13 @@
-"""Every example under examples/ runs to completion: exit code 0 and some output.
+"""Every example under examples/ runs to completion: exit code 0, some output, and no warning.
 
 Each example builds its extensions' venvs under its own ``examples/<name>/venvs`` folder
-(git-ignored) and reuses them on later runs. ``examples/demo`` installs numpy twice; the
+(git-ignored) and reuses them on later runs. ``examples/demo`` installs numpy in its three; the
 others have no dependencies and run in a couple of seconds.
 """
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -40,3 +41,5 @@ def test_example_runs(main: Path):
         f"--- stdout ---\n{result.stdout}\n--- stderr ---\n{result.stderr}"
     )
     assert result.stdout.strip(), f"{main.relative_to(ROOT)} printed nothing; stderr:\n{result.stderr}"
+    # A newcomer's first question would be about it (torch's "Failed to initialize NumPy", say).
+    assert not re.search(r"\w+Warning: ", result.stderr), result.stderr

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -121,8 +122,11 @@ async def test_the_library_installs_no_handler(venv_root, chatty_logs):
 
 
 UNCONFIGURED_HOST = """
-import asyncio, sys
+import asyncio, logging, sys
 import pyisolate
+
+exec(sys.argv[3])  # the logging setup under test, before any extension loads
+logging.getLogger("host").info("the host's own info")
 
 async def main():
     config = pyisolate.ExtensionManagerConfig(venv_root_path=sys.argv[1])
@@ -134,11 +138,38 @@ asyncio.run(main())
 """
 
 
-def test_an_application_without_logging_setup_still_sees_worker_warnings(venv_root):
-    # No basicConfig: logging's last resort prints WARNING and worse to the host's stderr.
-    proc = subprocess.run([sys.executable, "-c", UNCONFIGURED_HOST, str(venv_root), ext("chatty")],
+def _host(venv_root: object, setup: str) -> list[str]:
+    """Run a host that configures logging with ``setup`` and calls chatty.talk("quiet"); its stderr."""
+    proc = subprocess.run([sys.executable, "-c", UNCONFIGURED_HOST, str(venv_root), ext("chatty"), setup],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    lines = proc.stderr.splitlines()
+    assert proc.stdout == ""  # a worker's output never lands on the host's stdout
+    return proc.stderr.splitlines()
+
+
+def test_an_application_without_logging_setup_still_sees_worker_warnings(venv_root):
+    # No basicConfig: logging's last resort prints WARNING and worse to the host's stderr.
+    lines = _host(venv_root, "")
     assert "quiet on stderr" in lines and "quiet error" in lines and "quiet end" in lines
     assert "quiet info" not in lines and "quiet printed" not in lines  # INFO stays below the last resort
+
+
+# The setups that docs/guides/logging.md gives for seeing what an extension prints (the README and
+# getting-started use the first), and whether the host's own INFO records show with them.
+HOST_INFO_SHOWN = {
+    ("logging.basicConfig(level=logging.INFO)",): True,
+    ("logging.basicConfig()", 'logging.getLogger("pyisolate.extension").setLevel(logging.INFO)'): False,
+}
+
+
+@pytest.mark.parametrize("setup", HOST_INFO_SHOWN, ids=["basicConfig-INFO", "extensions-only"])
+def test_the_documented_line_shows_what_an_extension_prints(venv_root, setup):
+    guide = (Path(__file__).parents[2] / "docs" / "guides" / "logging.md").read_text()
+    assert all(f"\n{line}  #" in guide for line in setup), "the guide no longer says this"
+    lines = _host(venv_root, "\n".join(setup))
+    assert "INFO:pyisolate.extension.chatty:quiet printed" in lines
+    assert "INFO:pyisolate.extension.chatty:quiet end" in lines
+    assert "INFO:pyisolate.extension.chatty.chatty.inner:quiet info" in lines  # records pass at INFO too
+    assert "WARNING:pyisolate.extension.chatty:quiet on stderr" in lines
+    assert not any("quiet debug" in line for line in lines)
+    assert ("INFO:host:the host's own info" in lines) is HOST_INFO_SHOWN[setup]
