@@ -26,8 +26,7 @@ async def main() -> None:
         modern = manager.load_extension(pyisolate.ExtensionConfig(
             name="modern_numpy", module_path=HERE / "extensions" / "modern_numpy", dependencies=["numpy>=2"]))
         tools = manager.load_extension(pyisolate.ExtensionConfig(
-            name="tensor_tools", module_path=HERE / "extensions" / "tensor_tools", share_torch=True,
-            dependencies=["numpy"]))  # torch warns at import when numpy is missing
+            name="tensor_tools", module_path=HERE / "extensions" / "tensor_tools", share_torch=True))
         await asyncio.gather(legacy, modern, tools)  # the environments build in parallel
 
         for name, extension in (("legacy_numpy", legacy), ("modern_numpy", modern)):
