@@ -201,7 +201,7 @@ def _encode_base(obj: object) -> object:
     """A subclass of a builtin as its base value; ready to pack, since msgpack calls its hook
     once per value (a tuple, or an int past 64 bits, is made an ext type here)."""
     value = base_value(obj)
-    if type(value) is tuple or (type(value) is int and not -(2**63) <= value < 2**64):  # type: ignore[operator]
+    if type(value) is tuple or (type(value) is int and not -(2**63) <= value < 2**64):
         return _ENCODERS[type(value)](value)
     return value
 

@@ -175,8 +175,11 @@ _ROLES = {"result": "the return value", "event": "the event's value", "item": "t
 def _where(path: list[Step], role: str = "") -> str:
     """Where in the value: ``[0]['x']``, or in the caller's terms for a known ``role``."""
     if role == "arguments" and len(path) >= 2 and path[0] in (("index", 0), ("index", 1)):
-        kind, label = path[1]
-        head = f"argument {label + 1}" if path[0] == ("index", 0) else f"keyword argument {_short(label)}"
+        label = path[1][1]
+        if path[0] == ("index", 0) and isinstance(label, int):
+            head = f"argument {label + 1}"
+        else:
+            head = f"keyword argument {_short(label)}"
         return ", ".join([head, *(_said(step) for step in _trimmed(path[2:]))])
     if role in _ROLES:
         return ", ".join([_ROLES[role], *(_said(step) for step in _trimmed(path))])

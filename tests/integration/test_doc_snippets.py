@@ -122,6 +122,8 @@ def _example_names(page: Path) -> set[str]:
     assert (folder / "main.py").is_file(), f"{page.relative_to(ROOT)} names examples/{name}/, which has no main.py"
     bound: set[str] = set()
     for source in sorted(folder.rglob("*.py")):
+        if "venvs" in source.relative_to(folder).parts:  # what running the example built: not its code
+            continue
         bound |= _names(ast.parse(source.read_text(), str(source)))[0]
     return bound
 
