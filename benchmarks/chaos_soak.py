@@ -42,7 +42,7 @@ import numpy
 import zmq
 
 import pyisolate
-from pyisolate import _shm
+from pyisolate._wire import shm as _shm
 
 ROOT = Path(__file__).resolve().parents[1]
 EXTENSIONS = ROOT / "tests" / "extensions"
@@ -141,7 +141,7 @@ async def soak(venv_root: Path, seconds: float, extensions: int = 4, clients: in
                kill_every: float = 1.0, seed: int = 0) -> dict[str, Any]:
     """Run the soak and return its counts."""
     global _READY
-    from pyisolate._worker import State
+    from pyisolate._host.worker import State
 
     _READY = State.READY
     rng = random.Random(seed)

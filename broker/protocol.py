@@ -11,7 +11,7 @@ and as the broker's ROUTER delivers them to the destination::
 ``destination`` and ``sender`` are actor names (UTF-8). The broker reads nothing but the
 routing frame: it swaps the destination for the true sender's name and forwards the other
 frames untouched. ``header`` is a small msgpack array ``[kind, call_id, *extra]``; ``body`` is
-the msgpack payload (see ``pyisolate._codec``); ``buffers`` carry large binary values raw.
+the msgpack payload (see ``pyisolate._wire.codec``); ``buffers`` carry large binary values raw.
 
 Messages addressed to the broker itself use the empty name ``b""`` (HELLO, CONSUMED), and the
 broker speaks as ``b""`` (WELCOME, REFUSED, UNROUTABLE, LOST, GONE). Those are *broker-only*

@@ -26,8 +26,6 @@ from typing import Any
 import msgpack
 import zmq
 
-from pyisolate._pump import SocketPump
-
 from pyisolate.errors import MessageTooLargeError, QueueFullError
 
 from .delivery import WINDOW_MESSAGES, Budget, Outbox, nbytes
@@ -44,6 +42,7 @@ from .protocol import (
     pack_header,
     unpack_header,
 )
+from .pump import SocketPump
 from .registry import Registry
 from .watchdog import LoopWatchdog
 

@@ -29,15 +29,13 @@ from .errors import (
 )
 
 if TYPE_CHECKING:
-    from ._config import ExtensionConfig, ExtensionManagerConfig, RestartPolicy
-    from ._extension import Extension
-    from ._manager import ExtensionManager
     from ._actors import emit, get_actor
-    from ._singleton import ProxiedSingleton
-    from ._blocking import sync
-    from ._sync import SyncExtensionManager
-    from ._progress import ProgressDisplay, ProgressEvent, ProgressStep
+    from ._config import ExtensionConfig, ExtensionManagerConfig, RestartPolicy
     from ._discovery import discover
+    from ._envs import ProgressDisplay, ProgressEvent, ProgressStep
+    from ._host import Extension, ExtensionManager, SyncExtensionManager
+    from ._rpc import sync
+    from ._singleton import ProxiedSingleton
 
 __all__ = [
     "CallTimeoutError",
@@ -81,17 +79,17 @@ _LAZY = {
     "ExtensionConfig": "._config",
     "ExtensionManagerConfig": "._config",
     "RestartPolicy": "._config",
-    "Extension": "._extension",
-    "ExtensionManager": "._manager",
-    "ProgressDisplay": "._progress",
-    "ProgressEvent": "._progress",
-    "ProgressStep": "._progress",
+    "Extension": "._host",
+    "ExtensionManager": "._host",
+    "ProgressDisplay": "._envs",
+    "ProgressEvent": "._envs",
+    "ProgressStep": "._envs",
     "ProxiedSingleton": "._singleton",
-    "SyncExtensionManager": "._sync",
+    "SyncExtensionManager": "._host",
     "discover": "._discovery",
     "emit": "._actors",
     "get_actor": "._actors",
-    "sync": "._blocking",
+    "sync": "._rpc",
 }
 
 

@@ -1,7 +1,7 @@
-"""``python -m pyisolate``: the ``pyisolate`` command line (see pyisolate.cli)."""
+"""``python -m pyisolate``: the ``pyisolate`` command line (see pyisolate._cli.main)."""
 
 from __future__ import annotations
 
-from .cli import main
+from ._cli import main
 
 raise SystemExit(main())

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from pyisolate.broker.protocol import HOST
 
-from ._context import worker_endpoint
-from ._refs import ActorProxy
+from ._rpc import ActorProxy, worker_endpoint
 
 __all__ = ["emit", "get_actor"]
 

@@ -9,10 +9,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ._manifest import Manifest, default_name, read_manifest
+from ._singleton import ProxiedSingleton
+from ._validate import validate_dependencies, validate_extension_name
 from .errors import ConfigError
 
 if TYPE_CHECKING:
-    from ._progress import ProgressEvent
+    from ._envs import ProgressEvent
 
 __all__ = ["ExtensionConfig", "ExtensionManagerConfig", "RestartPolicy"]
 
@@ -167,7 +170,7 @@ class ExtensionConfig:
     restart: RestartPolicy | None = None
 
     def __post_init__(self) -> None:
-        from ._venv import validate_dependencies, validate_extension_name
+
 
         validate_extension_name(self.name)
         path = Path(self.module_path).expanduser().absolute()
@@ -194,7 +197,6 @@ class ExtensionConfig:
             except ConfigError as exc:
                 raise ConfigError(f"ExtensionConfig.dependencies[{index}] (extension {self.name!r}): {exc}") from None
         object.__setattr__(self, "dependencies", tuple(checked))
-        from ._singleton import ProxiedSingleton
 
         if isinstance(self.apis, (str, type)):
             raise ConfigError(f"ExtensionConfig.apis must be a list of ProxiedSingleton classes, got {self.apis!r}")
@@ -250,7 +252,6 @@ class ExtensionConfig:
         """
         from dataclasses import fields
 
-        from ._manifest import Manifest, default_name, read_manifest
 
         known = {f.name for f in fields(cls)} - {"module_path"}
         unknown = sorted(set(overrides) - known)
@@ -269,11 +270,14 @@ class ExtensionConfig:
                 f"ExtensionConfig.from_path(): {str(where)!r} is not an extension directory nor a .py file; "
                 "point it at the extension's package directory"
             )
-        values = {**manifest.values, **overrides, "module_path": where}
+        read = dict(manifest.values)
+        if "restart" in read:
+            read["restart"] = _restart_policy(read["restart"], manifest.path)
+        values = {**read, **overrides, "module_path": where}
         if "name" not in values:
             source = manifest.project_name or (where.stem if where.is_file() else where.name)
             values["name"] = default_name(source)
-            from ._venv import validate_extension_name
+
 
             try:
                 validate_extension_name(values["name"])
@@ -316,3 +320,13 @@ def _check_shared_torch(extension: str, dependencies: Sequence[str]) -> None:
                 f"ExtensionConfig.dependencies (extension {extension!r}): {text!r} does not admit the "
                 f"host's torch {version}, which share_torch=True shares; relax the requirement"
             )
+
+
+def _restart_policy(value: bool | dict[str, Any], manifest: Path | None) -> RestartPolicy | None:
+    """The policy a manifest's ``restart`` (``true``, ``false`` or a table) asks for."""
+    if not isinstance(value, dict):
+        return RestartPolicy() if value else None
+    try:
+        return RestartPolicy(**value)
+    except ConfigError as exc:
+        raise ConfigError(f"{manifest}: [tool.pyisolate.restart]: {exc}; fix that value") from None

@@ -36,6 +36,7 @@ from typing import Any
 from packaging.requirements import InvalidRequirement, Requirement
 from packaging.specifiers import InvalidSpecifier, SpecifierSet
 
+from ._validate import validate_dependencies
 from .errors import ConfigError
 
 __all__ = ["MANIFEST", "Manifest", "default_name", "read_manifest"]
@@ -55,7 +56,9 @@ class Manifest:
 
     Attributes:
         path: The manifest file, or None when the directory has none.
-        values: ``ExtensionConfig`` fields the manifest sets (never ``module_path``).
+        values: ``ExtensionConfig`` fields the manifest sets (never ``module_path``); ``restart``
+            as written (a bool, or a table whose keys are checked), for ``ExtensionConfig.from_path``
+            to make the policy.
         project_name: ``[project].name`` as written, or None.
     """
 
@@ -116,9 +119,6 @@ def read_manifest(directory: Path) -> Manifest:
             ``[tool.pyisolate]`` key is unknown, or a dependency is not a PEP 508 requirement.
             The message names the file, the field and the fix.
     """
-    from ._config import RestartPolicy
-    from ._venv import validate_dependencies
-
     path = directory / MANIFEST
     try:
         with open(path, "rb") as handle:
@@ -158,12 +158,6 @@ def read_manifest(directory: Path) -> Manifest:
             if key not in _RESTART_KEYS:
                 raise _fail(path, f"[tool.pyisolate.restart].{key}", f"is not a restart setting; known: "
                             f"{', '.join(_RESTART_KEYS)}")
-        try:
-            values["restart"] = RestartPolicy(**table)
-        except ConfigError as exc:
-            raise _fail(path, "[tool.pyisolate.restart]:", f"{exc}; fix that value") from None
-    elif "restart" in values:
-        values["restart"] = RestartPolicy() if values["restart"] else None
 
     project_name = project.get("name")
     if project_name is not None and not isinstance(project_name, str):

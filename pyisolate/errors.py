@@ -25,10 +25,7 @@ The tree:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from ._config import ExtensionConfig
+from typing import Any
 
 __all__ = [
     "CallTimeoutError",
@@ -165,11 +162,12 @@ class DiscoveryError(ConfigError):
     """Some extensions found by ``pyisolate.discover()`` are invalid or share a name.
 
     Attributes:
-        configs: The configs of the valid extensions, for a host that loads what it can.
+        configs: The ``ExtensionConfig`` of each valid extension, for a host that loads what it can.
         problems: One ConfigError per invalid extension or duplicate name.
     """
 
-    def __init__(self, problems: Sequence[ConfigError], configs: Sequence[ExtensionConfig]) -> None:
+    # configs holds ExtensionConfig; typed Any because errors sit below the config module.
+    def __init__(self, problems: Sequence[ConfigError], configs: Sequence[Any]) -> None:
         lines = "\n".join(f"  - {p}" for p in problems)
         super().__init__(f"{len(problems)} problem(s) among the extensions found:\n{lines}")
         self.problems = list(problems)

@@ -34,9 +34,7 @@ import pytest
 if TYPE_CHECKING:
     from ._base import ExtensionBase
     from ._config import ExtensionManagerConfig
-    from ._extension import Extension
-    from ._manager import ExtensionManager
-    from ._sync import SyncExtensionManager
+    from ._host import Extension, ExtensionManager, SyncExtensionManager
 
 __all__ = ["ExtensionFactory", "SyncExtensionFactory"]
 
@@ -144,7 +142,7 @@ async def _extension_factory(
     pyisolate_manager_config: ExtensionManagerConfig, pyisolate_extension_type: type[ExtensionBase]
 ) -> AsyncIterator[ExtensionFactory]:
     """Load extension directories in isolation: ``ext = await pyisolate_extension(path, **overrides)``."""
-    from ._manager import ExtensionManager
+    from ._host import ExtensionManager
 
     async with ExtensionManager(pyisolate_extension_type, pyisolate_manager_config) as manager:
         yield ExtensionFactory(manager, asyncio.get_running_loop())
@@ -183,7 +181,7 @@ def pyisolate_sync_extension(
     pyisolate_manager_config: ExtensionManagerConfig, pyisolate_extension_type: type[ExtensionBase]
 ) -> Iterator[SyncExtensionFactory]:
     """Load extension directories in isolation from plain tests: ``ext = pyisolate_sync_extension(path)``."""
-    from ._sync import SyncExtensionManager
+    from ._host import SyncExtensionManager
 
     with SyncExtensionManager(pyisolate_extension_type, pyisolate_manager_config) as manager:
         yield SyncExtensionFactory(manager)

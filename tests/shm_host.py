@@ -27,7 +27,7 @@ import numpy  # noqa: E402
 import torch  # noqa: E402
 
 import pyisolate  # noqa: E402
-from pyisolate import _shm  # noqa: E402
+from pyisolate._wire import shm as _shm  # noqa: E402
 
 HOSTILE = str(ROOT / "tests" / "extensions" / "hostile_shm")
 TENSORS = str(ROOT / "tests" / "extensions" / "tensors")

@@ -23,7 +23,7 @@ import traceback
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from pyisolate._shm import WorkerChannel
+    from pyisolate._wire import shm
 
 from . import exits
 
@@ -55,13 +55,14 @@ def _watch_host(stdin_fd: int) -> None:
         exits.exit_now(EXIT_HOST_GONE)
 
 
-async def _serve(boot: dict[str, Any], channel: WorkerChannel) -> int:
-    from pyisolate import _context, _shm
-    from pyisolate._base import ExtensionBase
-    from pyisolate._codec import encode, encode_exception
-    from pyisolate._rpc import Endpoint, public_methods
-    from pyisolate._singleton import ProxiedSingleton
+async def _serve(boot: dict[str, Any], channel: shm.WorkerChannel) -> int:
     from pyisolate.broker.protocol import HOST, Kind, pack_header
+
+    from pyisolate._base import ExtensionBase
+    from pyisolate._rpc import Endpoint, public_methods, set_worker_endpoint
+    from pyisolate._singleton import ProxiedSingleton
+    from pyisolate._wire import encode, encode_exception
+    from pyisolate._wire import shm as _shm
 
     from .connection import Connection, HandshakeError
     from .loader import import_class, load_extension, trim_traceback
@@ -112,7 +113,7 @@ async def _serve(boot: dict[str, Any], channel: WorkerChannel) -> int:
             return EXIT_HANDSHAKE
         # Serve from here on: the extension may call other actors while it loads.
         conn.start(loop, lambda frames: endpoint.on_frames(frames[0], frames[1:]))
-        _context.set_worker_endpoint(endpoint)
+        set_worker_endpoint(endpoint)
         # Before any extension code: its descendants stay ours, SIGTERM takes them along, and a
         # SystemExit (from a method, a hook, a task) ends the worker after what it sent has left.
         exits.install(close=functools.partial(conn.close, flush=True))
@@ -136,7 +137,7 @@ async def _serve(boot: dict[str, Any], channel: WorkerChannel) -> int:
         conn.close(flush=True)
         return EXIT_OK
     finally:
-        _context.set_worker_endpoint(None)
+        set_worker_endpoint(None)
         conn.close()
 
 
@@ -157,9 +158,9 @@ def _setup_output(level: int | str) -> None:
 
 def main() -> None:
     """Entry point of the worker process."""
-    from pyisolate._shm import WorkerChannel
+    from pyisolate._wire import shm
 
-    channel = WorkerChannel(int(sys.argv[1]))
+    channel = shm.WorkerChannel(int(sys.argv[1]))
     try:
         boot = channel.boot(timeout=_BOOT_TIMEOUT)
     except (OSError, RuntimeError, ValueError) as exc:

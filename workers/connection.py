@@ -21,8 +21,6 @@ from typing import Any
 
 import msgpack
 import zmq
-
-from pyisolate._pump import SocketPump
 from pyisolate.broker.delivery import REPORT_BYTES, REPORT_MESSAGES, nbytes
 from pyisolate.broker.protocol import (
     BROKER,
@@ -33,6 +31,8 @@ from pyisolate.broker.protocol import (
     pack_header,
     unpack_header,
 )
+from pyisolate.broker.pump import SocketPump
+
 from pyisolate.errors import QueueFullError
 
 __all__ = ["Connection", "HandshakeError"]

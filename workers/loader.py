@@ -161,11 +161,9 @@ async def load_extension(module_path: StrPath, base: type[ExtensionBase]) -> Ext
 def _our_dirs() -> tuple[str, ...]:
     """Where pyisolate's own code lives in this process, as imported (in a worker: the runtime
     directory's links), with a separator so a prefix test matches whole directories only."""
-    import pyisolate
-    import pyisolate.broker
-    import pyisolate.workers
-
-    return tuple(os.path.dirname(m.__file__ or "") + os.sep for m in (pyisolate, pyisolate.broker, pyisolate.workers))
+    # Found, not imported: the loader sits below the package that would import it.
+    specs = (importlib.util.find_spec(name) for name in ("pyisolate", "pyisolate.broker", "pyisolate.workers"))
+    return tuple(os.path.dirname(spec.origin or "") + os.sep for spec in specs if spec is not None)
 
 
 def trim_traceback(exc: BaseException) -> BaseException:

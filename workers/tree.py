@@ -17,7 +17,7 @@ Three tools, each covering what the others cannot (Linux; elsewhere they do noth
 
 The worker runs ``kill_descendants(os.getpid())`` on every way out (``workers.exits``); the
 host runs it with the worker's pidfd before it SIGKILLs a worker, and ``kill_group`` after
-every worker's exit (``pyisolate._process``).
+every worker's exit (``pyisolate._host.process``).
 """
 
 from __future__ import annotations

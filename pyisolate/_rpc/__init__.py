@@ -1,13 +1,26 @@
-"""One actor's calls: the Endpoint and the parts it is made of (see ``endpoint``).
+"""One actor's calls: the Endpoint and the parts it is made of (see ``endpoint``), the
+proxies that stand for remote objects, and the blocking views of them.
 
-The rest of pyisolate uses ``Endpoint`` and ``CHAIN`` (the call chain a task serves); the
-method rules (``public_methods``, ``resolve_method``) are re-exported for the worker.
+- ``endpoint``: ``Endpoint`` composes ``values`` (the codec with references), ``calls`` (the
+  calls this actor makes), ``serve`` (the calls made on it), ``streams`` (generators) and
+  ``flow`` (slots and acknowledgements); ``dispatch`` holds the rules of what is callable.
+- ``refs``: exported objects and the proxies (``ActorProxy``, ``RefProxy``) that call them;
+  ``remote``: the awaitable of one remote call and of a remote stream.
+- ``context``: the worker process's own endpoint; ``blocking``: ``pyisolate.sync()``.
+
+The rest of pyisolate uses what this module names.
 """
 
 from __future__ import annotations
 
-from .._dispatch import public_methods, resolve_method
+from .blocking import Blocking, block, sync
+from .context import set_worker_endpoint, worker_endpoint
+from .dispatch import public_methods, resolve_method
 from .endpoint import Endpoint
-from .serve import CHAIN
+from .refs import ActorProxy, RefProxy
+from .remote import RemoteCall
 
-__all__ = ["CHAIN", "Endpoint", "public_methods", "resolve_method"]
+__all__ = [
+    "ActorProxy", "Blocking", "Endpoint", "RefProxy", "RemoteCall", "block", "public_methods", "resolve_method",
+    "set_worker_endpoint", "sync", "worker_endpoint",
+]  # fmt: skip

@@ -21,8 +21,8 @@ from typing import Any
 
 from pyisolate.broker.protocol import QUEUE_FULL, TOO_LARGE, Kind, pack_header, unpack_header
 
-from .. import _shm
-from .._codec import DecodeError
+from .._wire import DecodeError
+from .._wire import shm as _shm
 from ..errors import CallTimeoutError, MessageTooLargeError, ProtocolError, QueueFullError, UnroutableError
 from .flow import Acks, Slots
 from .serve import CHAIN

@@ -23,12 +23,12 @@ from typing import Any
 
 from pyisolate.broker.protocol import BROKER, BROKER_ONLY, Kind, pack_header, unpack_header
 
-from .. import _shm
-from .._codec import DecodeError, decode_exception
-from .._refs import ExportTable
+from .._wire import DecodeError, decode_exception
+from .._wire import shm as _shm
 from ..errors import PyisolateError
 from .calls import Calls
 from .flow import Acks
+from .refs import ExportTable
 from .serve import Server
 from .streams import Streams
 from .values import Values

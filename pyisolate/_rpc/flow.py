@@ -7,7 +7,7 @@ the cap wait first come, first served. The serving side refuses a sender that go
 same cap (see ``serve``), so honest callers never meet that refusal.
 
 Acknowledgements: a receiver that maps a shared-memory segment tells the sender, which then
-unpins it (see ``_shm``). They ride in headers where they can: the answer to a CALL
+unpins it (see ``pyisolate._wire.shm``). They ride in headers where they can: the answer to a CALL
 acknowledges what the CALL carried, and segments received in answers, events or stream items
 are acknowledged by the next CALL to their sender, or else by an ACK message at the end of the
 loop's turn. Headers stay small: more than ``ACKS_PER_HEADER`` names go in ACK messages.

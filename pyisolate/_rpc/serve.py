@@ -25,10 +25,10 @@ from typing import Any
 
 from pyisolate.broker.protocol import Kind
 
-from .. import _shm
-from .._codec import DecodeError, encode_exception
-from .._dispatch import ASYNC, GEN, PLAIN, call_fields, kind_of, resolve_method
+from .._wire import DecodeError, encode_exception
+from .._wire import shm as _shm
 from ..errors import ProtocolError, QueueFullError
+from .dispatch import ASYNC, GEN, PLAIN, call_fields, kind_of, resolve_method
 from .flow import Acks
 from .streams import Streams
 from .values import Values

@@ -16,10 +16,10 @@ from typing import Any
 
 from pyisolate.broker.protocol import Kind, pack_header
 
-from .._codec import DecodeError
-from .._streams import Producer, RemoteStream
+from .._wire import DecodeError
 from ..errors import ProtocolError, QueueFullError
 from .flow import Acks
+from .remote import Producer, RemoteStream
 from .values import Values
 
 __all__ = ["Streams"]

@@ -15,14 +15,13 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
+from pyisolate.broker.delivery import nbytes
 from pyisolate.broker.protocol import Kind, pack_header
 
-from .._codec import DecodeError, decode, encode
-from .._refs import FLAG_ACTOR, FLAG_ASYNC, ActorProxy, ExportTable, RefProxy, is_async_callable
-from pyisolate.broker.delivery import nbytes
-
+from .._wire import DecodeError, decode, encode
 from ..errors import EncodeError, MessageTooLargeError
 from .flow import Acks
+from .refs import FLAG_ACTOR, FLAG_ASYNC, ActorProxy, ExportTable, RefProxy, is_async_callable
 
 __all__ = ["Values"]
 

@@ -250,7 +250,7 @@ async def test_a_stream_can_be_consumed_from_another_loop(manager):
 
 
 async def test_events_beyond_the_bound_are_dropped_loudly(manager, caplog, monkeypatch):
-    from pyisolate import _events
+    from pyisolate._host import events as _events
 
     monkeypatch.setattr(_events.Events, "LIMIT", 10)
     a = await load(manager, "a")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pyisolate._worker import describe_exit
+from pyisolate._host.worker import describe_exit
 
 ROOT = Path(__file__).resolve().parents[2]
 

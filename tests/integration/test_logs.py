@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from pyisolate import ExtensionBase, ExtensionConfig, ExtensionCrashedError, ExtensionManager, ExtensionManagerConfig
-from pyisolate._lines import MAX_LINE
+from pyisolate._envs.lines import MAX_LINE
 from tests.support import ext
 
 pytestmark = pytest.mark.venv

@@ -71,4 +71,4 @@ def test_wheel_installs_only_the_pyisolate_namespace(tmp_path):
         assert required in names
     (entry_points,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
     declared = zipfile.ZipFile(wheel).read(entry_points).decode()
-    assert "[console_scripts]\npyisolate = pyisolate.cli:main" in declared, declared
+    assert "[console_scripts]\npyisolate = pyisolate._cli.main:main" in declared, declared

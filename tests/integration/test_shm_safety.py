@@ -18,8 +18,9 @@ from pathlib import Path
 import numpy
 import pytest
 
-from pyisolate import ExtensionConfig, ProtocolError, _shm
-from pyisolate._worker import describe_exit
+from pyisolate import ExtensionConfig, ProtocolError
+from pyisolate._wire import shm as _shm
+from pyisolate._host.worker import describe_exit
 
 torch = pytest.importorskip("torch")
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from pyisolate import _runtime
-from pyisolate._runtime import cached_runtime_dir, runtime_dir
+from pyisolate._envs import runtime as _runtime
+from pyisolate._envs.runtime import cached_runtime_dir, runtime_dir
 
 GC_PROBE = textwrap.dedent(
     """

@@ -16,8 +16,8 @@ from pyisolate import (
     ExtensionCrashedError,
     ExtensionManager,
     ExtensionManagerConfig,
-    _shm,
 )
+from pyisolate._wire import shm as _shm
 
 torch = pytest.importorskip("torch")
 

@@ -16,9 +16,9 @@ import zmq
 import pyisolate
 import pyisolate.broker.protocol
 import pyisolate.workers
-from pyisolate._runtime import runtime_dir
-from pyisolate._progress import ProgressEvent
-from pyisolate._venv import ensure_venv
+from pyisolate._envs.runtime import runtime_dir
+from pyisolate._envs.progress import ProgressEvent
+from pyisolate._envs.venv import ensure_venv
 from pyisolate.errors import EnvironmentBuildError
 
 pytestmark = pytest.mark.venv

@@ -18,7 +18,7 @@ import msgpack
 import numpy as np
 import pytest
 
-from pyisolate._codec import (
+from pyisolate._wire.codec import (
     BUFFER_THRESHOLD,
     EXT_BIGINT,
     EXT_BYTES_BUFFER,
@@ -238,14 +238,14 @@ def test_numpy_subclass_scalar_travels_as_the_builtin_it_derives_from():
 
 
 def test_importing_the_codec_does_not_import_numpy():
-    code = "import sys, pyisolate._codec; assert 'numpy' not in sys.modules, 'numpy imported'"
+    code = "import sys, pyisolate._wire.codec; assert 'numpy' not in sys.modules, 'numpy imported'"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 
 
 NO_NUMPY_CHILD = """
 import json, sys
 sys.modules["numpy"] = None  # any `import numpy` now raises ImportError
-from pyisolate._codec import DecodeError, decode
+from pyisolate._wire.codec import DecodeError, decode
 out = []
 for body in json.load(sys.stdin):
     try:
@@ -468,7 +468,7 @@ def test_buffer_bookkeeping_is_checked():
 
 
 def test_body_size_limit(monkeypatch):
-    import pyisolate._codec as codec
+    import pyisolate._wire.codec as codec
 
     monkeypatch.setattr(codec, "MAX_BODY_BYTES", 10)
     with pytest.raises(DecodeError, match="MAX_BODY_BYTES"):
@@ -705,7 +705,7 @@ else:
 def test_decoding_stops_at_max_objects_before_building_them():
     """A body is bounded by objects, not only by depth: millions of empty maps are refused
     after MAX_OBJECTS, whether in one array or spread over many small ones."""
-    from pyisolate._codec import MAX_OBJECTS
+    from pyisolate._wire.codec import MAX_OBJECTS
 
     flat = b"\xdd" + (64 << 20).to_bytes(4, "big") + b"\x80" * (64 << 20)
     with pytest.raises(DecodeError, match="MAX_OBJECTS"):
@@ -759,7 +759,7 @@ def test_subclasses_of_builtins_travel_as_their_base_type(value):
 
 def test_the_list_of_types_in_errors_is_the_one_in_the_protocol_docs():
     """docs/protocol.md's "Types that travel" is the single list; EncodeError quotes it."""
-    from pyisolate._codec_base import TRAVELS
+    from pyisolate._wire.base import TRAVELS
 
     text = (ROOT / "docs" / "protocol.md").read_text()
     line = next(line for line in text.splitlines() if line.startswith("Types that travel: "))

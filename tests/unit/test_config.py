@@ -76,10 +76,10 @@ def test_importing_pyisolate_and_the_worker_side_is_light():
 
     code = (
         "import sys, threading, pyisolate, pyisolate.workers.loader, pyisolate.workers.connection;"
-        "import pyisolate._rpc, pyisolate._blocking, pyisolate._actors, pyisolate._singleton;"
+        "import pyisolate._rpc, pyisolate._rpc.blocking, pyisolate._actors, pyisolate._singleton;"
         "pyisolate.sync, pyisolate.get_actor, pyisolate.emit, pyisolate.ProxiedSingleton;"
-        "assert 'pyisolate._manager' not in sys.modules, 'manager imported';"
-        "assert 'pyisolate._venv' not in sys.modules, 'venv builder imported';"
+        "assert 'pyisolate._host.manager' not in sys.modules, 'manager imported';"
+        "assert 'pyisolate._envs.venv' not in sys.modules, 'venv builder imported';"
         "assert 'packaging' not in sys.modules, 'host-only dependency imported';"
         "assert threading.active_count() == 1"
     )

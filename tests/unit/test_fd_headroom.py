@@ -6,7 +6,8 @@ import resource
 
 import pytest
 
-from pyisolate import ExtensionLoadError, _process
+from pyisolate import ExtensionLoadError
+from pyisolate._host import process as _process
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import sys
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pyisolate._lines import LineSplitter
+from pyisolate._envs.lines import LineSplitter
 from pyisolate.workers.logs import MARKER, MAX_MESSAGE, Record, RecordHandler, parse_line
 
 

@@ -7,7 +7,7 @@ import io
 import pytest
 
 from pyisolate import ProgressDisplay, ProgressEvent, ProgressStep
-from pyisolate._progress import _InstallProgress
+from pyisolate._envs.progress import _InstallProgress
 
 
 def ev(extension: str, step: str, elapsed: float, detail: str = "", packages: int | None = None) -> ProgressEvent:

@@ -10,8 +10,8 @@ import signal
 
 import pytest
 
-from pyisolate import _shm
-from pyisolate._shm import _memfd, _segments
+from pyisolate._wire import shm as _shm
+from pyisolate._wire.shm import _memfd, _segments
 
 
 class Table:

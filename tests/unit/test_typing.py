@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pyisolate._runtime import runtime_dir
+from pyisolate._envs.runtime import runtime_dir
 
 ROOT = Path(__file__).resolve().parents[2]
 

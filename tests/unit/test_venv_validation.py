@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from pyisolate import _venv
-from pyisolate._venv import validate_dependencies, validate_extension_name, venv_dir
+from pyisolate._envs import venv as _venv
+from pyisolate._envs.venv import venv_dir
+from pyisolate._validate import validate_dependencies, validate_extension_name
 from pyisolate.errors import ConfigError
 
 

@@ -75,7 +75,7 @@ class Actors(ExtensionBase):
     async def reference_counts(self):
         gc.collect()
         await asyncio.sleep(0)  # let finalizers' RELEASE messages go out first
-        endpoint = pyisolate._context.worker_endpoint()
+        endpoint = pyisolate._rpc.context.worker_endpoint()
         return {"exports": len(endpoint.exports), "proxies": endpoint.values.live_proxies()}
 
     # streams
@@ -125,11 +125,11 @@ class Actors(ExtensionBase):
         return await pyisolate.get_actor(other).call_back(fn, 1)
 
     async def call_ref_method(self, owner, ref_id, method):
-        endpoint = pyisolate._context.worker_endpoint()
+        endpoint = pyisolate._rpc.context.worker_endpoint()
         return await endpoint.remote_call(owner.encode(), method, (), {}, ref_id)
 
     async def forge_call(self, owner, ref_id):
-        from pyisolate._refs import RefProxy
+        from pyisolate._rpc.refs import RefProxy
 
-        endpoint = pyisolate._context.worker_endpoint()
+        endpoint = pyisolate._rpc.context.worker_endpoint()
         return await RefProxy(owner.encode(), ref_id, 0, endpoint.remote_call, [0])()

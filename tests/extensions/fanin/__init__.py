@@ -75,7 +75,7 @@ class FanIn(ExtensionBase):
 
     async def fan_gate(self, target, n):
         """Call ``target.gate(me, i)`` n times at once (this extension's own slots apply)."""
-        me = pyisolate._context.worker_endpoint().name.decode()
+        me = pyisolate._rpc.context.worker_endpoint().name.decode()
         actor = pyisolate.get_actor(target)
         return await asyncio.gather(*(actor.gate(me, i) for i in range(n)))
 
@@ -83,7 +83,7 @@ class FanIn(ExtensionBase):
         return await getattr(pyisolate.get_actor(target), method)(*args)
 
     def refused(self):
-        return pyisolate._context.worker_endpoint().server.refused
+        return pyisolate._rpc.context.worker_endpoint().server.refused
 
     # -- floods of a shared singleton ------------------------------------------------------
 

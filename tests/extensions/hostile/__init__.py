@@ -10,12 +10,12 @@ import mmap
 
 import pyisolate
 from pyisolate import ExtensionBase
-from pyisolate._codec import encode
+from pyisolate._wire.codec import encode
 from pyisolate.broker.protocol import Kind, pack_header
 
 
 def _endpoint():
-    return pyisolate._context.worker_endpoint()
+    return pyisolate._rpc.context.worker_endpoint()
 
 
 def _raw(dest, kind, call_id=0, *extra, body=b"", buffers=()):

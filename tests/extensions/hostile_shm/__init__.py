@@ -17,7 +17,7 @@ import torch
 
 import pyisolate
 from pyisolate import ExtensionBase
-from pyisolate._shm import _channel, _memfd, _segments
+from pyisolate._wire.shm import _channel, _memfd, _segments
 
 
 def _memfd_paths(pid):
@@ -95,7 +95,7 @@ class HostileShm(ExtensionBase):
                 except OSError:
                     pass
         for t in self.kept:  # and through the descriptors our mappings hold
-            segment = pyisolate._shm.find(t.untyped_storage().data_ptr())
+            segment = pyisolate._wire.shm.find(t.untyped_storage().data_ptr())
             if segment is not None and segment.mapping.fd >= 0:
                 attempts += 1
                 try:
@@ -127,9 +127,9 @@ class HostileShm(ExtensionBase):
 
     def crafted(self, kind):
         """A handle naming a real segment of ours (4 KiB, PUT to the host) that lies about its layout."""
-        segment = pyisolate._shm.create(4096)
+        segment = pyisolate._wire.shm.create(4096)
         self.kept.append(segment)
-        segment_id = pyisolate._shm.share(b"host", segment)
+        segment_id = pyisolate._wire.shm.share(b"host", segment)
         payloads = {
             "expand": (13, ["cpu", "float32", [1 << 31, 1 << 31], [0, 0], 0, False, segment_id]),
             "overlap": (13, ["cpu", "float32", [1 << 20, 1 << 20], [1, 1], 0, False, segment_id]),
@@ -202,7 +202,7 @@ class HostileShm(ExtensionBase):
         """GET a segment nobody shared: the answer is a typed refusal."""
         try:
             _segments.state.source.fetch(f"victim:{os.urandom(16).hex()}")
-        except pyisolate._shm.RefusedHandle as exc:
+        except pyisolate._wire.shm.RefusedHandle as exc:
             return f"RefusedHandle: {exc}"
         return "got a descriptor"
 
@@ -211,4 +211,4 @@ class HostileShm(ExtensionBase):
         return [torch.full((4,), float(i)) for i in range(count)]
 
     def shm_stats(self):
-        return {**pyisolate._shm.stats(), "fds": len(os.listdir("/proc/self/fd"))}
+        return {**pyisolate._wire.shm.stats(), "fds": len(os.listdir("/proc/self/fd"))}

@@ -26,7 +26,7 @@ class Tensors(ExtensionBase):
         t.fill_(value)
 
     def pinned(self):
-        return pyisolate._shm.pinned()
+        return pyisolate._wire.shm.pinned()
 
     def make(self, n):
         return torch.arange(n, dtype=torch.float32)
@@ -54,7 +54,7 @@ class Tensors(ExtensionBase):
 
     def shm_stats(self):
         """What shared memory holds in this worker, and its open descriptors."""
-        return {**pyisolate._shm.stats(), "fds": len(os.listdir("/proc/self/fd"))}
+        return {**pyisolate._wire.shm.stats(), "fds": len(os.listdir("/proc/self/fd"))}
 
     def expanded(self, n):
         return torch.arange(4.0).expand(n, 4)
@@ -89,7 +89,7 @@ class Tensors(ExtensionBase):
 
         from pyisolate.broker.protocol import Kind, pack_header
 
-        endpoint = pyisolate._context.worker_endpoint()
+        endpoint = pyisolate._rpc.context.worker_endpoint()
         me = asyncio.current_task()
         sender, call_id = next(key for key, task in endpoint.server._serving.items() if task is me)
         body, buffers = endpoint.values.encode(sender, torch.arange(n, dtype=torch.float64), None)

@@ -1,6 +1,6 @@
 """The venvs under a venv root, for ``pyisolate env``: list them, remove some, rebuild one.
 
-Works on the layout ``pyisolate._venv`` writes (``<root>/<name>/`` with its ready marker,
+Works on the layout ``pyisolate._envs.venv`` writes (``<root>/<name>/`` with its ready marker,
 ``<root>/.locks/``, ``<root>/.runtime/``). It never removes anything outside the root, never
 follows a symlink, and removes a venv only while holding its build lock, by renaming it to
 ``<root>/.trash-<name>-<random>`` first (atomic: a host sees the whole venv or none) and then
@@ -21,8 +21,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import _venv
-from .errors import ConfigError
+from .._validate import validate_extension_name
+from ..errors import ConfigError
+from . import venv as _venv
 
 __all__ = ["VenvInfo", "VenvBusyError", "in_use", "list_venvs", "looks_like_root", "remove_venv", "trash"]
 
@@ -68,7 +69,7 @@ def _venv_entries(root: Path) -> Iterator[Path]:
         if entry.name.startswith(".") or entry.is_symlink() or not entry.is_dir():
             continue
         try:
-            _venv.validate_extension_name(entry.name)
+            validate_extension_name(entry.name)
         except ConfigError:
             continue
         if (entry / _venv._MARKER).is_file() or (entry / "pyvenv.cfg").is_file():

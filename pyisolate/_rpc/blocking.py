@@ -9,9 +9,8 @@ import asyncio
 from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
 
-from ._extension import Extension
-from ._refs import ActorProxy, RefProxy
-from ._streams import RemoteStream
+from .refs import ActorProxy, RefProxy
+from .remote import RemoteStream
 
 __all__ = ["Blocking", "block", "sync"]
 
@@ -93,13 +92,11 @@ def sync(target: Any) -> Any:
     """
     if isinstance(target, (ActorProxy, RefProxy)):
         return Blocking(target, target._pyisolate_call.__self__.loop)  # type: ignore[attr-defined]
-    if isinstance(target, Extension):
-        backend = target._pyisolate_backend
-        manager = getattr(backend, "_manager", None)
-        loop = manager.loop if manager is not None else None
-        if loop is None:
-            raise TypeError("pyisolate.sync() of an isolated=False extension: call its methods directly")
-        return Blocking(target, loop)
+    # An extension handle (pyisolate._host) names the loop that serves it; looked up on the
+    # type so that an object answering every attribute (a Blocking, say) is not taken for one.
+    loop_of = getattr(type(target), "_pyisolate_sync_loop", None)
+    if loop_of is not None:
+        return Blocking(target, loop_of(target))
     raise TypeError(f"pyisolate.sync() takes a proxy, callback or extension handle, not {type(target).__name__}")
 
 

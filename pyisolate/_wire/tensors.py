@@ -1,6 +1,6 @@
 """Tensors as shared-memory handles: the only module that imports torch, and lazily.
 
-A CPU tensor travels as the id of a segment (a sealed memfd, see ``_shm``) holding its storage
+A CPU tensor travels as the id of a segment (a sealed memfd, see ``shm``) holding its storage
 plus its metadata (dtype, shape, stride, storage offset, requires_grad); the body never
 carries its data. A tensor whose storage is not shared yet is moved into a new segment once
 (one copy): its storage is replaced in place, so later sends of it, or of views made from it
@@ -14,12 +14,11 @@ frame's index), with one warning per process. A CUDA tensor travels as a CUDA IP
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from typing import Any
 
-from collections.abc import Callable
-
-from . import _shm
-from ._codec_base import Buffer, DecodeError, _to_buffer
+from . import shm as _shm
+from .base import Buffer, DecodeError, _to_buffer
 
 __all__ = ["decode_tensor", "encode_tensor", "is_tensor"]
 

@@ -12,16 +12,9 @@ import traceback
 from types import ModuleType
 from typing import Any
 
-from pyisolate._codec_base import (
-    EXT_EXCEPTION,
-    DecodeError,
-    _Decoder,
-    _ext,
-    _pack,
-    _thread,
-)
-from pyisolate._codec_walk import _ExceptionArgs, _walk_arg
-from pyisolate.errors import EncodeError, PyisolateError, RemoteError
+from ..errors import EncodeError, PyisolateError, RemoteError
+from .base import EXT_EXCEPTION, DecodeError, _Decoder, _ext, _pack, _thread
+from .walk import _ExceptionArgs, _walk_arg
 
 
 def _encode_exception(exc: BaseException | _ExceptionArgs) -> object:

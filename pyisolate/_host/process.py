@@ -24,9 +24,9 @@ from typing import Any
 from pyisolate.workers import tree
 from pyisolate.workers.logs import parse_line
 
-from . import _shm
-from ._lines import LineSplitter
-from .errors import ExtensionLoadError
+from .._envs import LineSplitter
+from .._wire import shm as _shm
+from ..errors import ExtensionLoadError
 
 __all__ = ["EXTENSION_LOGGER", "WorkerProcess", "ensure_fd_headroom", "extension_logger"]
 
@@ -39,7 +39,7 @@ logger = logging.getLogger(__name__)
 #: ``-I`` keeps out PYTHONPATH, user site-packages and the current directory. The cyclic
 #: garbage collector stays off while the runtime imports (its passes over the new modules found
 #: nothing but cost every start-up several ms); the worker turns it on before any extension
-#: code runs. The last argument is the worker's end of its control channel (see ``_shm``).
+#: code runs. The last argument is the worker's end of its control channel (see ``pyisolate._wire.shm``).
 _BOOTSTRAP = (
     "import gc, sys, ctypes; gc.disable(); ctypes.CDLL(None).prctl(4, 0, 0, 0, 0); "
     "sys.path.append(sys.argv.pop(1)); from pyisolate.workers.__main__ import main; main()"

@@ -17,8 +17,9 @@ from typing import Any
 
 import msgpack
 
-from pyisolate import _shm
-from pyisolate._codec_base import (
+from ..errors import EncodeError
+from . import shm as _shm
+from .base import (
     _ENCODERS,
     BUFFER_THRESHOLD,
     EXT_NP_ARRAY,
@@ -32,7 +33,6 @@ from pyisolate._codec_base import (
     _thread,
     _to_buffer,
 )
-from pyisolate.errors import EncodeError
 
 _U16 = struct.Struct("<H")
 _DTYPE_RE = re.compile(r"([<>|])([a-zA-Z])(\d{1,6})(\[\d{0,6}[a-zA-Z]{1,2}\])?(?:/(.))?")

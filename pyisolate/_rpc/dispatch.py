@@ -6,9 +6,9 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
-from ._base import LIFECYCLE_HOOKS
-from ._refs import is_async_callable
-from .errors import ProtocolError
+from .._base import LIFECYCLE_HOOKS
+from ..errors import ProtocolError
+from .refs import is_async_callable
 
 __all__ = ["ASYNC", "GEN", "PLAIN", "call_fields", "kind_of", "public_methods", "resolve_method"]
 

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._streams import RemoteCall
+from .remote import RemoteCall
 
 __all__ = ["ActorProxy", "ExportTable", "RefProxy", "FLAG_ACTOR", "FLAG_ASYNC"]
 
@@ -85,7 +85,7 @@ class ExportTable:
 
 def is_async_callable(obj: object) -> bool:
     """Whether calling ``obj`` gives a coroutine."""
-    return inspect.iscoroutinefunction(obj) or inspect.iscoroutinefunction(getattr(type(obj), "__call__", None))
+    return inspect.iscoroutinefunction(obj) or inspect.iscoroutinefunction(getattr(type(obj), "__call__", None))  # noqa: B004
 
 
 class RefProxy:

@@ -1,6 +1,6 @@
 """Cut a child process's output into text lines, whatever arrives: partial reads, huge lines, bytes.
 
-Used for worker stdout and stderr (``_process``) and for uv's output (``_venv``). A line longer
+Used for worker stdout and stderr (``pyisolate._host.process``) and for uv's output (``venv``). A line longer
 than ``limit`` bytes is cut there, the rest of it dropped and counted; bytes that are not UTF-8
 are shown as ``\\xNN`` escapes, never an error.
 """

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from . import _memfd
+from ._channel import MAX_SEGMENTS_PER_WORKER
 from ._memfd import NoRoom, RefusedHandle
 
 __all__ = ["Segment", "Source", "ack_key", "create", "drop_peer", "find", "own_fd", "pin", "pinned",
@@ -40,20 +41,16 @@ _MAX_ALIASES = 8
 
 class Source(Protocol):
     """Where descriptors of other actors' segments come from, and where ours go (the channel)."""
-
     def fetch(self, segment_id: str) -> int:
         """A new descriptor of ``segment_id`` that the caller owns; RefusedHandle if none."""
-
     def put(self, segment_id: str, fd: int) -> None:
         """Make our segment ``segment_id`` available to others (OSError if it cannot)."""
-
     def drop(self, segment_id: str) -> None:
         """Our mapping of ``segment_id`` died; never blocks."""
 
 
 class _Mapping:
     """One mmap of a segment in this process, and the ids it is known by here."""
-
     __slots__ = ("mm", "fd", "size", "inode", "address", "own_id", "put", "ids", "__weakref__")
 
     def __init__(self, mm: mmap.mmap, fd: int, size: int, inode: tuple[int, int], address: int,
@@ -71,7 +68,6 @@ class _Mapping:
 @dataclass(eq=False)
 class Segment:
     """A live mapping of a segment (holding it keeps the mapping alive)."""
-
     mm: mmap.mmap
     mapping: _Mapping
 
@@ -88,7 +84,6 @@ class _Pin:
 
 class _State:
     """Who this process is, in shared-memory terms (set by ``configure``)."""
-
     session = ""
     actor = ""
     source: Source | None = None
@@ -231,8 +226,6 @@ def _own_id(mapping: _Mapping) -> str:
 
 
 def _put(segment_id: str, mapping: _Mapping) -> None:
-    from ._channel import MAX_SEGMENTS_PER_WORKER
-
     assert state.source is not None
     with _lock:
         if mapping.fd < 0 or state.put_live >= MAX_SEGMENTS_PER_WORKER:

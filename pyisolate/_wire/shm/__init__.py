@@ -50,10 +50,19 @@ if TYPE_CHECKING:  # the hub is host-only code: a worker never imports it
 __all__ = [
     "MAX_SEGMENTS_PER_WORKER", "NoRoom", "RefusedHandle", "Segment", "Source", "WorkerChannel", "ack_key",
     "attach_worker", "configure", "configure_host", "create", "drop_peer", "extent", "find", "hub", "mapped",
-    "pin", "pinned", "receive", "session", "share", "stats", "sweep", "unpin", "warn_copy",
+    "pin", "pinned", "probe", "receive", "session", "share", "stats", "sweep", "unpin", "warn_copy",
 ]
 
 _hub: Hub | None = None
+
+
+def probe(size: int = 1 << 20) -> None:
+    """Make one sealed segment of ``size`` bytes and let it go (``pyisolate doctor``'s check).
+
+    Raises:
+        OSError: no segment can be had here; a ``NoRoom`` carries a ``fix`` to tell the user.
+    """
+    os.close(_memfd.create(size))
 
 
 def configure(session: str, actor: str, *, source: Source | None = None) -> None:

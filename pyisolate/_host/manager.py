@@ -15,23 +15,17 @@ from pyisolate.broker.protocol import HOST, Kind, pack_header
 from pyisolate.broker.router import Broker
 from pyisolate.workers.loader import class_spec, load_extension
 
-from . import _shm
-from ._base import ExtensionBase
-from ._codec import encode_exception
-from ._config import ExtensionConfig, ExtensionManagerConfig
-from ._events import Events
-from ._extension import Extension, LocalBackend
-from ._refs import ActorProxy
-from ._rpc import Endpoint
-from ._singleton import ProxiedSingleton, actor_name
-from ._process import WorkerProcess
-from ._worker import State, Worker, retrieve
-from .errors import (
-    ConfigError,
-    ExtensionClosedError,
-    LoadExtensionsError,
-    UnroutableError,
-)
+from .._base import ExtensionBase
+from .._config import ExtensionConfig, ExtensionManagerConfig
+from .._rpc import ActorProxy, Endpoint
+from .._singleton import ProxiedSingleton, actor_name
+from .._wire import encode_exception
+from .._wire import shm as _shm
+from ..errors import ConfigError, ExtensionClosedError, LoadExtensionsError, UnroutableError
+from .events import Events
+from .extension import Extension, LocalBackend
+from .process import WorkerProcess
+from .worker import State, Worker, retrieve
 
 __all__ = ["ExtensionManager"]
 

@@ -9,44 +9,25 @@ progress and messages go to standard error. See docs/guides/cli.md.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
 import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
-__all__ = ["EXIT_FAILED", "EXIT_OK", "EXIT_USAGE", "VENV_ROOT_ENV", "UsageError", "default_venv_root", "main"]
+import pyisolate
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-VENV_ROOT_ENV = "PYISOLATE_VENV_ROOT"
+from . import env as _cli_env
+from .doctor import ERROR, WARN, run_checks
+from .output import EXIT_FAILED, EXIT_OK, EXIT_USAGE, VENV_ROOT_ENV, UsageError, default_venv_root, error, print_json
 
-
-class UsageError(Exception):
-    """The command line is wrong: exit code 2, with this message."""
-
-
-def default_venv_root() -> Path:
-    """``$PYISOLATE_VENV_ROOT`` if set, else ``./venvs`` (what the README's examples use)."""
-    return Path(os.environ.get(VENV_ROOT_ENV) or "venvs").expanduser().absolute()
-
-
-def print_json(document: Any) -> None:
-    print(json.dumps(document, indent=2))
-
-
-def error(message: str) -> None:
-    print(f"pyisolate: error: {message}", file=sys.stderr)
+__all__ = ["build_parser", "main"]
 
 
 # -- doctor --------------------------------------------------------------------------------
 
 
 def _doctor(args: argparse.Namespace) -> int:
-    from ._doctor import ERROR, WARN, run_checks
-
     checks = run_checks(args.venv_root)
     bad = {ERROR, WARN} if args.strict else {ERROR}
     ok = not any(check.status in bad for check in checks)
@@ -67,8 +48,6 @@ def _doctor(args: argparse.Namespace) -> int:
 
 def bench_script() -> Path | None:
     """``benchmarks/run.py`` of the source checkout this pyisolate runs from, if any."""
-    import pyisolate
-
     script = Path(pyisolate.__file__).resolve().parent.parent / "benchmarks" / "run.py"
     return script if script.is_file() else None
 
@@ -117,14 +96,11 @@ def _days(text: str) -> float:
 
 def build_parser() -> argparse.ArgumentParser:
     """The parser of the whole command line (``bench`` arguments are split off before it)."""
-    from . import _cli_env
-
     formatter = argparse.HelpFormatter  # sub-commands: descriptions wrapped to the terminal
     parser = argparse.ArgumentParser(
         prog="pyisolate", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_EPILOG,
         description="Inspect and manage pyisolate's environment: its prerequisites and the extensions' venvs.",
     )  # fmt: skip
-    import pyisolate
 
     parser.add_argument("--version", action="version", version=f"pyisolate {pyisolate.__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what pyisolate does (to stderr)")

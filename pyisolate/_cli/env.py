@@ -14,11 +14,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import _envs
-from ._config import ExtensionConfig
-from ._doctor import nearest_existing, size
-from .cli import EXIT_FAILED, EXIT_OK, UsageError, error, print_json
-from .errors import ConfigError, EnvironmentBuildError
+from .._config import ExtensionConfig
+from .._discovery import ENTRY_POINT_GROUP, extension_dirs
+from .._envs import ProgressDisplay, ProgressStep, ensure_venv, runtime_dir
+from .._envs import inventory as _envs
+from .._manifest import MANIFEST, default_name
+from .._validate import validate_extension_name
+from ..errors import ConfigError, EnvironmentBuildError
+from .doctor import nearest_existing, size
+from .output import EXIT_FAILED, EXIT_OK, UsageError, error, print_json
 
 __all__ = ["COMMANDS"]
 
@@ -45,7 +49,6 @@ def _require_root(root: Path) -> None:
 
 def _root_is_a_directory(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
     """Refuse (exit code 2) a venv root that is, or lies under, something other than a directory."""
-
     def checked(args: argparse.Namespace) -> int:
         root: Path = args.venv_root
         existing = nearest_existing(root)
@@ -96,7 +99,6 @@ def _list(args: argparse.Namespace) -> int:
 @dataclass(frozen=True)
 class _Job:
     """One venv to build: from an extension's config, or from what a venv's last build recorded."""
-
     name: str
     directory: str | None
     dependencies: tuple[str, ...]
@@ -111,10 +113,6 @@ class _Job:
 
 
 async def _build_one(config: _Job, root: Path, display: Callable[[Any], None]) -> dict[str, Any]:
-    from ._runtime import runtime_dir
-    from ._progress import ProgressStep
-    from ._venv import ensure_venv
-
     started = time.monotonic()
     steps: list[str] = []
     result: dict[str, Any] = {"name": config.name, "directory": config.directory, "venv": None}
@@ -139,8 +137,6 @@ async def _build_one(config: _Job, root: Path, display: Callable[[Any], None]) -
 
 
 def _build_all(configs: list[_Job], root: Path) -> list[dict[str, Any]]:
-    from ._progress import ProgressDisplay
-
     async def run() -> list[dict[str, Any]]:
         return list(await asyncio.gather(*(_build_one(c, root, display) for c in configs)))
 
@@ -163,8 +159,6 @@ def _report(args: argparse.Namespace, results: list[dict[str, Any]]) -> int:
 def _known_name(directory: Path) -> str | None:
     """The name of an extension whose manifest is invalid, where what it says about the name can
     still be read: as ExtensionConfig.from_path() would name it, else None."""
-    from ._manifest import MANIFEST, default_name
-    from ._venv import validate_extension_name
 
     if not directory.is_dir():
         return None
@@ -238,8 +232,6 @@ def _repair(args: argparse.Namespace) -> int:
 
 
 def _kept_names(directories: list[Path]) -> set[str]:
-    from ._discovery import ENTRY_POINT_GROUP, extension_dirs
-
     names = {point.name for point in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)}
     problems = []
     for directory in directories:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from ._rpc import Endpoint
+    from .endpoint import Endpoint
 
 _worker_endpoint: Endpoint | None = None
 

@@ -10,28 +10,25 @@ import secrets
 import signal
 import sys
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from pyisolate.broker.protocol import Kind
-from pyisolate.workers.loader import class_spec
+from pyisolate.workers.loader import ClassSpec, class_spec
 
-from . import _shm, _venv
-from ._codec import DecodeError, decode_exception
-from ._config import ExtensionConfig
-from ._process import WorkerProcess, ensure_fd_headroom, extension_logger
-from ._runtime import cached_runtime_dir, runtime_dir
-from .errors import (
-    ExtensionClosedError,
-    ExtensionCrashedError,
-    ExtensionLoadError,
-    PyisolateError,
-    UnroutableError,
-)
+from .._config import ExtensionConfig, ExtensionManagerConfig
+from .._envs import cached_runtime_dir, ensure_venv, runtime_dir
+from .._singleton import ProxiedSingleton
+from .._wire import DecodeError, decode_exception
+from .._wire import shm as _shm
+from ..errors import ExtensionClosedError, ExtensionCrashedError, ExtensionLoadError, PyisolateError, UnroutableError
+from .process import WorkerProcess, ensure_fd_headroom, extension_logger
 
 if TYPE_CHECKING:
-    from ._manager import ExtensionManager
+    from pyisolate.broker.router import Broker
 
-__all__ = ["State", "Worker", "describe_exit", "retrieve"]
+    from .._rpc import Endpoint
+
+__all__ = ["Host", "State", "Worker", "describe_exit", "retrieve"]
 
 logger = logging.getLogger("pyisolate")
 
@@ -57,10 +54,28 @@ def describe_exit(code: int | None) -> str:
     return f"exited with code {code}"
 
 
+class Host(Protocol):
+    """What a Worker needs of the manager that owns it (``ExtensionManager`` is one)."""
+    config: ExtensionManagerConfig
+    extension_spec: ClassSpec | None
+    _closing: bool
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop: ...
+    @property
+    def broker(self) -> Broker: ...
+    @property
+    def endpoint(self) -> Endpoint: ...
+    def _singleton_names(self) -> list[bytes]: ...
+    def _connecting_workers(self) -> int: ...
+    def _start_heartbeats(self) -> None: ...
+    def _fail_peer(self, name: bytes, exc: BaseException, *, forget: bool = True) -> None: ...
+    def _forget(self, backend: Worker) -> None: ...
+
+
 class Worker:
     """A remote extension as the manager sees it: its process, its state, its readiness."""
-
-    def __init__(self, manager: ExtensionManager[Any], config: ExtensionConfig) -> None:
+    def __init__(self, manager: Host, config: ExtensionConfig) -> None:
         self.name = config.name
         self.bname = config.name.encode()
         self.config = config
@@ -138,7 +153,7 @@ class Worker:
     async def _start(self) -> None:
         manager, config = self._manager, self.config
         try:
-            python = await _venv.ensure_venv(
+            python = await ensure_venv(
                 venv_root=manager.config.venv_root,
                 name=self.name,
                 dependencies=config.dependencies,
@@ -344,7 +359,6 @@ def _host_module_hint(remote: BaseException) -> str:
     module = sys.modules.get(name)
     if module is None:
         return ""
-    from ._singleton import ProxiedSingleton
 
     singletons = sorted(
         value.__qualname__ for value in vars(module).values()

@@ -7,11 +7,11 @@ import threading
 from collections.abc import Callable, Coroutine, Iterable
 from typing import Any
 
-from ._blocking import Blocking, block
-from ._config import ExtensionConfig, ExtensionManagerConfig
-from ._extension import Extension
-from ._manager import ExtensionManager
-from .errors import LoadExtensionsError
+from .._config import ExtensionConfig, ExtensionManagerConfig
+from .._rpc import Blocking, block
+from ..errors import LoadExtensionsError
+from .extension import Extension
+from .manager import ExtensionManager
 
 __all__ = ["SyncExtensionManager"]
 

@@ -23,8 +23,8 @@ msgpack carries None, bool, int in [-2**63, 2**64), float, str, small bytes, lis
     11    exception         msgpack [module, qualname, args, str(exc), traceback, extras]
     12    reference         msgpack [owner actor, ref id, flags]: a callable or actor proxy
     13    torch tensor      msgpack [device, dtype, shape, stride, offset, requires_grad,
-                          segment id or buffer index (cpu), or CUDA IPC handle (cuda)]; see _tensors
-    14    numpy array, shm  msgpack [segment id, dtype.str, shape, strides, offset]; see _shm
+                          segment id or buffer index (cpu), or CUDA IPC handle (cuda)]; see ``tensors``
+    14    numpy array, shm  msgpack [segment id, dtype.str, shape, strides, offset]; see ``shm``
 
 The fast path is msgpack's C packer alone. Because it packs bytes, bytearray and memoryview
 natively, the body is scanned (C speed) for bin headers and for more container headers than
@@ -34,8 +34,9 @@ check depth, and packed again. Paths in EncodeError messages are computed only o
 returns msgpack.Timestamp for ext -1. Neither is part of the set; both are inert data.)
 
 This module holds encode and decode and the built-in types; the rest lives beside it, each
-part importing only those below: _codec_base (limits, ext codes, per-thread packers, the
-decoder), _codec_numpy (codes 9, 10), _codec_walk (the slow path), _codec_errors (code 11).
+part importing only those below: ``base`` (limits, ext codes, per-thread packers, the
+decoder), ``arrays`` (codes 9, 10, 14), ``tensors`` (code 13), ``walk`` (the slow path),
+``exceptions`` (code 11).
 """
 
 from __future__ import annotations
@@ -44,8 +45,10 @@ import struct
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from pyisolate import _codec_base
-from pyisolate._codec_base import (
+from ..errors import EncodeError, RemoteError
+from . import base
+from .arrays import _decode_ndarray, _decode_np_scalar, _decode_shm_array, _find_numpy_encoder
+from .base import (
     _CONTAINERS,
     _DECODERS,
     _ENCODERS,
@@ -63,9 +66,9 @@ from pyisolate._codec_base import (
     EXT_NP_ARRAY,
     EXT_NP_SCALAR,
     EXT_REF,
+    EXT_SET,
     EXT_SHM_ARRAY,
     EXT_TENSOR,
-    EXT_SET,
     EXT_TUPLE,
     MAX_DEPTH,
     MAX_OBJECTS,
@@ -81,16 +84,9 @@ from pyisolate._codec_base import (
     _type_name,
     base_value,
 )
-from pyisolate._codec_errors import _decode_exception, _encode_exception, _safe_str
-from pyisolate._codec_numpy import (
-    _decode_shm_array,
-    _decode_ndarray,
-    _decode_np_scalar,
-    _find_numpy_encoder,
-)
-from pyisolate._codec_walk import _Binary, _ExceptionArgs, _locate, _Unsendable, _walk
-from pyisolate._tensors import decode_tensor, encode_tensor, is_tensor
-from pyisolate.errors import EncodeError, RemoteError
+from .exceptions import _decode_exception, _encode_exception, _safe_str
+from .tensors import decode_tensor, encode_tensor, is_tensor
+from .walk import _Binary, _ExceptionArgs, _locate, _Unsendable, _walk
 
 __all__ = ["BUFFER_THRESHOLD", "MAX_BODY_BYTES", "MAX_DEPTH", "MAX_OBJECTS", "DecodeError", "decode",
            "decode_exception", "encode", "encode_exception"]
@@ -206,7 +202,7 @@ def _encode_base(obj: object) -> object:
     return value
 
 
-_codec_base._find_encoder = _find_encoder  # for _default, msgpack's hook in every packer
+base._find_encoder = _find_encoder  # for _default, msgpack's hook in every packer
 
 
 def _encode_binary(obj: _Binary) -> object:

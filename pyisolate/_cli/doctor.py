@@ -17,6 +17,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from .._envs import uv_binary
+from .._wire import shm
+
 __all__ = ["Check", "run_checks"]
 
 OK, INFO, WARN, ERROR = "ok", "info", "warn", "error"
@@ -28,7 +31,6 @@ _SUN_PATH_MAX = 107
 @dataclass(frozen=True)
 class Check:
     """One finding: what was checked, how it went, and what to do about it."""
-
     name: str
     status: str
     summary: str
@@ -53,8 +55,6 @@ def check_python() -> Check:
 
 
 def check_uv() -> Check:
-    from ._venv import uv_binary
-
     fix = "reinstall it: pip install --force-reinstall 'uv>=0.9'"
     try:
         binary = uv_binary()
@@ -100,12 +100,11 @@ def check_shm() -> Check:
     """Shared memory for tensors and arrays: sealed memfds, not files in /dev/shm."""
     import resource
 
-    from ._shm import _memfd
 
     try:
-        os.close(_memfd.create(1 << 20))
+        shm.probe(1 << 20)
     except OSError as exc:
-        fix = exc.fix if isinstance(exc, _memfd.NoRoom) else "use Linux 3.17 or later"
+        fix = exc.fix if isinstance(exc, shm.NoRoom) else "use Linux 3.17 or later"
         return Check("shm", WARN, f"a sealed memfd cannot be made ({exc}): tensors and large arrays will "
                      "travel as copies through the socket", fix)
     available = _available_memory()

@@ -1,10 +1,10 @@
 """What every part of the codec shares: limits, ext codes, per-thread packers, the decoder.
 
-The codec is split by purpose: this module, ``_codec_numpy`` (numpy scalars and arrays),
-``_codec_walk`` (the slow encode path), ``_codec_errors`` (exceptions) and ``_codec`` (the
+The codec is split by purpose: this module, ``arrays`` (numpy scalars and arrays),
+``walk`` (the slow encode path), ``exceptions`` (exceptions) and ``codec`` (the
 public encode and decode, built-in types). Imports run one way, towards this module; the
 recursion from packing back into any encoder goes through _ENCODERS and _DECODERS, which
-``_codec`` fills, and through _find_encoder, which ``_codec`` installs.
+``codec`` fills, and through _find_encoder, which ``codec`` installs.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 import msgpack
 
-from pyisolate.errors import EncodeError, ProtocolError
+from ..errors import EncodeError, ProtocolError
 
 BUFFER_THRESHOLD: int = 64 * 1024
 MAX_DEPTH: int = 64
@@ -149,7 +149,7 @@ def _pack(st: _Thread, value: object) -> bytes:
     return body
 
 
-# Encoders by exact type; _codec fills it, _codec_numpy adds numpy types as it meets them.
+# Encoders by exact type; codec fills it, arrays adds numpy types as it meets them.
 _ENCODERS: dict[type, Callable[[Any], object]] = {}
 
 
@@ -157,7 +157,7 @@ def _no_encoder(obj: object) -> Callable[[Any], object]:
     raise EncodeError(f"cannot send value of type {_type_name(type(obj))!r}: {_SUPPORTED}")
 
 
-# The encoder for a value whose type is not in _ENCODERS, or EncodeError. _codec, the one
+# The encoder for a value whose type is not in _ENCODERS, or EncodeError. codec, the one
 # module that knows every encoder (exceptions, numpy), installs the real one at import.
 _find_encoder: Callable[[object], Callable[[Any], object]] = _no_encoder
 
@@ -254,5 +254,5 @@ class _Decoder:
         return self.take(_U32.unpack(data)[0])
 
 
-# Decoders by ext code; _codec fills it.
+# Decoders by ext code; codec fills it.
 _DECODERS: dict[int, Callable[[_Decoder, bytes], object]] = {}

@@ -7,7 +7,9 @@ returns. On a failure the walk also finds the value to blame and its path for En
 
 from __future__ import annotations
 
-from pyisolate._codec_base import (
+from ..errors import EncodeError
+from .arrays import _check_dtype, _encode_ndarray, _encode_np_scalar, _find_numpy_encoder
+from .base import (
     _CONTAINERS,
     _ENCODERS,
     _SCALARS,
@@ -19,14 +21,7 @@ from pyisolate._codec_base import (
     _type_name,
     base_value,
 )
-from pyisolate._codec_numpy import (
-    _check_dtype,
-    _encode_ndarray,
-    _encode_np_scalar,
-    _find_numpy_encoder,
-)
-from pyisolate._tensors import is_tensor
-from pyisolate.errors import EncodeError
+from .tensors import is_tensor
 
 
 class _Binary:

@@ -8,30 +8,27 @@ import inspect
 from collections.abc import Callable, Generator
 from typing import Any, Protocol
 
-from ._base import ExtensionBase
-from ._streams import RemoteCall
+from .._base import ExtensionBase
+from .._rpc import RemoteCall, resolve_method
+from ..errors import CallTimeoutError, ExtensionClosedError
 
 __all__ = ["Backend", "Extension", "LocalBackend"]
 
 
 class Backend(Protocol):
     """What runs an extension: a worker process, or the host itself (``isolated=False``)."""
-
     name: str
 
     def call(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None = None) -> Any:
         """Return an awaitable of ``method(*args, **kwargs)`` on the extension."""
-
     async def wait_ready(self) -> None:
         """Return once the extension is loaded; raise why it could not be."""
-
     async def stop(self) -> None:
         """Run the extension's stop hook and release it; idempotent."""
 
 
 class _Method:
     """A method of the extension; calling it returns an awaitable of the result."""
-
     __slots__ = ("_backend", "_name")
 
     def __init__(self, backend: Backend, name: str) -> None:
@@ -80,6 +77,14 @@ class Extension:
     def __repr__(self) -> str:
         return f"<Extension {self._pyisolate_backend.name!r}>"
 
+    def _pyisolate_sync_loop(self) -> asyncio.AbstractEventLoop:
+        """The loop that serves this handle, for ``pyisolate.sync()``."""
+        manager = getattr(self._pyisolate_backend, "_manager", None)
+        if manager is None:
+            raise TypeError("pyisolate.sync() of an isolated=False extension: call its methods directly")
+        loop: asyncio.AbstractEventLoop = manager.loop
+        return loop
+
 
 class LocalBackend:
     """Runs an ``isolated=False`` extension inside the host process.
@@ -102,15 +107,11 @@ class LocalBackend:
     async def call(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any],
                    timeout: float | None = None) -> Any:
         if timeout is not None:
-            from .errors import CallTimeoutError
-
             try:
                 async with asyncio.timeout(timeout):
                     return await self.call(method, args, kwargs)
             except TimeoutError:
                 raise CallTimeoutError(f"{self.name}.{method}() took longer than {timeout} s") from None
-        from .errors import ExtensionClosedError
-        from ._rpc import resolve_method
 
         if self._stopped:
             raise ExtensionClosedError(f"extension {self.name!r} is stopped")

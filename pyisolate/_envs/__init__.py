@@ -1,0 +1,25 @@
+"""Building environments: the extensions' venvs (with uv), the runtime directory every worker
+imports pyisolate from, the progress a build reports, and the venvs under a root.
+
+- ``venv``: ``ensure_venv`` builds or reuses one extension's venv, keyed by a fingerprint.
+- ``runtime``: the directory of links to pyisolate's own code that a worker puts on its path.
+- ``progress``: the steps a build reports and the display that draws them.
+- ``lines``: splits a child's output into lines as it arrives (uv's, a worker's).
+- ``inventory``: list, remove and rebuild the venvs under a root (``pyisolate env``).
+
+Host-side only: a worker never imports this package. The rest of pyisolate uses what this
+module names.
+"""
+
+from __future__ import annotations
+
+from . import inventory
+from .lines import LineSplitter
+from .progress import ProgressDisplay, ProgressEvent, ProgressStep
+from .runtime import cached_runtime_dir, runtime_dir
+from .venv import ensure_venv, uv_binary
+
+__all__ = [
+    "LineSplitter", "ProgressDisplay", "ProgressEvent", "ProgressStep", "cached_runtime_dir", "ensure_venv",
+    "inventory", "runtime_dir", "uv_binary",
+]  # fmt: skip

@@ -1,0 +1,20 @@
+"""The host side: the manager, its handle on each extension, and the worker processes.
+
+- ``manager``: ``ExtensionManager`` owns the loop-bound parts (broker, endpoint, singletons,
+  heartbeats) and every extension; ``sync``: ``SyncExtensionManager``, the same from threads.
+- ``extension``: ``Extension``, the handle whose attributes are remote methods, and
+  ``LocalBackend`` (``isolated=False``).
+- ``worker``: one remote extension's life: venv, launch, readiness, crash and restart. It
+  needs of the manager only the ``Host`` interface.
+- ``process``: the child process, its pipes and its logs; ``events``: the host's event fan-out.
+
+Host-side only: a worker never imports this package.
+"""
+
+from __future__ import annotations
+
+from .extension import Extension
+from .manager import ExtensionManager
+from .sync import SyncExtensionManager
+
+__all__ = ["Extension", "ExtensionManager", "SyncExtensionManager"]

@@ -1,0 +1,19 @@
+"""Values on the wire: the codec (msgpack plus a closed set of ext types, never pickle) and the
+shared memory that tensors and large arrays travel in.
+
+- ``codec``: ``encode``/``decode`` and exceptions' forms; it holds the built-in types and
+  composes the rest, each importing only those below it: ``base`` (limits, ext codes,
+  per-thread packers, the decoder), ``walk`` (the slow path and error paths), ``arrays``
+  (numpy), ``tensors`` (torch), ``exceptions`` (ext 11).
+- ``shm``: sealed memfd segments, their ids and pins, and the channel that passes their
+  descriptors between the host and each worker.
+
+The rest of pyisolate uses what this module names; nothing else here.
+"""
+
+from __future__ import annotations
+
+from . import shm
+from .codec import DecodeError, decode, decode_exception, encode, encode_exception
+
+__all__ = ["DecodeError", "decode", "decode_exception", "encode", "encode_exception", "shm"]
