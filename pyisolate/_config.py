@@ -170,8 +170,6 @@ class ExtensionConfig:
     restart: RestartPolicy | None = None
 
     def __post_init__(self) -> None:
-
-
         validate_extension_name(self.name)
         path = Path(self.module_path).expanduser().absolute()
         if not (path.is_dir() and (path / "__init__.py").is_file()) and not (
@@ -252,7 +250,6 @@ class ExtensionConfig:
         """
         from dataclasses import fields
 
-
         known = {f.name for f in fields(cls)} - {"module_path"}
         unknown = sorted(set(overrides) - known)
         if unknown:
@@ -277,8 +274,6 @@ class ExtensionConfig:
         if "name" not in values:
             source = manifest.project_name or (where.stem if where.is_file() else where.name)
             values["name"] = default_name(source)
-
-
             try:
                 validate_extension_name(values["name"])
             except ConfigError:

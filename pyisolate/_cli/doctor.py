@@ -100,7 +100,6 @@ def check_shm() -> Check:
     """Shared memory for tensors and arrays: sealed memfds, not files in /dev/shm."""
     import resource
 
-
     try:
         shm.probe(1 << 20)
     except OSError as exc:
