@@ -242,6 +242,10 @@ class Worker:
 
     async def _watch_exit(self, process: WorkerProcess) -> None:
         code = await process.wait()
+        if self.state is State.STOPPING and code == 0:
+            # A worker exits 0 only once it has answered STOP; seen exiting first, that answer
+            # is still on its way (through the broker), and _stop waits for it.
+            return
         if self.state is State.STOPPING:  # gone in its stop hook (SystemExit, a crash): no answer will come
             self._manager._fail_peer(self.bname, ExtensionClosedError(
                 f"extension {self.name!r} {describe_exit(code)} while stopping"))
