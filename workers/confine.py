@@ -75,7 +75,6 @@ import stat
 import sys
 import threading
 from collections.abc import Mapping, Sequence
-from typing import NamedTuple
 
 __all__ = ["ConfineError", "apply", "probe"]
 
@@ -197,18 +196,23 @@ _IPPROTO_TCP = 6
 _X32_SYSCALL_BIT = 0x40000000
 
 
-class _Arch(NamedTuple):
-    audit_arch: int
-    socket: int
-    socketpair: int
-    seccomp: int
-    io_uring_setup: int
-    has_x32: bool
+class _Arch:
+    """One syscall table: what the filter checks. (Plain classes here: a NamedTuple costs start-up time.)"""
+
+    __slots__ = ("audit_arch", "socket", "socketpair", "seccomp", "io_uring_setup", "has_x32")
+
+    def __init__(self, audit_arch: int, socket: int, socketpair: int, seccomp: int, has_x32: bool) -> None:
+        self.audit_arch = audit_arch
+        self.socket = socket
+        self.socketpair = socketpair
+        self.seccomp = seccomp
+        self.io_uring_setup = 425  # a newer syscall: the same number in every table
+        self.has_x32 = has_x32
 
 
 _ARCHES = {
-    "x86_64": _Arch(audit_arch=0xC000003E, socket=41, socketpair=53, seccomp=317, io_uring_setup=425, has_x32=True),
-    "aarch64": _Arch(audit_arch=0xC00000B7, socket=198, socketpair=199, seccomp=277, io_uring_setup=425, has_x32=False),
+    "x86_64": _Arch(audit_arch=0xC000003E, socket=41, socketpair=53, seccomp=317, has_x32=True),
+    "aarch64": _Arch(audit_arch=0xC00000B7, socket=198, socketpair=199, seccomp=277, has_x32=False),
 }
 
 
@@ -223,11 +227,14 @@ class _SockFprog(ctypes.Structure):
 # --- probing --------------------------------------------------------------------------------
 
 
-class _Offer(NamedTuple):
-    landlock_abi: int
-    landlock_reason: str
-    seccomp: bool
-    seccomp_reason: str
+class _Offer:
+    """What this kernel and process offer: probe()'s answer."""
+
+    __slots__ = ("landlock_abi", "landlock_reason", "seccomp", "seccomp_reason")
+
+    def __init__(self) -> None:
+        self.landlock_abi, self.landlock_reason = _landlock_abi()
+        self.seccomp, self.seccomp_reason = _seccomp_offered()
 
 
 def probe() -> dict[str, object]:
@@ -238,13 +245,8 @@ def probe() -> dict[str, object]:
         the Landlock ABI version (0: none) and, when it is 0, why; whether a seccomp filter can
         be installed and, when not, why.
     """
-    return _probe()._asdict()
-
-
-def _probe() -> _Offer:
-    abi, landlock_reason = _landlock_abi()
-    seccomp, seccomp_reason = _seccomp_offered()
-    return _Offer(abi, landlock_reason, seccomp, seccomp_reason)
+    offer = _Offer()
+    return {name: getattr(offer, name) for name in _Offer.__slots__}
 
 
 def _landlock_abi() -> tuple[int, str]:
@@ -306,15 +308,6 @@ def _seccomp_offered() -> tuple[bool, str]:
 # --- applying -------------------------------------------------------------------------------
 
 
-class _Rules(NamedTuple):
-    read: list[str]
-    write: list[str]
-    network: bool
-    tcp_connect: list[int]
-    scope: bool
-    required: bool
-
-
 def apply(rules: Mapping[str, object]) -> dict[str, list[str]]:
     """Confine this process, and every process it starts later, for the rest of its life.
 
@@ -352,8 +345,8 @@ def apply(rules: Mapping[str, object]) -> dict[str, list[str]]:
         ValueError, TypeError: ``rules`` is malformed (an unknown key, a relative path, a port
             out of range).
     """
-    wanted = _parse(rules)
-    offer = _probe()
+    wanted = _Rules(rules)
+    offer = _Offer()
     abi = offer.landlock_abi if _ABI_LIMIT is None else min(offer.landlock_abi, _ABI_LIMIT)
     landlock_parts = _landlock_parts(abi, wanted)
     missing = _missing(abi, offer, wanted)
@@ -396,35 +389,43 @@ def apply(rules: Mapping[str, object]) -> dict[str, list[str]]:
     return {"enforced": enforced, "missing": missing, "skipped": skipped}
 
 
-_KEYS = frozenset({"read", "write", "network", "tcp_connect", "scope", "required"})
+class _Rules:
+    """``apply``'s rules, checked, with the defaults filled in."""
 
+    __slots__ = ("read", "write", "network", "tcp_connect", "scope", "required")
+    KEYS = frozenset(__slots__)
 
-def _parse(rules: Mapping[str, object]) -> _Rules:
-    unknown = sorted(set(rules) - _KEYS)
-    if unknown:
-        raise ValueError(f"unknown confinement rules {unknown}; the rules are {sorted(_KEYS)}")
+    def __init__(self, rules: Mapping[str, object]) -> None:
+        unknown = sorted(set(rules) - self.KEYS)
+        if unknown:
+            raise ValueError(f"unknown confinement rules {unknown}; the rules are {sorted(self.KEYS)}")
+        self.read = self._paths(rules, "read")
+        self.write = self._paths(rules, "write")
+        self.network = self._flag(rules, "network", False)
+        ports = rules.get("tcp_connect", [])
+        if not isinstance(ports, Sequence) or not all(type(p) is int and 0 < p < 65536 for p in ports):
+            raise ValueError(f"rules['tcp_connect'] must be a list of TCP ports (1-65535), not {ports!r}")
+        self.tcp_connect: list[int] = list(ports)
+        self.scope = self._flag(rules, "scope", True)
+        self.required = self._flag(rules, "required", True)
 
-    def paths(key: str) -> list[str]:
+    @staticmethod
+    def _paths(rules: Mapping[str, object], key: str) -> list[str]:
         value = rules.get(key, [])
         if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
             raise TypeError(f"rules[{key!r}] must be a list of absolute paths, not {type(value).__name__}")
-        out = [os.fspath(p) for p in value]
-        relative = [p for p in out if not isinstance(p, str) or not os.path.isabs(p)]
+        paths = [os.fspath(p) for p in value]
+        relative = [p for p in paths if not isinstance(p, str) or not os.path.isabs(p)]
         if relative:
             raise ValueError(f"rules[{key!r}] must hold absolute paths (as str); got {relative!r}")
-        return out
+        return paths
 
-    def flag(key: str, default: bool) -> bool:
+    @staticmethod
+    def _flag(rules: Mapping[str, object], key: str, default: bool) -> bool:
         value = rules.get(key, default)
         if not isinstance(value, bool):
             raise TypeError(f"rules[{key!r}] must be True or False, not {value!r}")
         return value
-
-    ports = rules.get("tcp_connect", [])
-    if not isinstance(ports, Sequence) or not all(type(p) is int and 0 < p < 65536 for p in ports):
-        raise ValueError(f"rules['tcp_connect'] must be a list of TCP ports (1-65535), not {ports!r}")
-    return _Rules(paths("read"), paths("write"), flag("network", False), list(ports), flag("scope", True),
-                  flag("required", True))
 
 
 def _landlock_parts(abi: int, wanted: _Rules) -> list[str]:

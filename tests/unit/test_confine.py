@@ -349,7 +349,33 @@ def sigterm_catcher() -> Iterator[list[int]]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def test_scope_keeps_signals_ptrace_and_proc_inside(box: Box, servers: Servers, sigterm_catcher: list[int]) -> None:
+@pytest.fixture
+def victim(box: Box) -> Iterator[int]:
+    """The pid of a process outside the sandbox that only Landlock protects from the child.
+
+    It runs as the child's user, with no capabilities (so root's dropped ones do not protect
+    it, as they protect this process) and dumpable.
+    """
+    command = [box.python, "-c", "import sys; print('ready', flush=True); sys.stdin.read()"]
+    if box.as_nobody:
+        command = [SETPRIV, "--reuid", str(NOBODY), "--regid", str(NOBODY), "--clear-groups", *command]
+    elif os.geteuid() == 0:
+        if SETPRIV is None:
+            pytest.skip("needs setpriv to start a process without capabilities")
+        command = [SETPRIV, "--bounding-set", "-all", "--inh-caps", "-all", *command]
+    proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert proc.stdin and proc.stdout
+    try:
+        assert proc.stdout.readline() == b"ready\n"  # past setpriv: the interpreter runs
+        yield proc.pid
+    finally:
+        proc.stdin.close()  # end-of-file: it exits
+        proc.stdout.close()
+        proc.wait(timeout=30)
+
+
+def test_scope_keeps_signals_ptrace_and_proc_inside(box: Box, servers: Servers, victim: int,
+                                                    sigterm_catcher: list[int]) -> None:
     me = os.getpid()
     report = box.run(box.rules(scope=True), {
         "probe_me": ["kill", me, 0],
@@ -364,9 +390,15 @@ def test_scope_keeps_signals_ptrace_and_proc_inside(box: Box, servers: Servers, 
         "my_cwd": ["readlink", f"/proc/{me}/cwd"],
         "own_caps": ["capabilities"],
         "abstract": ["abstract", servers.abstract],
+        # The same against a process where nothing but Landlock stands in the way.
+        "probe_victim": ["kill", victim, 0],
+        "ptrace_victim": ["ptrace", victim],
+        "victim_environ": ["read", f"/proc/{victim}/environ"],
+        "victim_fd": ["readlink", f"/proc/{victim}/fd/0"],
     })
     r = report["results"]
-    for attack in ("probe_me", "term_parent", "ptrace_me", "my_environ", "my_maps", "my_fd", "my_cwd", "abstract"):
+    for attack in ("probe_me", "term_parent", "ptrace_me", "my_environ", "my_maps", "my_fd", "my_cwd", "abstract",
+                   "probe_victim", "ptrace_victim", "victim_environ", "victim_fd"):
         assert denied(r[attack]), (attack, r[attack])
     assert r["own_child"]["value"] == signal.SIGTERM
     # Root keeps only the file-ownership capabilities: CAP_SYS_ADMIN would read environ and maps past Landlock.
