@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
 import measures  # noqa: E402
+import sandbox  # noqa: E402
 import startup  # noqa: E402
 from common import Result, size_label  # noqa: E402
 
@@ -71,6 +72,8 @@ async def run_suite(work: Path, quick: bool, with_torch: bool) -> list[Result]:
         results += await measures.tensors(work, tensor_sizes, reps)
     _progress("start-up, memory and scale")
     results += await startup.measure(work, quick)
+    _progress("sandbox")
+    results += await sandbox.measure(work, quick)
     return results
 
 

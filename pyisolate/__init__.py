@@ -33,6 +33,8 @@ if TYPE_CHECKING:
     from ._config import ExtensionConfig, ExtensionManagerConfig, RestartPolicy
     from ._discovery import discover
     from ._envs import ProgressDisplay, ProgressEvent, ProgressStep
+    from ._limits import Limits
+    from ._policy import SandboxPolicy
     from ._host import Extension, ExtensionManager, SyncExtensionManager
     from ._rpc import sync
     from ._singleton import ProxiedSingleton
@@ -51,6 +53,7 @@ __all__ = [
     "ExtensionLoadError",
     "ExtensionManager",
     "ExtensionManagerConfig",
+    "Limits",
     "LoadExtensionsError",
     "MessageTooLargeError",
     "ProgressDisplay",
@@ -62,6 +65,7 @@ __all__ = [
     "QueueFullError",
     "RemoteError",
     "RestartPolicy",
+    "SandboxPolicy",
     "SyncExtensionManager",
     "UnroutableError",
     "discover",
@@ -79,6 +83,8 @@ _LAZY = {
     "ExtensionConfig": "._config",
     "ExtensionManagerConfig": "._config",
     "RestartPolicy": "._config",
+    "Limits": "._limits",
+    "SandboxPolicy": "._policy",
     "Extension": "._host",
     "ExtensionManager": "._host",
     "ProgressDisplay": "._envs",

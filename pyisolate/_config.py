@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ._manifest import Manifest, default_name, read_manifest
+from ._limits import Limits
+from ._policy import SandboxPolicy, check_mode
 from ._singleton import ProxiedSingleton
 from ._validate import validate_dependencies, validate_extension_name
 from .errors import ConfigError
@@ -60,6 +62,14 @@ class ExtensionManagerConfig:
             ``ExtensionCrashedError``.
         loop_block_warning: Log a warning, with the blocking stack, when the host's event
             loop is blocked this many seconds; None turns the watchdog off.
+        sandbox_mode: ``"preferred"`` (confine every worker as far as this machine can, and
+            say once what it cannot), ``"required"`` (refuse to start a worker that cannot be
+            fully confined) or ``"disabled"``; an extension may only make its own stricter.
+        sandbox: What confined workers may reach (``SandboxPolicy`` or a mapping with its keys);
+            the default denies the network and every path but their own. Each extension's
+            ``sandbox`` may only narrow it.
+        limits: Resources each worker may use (``Limits`` or a mapping, e.g.
+            ``{"memory": "4GiB", "cpu": 1.5}``); None: none. A ceiling for every extension's own.
     """
 
     venv_root_path: str | os.PathLike[str]
@@ -73,6 +83,9 @@ class ExtensionManagerConfig:
     heartbeat_interval: float = 1.0
     heartbeat_timeout: float = 10.0
     loop_block_warning: float | None = 1.0
+    sandbox_mode: str = "preferred"
+    sandbox: SandboxPolicy | Mapping[str, Any] = field(default_factory=SandboxPolicy)
+    limits: Limits | Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
         root = self.venv_root_path
@@ -95,6 +108,12 @@ class ExtensionManagerConfig:
         _count("max_message_size", self.max_message_size, 1024, 2**40)
         _count("max_queued_bytes", self.max_queued_bytes, self.max_message_size, 2**62)
         _positive("ExtensionManagerConfig", "heartbeat_timeout", self.heartbeat_timeout)
+        check_mode(self.sandbox_mode, "ExtensionManagerConfig.sandbox_mode")
+        if self.sandbox is None:
+            raise ConfigError("ExtensionManagerConfig.sandbox cannot be None; to run workers unconfined, set "
+                              "sandbox_mode='disabled'")
+        object.__setattr__(self, "sandbox", SandboxPolicy.parse(self.sandbox, "ExtensionManagerConfig.sandbox"))
+        object.__setattr__(self, "limits", Limits.parse(self.limits, where="ExtensionManagerConfig.limits"))
 
     @property
     def venv_root(self) -> Path:
@@ -156,6 +175,12 @@ class ExtensionConfig:
             only locale, home, temp-dir and accelerator (CUDA_, OMP_, ...) variables.
         env: Variables set for the worker.
         restart: Restart the worker when it crashes (None: never); see RestartPolicy.
+        sandbox_mode: This extension's sandbox mode (None: the manager's); it may be stricter
+            than the manager's, never looser.
+        sandbox: What this extension's worker may reach (None: the manager's policy); it may
+            only narrow the manager's ``sandbox``.
+        limits: Resources this extension's worker may use (None: the manager's); none may
+            exceed the manager's ``limits``.
     """
 
     name: str
@@ -168,9 +193,17 @@ class ExtensionConfig:
     pass_env: Sequence[str] = ()
     env: Mapping[str, str] = field(default_factory=dict)
     restart: RestartPolicy | None = None
+    sandbox_mode: str | None = None
+    sandbox: SandboxPolicy | Mapping[str, Any] | None = None
+    limits: Limits | Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
         validate_extension_name(self.name)
+        where = f"(extension {self.name!r})"
+        if self.sandbox_mode is not None:
+            check_mode(self.sandbox_mode, f"ExtensionConfig.sandbox_mode {where}")
+        object.__setattr__(self, "sandbox", SandboxPolicy.parse(self.sandbox, f"ExtensionConfig.sandbox {where}"))
+        object.__setattr__(self, "limits", Limits.parse(self.limits, where=f"ExtensionConfig.limits {where}"))
         path = Path(self.module_path).expanduser().absolute()
         if not (path.is_dir() and (path / "__init__.py").is_file()) and not (
             path.suffix == ".py" and path.is_file()

@@ -36,6 +36,8 @@ from typing import Any
 from packaging.requirements import InvalidRequirement, Requirement
 from packaging.specifiers import InvalidSpecifier, SpecifierSet
 
+from ._limits import Limits
+from ._policy import SandboxPolicy, check_mode
 from ._validate import validate_dependencies
 from .errors import ConfigError
 
@@ -85,6 +87,10 @@ def _is_name(value: Any) -> bool:
     return isinstance(value, str)
 
 
+def _is_table(value: Any) -> bool:
+    return isinstance(value, dict)
+
+
 def _is_restart(value: Any) -> bool:
     return isinstance(value, (bool, dict))
 
@@ -98,6 +104,9 @@ _SCHEMA: dict[str, tuple[Callable[[Any], bool], str]] = {
     "pass_env": (_is_names, 'a list of variable names, e.g. pass_env = ["HF_HOME"]'),
     "env": (_is_env, 'a table of strings, e.g. env = { HF_HUB_OFFLINE = "1" }'),
     "restart": (_is_restart, "true, false or a table, e.g. restart = { max_restarts = 3, within = 60 }"),
+    "sandbox_mode": (_is_name, 'a string, e.g. sandbox_mode = "required"'),
+    "sandbox": (_is_table, 'a table, e.g. sandbox = { network = false, writable_paths = ["outputs"] }'),
+    "limits": (_is_table, 'a table, e.g. limits = { memory = "4GiB", cpu = 1.5 }'),
 }
 
 
@@ -159,6 +168,8 @@ def read_manifest(directory: Path) -> Manifest:
                 raise _fail(path, f"[tool.pyisolate.restart].{key}", f"is not a restart setting; known: "
                             f"{', '.join(_RESTART_KEYS)}")
 
+    _read_policy(path, directory, values)
+
     project_name = project.get("name")
     if project_name is not None and not isinstance(project_name, str):
         raise _fail(path, "[project].name", f'must be a string, e.g. name = "my-extension"; got {project_name!r}')
@@ -182,6 +193,29 @@ def read_manifest(directory: Path) -> Manifest:
                 raise _fail(path, f"[project].dependencies[{index}]:", str(exc)) from None
         values["dependencies"] = deps
     return Manifest(path, values, project_name)
+
+
+def _read_policy(path: Path, directory: Path, values: dict[str, Any]) -> None:
+    """Check the sandbox settings and make them policy objects; relative paths are the extension's."""
+    if "sandbox_mode" in values:
+        try:
+            check_mode(values["sandbox_mode"], "[tool.pyisolate].sandbox_mode")
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+    if "sandbox" in values:
+        table = dict(values["sandbox"])
+        for key in ("writable_paths", "readonly_paths"):
+            if isinstance(table.get(key), list):
+                table[key] = [str(directory / item) if isinstance(item, str) else item for item in table[key]]
+        try:
+            values["sandbox"] = SandboxPolicy.parse(table, "[tool.pyisolate.sandbox]")
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+    if "limits" in values:
+        try:
+            values["limits"] = Limits.parse(values["limits"], where="[tool.pyisolate.limits]")
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
 
 
 #: The keys PEP 621 allows in [project]; a key outside them that looks like "dependencies" is a

@@ -21,11 +21,16 @@ def venv_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-async def manager(venv_root: Path):
-    """A manager on the test's loop, stopped (every worker with it) when the test ends."""
+async def manager(venv_root: Path, tmp_path: Path):
+    """A manager on the test's loop, stopped (every worker with it) when the test ends.
+
+    Its workers are confined as by default, and may also write the test's ``tmp_path`` (the
+    markers and FIFOs through which tests and extensions meet).
+    """
     from pyisolate import ExtensionBase, ExtensionManager, ExtensionManagerConfig
 
-    async with ExtensionManager(ExtensionBase, ExtensionManagerConfig(venv_root_path=venv_root)) as m:
+    config = ExtensionManagerConfig(venv_root_path=venv_root, sandbox={"writable_paths": [tmp_path]})
+    async with ExtensionManager(ExtensionBase, config) as m:
         yield m
 
 

@@ -26,11 +26,8 @@ if TYPE_CHECKING:
     from pyisolate._wire import shm
 
 from . import exits
+from .exits import EXIT_CONFINE, EXIT_HANDSHAKE, EXIT_HOST_GONE, EXIT_LOAD_FAILED, EXIT_OK
 
-EXIT_OK = 0
-EXIT_LOAD_FAILED = 3
-EXIT_HANDSHAKE = 4
-EXIT_HOST_GONE = 5
 #: The host sends the bootstrap right after it starts us; past this it is gone or stuck.
 _BOOT_TIMEOUT = 60.0
 
@@ -156,6 +153,27 @@ def _setup_output(level: int | str) -> None:
     logging.captureWarnings(True)
 
 
+def _confine(boot: dict[str, Any]) -> None:
+    """Apply the host's resource limits and sandbox rules to this process, for good.
+
+    A rule that cannot be applied while the host requires it ends the worker before any
+    extension code runs: the host reports the load as failed with this message.
+    """
+    import resource
+
+    from .confine import ConfineError, apply
+
+    try:
+        for which, (soft, hard) in boot.get("rlimits", {}).items():
+            resource.setrlimit(int(which), (int(soft), int(hard)))
+        if boot.get("confine") is not None:
+            apply(boot["confine"])
+    except (ConfineError, OSError, ValueError) as exc:
+        sys.stderr.write(f"pyisolate worker: cannot confine this worker as required: {exc}\n")
+        sys.stderr.flush()
+        os._exit(EXIT_CONFINE)
+
+
 def main() -> None:
     """Entry point of the worker process."""
     from pyisolate._wire import shm
@@ -167,6 +185,10 @@ def main() -> None:
         sys.stderr.write(f"pyisolate worker: no bootstrap from the host: {exc}\n")
         os._exit(EXIT_HOST_GONE)
     _setup_output(boot.get("log_level", logging.WARNING))
+    if boot.get("confine") is not None or boot.get("rlimits"):
+        # Before any other thread (Landlock confines the calling thread and what it starts
+        # later), before the runtime's imports and before any extension code.
+        _confine(boot)
     threading.Thread(target=_watch_host, args=(sys.stdin.fileno(),), name="host-watch", daemon=True).start()
     sys.stdin = open(os.devnull)  # extension code must not consume the host-liveness pipe
     try:

@@ -27,7 +27,17 @@ from typing import NoReturn
 
 from . import tree
 
-__all__ = ["exit_code", "exit_now", "install", "leave"]
+__all__ = [
+    "EXIT_CONFINE", "EXIT_HANDSHAKE", "EXIT_HOST_GONE", "EXIT_LOAD_FAILED", "EXIT_OK", "exit_code", "exit_now",
+    "install", "leave",
+]  # fmt: skip
+
+#: How a worker ends on its own, for the host to tell the cases apart.
+EXIT_OK = 0
+EXIT_LOAD_FAILED = 3
+EXIT_HANDSHAKE = 4
+EXIT_HOST_GONE = 5
+EXIT_CONFINE = 6  # the host required a confinement this worker could not apply
 
 logger = logging.getLogger("pyisolate.workers")
 

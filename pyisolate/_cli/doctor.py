@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .._envs import uv_binary
+from .._host import sandbox_offered
 from .._wire import shm
 
 __all__ = ["Check", "run_checks"]
@@ -197,9 +198,45 @@ def check_venv_root(root: Path) -> Check:
     return Check("venv_root", OK, summary)
 
 
+def check_sandbox(offered: dict[str, Any]) -> Check:
+    """What confines workers here (sandbox_mode 'required' refuses what is missing)."""
+    found = offered.get("landlock_abi")
+    abi = found if isinstance(found, int) else 0
+    seccomp = bool(offered.get("seccomp"))
+    parts = []
+    if abi >= 1:
+        covers = ["files"] + ["TCP"] * (abi >= 4) + ["signal scoping"] * (abi >= 6)
+        parts.append(f"Landlock ABI {abi} ({', '.join(covers)})")
+    if seccomp:
+        parts.append("seccomp (sockets)")
+    summary = "workers are confined by " + " and ".join(parts) if parts else "workers cannot be confined here"
+    if abi >= 6 and seccomp:
+        return Check("sandbox", OK, summary)
+    if abi < 1:
+        fix = (f"{offered.get('landlock_reason') or 'Landlock is unavailable'}; use Linux 5.13+ with landlock in "
+               "the lsm= boot parameter (6.12+ for signal scoping)")
+    elif abi < 6:
+        fix = "signal scoping needs Linux 6.12+ (Landlock ABI 6); upgrade the kernel"
+    else:
+        fix = f"seccomp: {offered.get('seccomp_reason')}"
+    return Check("sandbox", WARN, summary + "; sandbox_mode='required' will refuse to start workers", fix)
+
+
+def check_limits(offered: dict[str, Any]) -> Check:
+    """What enforces each resource limit here."""
+    found = offered.get("limits") or {}
+    said = ", ".join(f"{name.replace('_', ' ')}: {found.get(name) or 'none'}"
+                     for name in ("memory", "cpu", "processes", "open_files"))  # fmt: skip
+    if found.get("why"):
+        return Check("limits", WARN, f"resource limits: {said}", str(found["why"]))
+    return Check("limits", OK, f"resource limits: {said}")
+
+
 def run_checks(venv_root: Path) -> list[Check]:
     """Run every check, in order; none raises."""
-    checks: list[Callable[[], Check]] = [check_python, check_uv, check_ipc, check_shm]
+    offered = sandbox_offered() if sys.platform.startswith("linux") else {"landlock_reason": sys.platform}
+    checks: list[Callable[[], Check]] = [check_python, check_uv, check_ipc, check_shm,
+                                         lambda: check_sandbox(offered), lambda: check_limits(offered)]
     results = [check() for check in checks]
     torch_check, torch = check_torch()
     results += [torch_check, check_cuda(torch), check_venv_root(venv_root)]

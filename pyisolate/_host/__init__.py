@@ -7,6 +7,8 @@
 - ``worker``: one remote extension's life: venv, launch, readiness, crash and restart. It
   needs of the manager only the ``Host`` interface.
 - ``process``: the child process, its pipes and its logs; ``events``: the host's event fan-out.
+- ``sandbox``: each worker's confinement (policy, limits, the rules it applies to itself);
+  ``sandbox_offered()`` says what this machine can enforce.
 
 Host-side only: a worker never imports this package.
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 from .extension import Extension
 from .manager import ExtensionManager
+from .sandbox import offered as sandbox_offered
 from .sync import SyncExtensionManager
 
-__all__ = ["Extension", "ExtensionManager", "SyncExtensionManager"]
+__all__ = ["Extension", "ExtensionManager", "SyncExtensionManager", "sandbox_offered"]

@@ -25,6 +25,7 @@ from ..errors import ConfigError, ExtensionClosedError, LoadExtensionsError, Unr
 from .events import Events
 from .extension import Extension, LocalBackend
 from .process import WorkerProcess
+from .sandbox import resolve
 from .worker import State, Worker, retrieve
 
 __all__ = ["ExtensionManager"]
@@ -130,13 +131,19 @@ class ExtensionManager(Generic[T]):
             raise ConfigError(f"load_extension() needs an ExtensionConfig, got {config!r}")
         if self._closing:
             raise ExtensionClosedError("this ExtensionManager is stopped")
+        resolved = resolve(config, self.config)  # before anything starts: a wider policy is refused
+        if not config.isolated and resolved.mode == "required":
+            raise ConfigError(
+                f"extension {config.name!r} has isolated=False, so it runs inside the host and cannot be confined, "
+                "but its sandbox_mode is 'required'; set isolated=True, or sandbox_mode='preferred'"
+            )
         self._bind()
         self._check_name(config.name)
         for api in config.apis:
             self._add_singleton(api)
         backend: Worker | LocalBackend
         if config.isolated:
-            backend = Worker(self, config)
+            backend = Worker(self, config, resolved)
         else:
             task = self.loop.create_task(load_extension(Path(config.module_path), self.extension_type))
             task.add_done_callback(retrieve)

@@ -146,8 +146,13 @@ class WorkerProcess:
 
     @classmethod
     async def spawn(cls, *, name: str, python: Path, runtime: Path, boot: dict[str, Any],
-                    pass_env: tuple[str, ...] = (), env: dict[str, str] | None = None) -> WorkerProcess:
+                    pass_env: tuple[str, ...] = (), env: dict[str, str] | None = None,
+                    before_boot: Callable[[int], None] | None = None) -> WorkerProcess:
         """Start ``python`` as a worker and hand it ``boot`` on its private control channel.
+
+        ``before_boot(pid)`` runs once the process exists and before it is sent ``boot``, while
+        it waits for it (the worker runs no code of the extension's before its boot message):
+        where its resource groups are joined.
 
         The worker's environment holds only locale, home, temp-dir and accelerator variables of
         the host, the host variables named in ``pass_env``, and ``env``: no secrets by default.
@@ -181,6 +186,8 @@ class WorkerProcess:
         # stdin carries nothing: it stays open for the worker's life, and its end-of-file tells
         # the worker the host is gone.
         try:
+            if before_boot is not None:
+                before_boot(proc.pid)
             channel = _shm.attach_worker(name, ours, asyncio.get_running_loop(), json.dumps(boot).encode())
         except BaseException:
             ours.close()

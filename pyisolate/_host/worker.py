@@ -10,9 +10,11 @@ import secrets
 import signal
 import sys
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from pyisolate.broker.protocol import Kind
+from pyisolate.workers.exits import EXIT_CONFINE
 from pyisolate.workers.loader import ClassSpec, class_spec
 
 from .._config import ExtensionConfig, ExtensionManagerConfig
@@ -22,6 +24,7 @@ from .._wire import DecodeError, decode_exception
 from .._wire import shm as _shm
 from ..errors import ExtensionClosedError, ExtensionCrashedError, ExtensionLoadError, PyisolateError, UnroutableError
 from .process import WorkerProcess, ensure_fd_headroom, extension_logger
+from .sandbox import Confinement, Resolved, prepare
 
 if TYPE_CHECKING:
     from pyisolate.broker.router import Broker
@@ -75,13 +78,16 @@ class Host(Protocol):
 
 class Worker:
     """A remote extension as the manager sees it: its process, its state, its readiness."""
-    def __init__(self, manager: Host, config: ExtensionConfig) -> None:
+
+    def __init__(self, manager: Host, config: ExtensionConfig, resolved: Resolved) -> None:
         self.name = config.name
         self.bname = config.name.encode()
         self.config = config
+        self.resolved = resolved  # the policy it runs under
         self._manager = manager
         self.state = State.STARTING
         self.process: WorkerProcess | None = None
+        self.confinement: Confinement | None = None  # this run's; a restart makes a new one
         self.ready: asyncio.Future[None] = manager.loop.create_future()
         self._error: BaseException | None = None
         self._watch: asyncio.Task[None] | None = None
@@ -165,6 +171,14 @@ class Worker:
             if runtime is None:  # a metadata scan, maybe symlinks to write: not on the loop
                 runtime = await asyncio.to_thread(runtime_dir, manager.config.venv_root, config.share_torch)
             ensure_fd_headroom(self.name, manager._connecting_workers())
+            if self.confinement is not None:  # a restart: the last run's groups and temp dir go
+                self.confinement.close()
+            specs = [manager.extension_spec, *(class_spec(api) for api in config.apis)]
+            self.confinement = confinement = await asyncio.to_thread(
+                prepare, self.name, self.resolved, venv=python.parent.parent, runtime=runtime,
+                module_path=Path(config.module_path), class_files=[spec["file"] for spec in specs if spec],
+                broker_endpoint=manager.broker.endpoint, share_torch=config.share_torch,
+            )  # fmt: skip
             secret = secrets.token_bytes(32)
             manager.broker.expect(self.bname, secret)
             started = time.monotonic()
@@ -172,7 +186,9 @@ class Worker:
                 name=self.name,
                 python=python,
                 runtime=runtime,
+                before_boot=confinement.attach,
                 boot={
+                    **confinement.boot(),
                     "name": self.name,
                     "endpoint": manager.broker.endpoint,
                     "secret": secret.hex(),
@@ -191,7 +207,7 @@ class Worker:
                     },
                 },
                 pass_env=tuple(config.pass_env),
-                env=dict(config.env),
+                env={**config.env, **confinement.env()},
             )
             self._watch = manager.loop.create_task(self._watch_exit(self.process))
             try:
@@ -253,7 +269,12 @@ class Worker:
         if self.state in (State.STOPPED, State.FAILED):
             return
         how = describe_exit(code)
-        if self.hung_for is not None:
+        reason = self.confinement.exit_reason() if self.confinement is not None else None
+        if reason is not None:
+            how = f"was stopped: {reason} ({how}); raise ExtensionConfig(limits=...) or use less"
+        elif code == EXIT_CONFINE:
+            how = "could not be confined as its sandbox_mode='required' asks (see its stderr below)"
+        elif self.hung_for is not None:
             how = f"stopped answering heartbeats for {self.hung_for:.1f} s and was killed ({how})"
         elif self.lost_connection:
             how = (f"lost its connection to the broker and was killed ({how}); a worker is cut off when it "
@@ -349,6 +370,8 @@ class Worker:
         if self.process is not None:
             await self.process.aclose()
             _shm.sweep(self.name)  # descriptors held for it (its memory goes with its mappings)
+        if self.confinement is not None:  # after its process: a cgroup with processes in it stays
+            self.confinement.close()
         if self._watch is not None:
             await asyncio.gather(self._watch, return_exceptions=True)
 

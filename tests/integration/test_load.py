@@ -187,7 +187,10 @@ async def test_a_raw_flood_at_a_singleton_is_refused_past_the_cap_and_memory_sta
     """A plugin that bypasses its own cap and sends 50,000 CALLs at once to a singleton whose
     method holds each one: the singleton holds max_in_flight (512) and refuses the other
     49,488; another caller is still served, and host memory stays bounded."""
-    async with ExtensionManager(ExtensionBase, ExtensionManagerConfig(venv_root_path=venv_root)) as manager:
+    # The flood keeps the plugin's own loop busy for seconds (more on a loaded machine): not
+    # what this test is about, so its heartbeats may wait longer than the default 10 s.
+    config = ExtensionManagerConfig(venv_root_path=venv_root, heartbeat_timeout=60)
+    async with ExtensionManager(ExtensionBase, config) as manager:
         async with asyncio.timeout(120):
             hostile, other = await asyncio.gather(
                 manager.load_extension(ExtensionConfig(name="hostile", module_path=ext("hostile"),
@@ -240,7 +243,8 @@ async def test_workers_queue_while_the_host_loop_is_blocked_and_nothing_is_lost(
     """The host's loop blocks while an extension sends 5,000 events and a call's answer: its
     socket's pipe fills (zmq says Again), the rest waits in the worker, in order, and all of it
     arrives once the host reads again."""
-    async with ExtensionManager(ExtensionBase, ExtensionManagerConfig(venv_root_path=venv_root)) as manager:
+    config = ExtensionManagerConfig(venv_root_path=venv_root, sandbox={"writable_paths": [tmp_path]})  # the FIFO
+    async with ExtensionManager(ExtensionBase, config) as manager:
         async with asyncio.timeout(120):
             bad = await manager.load_extension(ExtensionConfig(name="hostile", module_path=ext("hostile")))
         ticks: list[int] = []
@@ -263,7 +267,8 @@ async def test_past_max_queued_bytes_a_worker_refuses_new_work_with_queue_full(v
     past that fails where it is emitted, with QueueFullError naming the queue and the limit."""
     from pyisolate import QueueFullError
 
-    config = ExtensionManagerConfig(venv_root_path=venv_root, max_message_size=MiB, max_queued_bytes=MiB)
+    config = ExtensionManagerConfig(venv_root_path=venv_root, max_message_size=MiB, max_queued_bytes=MiB,
+                                    sandbox={"writable_paths": [tmp_path]})  # the FIFO
     async with ExtensionManager(ExtensionBase, config) as manager:
         async with asyncio.timeout(120):
             bad = await manager.load_extension(ExtensionConfig(name="hostile", module_path=ext("hostile")))

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from pyisolate.errors import ConfigError
-from pyisolate._host.sandbox.limits import Limits
+from pyisolate._limits import Limits
 
 GiB, MiB = 1024**3, 1024**2
 WHERE = "ExtensionConfig.limits"
@@ -86,8 +86,9 @@ def test_errors_name_where_the_field_and_the_fix(written, needles):
 def test_direct_construction_is_checked_too():
     with pytest.raises(ConfigError, match=r"Limits\.processes: -1 must be more than 0"):
         Limits(processes=-1)
-    with pytest.raises(ConfigError, match=r"Limits\.memory: '4GiB' is not a size"):
-        Limits(memory="4GiB")  # type: ignore[arg-type]  # sizes in words go through Limits.parse
+    with pytest.raises(ConfigError, match=r"Limits\.memory: '4 gigs' is not a size"):
+        Limits(memory="4 gigs")  # type: ignore[arg-type]
+    assert Limits(memory="4GiB").memory == 4 * GiB  # type: ignore[arg-type]  # sizes in words, as in parse
 
 
 def test_within_takes_what_is_missing_from_the_ceiling():

@@ -1,11 +1,16 @@
-"""Confinement of worker processes: what a worker may use, and what it may see.
+"""Confining workers: the policy each one runs under and the mechanisms that enforce it.
 
-- ``limits``: per-worker resource limits (memory, CPU, tasks, open files) through cgroups,
-  with rlimits where no cgroup can be had.
+- ``plan``: ``resolve`` narrows the host's policy by an extension's own; ``prepare`` makes one
+  worker's ``Confinement`` from it and what this machine offers (its owner is the ``Worker``).
+- ``limits``: resource limits (cgroups, else rlimits) for one worker and its descendants.
+- ``bwrap``: bubblewrap's namespaces around a worker, where it can run.
 
-Host-side only: a worker never imports this package.
+The rules a worker applies to itself (Landlock, seccomp) live worker-side, in
+``pyisolate.workers.confine``.
 """
 
 from __future__ import annotations
 
-__all__: list[str] = []
+from .plan import Confinement, Resolved, offered, prepare, resolve
+
+__all__ = ["Confinement", "Resolved", "offered", "prepare", "resolve"]

@@ -5,7 +5,7 @@ The user asks per extension (and the manager caps them all)::
     limits={"memory": "4GiB", "cpu": 1.5, "processes": 64, "open_files": 1024}
 
 ``Limits.parse`` checks that and ``Limits.within`` applies the manager's ceiling (``Limits`` is
-defined in ``_spec``, which holds only values and needs nothing of this machine). Then, for
+defined in ``pyisolate._limits``, which holds only values and needs nothing of this machine). Then, for
 each worker, one ``Enforcement``, owned by the worker's process object:
 
 1. ``Enforcement.create(name, limits, required=...)`` before the worker starts: it makes the
@@ -52,7 +52,7 @@ from types import TracebackType
 
 from ...errors import ConfigError
 from . import _cgroups
-from ._spec import Limits
+from ..._limits import Limits
 
 __all__ = ["Enforcement", "Limits", "mechanisms"]
 
@@ -130,7 +130,7 @@ class Enforcement:
         """Make extension ``name``'s cgroups and write ``limits`` there, or plan rlimits instead.
 
         Also removes the groups that dead hosts left behind. A limit that cannot be enforced
-        here is listed in ``missing`` (and logged), or, with ``required``, refused.
+        here is listed in ``missing``, or, with ``required``, refused.
 
         Raises:
             ConfigError: ``required`` and a limit can be enforced only approximately or not at
@@ -148,9 +148,7 @@ class Enforcement:
         except BaseException:
             self.close()
             raise
-        if self.missing:
-            logger.warning("extension %r: limits not enforced here: %s", name, "; ".join(self.missing))
-        return self
+        return self  # what is missing, the caller says (once per host, not once per worker)
 
     @property
     def cgroups(self) -> tuple[Path, ...]:

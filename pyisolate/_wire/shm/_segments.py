@@ -41,6 +41,7 @@ _MAX_ALIASES = 8
 
 class Source(Protocol):
     """Where descriptors of other actors' segments come from, and where ours go (the channel)."""
+
     def fetch(self, segment_id: str) -> int:
         """A new descriptor of ``segment_id`` that the caller owns; RefusedHandle if none."""
     def put(self, segment_id: str, fd: int) -> None:

@@ -192,7 +192,10 @@ class Snoop(ExtensionBase):
                     continue
                 with open(f"/proc/{host_pid}/fdinfo/{name}") as f:
                     flags = int(re.search(r"flags:\s*(\d+)", f.read())[1], 8)
-            except (OSError, TypeError):
+            except OSError as exc:  # a sandboxed spy: the links themselves are closed to it
+                self._note("host fd", f"readlink: {exc.strerror}")
+                continue
+            except TypeError:
                 continue
             if flags & os.O_ACCMODE == os.O_WRONLY:  # a worker's stdin: read what waits in it
                 self._read(path, "host fd")

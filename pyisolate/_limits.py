@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 
-from ...errors import ConfigError
+from .errors import ConfigError
 
 __all__ = ["FIELDS", "Limits"]
 
@@ -54,6 +54,7 @@ class Limits:
         for name in FIELDS:
             value = getattr(self, name)
             if value is not None:
+                value = _size(value, f"Limits.{name}") if name == "memory" else value  # "4GiB" here too
                 object.__setattr__(self, name, _check(name, value, "Limits"))
 
     @classmethod

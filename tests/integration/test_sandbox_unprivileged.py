@@ -1,0 +1,106 @@
+"""The sandbox as real users get it: a host run as an unprivileged user (``nobody``).
+
+CI runs as root; users do not. This test builds a venv of the system interpreter (the default
+one lives in root's home, which other users cannot enter), installs this tree into it, and
+runs tests/nobody_host.py as ``nobody``, with the extension, its venv root and a secret all
+owned by ``nobody``: file permissions allow everything, only the sandbox refuses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+NOBODY = 65534
+SYSTEM_PYTHON = Path("/usr/bin/python3")
+DENIED = ("PermissionError: errno 13", "PermissionError: errno 1")
+
+pytestmark = [
+    pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the sandbox is Linux-only"),
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become another user"),
+    pytest.mark.skipif(shutil.which("setpriv") is None or not SYSTEM_PYTHON.exists(),
+                       reason="needs setpriv and /usr/bin/python3"),  # fmt: skip
+]
+
+
+def _run(*command: str | Path) -> None:
+    result = subprocess.run([str(c) for c in command], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, f"{command} failed:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
+
+
+@pytest.fixture(scope="module")
+def nobody_python(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A venv of the system interpreter with this tree installed, readable by every user."""
+    keep = os.environ.get("PYISOLATE_TEST_VENVS")
+    venv = Path(keep) / ".nobody-host" if keep else tmp_path_factory.mktemp("nobody") / "venv"
+    if not (venv / "bin" / "python").exists():
+        _run(SYSTEM_PYTHON, "-m", "venv", venv)
+        _run(venv / "bin" / "python", "-m", "pip", "install", "-q", "pyzmq>=25", "msgpack>=1.0.5", "uv>=0.9",
+             "packaging>=23")  # fmt: skip
+    source = tmp_path_factory.mktemp("source")  # a copy: building in the tree would write into it
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    for name in ("pyisolate", "broker", "workers"):
+        shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+    _run(venv / "bin" / "python", "-m", "pip", "install", "-q", "--no-deps", "--force-reinstall", source)
+    for path in (venv, *venv.parents):
+        if path == Path("/"):
+            break
+        path.chmod(path.stat().st_mode | 0o755 if path.is_dir() else path.stat().st_mode)
+    return venv / "bin" / "python"
+
+
+@pytest.fixture
+def workdir() -> Iterator[Path]:
+    """A folder ``nobody`` owns: the venv root, the extension, and a secret beside it."""
+    path = Path(tempfile.mkdtemp(prefix="pyisolate-nobody-"))
+    try:
+        shutil.copytree(ROOT / "tests" / "extensions" / "sandboxed", path / "sandboxed",
+                        ignore=shutil.ignore_patterns("__pycache__"))  # fmt: skip
+        shutil.copy(ROOT / "tests" / "nobody_host.py", path / "nobody_host.py")
+        (path / "secret.txt").write_text("api-key")
+        (path / "venvs").mkdir()
+        for item in [path, *path.rglob("*")]:
+            os.chown(item, NOBODY, NOBODY)
+        path.chmod(0o755)
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def test_an_unprivileged_host_confines_its_workers(nobody_python: Path, workdir: Path) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        env = {"PATH": "/usr/bin:/bin", "HOME": str(workdir), "UV_CACHE_DIR": str(workdir / "uv-cache"),
+               "LANG": "C.UTF-8"}  # fmt: skip
+        result = subprocess.run(
+            ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", str(nobody_python), "-I",
+             str(workdir / "nobody_host.py"), str(workdir), str(server.getsockname()[1])],
+            capture_output=True, text=True, timeout=600, env=env, cwd=workdir,
+        )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    found = json.loads(result.stdout.strip().splitlines()[-1])
+    assert found["uid"] == NOBODY
+    assert found["status"]["NoNewPrivs"] == "1" and found["status"]["Seccomp"] == "2"
+    assert found["status"]["CapEff"] == "0000000000000000"
+    assert found["secret"] in DENIED  # nobody's own file, beside the app: only the sandbox says no
+    assert found["write_outside"] in DENIED and not (workdir / "planted.txt").exists()
+    assert found["write_venv"] in DENIED
+    assert "evil" not in (workdir / "venvs" / "sandboxed" / "pyvenv.cfg").read_text()
+    assert found["tcp"] in DENIED
+    assert found["kill_host"] in DENIED
+    assert found["ptrace_host"].startswith("OSError")
+    assert found["open_host_fd"] in DENIED
+    refusal = found["limits_required"]
+    assert "cpu" in refusal and "required" in refusal and "systemd-run" in refusal, refusal
+    assert found["allocate_small"] == 16 << 20
+    assert found["allocate_big"].startswith("MemoryError"), found["allocate_big"]

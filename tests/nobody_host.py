@@ -1,0 +1,57 @@
+"""A host run as an unprivileged user, whose one extension tries what a hostile plugin would.
+
+    python nobody_host.py WORKDIR TCP_PORT
+
+Run by tests/integration/test_sandbox_unprivileged.py as ``nobody`` with the system
+interpreter's venv (real users are not root). WORKDIR holds the venv root, the extension and a
+secret beside it, all owned by that user: only the sandbox keeps the extension from them.
+Prints its findings as JSON on the last line of stdout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from pathlib import Path
+
+import pyisolate
+
+
+async def main(workdir: Path, port: int) -> dict[str, object]:
+    found: dict[str, object] = {"uid": os.getuid()}
+    config = pyisolate.ExtensionManagerConfig(venv_root_path=workdir / "venvs", sandbox_mode="required")
+    extension = pyisolate.ExtensionConfig(name="sandboxed", module_path=workdir / "sandboxed")
+    async with asyncio.timeout(240), pyisolate.ExtensionManager(pyisolate.ExtensionBase, config) as manager:
+        worker = await manager.load_extension(extension)
+        found["status"] = await worker.status()
+        found["secret"] = await worker.read(str(workdir / "secret.txt"))
+        found["write_outside"] = await worker.write(str(workdir / "planted.txt"))
+        found["write_venv"] = await worker.write(str(workdir / "venvs" / "sandboxed" / "pyvenv.cfg"), "home = /evil")
+        found["tcp"] = await worker.connect_tcp(port)
+        found["kill_host"] = await worker.kill(os.getpid(), 0)
+        found["ptrace_host"] = await worker.ptrace(os.getpid())
+        found["open_host_fd"] = await worker.open_fd(os.getpid(), 0)
+        # Limits: no cgroup is writable by this user, so 'required' refuses them, naming the fix ...
+        try:
+            await manager.load_extension(pyisolate.ExtensionConfig(
+                name="limited", module_path=workdir / "sandboxed", limits={"memory": "256MiB", "cpu": 0.5}))
+            found["limits_required"] = "loaded"
+        except pyisolate.ExtensionLoadError as exc:
+            found["limits_required"] = str(exc)
+    # ... and 'preferred' enforces what it can: memory through RLIMIT_DATA.
+    preferred = pyisolate.ExtensionManagerConfig(venv_root_path=workdir / "venvs")
+    async with asyncio.timeout(240), pyisolate.ExtensionManager(pyisolate.ExtensionBase, preferred) as manager:
+        limited = await manager.load_extension(pyisolate.ExtensionConfig(
+            name="limited", module_path=workdir / "sandboxed", limits={"memory": "256MiB"}))
+        try:
+            found["allocate_small"] = await limited.allocate(16)
+            found["allocate_big"] = await limited.allocate(1024)
+        except MemoryError as exc:
+            found["allocate_big"] = f"MemoryError: {exc}"
+    return found
+
+
+if __name__ == "__main__":
+    print(json.dumps(asyncio.run(main(Path(sys.argv[1]), int(sys.argv[2])))))
