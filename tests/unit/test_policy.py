@@ -31,7 +31,8 @@ def test_upstream_spellings_are_accepted_as_mappings(tmp_path: Path) -> None:
     config = _ext(tmp_path, sandbox_mode="required",
                   sandbox={"network": False, "writable_paths": ["/data/outputs"], "readonly_paths": ["/data/models"]},
                   limits={"memory": "4GiB", "cpu": 1.5, "processes": 64, "open_files": 1024})  # fmt: skip
-    assert config.sandbox == SandboxPolicy(writable_paths=(Path("/data/outputs"),), readonly_paths=(Path("/data/models"),))
+    assert config.sandbox == SandboxPolicy(writable_paths=(Path("/data/outputs"),),
+                                           readonly_paths=(Path("/data/models"),))
     assert config.limits == Limits(memory=4 << 30, cpu=1.5, processes=64, open_files=1024)
     assert config.limits.describe() == "memory 4 GiB, cpu 1.5, processes 64, open files 1024"
 
@@ -81,11 +82,13 @@ def test_the_manager_policy_is_checked_too(tmp_path: Path) -> None:
         ({}, {"sandbox": {"network": True}}, ["network access", "host's policy denies"]),
         ({"sandbox": {"writable_paths": ["/data/out"]}}, {"sandbox": {"writable_paths": ["/data"]}},
          ["write '/data'"]),
-        ({"sandbox": {"readonly_paths": ["/models"]}}, {"sandbox": {"writable_paths": ["/models"]}}, ["write '/models'"]),
+        ({"sandbox": {"readonly_paths": ["/models"]}}, {"sandbox": {"writable_paths": ["/models"]}},
+         ["write '/models'"]),
         ({}, {"sandbox": {"readonly_paths": ["/home"]}}, ["read '/home'"]),
         ({"sandbox_mode": "required"}, {"sandbox_mode": "preferred"}, ["looser"]),
         ({"sandbox_mode": "preferred"}, {"sandbox_mode": "disabled"}, ["looser"]),
-        ({"limits": {"memory": "1GiB"}}, {"limits": {"memory": "2GiB"}}, [").memory", "more than the manager's ceiling"]),
+        ({"limits": {"memory": "1GiB"}}, {"limits": {"memory": "2GiB"}},
+         [").memory", "more than the manager's ceiling"]),
         ({"limits": {"cpu": 1}}, {"limits": {"cpu": 2}}, [").cpu", "ceiling of 1"]),
     ],
 )  # fmt: skip
