@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import sys
 import tempfile
 import time
@@ -25,11 +26,22 @@ import common  # noqa: E402
 import pyisolate  # noqa: E402
 
 IDLE_EXT = Path(__file__).resolve().parent / "idle_ext"
+
+
+def bwrap_works() -> bool:
+    """Whether bubblewrap can make a sandbox here (its rows are measured only then)."""
+    from pyisolate._host import sandbox_offered
+
+    offered = sandbox_offered()
+    return bool(offered.get("bwrap")) and offered.get("bwrap_problem") is None
 #: How a worker may be confined, by name: the manager settings that ask for it.
 MODES: dict[str, dict[str, Any]] = {
     "unconfined": {"sandbox_mode": "disabled"},
     "landlock": {"sandbox_mode": "preferred"},  # Landlock, seccomp, dropped capabilities, where offered
 }
+if bwrap_works():
+    MODES["bwrap"] = {"sandbox_mode": "preferred", "sandbox_backends": ("bwrap",)}
+    MODES["landlock+bwrap"] = {"sandbox_mode": "preferred", "sandbox_backends": ("landlock", "bwrap")}
 
 
 async def _first_answer(root: Path, settings: dict[str, Any]) -> float:
@@ -62,14 +74,21 @@ async def measure(work: Path, quick: bool) -> list[common.Result]:
             samples=len(starts[mode]), extra={"over_unconfined_ms": round((median - base) * 1000, 1)},
         ))  # fmt: skip
 
-    config = pyisolate.ExtensionManagerConfig(venv_root_path=root, sandbox_mode="disabled")
-    async with pyisolate.ExtensionManager(pyisolate.ExtensionBase, config) as manager:
-        exts = {
-            mode: await manager.load_extension(pyisolate.ExtensionConfig(
-                name=f"sandbox-call-{mode}", module_path=IDLE_EXT,
-                sandbox_mode=settings["sandbox_mode"]))
-            for mode, settings in MODES.items()
-        }  # fmt: skip
+    # One manager per way of confining (backends are the host's); the unconfined extension and
+    # the confined ones are called in turns from the same loop.
+    managers = [
+        pyisolate.ExtensionManager(pyisolate.ExtensionBase, pyisolate.ExtensionManagerConfig(
+            venv_root_path=root, sandbox_mode="disabled",
+            sandbox_backends=settings.get("sandbox_backends", ("landlock",))))
+        for settings in MODES.values()
+    ]  # fmt: skip
+    async with contextlib.AsyncExitStack() as stack:
+        exts = {}
+        for manager, (mode, settings) in zip(managers, MODES.items()):
+            await stack.enter_async_context(manager)
+            exts[mode] = await manager.load_extension(pyisolate.ExtensionConfig(
+                name=f"sandbox-call-{mode.replace('+', '-')}", module_path=IDLE_EXT,
+                sandbox_mode=settings["sandbox_mode"]))  # fmt: skip
         block = 500 if quick else 2000
         calls: dict[str, list[float]] = {mode: [] for mode in MODES}
         for _ in range(3 if quick else 6):

@@ -29,6 +29,26 @@ def _positive(owner: str, name: str, value: float | None, *, optional: bool = Fa
         raise ConfigError(f"{owner}.{name} must be a positive number of seconds, got {value!r}")
 
 
+#: The confinement mechanisms a host may layer (``ExtensionManagerConfig.sandbox_backends``).
+BACKENDS = ("landlock", "bwrap")
+
+
+def _backends(value: object) -> tuple[str, ...]:
+    """Return ``value`` as a tuple of distinct backend names, or raise ConfigError saying how to fix it."""
+    where = "ExtensionManagerConfig.sandbox_backends"
+    if isinstance(value, str) or not isinstance(value, (list, tuple)):
+        raise ConfigError(f"{where} must be a tuple of backend names, got {value!r}; write ({value!r},)")
+    for name in value:
+        if name not in BACKENDS:
+            raise ConfigError(f"{where}: unknown backend {name!r}; choose from {', '.join(map(repr, BACKENDS))}")
+    if not value:
+        raise ConfigError(f"{where} is empty; name at least one of {', '.join(map(repr, BACKENDS))}, or set "
+                          "sandbox_mode='disabled' to run workers unconfined")
+    if len(set(value)) != len(value):
+        raise ConfigError(f"{where} names a backend twice ({value!r}); list each once")
+    return tuple(value)
+
+
 def _count(name: str, value: object, least: int, most: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or not least <= value <= most:
         raise ConfigError(f"ExtensionManagerConfig.{name} must be an int from {least} to {most}, got {value!r}")
@@ -65,6 +85,15 @@ class ExtensionManagerConfig:
         sandbox_mode: ``"preferred"`` (confine every worker as far as this machine can, and
             say once what it cannot), ``"required"`` (refuse to start a worker that cannot be
             fully confined) or ``"disabled"``; an extension may only make its own stricter.
+        sandbox_backends: The mechanisms that confine workers, layered: ``"landlock"`` (Landlock,
+            seccomp and dropped capabilities, applied by the worker to itself; needs no
+            namespaces) and ``"bwrap"`` (bubblewrap: the worker in namespaces of its own, seeing
+            only the paths it is granted, its own processes and, without network, only its own
+            loopback; it also closes the same-user unix sockets Landlock leaves open). Where one
+            cannot run, ``preferred`` says so once and confines with the rest, ``required``
+            refuses to start the worker. Under ``"bwrap"`` a worker sees itself as pid 2 and its
+            ``HOME`` and ``TMPDIR`` are its private ``/tmp``; a tcp:// broker (a libzmq without
+            ipc) cannot be reached from it without network.
         sandbox: What confined workers may reach (``SandboxPolicy`` or a mapping with its keys);
             the default denies the network and every path but their own. Each extension's
             ``sandbox`` may only narrow it.
@@ -84,6 +113,7 @@ class ExtensionManagerConfig:
     heartbeat_timeout: float = 10.0
     loop_block_warning: float | None = 1.0
     sandbox_mode: str = "preferred"
+    sandbox_backends: tuple[str, ...] = ("landlock",)
     sandbox: SandboxPolicy | Mapping[str, Any] = field(default_factory=SandboxPolicy)
     limits: Limits | Mapping[str, Any] | None = None
 
@@ -109,6 +139,7 @@ class ExtensionManagerConfig:
         _count("max_queued_bytes", self.max_queued_bytes, self.max_message_size, 2**62)
         _positive("ExtensionManagerConfig", "heartbeat_timeout", self.heartbeat_timeout)
         check_mode(self.sandbox_mode, "ExtensionManagerConfig.sandbox_mode")
+        object.__setattr__(self, "sandbox_backends", _backends(self.sandbox_backends))
         if self.sandbox is None:
             raise ConfigError("ExtensionManagerConfig.sandbox cannot be None; to run workers unconfined, set "
                               "sandbox_mode='disabled'")

@@ -1,11 +1,13 @@
 """A host run as an unprivileged user, whose one extension tries what a hostile plugin would.
 
-    python nobody_host.py WORKDIR TCP_PORT
+    python nobody_host.py WORKDIR TCP_PORT UNIX_SOCKET
 
 Run by tests/integration/test_sandbox_unprivileged.py as ``nobody`` with the system
 interpreter's venv (real users are not root). WORKDIR holds the venv root, the extension and a
 secret beside it, all owned by that user: only the sandbox keeps the extension from them.
-Prints its findings as JSON on the last line of stdout.
+UNIX_SOCKET is a pathname socket this user may connect to (a session bus, say). The same
+attacks are tried under each backend alone: Landlock (the default), then bwrap. Prints its
+findings as JSON on the last line of stdout.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pathlib import Path
 import pyisolate
 
 
-async def main(workdir: Path, port: int) -> dict[str, object]:
+async def main(workdir: Path, port: int, unix_socket: str) -> dict[str, object]:
     found: dict[str, object] = {"uid": os.getuid()}
     config = pyisolate.ExtensionManagerConfig(venv_root_path=workdir / "venvs", sandbox_mode="required")
     extension = pyisolate.ExtensionConfig(name="sandboxed", module_path=workdir / "sandboxed")
@@ -33,6 +35,7 @@ async def main(workdir: Path, port: int) -> dict[str, object]:
         found["kill_host"] = await worker.kill(os.getpid(), 0)
         found["ptrace_host"] = await worker.ptrace(os.getpid())
         found["open_host_fd"] = await worker.open_fd(os.getpid(), 0)
+        found["unix_socket"] = await worker.connect_unix(unix_socket)
         # Limits: no cgroup is writable by this user, so 'required' refuses them, naming the fix ...
         try:
             await manager.load_extension(pyisolate.ExtensionConfig(
@@ -50,8 +53,29 @@ async def main(workdir: Path, port: int) -> dict[str, object]:
             found["allocate_big"] = await limited.allocate(1024)
         except MemoryError as exc:
             found["allocate_big"] = f"MemoryError: {exc}"
+    found["bwrap"] = await _under_bwrap(workdir, port, unix_socket)
+    return found
+
+
+async def _under_bwrap(workdir: Path, port: int, unix_socket: str) -> dict[str, object]:
+    """The same attacks with bubblewrap alone (the bundled bwrap, run by this user)."""
+    found: dict[str, object] = {}
+    config = pyisolate.ExtensionManagerConfig(venv_root_path=workdir / "venvs", sandbox_mode="required",
+                                              sandbox_backends=("bwrap",))  # fmt: skip
+    extension = pyisolate.ExtensionConfig(name="boxed", module_path=workdir / "sandboxed")
+    async with asyncio.timeout(240), pyisolate.ExtensionManager(pyisolate.ExtensionBase, config) as manager:
+        worker = await manager.load_extension(extension)
+        found["status"] = await worker.status()
+        found["pids"] = await worker.pids()
+        found["secret"] = await worker.read(str(workdir / "secret.txt"))
+        found["write_outside"] = await worker.write(str(workdir / "planted.txt"))
+        found["write_venv"] = await worker.write(str(workdir / "venvs" / "boxed" / "pyvenv.cfg"), "home = /evil")
+        found["tcp"] = await worker.connect_tcp(port)
+        found["kill_host"] = await worker.kill(os.getpid(), 0)
+        found["unix_socket"] = await worker.connect_unix(unix_socket)
+        found["say"] = await worker.say("from the box")
     return found
 
 
 if __name__ == "__main__":
-    print(json.dumps(asyncio.run(main(Path(sys.argv[1]), int(sys.argv[2])))))
+    print(json.dumps(asyncio.run(main(Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]))))

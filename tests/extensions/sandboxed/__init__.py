@@ -1,6 +1,7 @@
 """An extension that tries what a hostile plugin would: each method reports what happened."""
 
 import ctypes
+import logging
 import os
 import socket
 import sys
@@ -20,6 +21,9 @@ def _outcome(action):
 
 
 class Sandboxed(ExtensionBase):
+    def __init__(self):
+        self._leaving = None  # set by linger_on_stop()
+
     def status(self):
         """What the kernel says of this process's confinement."""
         with open("/proc/self/status") as f:
@@ -30,7 +34,12 @@ class Sandboxed(ExtensionBase):
         return os.getpid()
 
     def paths(self):
-        return {"tmp": tempfile.gettempdir(), "prefix": sys.prefix, "module": os.path.dirname(__file__)}
+        return {"tmp": tempfile.gettempdir(), "prefix": sys.prefix, "module": os.path.dirname(__file__),
+                "home": os.path.expanduser("~")}
+
+    def pids(self):
+        """The processes this worker can see in /proc."""
+        return sorted(int(entry) for entry in os.listdir("/proc") if entry.isdigit())
 
     def read(self, path):
         def go():
@@ -52,6 +61,46 @@ class Sandboxed(ExtensionBase):
             with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
                 s.sendto(b"leak", ("127.0.0.1", port))
         return _outcome(go)
+
+    def connect_unix(self, path):
+        """Connect to a pathname unix socket (a session bus, docker.sock)."""
+        def go():
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                s.connect(path)
+        return _outcome(go)
+
+    def say(self, text):
+        """The same text on stdout and as a log record."""
+        print(text)
+        logging.getLogger("sandboxed").warning(text)
+        return True
+
+    def sleeper(self):
+        """Start a child in a session of its own, which waits until it is killed."""
+        import subprocess
+
+        subprocess.Popen([sys.executable, "-I", "-c", "import signal; signal.pause()"], start_new_session=True)
+        return True
+
+    async def hang(self):
+        """Block this worker's event loop for good: it stops answering heartbeats."""
+        threading.Event().wait()
+
+    def exit(self, code):
+        os._exit(code)
+
+    def die(self, sig):
+        os.kill(os.getpid(), sig)
+
+    def linger_on_stop(self, text):
+        """Make stop() hang; ``text`` stays unflushed on stdout, so only a clean end delivers it."""
+        self._leaving = text
+        return True
+
+    def stop(self):
+        if self._leaving is not None:
+            sys.stdout.write(self._leaving)  # no newline: it waits in the line buffer
+            threading.Event().wait()  # until SIGTERM: its handler flushes stdout on the way out
 
     def kill(self, pid, sig=0):
         return _outcome(lambda: os.kill(pid, sig))
