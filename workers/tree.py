@@ -35,6 +35,7 @@ __all__ = [
     "kill_descendants",
     "kill_group",
     "open_pidfd",
+    "parent_of",
     "wait_exited",
 ]
 
@@ -181,7 +182,7 @@ def _kill_child(pid: int, parent: int) -> int | None:
         return None
     # The parent is read after the pidfd is opened, and the pidfd's process is seen alive
     # after the read: so the pid was that process's all along, and the parent is its own.
-    now = _parent_of(pid)
+    now = parent_of(pid)
     if exited(fd):
         os.close(fd)
         return None
@@ -195,7 +196,8 @@ def _kill_child(pid: int, parent: int) -> int | None:
     return fd
 
 
-def _parent_of(pid: int) -> int | None:
+def parent_of(pid: int) -> int | None:
+    """The parent of process ``pid`` in this process's numbering, or None if it is gone."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             stat = f.read()

@@ -33,6 +33,7 @@ from .._envs import LineSplitter
 from .._wire import shm as _shm
 from ..errors import ExtensionLoadError
 from .sandbox import bwrap
+from .sandbox.launch import Launch, SandboxFailed
 
 __all__ = ["EXTENSION_LOGGER", "WorkerProcess", "ensure_fd_headroom", "extension_logger"]
 
@@ -62,8 +63,6 @@ _DRAIN_TIMEOUT = 1.0
 #: bwrap also a pidfd of the sandbox's pid 1 (the pipes to bwrap of a start count as spare).
 #: Segments it shares are counted apart, within their own budget (see ``_shm._memfd``).
 _FDS_PER_WORKER = 7
-#: How long bwrap may take to build a sandbox and report its pid 1 (it takes a few ms).
-_SANDBOX_TIMEOUT = 30.0
 #: Distinct logger names of one worker that get a host logger of their own; records of further
 #: names go to the extension's logger itself.
 _MAX_LOGGERS = 256
@@ -186,7 +185,7 @@ class WorkerProcess:
         env["VIRTUAL_ENV"] = str(venv)
         env["PATH"] = os.pathsep.join([str(python.parent), env.get("PATH", "")])
         command = [str(python), "-I", "-c", _BOOTSTRAP, str(runtime)]
-        launch = _Launch(name, sandbox) if sandbox is not None else None
+        launch = Launch(name, sandbox) if sandbox is not None else None
         try:
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             try:
@@ -214,7 +213,7 @@ class WorkerProcess:
                 if launch is not None:
                     init = await launch.init(proc.pid)
                     if init is None:
-                        raise _SandboxFailed  # bwrap exits, and says why on stderr
+                        raise SandboxFailed  # bwrap exits, and says why on stderr
                     if before_boot is not None:
                         before_boot(proc.pid)
                         before_boot(init[0])
@@ -226,7 +225,7 @@ class WorkerProcess:
                 ours.close()
                 failed = cls(name, proc, sandboxed=launch is not None, init=init)
                 await failed.aclose()  # it would wait for a bootstrap that never comes
-                if isinstance(exc, _SandboxFailed):
+                if isinstance(exc, SandboxFailed):
                     raise ExtensionLoadError(
                         f"cannot start extension {name!r}: bwrap exited with status {failed.returncode} before it "
                         "built the sandbox (its stderr below)", extension=name, remote_traceback=failed.stderr_tail(),
@@ -361,7 +360,7 @@ class WorkerProcess:
             return None
         # Its parent read after its pidfd was opened, then both seen alive: the pid was pid 1's
         # child all along, never another process that got the number since.
-        if _parent_of(pid) != init or tree.exited(worker) or tree.exited(init_fd):
+        if tree.parent_of(pid) != init or tree.exited(worker) or tree.exited(init_fd):
             os.close(worker)
             return None
         return worker
@@ -427,129 +426,6 @@ class WorkerProcess:
                 return self._logger  # loggers live as long as the host: a worker cannot add without end
             logger = self._loggers[name] = logging.getLogger(f"{self._logger.name}.{name}")
         return logger
-
-
-class _SandboxFailed(Exception):
-    """bwrap ended before it reported the sandbox's pid 1."""
-
-
-class _Launch:
-    """The pipes through which the host holds a bwrap sandbox until the worker may start.
-
-    ``--info-fd``: bwrap writes the sandbox's pid 1 on it, then closes it, once the namespaces
-    are built. ``--block-fd``: pid 1 waits for a byte on it before it starts the worker. The
-    host's ends are this object's; ``close()`` closes whatever is left of them.
-    """
-
-    def __init__(self, name: str, sandbox: Sequence[str]) -> None:
-        self._name = name
-        if not sandbox or sandbox[-1] != "--":
-            raise ValueError(f"a bwrap argv prefix ends in '--', not {list(sandbox[-1:])!r}")
-        self._sandbox = list(sandbox)
-        self._fds: dict[str, int] = {}
-        try:
-            self._fds["info_r"], self._fds["info_w"] = os.pipe()
-            self._fds["block_r"], self._fds["block_w"] = os.pipe()
-        except BaseException:
-            self.close()
-            raise
-        os.set_blocking(self._fds["info_r"], False)  # read on the event loop
-
-    def prefix(self) -> list[str]:
-        """bwrap's argv, told the descriptors it inherits (``passed``), ending in ``--``."""
-        return [*self._sandbox[:-1], "--info-fd", str(self._fds["info_w"]), "--block-fd", str(self._fds["block_r"]),
-                "--"]  # fmt: skip
-
-    def passed(self) -> tuple[int, int]:
-        """The descriptors bwrap inherits."""
-        return self._fds["info_w"], self._fds["block_r"]
-
-    def started(self) -> None:
-        """bwrap runs (or failed to): close our copies of its ends, so that its exit ends the info."""
-        self._close("info_w", "block_r")
-
-    async def init(self, monitor: int) -> tuple[int, int] | None:
-        """Wait for bwrap's info; return the sandbox's pid 1 and a pidfd of it, or None if it failed first.
-
-        Raises:
-            ExtensionLoadError: bwrap said nothing within ``_SANDBOX_TIMEOUT``.
-        """
-        loop = asyncio.get_running_loop()
-        fd = self._fds["info_r"]
-        done: asyncio.Future[None] = loop.create_future()
-        data = bytearray()
-
-        def on_readable() -> None:
-            try:
-                chunk = os.read(fd, 4096)
-            except BlockingIOError:
-                return
-            except OSError as exc:
-                loop.remove_reader(fd)
-                if not done.done():
-                    done.set_exception(exc)
-                return
-            data.extend(chunk)
-            if not chunk or len(data) > 65536:  # end of file; or not bwrap's few lines of JSON
-                loop.remove_reader(fd)
-                if not done.done():
-                    done.set_result(None)
-
-        loop.add_reader(fd, on_readable)
-        try:
-            async with asyncio.timeout(_SANDBOX_TIMEOUT):
-                await done
-        except TimeoutError:
-            raise ExtensionLoadError(f"cannot start extension {self._name!r}: bwrap did not build its sandbox within "
-                                     f"{_SANDBOX_TIMEOUT:.0f} s", extension=self._name) from None
-        finally:
-            loop.remove_reader(fd)
-        if not data.strip():
-            return None
-        try:
-            pid = json.loads(bytes(data))["child-pid"]
-        except (ValueError, KeyError, TypeError):
-            pid = None
-        if type(pid) is not int:
-            raise ExtensionLoadError(f"cannot start extension {self._name!r}: bwrap's --info-fd report has no "
-                                     f"integer child-pid: {bytes(data[:200])!r}", extension=self._name)
-        pidfd = tree.open_pidfd(pid)
-        # Checked after the pidfd is opened, and alive after the check: the monitor's own child.
-        if pidfd is None or _parent_of(pid) != monitor or tree.exited(pidfd):
-            if pidfd is not None:
-                os.close(pidfd)
-            return None
-        return pid, pidfd
-
-    def release(self) -> None:
-        """Let the sandbox start the worker."""
-        try:
-            os.write(self._fds["block_w"], b"x")
-        except BrokenPipeError:
-            pass  # bwrap is gone already: its exit is reported like the worker's
-        self._close("block_w")
-
-    def close(self) -> None:
-        """Close the host's ends (idempotent); kill a sandbox still held first: it would start the worker."""
-        self._close(*self._fds)
-
-    def _close(self, *names: str) -> None:
-        for name in names:
-            fd = self._fds.pop(name, None)
-            if fd is not None:
-                os.close(fd)
-
-
-def _parent_of(pid: int) -> int | None:
-    """The parent of process ``pid`` in this process's numbering, or None if it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return None
-    # "pid (comm) state ppid ...": comm may hold spaces and parentheses; split after the last ")".
-    fields = stat[stat.rfind(b")") + 1:].split()
-    return int(fields[1]) if len(fields) > 1 else None
 
 
 async def _exited(pidfds: list[int], timeout: float) -> None:

@@ -4,6 +4,8 @@
   worker's ``Confinement`` from it and what this machine offers (its owner is the ``Worker``).
 - ``limits``: resource limits (cgroups, else rlimits) for one worker and its descendants.
 - ``bwrap``: bubblewrap's namespaces around a worker, where it can run.
+- ``launch``: holds a bwrap sandbox (``--info-fd``, ``--block-fd``) until its processes joined
+  the worker's groups.
 
 The rules a worker applies to itself (Landlock, seccomp) live worker-side, in
 ``pyisolate.workers.confine``.
