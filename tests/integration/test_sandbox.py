@@ -57,6 +57,18 @@ def _config(name: str = "sandboxed", **kw: object) -> ExtensionConfig:
     return ExtensionConfig(name=name, module_path=SANDBOXED, **kw)  # type: ignore[arg-type]
 
 
+def _app(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """An app's folder: a secret beside it (granted to nobody), models to read, outputs to write."""
+    secret = tmp_path / "app" / "secret.txt"
+    secret.parent.mkdir()
+    secret.write_text("api-key")
+    models, outputs = tmp_path / "models", tmp_path / "outputs"
+    models.mkdir()
+    outputs.mkdir()
+    (models / "weights.txt").write_text("weights")
+    return secret, models, outputs
+
+
 @pytest.fixture
 def tcp_server() -> Iterator[socket.socket]:
     with socket.create_server(("127.0.0.1", 0)) as server:
@@ -73,13 +85,7 @@ def udp_server() -> Iterator[socket.socket]:
 
 @needs_landlock
 async def test_a_worker_reads_and_writes_only_what_it_was_granted(venv_root: Path, tmp_path: Path) -> None:
-    secret = tmp_path / "app" / "secret.txt"  # beside the app, in a folder nobody granted
-    secret.parent.mkdir()
-    secret.write_text("api-key")
-    models, outputs = tmp_path / "models", tmp_path / "outputs"
-    models.mkdir()
-    outputs.mkdir()
-    (models / "weights.txt").write_text("weights")
+    secret, models, outputs = _app(tmp_path)
     # The manager's policy is the ceiling: the paths are allowed there, and asked for by the extension.
     manager = ExtensionManager(ExtensionBase, ExtensionManagerConfig(
         venv_root_path=venv_root,
@@ -266,13 +272,7 @@ class _Said(logging.Handler):
 async def test_bwrap_shows_a_worker_only_what_it_was_granted(
     venv_root: Path, tmp_path: Path, backends: tuple[str, ...]
 ) -> None:
-    secret = tmp_path / "app" / "secret.txt"
-    secret.parent.mkdir()
-    secret.write_text("api-key")
-    models, outputs = tmp_path / "models", tmp_path / "outputs"
-    models.mkdir()
-    outputs.mkdir()
-    (models / "weights.txt").write_text("weights")
+    secret, models, outputs = _app(tmp_path)
     grants = {"writable_paths": [str(outputs)], "readonly_paths": [str(models)]}
     async with _manager(venv_root, backends, sandbox=grants) as manager:
         worker = await manager.load_extension(_config(sandbox=grants))

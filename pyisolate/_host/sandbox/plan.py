@@ -13,6 +13,7 @@ Under bwrap the worker's private temp dir is its ``/tmp``, so Landlock's rules n
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
@@ -102,6 +103,13 @@ def resolve(config: ExtensionConfig, host: ExtensionManagerConfig) -> Resolved:
     own_limits = config.limits if isinstance(config.limits, Limits) else Limits()
     limits = own_limits.within(host_limits, where=f"ExtensionConfig.limits {where}")
     return Resolved(mode, policy, limits, tuple(host.sandbox_backends))
+
+
+@functools.cache
+def _runtime_targets(runtime: Path) -> tuple[Path, ...]:
+    """``_resolved_links`` of a runtime dir, once per process: its name is the hash of its links,
+    so the same path always holds the same links."""
+    return tuple(_resolved_links(runtime))
 
 
 def _resolved_links(directory: Path) -> list[Path]:
@@ -282,7 +290,7 @@ def prepare(
     rules = None
     if landlock:
         read, write = system_paths()
-        read += [venv, runtime, *_resolved_links(runtime), Path(sys.base_prefix), Path(sys.prefix)]
+        read += [venv, runtime, *_runtime_targets(runtime), Path(sys.base_prefix), Path(sys.prefix)]
         read += [Path(os.path.realpath(venv / "bin" / "python")).parent.parent, *granted_read]
         # Under bwrap the private temp dir is the worker's /tmp; the host's path for it is not there.
         write += [Path("/tmp") if argv is not None else tmp, *policy.writable_paths]
