@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from ._policy import SandboxPolicy
     from ._host import Extension, ExtensionManager, SyncExtensionManager
     from ._rpc import sync
+    from ._wire import TypeRegistry, handle
     from ._singleton import ProxiedSingleton
 
 __all__ = [
@@ -67,10 +68,12 @@ __all__ = [
     "RestartPolicy",
     "SandboxPolicy",
     "SyncExtensionManager",
+    "TypeRegistry",
     "UnroutableError",
     "discover",
     "emit",
     "get_actor",
+    "handle",
     "sync",
 ]
 
@@ -96,6 +99,8 @@ _LAZY = {
     "emit": "._actors",
     "get_actor": "._actors",
     "sync": "._rpc",
+    "TypeRegistry": "._wire",
+    "handle": "._wire",
 }
 
 

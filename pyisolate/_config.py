@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -99,6 +100,12 @@ class ExtensionManagerConfig:
             ``sandbox`` may only narrow it.
         limits: Resources each worker may use (``Limits`` or a mapping, e.g.
             ``{"memory": "4GiB", "cpu": 1.5}``); None: none. A ceiling for every extension's own.
+        types: The application's own types, as ``"module:function"`` (or the function itself):
+            a function that takes a ``pyisolate.TypeRegistry`` and registers them. The host runs
+            it when the manager is made; every worker imports the module by name and runs it
+            before any extension code, with the module's root folder (where its top package
+            lives) on its ``sys.path`` after its own packages, readable and never writable. None:
+            no registered types.
     """
 
     venv_root_path: str | os.PathLike[str]
@@ -116,8 +123,10 @@ class ExtensionManagerConfig:
     sandbox_backends: tuple[str, ...] = ("landlock",)
     sandbox: SandboxPolicy | Mapping[str, Any] = field(default_factory=SandboxPolicy)
     limits: Limits | Mapping[str, Any] | None = None
+    types: str | Callable[[Any], None] | None = None
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "types", _types_reference(self.types))
         root = self.venv_root_path
         if not isinstance(root, (str, os.PathLike)) or not str(root):
             raise ConfigError(
@@ -150,6 +159,30 @@ class ExtensionManagerConfig:
     def venv_root(self) -> Path:
         """``venv_root_path`` as an absolute Path."""
         return Path(self.venv_root_path)
+
+
+_REFERENCE = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
+
+
+def _types_reference(value: object) -> str | None:
+    """``ExtensionManagerConfig.types`` as ``"module:function"``, or ConfigError saying how to write it."""
+    where = "ExtensionManagerConfig.types"
+    if value is None:
+        return None
+    if callable(value) and not isinstance(value, str):
+        module, qualname = getattr(value, "__module__", None), getattr(value, "__qualname__", "")
+        if not isinstance(module, str) or module == "__main__" or "<" in qualname:
+            raise ConfigError(f"{where}: {value!r} must be a module-level function of an importable module (workers "
+                              "import it by name; a script's __main__ or a nested function cannot be); move it into "
+                              "a module of your application")
+        return f"{module}:{qualname}"
+    if not isinstance(value, str) or not _REFERENCE.fullmatch(value):
+        raise ConfigError(f"{where} must be 'module:function' (e.g. 'myapp.isolation:register_types') or that "
+                          f"function, got {value!r}")
+    if value.startswith("__main__:"):
+        raise ConfigError(f"{where}: {value!r} names the host's script, which workers cannot import; move the "
+                          "function into a module of your application")
+    return value
 
 
 @dataclass(frozen=True, kw_only=True)

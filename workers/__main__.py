@@ -62,7 +62,7 @@ async def _serve(boot: dict[str, Any], channel: shm.WorkerChannel) -> int:
     from pyisolate._wire import shm as _shm
 
     from .connection import Connection, HandshakeError
-    from .loader import import_class, load_extension, trim_traceback
+    from .loader import import_class, load_extension, load_types, trim_traceback
 
     gc.enable()  # the bootstrap paused it for the runtime's imports; extension code runs with it on
     loop = asyncio.get_running_loop()
@@ -115,6 +115,8 @@ async def _serve(boot: dict[str, Any], channel: shm.WorkerChannel) -> int:
         # SystemExit (from a method, a hook, a task) ends the worker after what it sent has left.
         exits.install(close=functools.partial(conn.close, flush=True))
         try:
+            if boot.get("types"):  # the application's types, known before any of its code runs
+                endpoint.types = _app_types(boot["types"], load_types)
             for spec in boot["apis"]:  # the host modules defining shared singletons
                 import_class(spec, ProxiedSingleton)
             base = import_class(boot["extension_class"]) if boot["extension_class"] else ExtensionBase
@@ -136,6 +138,20 @@ async def _serve(boot: dict[str, Any], channel: shm.WorkerChannel) -> int:
     finally:
         set_worker_endpoint(None)
         conn.close()
+
+
+def _app_types(spec: dict[str, str], load_types: Any) -> Any:
+    """The application's TypeRegistry, filled by its function (``ExtensionManagerConfig.types``)."""
+    if spec["path"] not in sys.path:
+        sys.path.append(spec["path"])  # after the venv's packages and the runtime
+    try:
+        return load_types(spec["reference"])
+    except Exception as exc:
+        raise ImportError(
+            f"cannot run the host's type registry {spec['reference']!r} (ExtensionManagerConfig.types) in this "
+            f"worker: {type(exc).__name__}: {exc}. The worker imports it from {spec['path']} with its own venv: "
+            "make what that module imports available there (the extension's dependencies, share_torch), or "
+            "import such packages only inside the function, where present") from exc
 
 
 def _setup_output(level: int | str) -> None:

@@ -16,7 +16,8 @@ from typing import Any, TypeVar
 
 from pyisolate._base import ExtensionBase
 
-__all__ = ["ClassSpec", "class_spec", "import_class", "import_module_path", "load_extension", "trim_traceback"]
+__all__ = ["ClassSpec", "class_spec", "import_class", "import_module_path", "load_extension", "load_types",
+           "trim_traceback"]
 
 T = TypeVar("T")
 
@@ -59,6 +60,37 @@ def import_class(spec: ClassSpec, base: type[T] = ExtensionBase) -> type[T]:  # 
     if not (isinstance(obj, type) and issubclass(obj, base)):
         raise TypeError(f"{spec['qualname']} in {spec['file']} is not a {base.__name__} subclass")
     return obj
+
+
+def load_types(reference: str) -> Any:
+    """Fill a new TypeRegistry with the application's function named ``"module:function"``.
+
+    The module is imported by its name, from ``sys.path`` (in a worker: its venv, then the
+    pyisolate runtime, then the host's granted paths). The same function runs in the host and
+    in every worker, so both sides know the same types.
+
+    Raises:
+        ImportError: the module or the function cannot be imported (the message says which).
+        TypeError: the name is not a callable.
+        Exception: whatever the function raised (a ConfigError from ``register``, say).
+    """
+    import importlib
+
+    from pyisolate._wire import TypeRegistry
+
+    module_name, _, qualname = reference.partition(":")
+    module = importlib.import_module(module_name)
+    obj: Any = module
+    for part in qualname.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise ImportError(f"module {module_name!r} has no {qualname!r}") from None
+    if not callable(obj):
+        raise TypeError(f"{reference} is a {type(obj).__name__}, not a function that takes a TypeRegistry")
+    registry = TypeRegistry()
+    obj(registry)
+    return registry
 
 
 def import_module_path(module_path: StrPath) -> types.ModuleType:

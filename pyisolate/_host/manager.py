@@ -22,6 +22,7 @@ from .._singleton import ProxiedSingleton, actor_name
 from .._wire import encode_exception
 from .._wire import shm as _shm
 from ..errors import ConfigError, ExtensionClosedError, LoadExtensionsError, UnroutableError
+from .apptypes import AppTypes, load_app_types
 from .events import Events
 from .extension import Extension, LocalBackend
 from .process import WorkerProcess
@@ -62,6 +63,8 @@ class ExtensionManager(Generic[T]):
             self.extension_spec = class_spec(extension_type)
         except TypeError as exc:
             raise ConfigError(str(exc)) from None
+        #: The application's registered types (``ExtensionManagerConfig.types``), or None.
+        self.app_types: AppTypes | None = load_app_types(config.types) if isinstance(config.types, str) else None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._broker: Broker | None = None
         self._endpoint: Endpoint | None = None
@@ -312,6 +315,7 @@ class ExtensionManager(Generic[T]):
         endpoint = Endpoint(name, self.loop, send, root=root, origin=HOST, chain_loops=self._chain_loops,
                             on_control=on_control, max_in_flight=self.config.max_in_flight,
                             max_message_size=self.config.max_message_size)
+        endpoint.types = self.app_types.registry if self.app_types is not None else None
         broker.add_local(name, endpoint.on_frames)
         return endpoint
 

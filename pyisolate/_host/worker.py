@@ -23,6 +23,7 @@ from .._singleton import ProxiedSingleton
 from .._wire import DecodeError, decode_exception
 from .._wire import shm as _shm
 from ..errors import ExtensionClosedError, ExtensionCrashedError, ExtensionLoadError, PyisolateError, UnroutableError
+from .apptypes import AppTypes
 from .process import WorkerProcess, ensure_fd_headroom, extension_logger
 from .sandbox import Confinement, Resolved, prepare
 
@@ -61,6 +62,7 @@ class Host(Protocol):
     """What a Worker needs of the manager that owns it (``ExtensionManager`` is one)."""
     config: ExtensionManagerConfig
     extension_spec: ClassSpec | None
+    app_types: AppTypes | None
     _closing: bool
 
     @property
@@ -174,9 +176,11 @@ class Worker:
             if self.confinement is not None:  # a restart: the last run's groups and temp dir go
                 self.confinement.close()
             specs = [manager.extension_spec, *(class_spec(api) for api in config.apis)]
+            app_types = manager.app_types
+            granted = [spec["file"] for spec in specs if spec] + ([str(app_types.root)] if app_types else [])
             self.confinement = confinement = await asyncio.to_thread(
                 prepare, self.name, self.resolved, venv=python.parent.parent, runtime=runtime,
-                module_path=Path(config.module_path), class_files=[spec["file"] for spec in specs if spec],
+                module_path=Path(config.module_path), class_files=granted,
                 broker_endpoint=manager.broker.endpoint, share_torch=config.share_torch,
             )  # fmt: skip
             secret = secrets.token_bytes(32)
@@ -196,6 +200,7 @@ class Worker:
                     "module_path": str(config.module_path),
                     "extension_class": manager.extension_spec,
                     "apis": [class_spec(api) for api in config.apis],
+                    "types": {"reference": app_types.reference, "path": str(app_types.root)} if app_types else None,
                     "session": _shm.session(),
                     "host_actors": ["host", *(n.decode() for n in manager._singleton_names())],
                     "handshake_timeout": manager.config.start_timeout,

@@ -4,7 +4,7 @@ proxies that stand for remote objects, and the blocking views of them.
 - ``endpoint``: ``Endpoint`` composes ``values`` (the codec with references), ``calls`` (the
   calls this actor makes), ``serve`` (the calls made on it), ``streams`` (generators) and
   ``flow`` (slots and acknowledgements); ``dispatch`` holds the rules of what is callable.
-- ``refs``: exported objects and the proxies (``ActorProxy``, ``RefProxy``) that call them;
+- ``refs``: exported objects and the proxies (``ActorProxy``, ``RefProxy``, ``HandleProxy``) that call them;
   ``remote``: the awaitable of one remote call and of a remote stream.
 - ``context``: the worker process's own endpoint; ``blocking``: ``pyisolate.sync()``.
 
@@ -17,10 +17,10 @@ from .blocking import Blocking, block, sync
 from .context import set_worker_endpoint, worker_endpoint
 from .dispatch import public_methods, resolve_method
 from .endpoint import Endpoint
-from .refs import ActorProxy, RefProxy
+from .refs import ActorProxy, HandleProxy, RefProxy
 from .remote import RemoteCall
 
 __all__ = [
-    "ActorProxy", "Blocking", "Endpoint", "RefProxy", "RemoteCall", "block", "public_methods", "resolve_method",
+    "ActorProxy", "Blocking", "Endpoint", "HandleProxy", "RefProxy", "RemoteCall", "block", "public_methods", "resolve_method",
     "set_worker_endpoint", "sync", "worker_endpoint",
 ]  # fmt: skip

@@ -9,7 +9,7 @@ import asyncio
 from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
 
-from .refs import ActorProxy, RefProxy
+from .refs import ActorProxy, HandleProxy, RefProxy
 from .remote import RemoteStream
 
 __all__ = ["Blocking", "block", "sync"]
@@ -84,13 +84,13 @@ class Blocking:
 
 
 def sync(target: Any) -> Any:
-    """A blocking view of a proxy, callback or extension handle, for code that is not async.
+    """A blocking view of a proxy, callback, object handle or extension handle, for code that is not async.
 
     ``pyisolate.sync(DatabaseAPI()).get("k")`` returns the value itself. Use it in plain
     (threaded) extension methods and in threads of the host; inside a running event loop it
     raises RuntimeError instead of deadlocking.
     """
-    if isinstance(target, (ActorProxy, RefProxy)):
+    if isinstance(target, (ActorProxy, RefProxy, HandleProxy)):
         return Blocking(target, target._pyisolate_call.__self__.loop)  # type: ignore[attr-defined]
     # An extension handle (pyisolate._host) names the loop that serves it; looked up on the
     # type so that an object answering every attribute (a Blocking, say) is not taken for one.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -10,12 +11,31 @@ from .._base import LIFECYCLE_HOOKS
 from ..errors import ProtocolError
 from .refs import is_async_callable
 
-__all__ = ["ASYNC", "GEN", "PLAIN", "call_fields", "kind_of", "public_methods", "resolve_method"]
+__all__ = ["ASYNC", "GEN", "PLAIN", "call_fields", "handle_methods", "kind_of", "public_methods", "resolve_method"]
 
 
 def public_methods(obj: object) -> list[str]:
     """Names of the methods of ``obj`` that may be called remotely."""
     return sorted(name for name in dir(type(obj)) if _method(obj, name) is not None)
+
+
+def handle_methods(cls: type) -> list[str]:
+    """Names of the methods a handle to an instance of ``cls`` may call, read from the class
+    alone (no property or other descriptor of an instance is evaluated): its public functions,
+    coroutine and async generator functions, static and class methods."""
+    names = []
+    for name in dir(cls):
+        if name.startswith("_") or name in LIFECYCLE_HOOKS:
+            continue
+        try:
+            raw = inspect.getattr_static(cls, name)
+        except AttributeError:
+            continue
+        if isinstance(raw, (staticmethod, classmethod)):
+            raw = raw.__func__
+        if inspect.isfunction(raw) or isinstance(raw, (types.MethodDescriptorType, types.BuiltinFunctionType)):
+            names.append(name)
+    return names
 
 
 def resolve_method(obj: object, name: object) -> Callable[..., Any]:

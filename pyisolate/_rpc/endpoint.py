@@ -23,7 +23,7 @@ from typing import Any
 
 from pyisolate.broker.protocol import BROKER, BROKER_ONLY, Kind, pack_header, unpack_header
 
-from .._wire import DecodeError, decode_exception
+from .._wire import DecodeError, TypeRegistry, decode_exception
 from .._wire import shm as _shm
 from ..errors import PyisolateError
 from .calls import Calls
@@ -113,6 +113,15 @@ class Endpoint:
     @host_actors.setter
     def host_actors(self, value: frozenset[bytes]) -> None:
         self.values.host_actors = value
+
+    @property
+    def types(self) -> TypeRegistry | None:
+        """The application's registered types this actor encodes and decodes (None: none)."""
+        return self.values.types
+
+    @types.setter
+    def types(self, value: TypeRegistry | None) -> None:
+        self.values.types = value
 
     @property
     def exports(self) -> ExportTable:

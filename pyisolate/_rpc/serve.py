@@ -28,8 +28,9 @@ from pyisolate.broker.protocol import Kind
 from .._wire import DecodeError, encode_exception
 from .._wire import shm as _shm
 from ..errors import ProtocolError, QueueFullError
-from .dispatch import ASYNC, GEN, PLAIN, call_fields, kind_of, resolve_method
+from .dispatch import ASYNC, GEN, PLAIN, call_fields, handle_methods, kind_of, resolve_method
 from .flow import Acks
+from .refs import HandleProxy
 from .streams import Streams
 from .values import Values
 
@@ -42,6 +43,12 @@ CHAIN: contextvars.ContextVar[tuple[str, int] | None] = contextvars.ContextVar("
 SendQuiet = Callable[[bytes, list[Any]], None]
 
 _CREATED = inspect.CORO_CREATED
+
+
+@functools.lru_cache(maxsize=1024)
+def handle_methods_of(cls: type) -> frozenset[str]:
+    """What a handle to an instance of ``cls`` may call (``dispatch.handle_methods``), cached by class."""
+    return frozenset(handle_methods(cls))
 
 
 class Server:
@@ -178,11 +185,33 @@ class Server:
         export = self._values.exports.get(ref_id)
         if export is None or sender not in export.counts:  # released, or never given to this caller
             raise LookupError(f"reference {ref_id} of {self.name.decode()!r} is not held by {sender.decode()!r}")
+        if export.handle:
+            entry = export.methods.get(method)
+            if entry is None:
+                entry = export.methods[method] = self._handle_method(export.obj, method)
+            return entry[0], entry[1], export.loop
         if method:
             raise AttributeError(f"reference {ref_id} of {self.name.decode()!r} is a callable: only calling "
                                  f"it is allowed, not its attribute {method!r}")
         target: Callable[..., Any] = export.obj  # type: ignore[assignment]
         return target, kind_of(target), export.loop
+
+    def _handle_method(self, obj: object, method: str) -> tuple[Callable[..., Any], int]:
+        """The method ``method`` of a handle's object, if the handle reaches it."""
+        if isinstance(obj, HandleProxy):  # a forwarded handle: its owner serves the call
+            if method not in obj._pyisolate_methods:
+                raise AttributeError(f"{obj._pyisolate_type!r} handle has no public method {method!r}")
+            call, owner, ref_id = obj._pyisolate_call, obj._pyisolate_owner, obj._pyisolate_ref
+
+            async def forward(*args: Any, **kwargs: Any) -> Any:
+                return await call(owner, method, args, kwargs, ref_id)
+            return forward, ASYNC
+        cls: Any = type(obj)
+        if method not in handle_methods_of(cls):
+            raise AttributeError(f"a handle to a {type(obj).__qualname__} object reaches only its public methods, "
+                                 f"and {method!r} is not one")
+        fn = resolve_method(obj, method)
+        return fn, kind_of(fn)
 
     # -- running ---------------------------------------------------------------------------
 

@@ -5,7 +5,8 @@ shared memory for the destination; decoding turns references into proxies and co
 shared-memory segments to acknowledge. A reference is honoured only between its owner and
 the actor it was given to: a received reference must be owned by its sender (a proxy of it)
 or by us and given to that sender (our own object coming back). Whole actors (``get_actor``)
-are names anyone may use, so actor references pass freely.
+are names anyone may use, so actor references pass freely. A proxy sent to an actor other
+than its owner is exported again, by us (a forwarding reference, see ``refs``).
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ from typing import Any
 from pyisolate.broker.delivery import nbytes
 from pyisolate.broker.protocol import Kind, pack_header
 
-from .._wire import DecodeError, decode, encode
-from ..errors import EncodeError, MessageTooLargeError
+from .._wire import DecodeError, TypeRegistry, decode, encode
+from ..errors import MessageTooLargeError
+from .dispatch import handle_methods
 from .flow import Acks
-from .refs import FLAG_ACTOR, FLAG_ASYNC, ActorProxy, ExportTable, RefProxy, is_async_callable
+from .refs import FLAG_ACTOR, FLAG_ASYNC, FLAG_OBJECT, ActorProxy, ExportTable, HandleProxy, RefProxy, is_async_callable
 
 __all__ = ["Values"]
 
@@ -41,7 +43,9 @@ class Values:
         self._remote_call = remote_call
         self._acks = acks
         self.exports = ExportTable()
-        self.proxies: dict[tuple[bytes, int], weakref.ref[RefProxy]] = {}
+        self.proxies: dict[tuple[bytes, int], weakref.ref[RefProxy | HandleProxy]] = {}
+        self.types: TypeRegistry | None = None  # the application's registered types
+        self._described: dict[type, tuple[str, list[str]]] = {}  # a handle's type name and methods, by type
         self.host_actors: frozenset[bytes] = frozenset()  # worker: actors living in the host
         # The codec reads these (RefHooks) while it encodes or decodes one message.
         self.shm_dest = b""
@@ -50,7 +54,7 @@ class Values:
         self.shm_acks: list[str] = []
         self._enc_dest = b""
         self._enc_loop: asyncio.AbstractEventLoop | None = None
-        self._enc_seen: dict[int, tuple[str, int, int]] = {}
+        self._enc_seen: dict[tuple[int, bool], tuple[object, ...]] = {}
         self._dec_sender = b""
         self._dec_seen: set[tuple[bytes, int]] = set()
 
@@ -71,30 +75,52 @@ class Values:
                     "(they travel through shared memory), or raise ExtensionManagerConfig.max_message_size")
             return body, buffers
         except BaseException:
-            for _, ref_id, _ in self._enc_seen.values():  # the message is not sent: undo its counts
-                self.exports.release(ref_id, dest, 1)
+            for ref in self._enc_seen.values():  # the message is not sent: undo its counts
+                if ref[0] == self.name.decode():
+                    self.exports.release(ref[1], dest, 1)  # type: ignore[arg-type]
             raise
         finally:
             self._enc_seen = {}
 
-    def export(self, obj: object) -> tuple[str, int, int] | None:
+    def export(self, obj: object) -> tuple[object, ...] | None:
         if isinstance(obj, RefProxy):
-            owner = obj._pyisolate_owner
-            if owner != self._enc_dest:
-                raise EncodeError(
-                    f"{obj!r} was received from {owner.decode()!r} and can only be passed back to it"
-                )
-            return owner.decode(), obj._pyisolate_ref, obj._pyisolate_flags
+            if obj._pyisolate_owner == self._enc_dest:  # going back to its owner
+                return obj._pyisolate_owner.decode(), obj._pyisolate_ref, obj._pyisolate_flags
+            return self._export(obj, False, lambda: (obj._pyisolate_flags,))  # forwarded through us
+        if isinstance(obj, HandleProxy):
+            return self.export_object(obj)
         if isinstance(obj, ActorProxy):
             return obj._pyisolate_owner.decode(), 0, FLAG_ACTOR
         if isinstance(obj, type) or not callable(obj):
             return None
-        ref = self._enc_seen.get(id(obj))
+        return self._export(obj, False, lambda: (FLAG_ASYNC if is_async_callable(obj) else 0,))
+
+    def export_object(self, obj: object) -> tuple[object, ...]:
+        """The reference of a handle to ``obj``, counted for the message being encoded."""
+        if isinstance(obj, HandleProxy):
+            if obj._pyisolate_owner == self._enc_dest:  # going back to its owner
+                return (obj._pyisolate_owner.decode(), obj._pyisolate_ref, obj._pyisolate_flags, obj._pyisolate_type,
+                        sorted(obj._pyisolate_methods))
+            proxy = obj  # forwarded through us: its calls go through this actor
+            return self._export(obj, True, lambda: (FLAG_OBJECT, proxy._pyisolate_type,
+                                                    sorted(proxy._pyisolate_methods)))
+        return self._export(obj, True, lambda: (FLAG_OBJECT, *self._describe(type(obj))))
+
+    def _export(self, obj: object, handle: bool, rest: Callable[[], tuple[object, ...]]) -> tuple[object, ...]:
+        key = (id(obj), handle)
+        ref = self._enc_seen.get(key)
         if ref is None:
-            ref_id = self.exports.add(obj, self._enc_dest, self._enc_loop)
-            ref = (self.name.decode(), ref_id, FLAG_ASYNC if is_async_callable(obj) else 0)
-            self._enc_seen[id(obj)] = ref
+            ref_id = self.exports.add(obj, self._enc_dest, self._enc_loop, handle)
+            ref = self._enc_seen[key] = (self.name.decode(), ref_id, *rest())
         return ref
+
+    def _describe(self, cls: type) -> tuple[str, list[str]]:
+        described = self._described.get(cls)
+        if described is None:
+            module = getattr(cls, "__module__", None)
+            name = cls.__qualname__ if module in (None, "builtins") else f"{module}.{cls.__qualname__}"
+            described = self._described[cls] = (name, handle_methods(cls))
+        return described
 
     # -- in --------------------------------------------------------------------------------
 
@@ -113,14 +139,18 @@ class Values:
             if received and acks is None:  # we hold our own names for these segments now: unpin
                 self._acks.owe(sender, received)
 
-    def resolve(self, owner: str, ref_id: int, flags: int) -> object:
+    def resolve(self, owner: str, ref_id: int, flags: int, handle: list[Any] | None = None) -> object:
         name = owner.encode()
         if flags & FLAG_ACTOR:
             return ActorProxy(name, self._remote_call)
+        is_handle = bool(flags & FLAG_OBJECT)
+        if is_handle != (handle is not None):
+            raise DecodeError(f"reference {ref_id} of {owner!r}: a handle's reference, and only it, carries its "
+                              "type and methods")
         sender = self._dec_sender
         if name == self.name:  # one of ours, coming back
             export = self.exports.get(ref_id)
-            if export is None or sender not in export.counts:
+            if export is None or sender not in export.counts or export.handle != is_handle:
                 raise DecodeError(f"reference {ref_id} of {owner!r} was never given to {sender.decode()!r} "
                                   "(or is released): refused")
             return export.obj
@@ -130,9 +160,14 @@ class Values:
         key = (name, ref_id)
         entry = self.proxies.get(key)
         proxy = entry() if entry is not None else None
+        if proxy is not None and isinstance(proxy, HandleProxy) != is_handle:
+            raise DecodeError(f"reference {ref_id} of {owner!r} changed from a callable to a handle or back: refused")
         if proxy is None:
             cell = [0]
-            proxy = RefProxy(name, ref_id, flags, self._remote_call, cell)
+            if handle is not None:
+                proxy = HandleProxy(name, ref_id, flags, self._remote_call, cell, handle[0], frozenset(handle[1]))
+            else:
+                proxy = RefProxy(name, ref_id, flags, self._remote_call, cell)
             weakref.finalize(proxy, self._release_soon, name, ref_id, cell)
             self.proxies[key] = weakref.ref(proxy)
         if key not in self._dec_seen:

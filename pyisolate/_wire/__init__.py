@@ -4,7 +4,8 @@ shared memory that tensors and large arrays travel in.
 - ``codec``: ``encode``/``decode`` and exceptions' forms; it holds the built-in types and
   composes the rest, each importing only those below it: ``base`` (limits, ext codes,
   per-thread packers, the decoder), ``walk`` (the slow path and error paths), ``arrays``
-  (numpy), ``tensors`` (torch), ``exceptions`` (ext 11).
+  (numpy), ``tensors`` (torch), ``exceptions`` (ext 11), ``types`` (the application's registered
+  types and handles, ext 15).
 - ``shm``: sealed memfd segments, their ids and pins, and the channel that passes their
   descriptors between the host and each worker.
 
@@ -15,5 +16,7 @@ from __future__ import annotations
 
 from . import shm
 from .codec import DecodeError, decode, decode_exception, encode, encode_exception
+from .types import Handle, TypeRegistry, handle
 
-__all__ = ["DecodeError", "decode", "decode_exception", "encode", "encode_exception", "shm"]
+__all__ = ["DecodeError", "Handle", "TypeRegistry", "decode", "decode_exception", "encode", "encode_exception",
+           "handle", "shm"]

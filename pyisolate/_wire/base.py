@@ -17,6 +17,7 @@ from typing import Any, Protocol
 import msgpack
 
 from ..errors import EncodeError, ProtocolError
+from .types import TypeRegistry
 
 BUFFER_THRESHOLD: int = 64 * 1024
 MAX_DEPTH: int = 64
@@ -27,7 +28,7 @@ MAX_OBJECTS: int = 1 << 20
 
 EXT_TUPLE, EXT_SET, EXT_FROZENSET, EXT_BIGINT, EXT_COMPLEX, EXT_BYTEARRAY = 1, 2, 3, 4, 5, 6
 EXT_BYTES_BUFFER, EXT_BYTEARRAY_BUFFER, EXT_NP_SCALAR, EXT_NP_ARRAY, EXT_EXCEPTION = 7, 8, 9, 10, 11
-EXT_REF, EXT_TENSOR, EXT_SHM_ARRAY = 12, 13, 14
+EXT_REF, EXT_TENSOR, EXT_SHM_ARRAY, EXT_REGISTERED = 12, 13, 14, 15
 #: numpy arrays at least this big travel through shared memory between actors.
 SHM_THRESHOLD: int = 1 << 20
 
@@ -35,11 +36,19 @@ SHM_THRESHOLD: int = 1 << 20
 class RefHooks(Protocol):
     """How an endpoint turns callables and proxies into references, and back (see _rpc)."""
 
-    def export(self, obj: object) -> tuple[str, int, int] | None:
-        """(owner actor, ref id, flags) for ``obj``, or None if it is not a reference."""
+    def export(self, obj: object) -> tuple[object, ...] | None:
+        """(owner actor, ref id, flags) for ``obj`` (and for a handle, its type name and methods),
+        or None if it is not a reference."""
 
-    def resolve(self, owner: str, ref_id: int, flags: int) -> object:
-        """The object for a received reference (a proxy, or our own object coming back)."""
+    def export_object(self, obj: object) -> tuple[object, ...]:
+        """The reference of a handle to ``obj`` (``pyisolate.handle``, or a type registered by reference)."""
+
+    def resolve(self, owner: str, ref_id: int, flags: int, handle: list[Any] | None) -> object:
+        """The object for a received reference (a proxy, or our own object coming back);
+        ``handle`` is a handle's [type name, methods], None for other references."""
+
+    # The application's registered types (``types.TypeRegistry``), or None.
+    types: TypeRegistry | None
 
     # Shared memory: who we are encoding for, who sent what we decode, what to acknowledge.
     shm_dest: bytes
@@ -73,8 +82,13 @@ _CONTAINERS = frozenset({list, tuple, dict, set, frozenset})
 #: keeps equal to this.
 TRAVELS = ("None, bool, int, float, complex, str, bytes, bytearray, list, tuple, dict, set, frozenset, "
            "exceptions, numpy arrays and numpy scalars, torch tensors (between actors), callables and "
-           "actor proxies (as references, between actors)")
+           "actor proxies (as references, between actors), the application's registered types and "
+           "handles (pyisolate.TypeRegistry, pyisolate.handle; between actors)")
 _SUPPORTED = f"supported types are {TRAVELS} (docs/protocol.md, Values)"
+#: Added to the error for an object of an application class nobody registered.
+REGISTER_HINT = ("; to send it, register its class in the host's TypeRegistry (ExtensionManagerConfig.types; "
+                 "by value or by_reference=True), or wrap the object in pyisolate.handle() "
+                 "(docs/guides/host-types.md)")
 
 
 def base_value(obj: object) -> object:
@@ -155,6 +169,21 @@ _ENCODERS: dict[type, Callable[[Any], object]] = {}
 
 def _no_encoder(obj: object) -> Callable[[Any], object]:
     raise EncodeError(f"cannot send value of type {_type_name(type(obj))!r}: {_SUPPORTED}")
+
+
+def unsupported(obj: object) -> str:
+    """Why ``obj`` cannot travel: what does, and, for an application's object, how to send it."""
+    t = type(obj)
+    text = _SUPPORTED
+    if t.__module__ not in ("builtins", None) and not callable(obj):
+        refs = _thread().refs
+        types = refs.types if refs is not None else None
+        base = types.registered_base(t) if types is not None else None
+        if base is not None:
+            return (f"{text}; its base class {base.cls.__qualname__} is registered as {base.name!r}, but only that "
+                    f"exact class matches: register {t.__qualname__} too")
+        text += REGISTER_HINT
+    return text
 
 
 # The encoder for a value whose type is not in _ENCODERS, or EncodeError. codec, the one

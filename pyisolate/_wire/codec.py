@@ -25,6 +25,11 @@ msgpack carries None, bool, int in [-2**63, 2**64), float, str, small bytes, lis
     13    torch tensor      msgpack [device, dtype, shape, stride, offset, requires_grad,
                           segment id or buffer index (cpu), or CUDA IPC handle (cuda)]; see ``tensors``
     14    numpy array, shm  msgpack [segment id, dtype.str, shape, strides, offset]; see ``shm``
+    15    registered value  msgpack [registered name, wire form]: a type the application
+                          registered (``types.TypeRegistry``), rebuilt by the receiver's registry
+
+A handle (``pyisolate.handle``, or a type registered by reference) is a reference (ext 12) of
+five fields: [owner actor, ref id, flags, type name, public method names].
 
 The fast path is msgpack's C packer alone. Because it packs bytes, bytearray and memoryview
 natively, the body is scanned (C speed) for bin headers and for more container headers than
@@ -53,7 +58,6 @@ from .base import (
     _DECODERS,
     _ENCODERS,
     _SCALARS,
-    _SUPPORTED,
     _U32,
     BUFFER_THRESHOLD,
     EXT_BIGINT,
@@ -66,6 +70,7 @@ from .base import (
     EXT_NP_ARRAY,
     EXT_NP_SCALAR,
     EXT_REF,
+    EXT_REGISTERED,
     EXT_SET,
     EXT_SHM_ARRAY,
     EXT_TENSOR,
@@ -83,9 +88,11 @@ from .base import (
     _to_buffer,
     _type_name,
     base_value,
+    unsupported,
 )
 from .exceptions import _decode_exception, _encode_exception, _safe_str
 from .tensors import decode_tensor, encode_tensor, is_tensor
+from .types import Handle, Registered
 from .walk import _Binary, _ExceptionArgs, _locate, _Unsendable, _walk
 
 __all__ = ["BUFFER_THRESHOLD", "MAX_BODY_BYTES", "MAX_DEPTH", "MAX_OBJECTS", "DecodeError", "decode",
@@ -178,6 +185,9 @@ def _may_nest_deeper(body: bytes) -> bool:
 
 
 def _find_encoder(obj: object) -> Callable[[Any], object]:
+    refs = _thread().refs
+    if refs is not None and refs.types is not None and (entry := refs.types.entry(type(obj))) is not None:
+        return _registered_encoder(entry)  # first: an IntEnum or a NamedTuple is a builtin's subclass too
     if isinstance(obj, BaseException):
         return _encode_exception
     if is_tensor(obj):
@@ -186,11 +196,39 @@ def _find_encoder(obj: object) -> Callable[[Any], object]:
     if encoder is None:
         if base_value(obj) is not NOT_BUILTIN:  # a subclass of a builtin travels as its base type
             return _encode_base
-        refs = _thread().refs
         if refs is not None and (ref := refs.export(obj)) is not None:
             return lambda _: _ext(EXT_REF, _pack(_thread(), list(ref)))
-        raise EncodeError(f"cannot send value of type {_type_name(type(obj))!r}: {_SUPPORTED}")
+        raise EncodeError(f"cannot send value of type {_type_name(type(obj))!r}: {unsupported(obj)}")
     return encoder
+
+
+def _registered_encoder(entry: Registered) -> Callable[[Any], object]:
+    if entry.by_reference:
+        return _encode_handle
+    to_wire, name = entry.to_wire, entry.name
+    assert to_wire is not None
+
+    def encode_registered(obj: object) -> object:
+        try:
+            wire = to_wire(obj)
+        except Exception as exc:
+            raise EncodeError(f"the encode function of registered type {name!r} raised {type(exc).__name__}: "
+                              f"{exc}") from None
+        try:
+            wire = _walk(wire, 0)  # wrap its binaries, as for any value
+        except _Unsendable as exc:
+            raise EncodeError(f"registered type {name!r}: its wire form cannot travel: {exc.describe()}") from None
+        return _ext(EXT_REGISTERED, _pack(_thread(), [name, wire]))
+    return encode_registered
+
+
+def _encode_handle(obj: object) -> object:
+    st = _thread()
+    if type(obj) is Handle:
+        obj = obj.obj
+    if st.refs is None:
+        raise EncodeError("handles (pyisolate.handle, types registered by_reference) travel only between actors")
+    return _ext(EXT_REF, _pack(st, list(st.refs.export_object(obj))))
 
 
 def _encode_base(obj: object) -> object:
@@ -220,6 +258,7 @@ _ENCODERS[int] = lambda o: _ext(EXT_BIGINT, o.to_bytes(o.bit_length() // 8 + 1, 
 _ENCODERS[complex] = lambda o: _ext(EXT_COMPLEX, _COMPLEX.pack(o.real, o.imag))
 _ENCODERS[_Binary] = _encode_binary
 _ENCODERS[_ExceptionArgs] = _encode_exception
+_ENCODERS[Handle] = _encode_handle
 
 
 # --- decoding ---------------------------------------------------------------------------
@@ -298,13 +337,48 @@ def _decode_tensor(dec: _Decoder, data: bytes) -> object:
                          dec.take)
 
 
+#: Bounds of a handle's description: its type name, and its public methods (count and name).
+MAX_HANDLE_METHODS, MAX_NAME_CHARS = 4096, 256
+
+
 def _decode_ref(dec: _Decoder, data: bytes) -> object:
     if dec.refs is None:
         raise DecodeError("a reference (callable or proxy) is not accepted here")
     fields = dec.nested(data, "reference")
-    if len(fields) != 3 or type(fields[0]) is not str or type(fields[1]) is not int or type(fields[2]) is not int:
-        raise DecodeError("a reference payload must be [owner, ref_id, flags]")
-    return dec.refs.resolve(fields[0], fields[1], fields[2])
+    if len(fields) not in (3, 5) or type(fields[0]) is not str or type(fields[1]) is not int \
+            or type(fields[2]) is not int:
+        raise DecodeError("a reference payload must be [owner, ref_id, flags] or, for a handle, [owner, ref_id, "
+                          "flags, type name, methods]")
+    handle = None
+    if len(fields) == 5:
+        type_name, methods = fields[3], fields[4]
+        if type(type_name) is not str or len(type_name) > MAX_NAME_CHARS or type(methods) is not list \
+                or len(methods) > MAX_HANDLE_METHODS \
+                or not all(type(m) is str and m.isidentifier() and len(m) <= MAX_NAME_CHARS for m in methods):
+            raise DecodeError(f"a handle must name its type (at most {MAX_NAME_CHARS} characters) and list at most "
+                              f"{MAX_HANDLE_METHODS} method names (identifiers)")
+        handle = [type_name, methods]
+    return dec.refs.resolve(fields[0], fields[1], fields[2], handle)
+
+
+def _decode_registered(dec: _Decoder, data: bytes) -> object:
+    fields = dec.nested(data, "registered value")
+    if len(fields) != 2 or type(fields[0]) is not str:
+        raise DecodeError("a registered value's payload must be [name, wire form]")
+    name = fields[0]
+    types = dec.refs.types if dec.refs is not None else None
+    entry = types.named(name) if types is not None else None
+    if entry is None:
+        raise DecodeError(f"a value of registered type {name[:MAX_NAME_CHARS]!r} arrived, but this process has no "
+                          "such type in its TypeRegistry; register it in the function named by "
+                          "ExtensionManagerConfig.types, which the host and every worker run")
+    if entry.by_reference:
+        raise DecodeError(f"{name!r} is registered by reference here: its values arrive as handles, never by value")
+    assert entry.from_wire is not None
+    try:
+        return entry.from_wire(fields[1])
+    except Exception as exc:
+        raise DecodeError(f"cannot rebuild a value of registered type {name!r}: {type(exc).__name__}: {exc}") from None
 
 
 def _check_depth(obj: object, depth: int) -> None:
@@ -336,3 +410,4 @@ _DECODERS[EXT_EXCEPTION] = _decode_exception
 _DECODERS[EXT_REF] = _decode_ref
 _DECODERS[EXT_TENSOR] = _decode_tensor
 _DECODERS[EXT_SHM_ARRAY] = _decode_shm_array
+_DECODERS[EXT_REGISTERED] = _decode_registered

@@ -13,13 +13,13 @@ from .base import (
     _CONTAINERS,
     _ENCODERS,
     _SCALARS,
-    _SUPPORTED,
     BUFFER_THRESHOLD,
     MAX_DEPTH,
     NOT_BUILTIN,
     _thread,
     _type_name,
     base_value,
+    unsupported,
 )
 from .tensors import is_tensor
 
@@ -80,6 +80,8 @@ def _walk(obj: object, depth: int) -> object:
     if isinstance(obj, (bytes, bytearray)) and (t is bytes or t is bytearray):
         return _Binary(obj) if t is bytearray or len(obj) >= BUFFER_THRESHOLD else obj
     if t not in _CONTAINERS and not isinstance(obj, BaseException):
+        if _registered(t):
+            return obj  # its encoder walks its wire form
         if isinstance(obj, (dict, list, tuple)) and _find_numpy_encoder(obj) is None:
             return _walk(base_value(obj), depth)  # a subclass travels as its base: walk that
         if (problem := _leaf_problem(obj)) is not None:
@@ -139,13 +141,18 @@ def _leaf_problem(obj: object) -> str | None:
             if base_value(obj) is not NOT_BUILTIN:
                 return None  # a subclass of a builtin: it travels as its base type
             refs = _thread().refs
-            return None if refs is not None and refs.export(obj) is not None else _SUPPORTED
+            return None if refs is not None and refs.export(obj) is not None else unsupported(obj)
     if encoder is _encode_ndarray or encoder is _encode_np_scalar:
         try:
             _check_dtype(getattr(obj, "dtype"))
         except EncodeError as exc:
             return str(exc)
     return None
+
+
+def _registered(t: type) -> bool:
+    refs = _thread().refs
+    return refs is not None and refs.types is not None and t in refs.types
 
 
 def _walk_arg(arg: object, depth: int) -> object:
