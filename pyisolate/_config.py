@@ -49,6 +49,45 @@ def _backends(value: object) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _host_site_dirs() -> set[str]:
+    """The host interpreter's package directories (site-packages, dist-packages), resolved."""
+    import site
+    import sysconfig
+
+    found = [*site.getsitepackages(), site.getusersitepackages()]
+    for base in {sys.prefix, sys.base_prefix}:
+        found += site.getsitepackages([base])
+        paths = sysconfig.get_paths(vars={"base": base, "platbase": base})
+        found += [paths["purelib"], paths["platlib"]]
+    return {os.path.realpath(path) for path in found}
+
+
+def _host_paths(value: object, where: str, owner: str = "") -> tuple[Path, ...]:
+    """``value`` as existing absolute directories that hold none of the host's installed packages.
+
+    ``where`` names the field, ``owner`` (`` (extension 'x')``) whose it is, in messages.
+    """
+    if isinstance(value, (str, bytes, os.PathLike)) or not isinstance(value, (list, tuple)):
+        raise ConfigError(f"{where}{owner} must be a list of directories, got {value!r}; write [{value!r}]")
+    found: dict[Path, None] = {}
+    for index, item in enumerate(value):
+        if not isinstance(item, (str, os.PathLike)) or not str(item):
+            raise ConfigError(f"{where}[{index}]{owner} must be a directory path, got {item!r}")
+        path = Path(os.path.normpath(Path(item).expanduser().absolute()))
+        if not path.is_dir():
+            problem = "is not a directory" if path.exists() else "does not exist"
+            raise ConfigError(f"{where}[{index}]{owner}: {str(path)!r} {problem}; list the folder that holds the "
+                              "host modules the extension imports (the folder the host itself has on sys.path)")
+        if path.name in ("site-packages", "dist-packages") or os.path.realpath(path) in _host_site_dirs():
+            raise ConfigError(
+                f"{where}[{index}]{owner}: {str(path)!r} is a package directory (site-packages): that would hand "
+                "the worker every package installed there, in place of its own venv's; share what it needs with "
+                "share_torch or dependencies, or list the application's own source root instead"
+            )
+        found[path] = None
+    return tuple(found)
+
+
 def _count(name: str, value: object, least: int, most: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or not least <= value <= most:
         raise ConfigError(f"ExtensionManagerConfig.{name} must be an int from {least} to {most}, got {value!r}")
@@ -99,6 +138,11 @@ class ExtensionManagerConfig:
             ``sandbox`` may only narrow it.
         limits: Resources each worker may use (``Limits`` or a mapping, e.g.
             ``{"memory": "4GiB", "cpu": 1.5}``); None: none. A ceiling for every extension's own.
+        host_paths: Folders of the host application whose modules every extension may import
+            (the app's own source root, say): appended to each worker's ``sys.path`` after its
+            venv's packages and pyisolate's runtime, and readable, never writable, under the
+            sandbox. Each must exist and must not be a site-packages folder. Default: none, the
+            worker sees only its venv and what ``share_torch`` shares.
     """
 
     venv_root_path: str | os.PathLike[str]
@@ -116,6 +160,7 @@ class ExtensionManagerConfig:
     sandbox_backends: tuple[str, ...] = ("landlock",)
     sandbox: SandboxPolicy | Mapping[str, Any] = field(default_factory=SandboxPolicy)
     limits: Limits | Mapping[str, Any] | None = None
+    host_paths: Sequence[str | os.PathLike[str]] = ()
 
     def __post_init__(self) -> None:
         root = self.venv_root_path
@@ -145,6 +190,7 @@ class ExtensionManagerConfig:
                               "sandbox_mode='disabled'")
         object.__setattr__(self, "sandbox", SandboxPolicy.parse(self.sandbox, "ExtensionManagerConfig.sandbox"))
         object.__setattr__(self, "limits", Limits.parse(self.limits, where="ExtensionManagerConfig.limits"))
+        object.__setattr__(self, "host_paths", _host_paths(self.host_paths, "ExtensionManagerConfig.host_paths"))
 
     @property
     def venv_root(self) -> Path:
@@ -212,6 +258,8 @@ class ExtensionConfig:
             only narrow the manager's ``sandbox``.
         limits: Resources this extension's worker may use (None: the manager's); none may
             exceed the manager's ``limits``.
+        host_paths: Folders of the host application this extension may import from, added to
+            the manager's ``host_paths`` (see there). The host's decision: a manifest cannot set it.
     """
 
     name: str
@@ -227,6 +275,7 @@ class ExtensionConfig:
     sandbox_mode: str | None = None
     sandbox: SandboxPolicy | Mapping[str, Any] | None = None
     limits: Limits | Mapping[str, Any] | None = None
+    host_paths: Sequence[str | os.PathLike[str]] = ()
 
     def __post_init__(self) -> None:
         validate_extension_name(self.name)
@@ -235,6 +284,7 @@ class ExtensionConfig:
             check_mode(self.sandbox_mode, f"ExtensionConfig.sandbox_mode {where}")
         object.__setattr__(self, "sandbox", SandboxPolicy.parse(self.sandbox, f"ExtensionConfig.sandbox {where}"))
         object.__setattr__(self, "limits", Limits.parse(self.limits, where=f"ExtensionConfig.limits {where}"))
+        object.__setattr__(self, "host_paths", _host_paths(self.host_paths, "ExtensionConfig.host_paths", f" {where}"))
         path = Path(self.module_path).expanduser().absolute()
         if not (path.is_dir() and (path / "__init__.py").is_file()) and not (
             path.suffix == ".py" and path.is_file()

@@ -1,7 +1,7 @@
 """The worker process: ``python -I -c <bootstrap> RUNTIME_DIR CHANNEL_FD`` started by the host.
 
 The bootstrap has made the process non-dumpable already. The host sends the bootstrap JSON
-(name, broker endpoint, launch secret, module path, extension class) as the first message on
+(name, broker endpoint, launch secret, module path, host paths, extension class) as the first message on
 our private control channel (descriptor CHANNEL_FD, a socketpair no other process can open),
 which later carries shared-memory segments. Our stdin carries nothing: the host keeps the pipe
 open, end-of-file on it means the host is gone, even if it was killed, and the worker exits at
@@ -65,6 +65,11 @@ async def _serve(boot: dict[str, Any], channel: shm.WorkerChannel) -> int:
     from .loader import import_class, load_extension, trim_traceback
 
     gc.enable()  # the bootstrap paused it for the runtime's imports; extension code runs with it on
+    # The host's folders the extension may import from (ExtensionConfig.host_paths): after its
+    # venv's packages and the runtime, so that neither the host's code nor its copies shadow them.
+    for path in boot.get("host_paths", ()):
+        if path not in sys.path:
+            sys.path.append(path)
     loop = asyncio.get_running_loop()
     limits = boot.get("limits", {})
     conn = Connection(boot["endpoint"], max_message_size=limits.get("max_message_size", -1),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from pyisolate import ConfigError, ExtensionBase, ExtensionConfig, ExtensionManager, ExtensionManagerConfig
@@ -91,3 +93,48 @@ def test_the_manager_shows_users_only_what_they_call():
     only the calls an application makes."""
     public = {n for n in dir(ExtensionManager) if not n.startswith("_") and callable(getattr(ExtensionManager, n))}
     assert public == {"aclose", "get_actor", "load_extension", "load_extensions", "on_event", "stop_all"}
+
+
+def test_host_paths_are_existing_folders_made_absolute(tmp_path, monkeypatch):
+    (tmp_path / "app").mkdir()
+    monkeypatch.chdir(tmp_path)
+    config = ExtensionConfig(name="good", module_path=ext("ok"), host_paths=["app", tmp_path / "app"])
+    assert config.host_paths == (tmp_path / "app",)  # absolute, once
+    assert ExtensionManagerConfig(venv_root_path=tmp_path, host_paths=["app"]).host_paths == (tmp_path / "app",)
+    assert ExtensionConfig(name="good", module_path=ext("ok")).host_paths == ()  # sealed by default
+
+
+def _site_dirs():
+    import site
+    import sysconfig
+
+    return sorted({p for p in [*site.getsitepackages(), sysconfig.get_paths()["purelib"]] if Path(p).is_dir()})
+
+
+@pytest.mark.parametrize(
+    ("value", "needles"),
+    [
+        (["/no/such/app"], ["host_paths[0]", "'/no/such/app' does not exist", "the folder the host itself has"]),
+        ([__file__], ["is not a directory"]),
+        ("/app", ["must be a list of directories", "['/app']"]),
+        ([3], ["host_paths[0]", "must be a directory path"]),
+        *[([site], ["is a package directory (site-packages)", "every package installed there",
+                    "share_torch or dependencies", "application's own source root"]) for site in _site_dirs()],
+    ],
+)
+def test_bad_host_paths_are_refused_with_the_fix(value, needles):
+    for build in (lambda: ExtensionConfig(name="good", module_path=ext("ok"), host_paths=value),
+                  lambda: ExtensionManagerConfig(venv_root_path="/tmp", host_paths=value)):
+        with pytest.raises(ConfigError) as info:
+            build()
+        for needle in needles:
+            assert needle in str(info.value)
+
+
+def test_a_site_packages_folder_is_refused_under_any_name(tmp_path):
+    import site
+
+    alias = tmp_path / "lib"
+    alias.symlink_to(site.getsitepackages()[0])
+    with pytest.raises(ConfigError, match="is a package directory"):
+        ExtensionConfig(name="good", module_path=ext("ok"), host_paths=[alias])

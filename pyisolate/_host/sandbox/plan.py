@@ -203,9 +203,12 @@ class Confinement:
 
 def prepare(
     name: str, resolved: Resolved, *, venv: Path, runtime: Path, module_path: Path, class_files: Iterable[str],
-    broker_endpoint: str, share_torch: bool,
+    broker_endpoint: str, share_torch: bool, host_paths: Sequence[Path] = (),
 ) -> Confinement:  # fmt: skip
     """Plan one worker's confinement from its policy and what this machine offers.
+
+    ``host_paths`` (the host's folders the worker imports from) are granted like the
+    policy's ``readonly_paths``: readable, never writable.
 
     Blocks (a trial bwrap sandbox, the first time; walking the venv and the runtime for
     symlinks, once per venv): call it from a thread.
@@ -268,7 +271,7 @@ def prepare(
                   + " (sandbox_mode='preferred'; 'required' refuses instead)")
 
     tmp = Path(tempfile.mkdtemp(prefix=f"pyisolate-tmp-{name}-"))  # removed by close()
-    granted_read = [module_path, *(Path(f) for f in class_files), *policy.readonly_paths]
+    granted_read = [module_path, *(Path(f) for f in class_files), *host_paths, *policy.readonly_paths]
     argv = None
     if binary is not None:
         try:
