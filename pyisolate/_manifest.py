@@ -17,8 +17,8 @@ The manifest is optional. What it may hold::
     restart = { max_restarts = 3, within = 60 }   # or true (defaults) / false (never)
 
 ``apis`` and ``host_paths`` are deliberately not read: which host services an extension may
-call, and which of the host's code it sees, are the host's decisions; and resolving ``"module:Class"`` strings would import code in the host on the
-manifest's say-so. This module only reads files; it builds no config and imports nothing.
+call, and which of the host's code it sees, are the host's decisions; and resolving
+``"module:Class"`` strings would import code in the host on the manifest's say-so. This module only reads files; it builds no config and imports nothing.
 """
 
 from __future__ import annotations
