@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from ._discovery import discover
     from ._envs import ProgressDisplay, ProgressEvent, ProgressStep
     from ._limits import Limits
-    from ._policy import SandboxPolicy
+    from ._policy import SandboxMode, SandboxPolicy
     from ._host import Extension, ExtensionManager, SyncExtensionManager
     from ._rpc import sync
     from ._singleton import ProxiedSingleton
@@ -65,6 +65,7 @@ __all__ = [
     "QueueFullError",
     "RemoteError",
     "RestartPolicy",
+    "SandboxMode",
     "SandboxPolicy",
     "SyncExtensionManager",
     "UnroutableError",
@@ -84,6 +85,7 @@ _LAZY = {
     "ExtensionManagerConfig": "._config",
     "RestartPolicy": "._config",
     "Limits": "._limits",
+    "SandboxMode": "._policy",
     "SandboxPolicy": "._policy",
     "Extension": "._host",
     "ExtensionManager": "._host",

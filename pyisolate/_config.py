@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._manifest import Manifest, default_name, read_manifest
 from ._limits import Limits
-from ._policy import SandboxPolicy, check_mode
+from ._policy import SandboxMode, SandboxPolicy, check_mode
 from ._singleton import ProxiedSingleton
 from ._validate import validate_dependencies, validate_extension_name
 from .errors import ConfigError
@@ -123,7 +123,8 @@ class ExtensionManagerConfig:
             loop is blocked this many seconds; None turns the watchdog off.
         sandbox_mode: ``"preferred"`` (confine every worker as far as this machine can, and
             say once what it cannot), ``"required"`` (refuse to start a worker that cannot be
-            fully confined) or ``"disabled"``; an extension may only make its own stricter.
+            fully confined) or ``"disabled"``, or the same as a ``SandboxMode`` (stored as the
+            string); an extension may only make its own stricter.
         sandbox_backends: The mechanisms that confine workers, layered: ``"landlock"`` (Landlock,
             seccomp and dropped capabilities, applied by the worker to itself; needs no
             namespaces) and ``"bwrap"`` (bubblewrap: the worker in namespaces of its own, seeing
@@ -156,7 +157,7 @@ class ExtensionManagerConfig:
     heartbeat_interval: float = 1.0
     heartbeat_timeout: float = 10.0
     loop_block_warning: float | None = 1.0
-    sandbox_mode: str = "preferred"
+    sandbox_mode: str | SandboxMode = "preferred"
     sandbox_backends: tuple[str, ...] = ("landlock",)
     sandbox: SandboxPolicy | Mapping[str, Any] = field(default_factory=SandboxPolicy)
     limits: Limits | Mapping[str, Any] | None = None
@@ -183,7 +184,7 @@ class ExtensionManagerConfig:
         _count("max_message_size", self.max_message_size, 1024, 2**40)
         _count("max_queued_bytes", self.max_queued_bytes, self.max_message_size, 2**62)
         _positive("ExtensionManagerConfig", "heartbeat_timeout", self.heartbeat_timeout)
-        check_mode(self.sandbox_mode, "ExtensionManagerConfig.sandbox_mode")
+        object.__setattr__(self, "sandbox_mode", check_mode(self.sandbox_mode, "ExtensionManagerConfig.sandbox_mode"))
         object.__setattr__(self, "sandbox_backends", _backends(self.sandbox_backends))
         if self.sandbox is None:
             raise ConfigError("ExtensionManagerConfig.sandbox cannot be None; to run workers unconfined, set "
@@ -252,8 +253,8 @@ class ExtensionConfig:
             only locale, home, temp-dir and accelerator (CUDA_, OMP_, ...) variables.
         env: Variables set for the worker.
         restart: Restart the worker when it crashes (None: never); see RestartPolicy.
-        sandbox_mode: This extension's sandbox mode (None: the manager's); it may be stricter
-            than the manager's, never looser.
+        sandbox_mode: This extension's sandbox mode, a string or ``SandboxMode`` (None: the
+            manager's); it may be stricter than the manager's, never looser.
         sandbox: What this extension's worker may reach (None: the manager's policy); it may
             only narrow the manager's ``sandbox``.
         limits: Resources this extension's worker may use (None: the manager's); none may
@@ -272,7 +273,7 @@ class ExtensionConfig:
     pass_env: Sequence[str] = ()
     env: Mapping[str, str] = field(default_factory=dict)
     restart: RestartPolicy | None = None
-    sandbox_mode: str | None = None
+    sandbox_mode: str | SandboxMode | None = None
     sandbox: SandboxPolicy | Mapping[str, Any] | None = None
     limits: Limits | Mapping[str, Any] | None = None
     host_paths: Sequence[str | os.PathLike[str]] = ()
@@ -281,7 +282,8 @@ class ExtensionConfig:
         validate_extension_name(self.name)
         where = f"(extension {self.name!r})"
         if self.sandbox_mode is not None:
-            check_mode(self.sandbox_mode, f"ExtensionConfig.sandbox_mode {where}")
+            mode = check_mode(self.sandbox_mode, f"ExtensionConfig.sandbox_mode {where}")
+            object.__setattr__(self, "sandbox_mode", mode)
         object.__setattr__(self, "sandbox", SandboxPolicy.parse(self.sandbox, f"ExtensionConfig.sandbox {where}"))
         object.__setattr__(self, "limits", Limits.parse(self.limits, where=f"ExtensionConfig.limits {where}"))
         object.__setattr__(self, "host_paths", _host_paths(self.host_paths, "ExtensionConfig.host_paths", f" {where}"))

@@ -138,3 +138,15 @@ def test_a_site_packages_folder_is_refused_under_any_name(tmp_path):
     alias.symlink_to(site.getsitepackages()[0])
     with pytest.raises(ConfigError, match="is a package directory"):
         ExtensionConfig(name="good", module_path=ext("ok"), host_paths=[alias])
+
+
+def test_sandbox_mode_takes_the_enum_and_stores_the_string(tmp_path):
+    from pyisolate import SandboxMode
+
+    assert [m.value for m in SandboxMode] == ["preferred", "required", "disabled"]
+    manager = ExtensionManagerConfig(venv_root_path=tmp_path, sandbox_mode=SandboxMode.DISABLED)
+    extension = ExtensionConfig(name="good", module_path=ext("ok"), sandbox_mode=SandboxMode.REQUIRED)
+    assert type(manager.sandbox_mode) is str and manager.sandbox_mode == "disabled"
+    assert type(extension.sandbox_mode) is str and extension.sandbox_mode == "required"
+    with pytest.raises(ConfigError, match="pyisolate.SandboxMode"):
+        ExtensionConfig(name="good", module_path=ext("ok"), sandbox_mode="strict")
