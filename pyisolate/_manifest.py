@@ -18,7 +18,8 @@ The manifest is optional. What it may hold::
 
 ``apis`` and ``host_paths`` are deliberately not read: which host services an extension may
 call, and which of the host's code it sees, are the host's decisions; and resolving
-``"module:Class"`` strings would import code in the host on the manifest's say-so. This module only reads files; it builds no config and imports nothing.
+``"module:Class"`` strings would import code in the host on the manifest's say-so. This
+module only reads files; it builds no config and imports nothing.
 """
 
 from __future__ import annotations
