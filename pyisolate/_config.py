@@ -13,6 +13,7 @@ from ._manifest import Manifest, default_name, read_manifest
 from ._limits import Limits
 from ._policy import SandboxMode, SandboxPolicy, check_mode
 from ._singleton import ProxiedSingleton
+from ._upstream import check_upstream_keys
 from ._validate import validate_dependencies, validate_extension_name
 from .errors import ConfigError
 
@@ -261,6 +262,16 @@ class ExtensionConfig:
             exceed the manager's ``limits``.
         host_paths: Folders of the host application this extension may import from, added to
             the manager's ``host_paths`` (see there). The host's decision: a manifest cannot set it.
+        share_cuda_ipc: Whether CUDA tensors travel to and from this extension (as CUDA IPC
+            handles; their data stays on the device). None: the same as ``share_torch``. True
+            needs ``share_torch=True``. Off, a CUDA tensor sent to it fails with ``EncodeError``
+            where it is sent (move it to the CPU first), and one it receives anyway is refused.
+        execution_model: A constraint, as pyisolate 0.10 spelled it: ``"sealed_worker"`` (it
+            shares nothing from the host but its ``host_paths``: ``share_torch`` and
+            ``share_cuda_ipc`` are refused), ``"host-coupled"`` (anything goes), or None.
+        sealed_host_ro_paths: pyisolate 0.10's name for ``host_paths`` of a sealed worker: only
+            with ``execution_model="sealed_worker"``; added to ``host_paths``.
+        package_manager: ``"uv"``, the only one (conda environments are not supported).
     """
 
     name: str
@@ -277,6 +288,10 @@ class ExtensionConfig:
     sandbox: SandboxPolicy | Mapping[str, Any] | None = None
     limits: Limits | Mapping[str, Any] | None = None
     host_paths: Sequence[str | os.PathLike[str]] = ()
+    share_cuda_ipc: bool | None = None
+    execution_model: str | None = None
+    sealed_host_ro_paths: Sequence[str | os.PathLike[str]] = ()
+    package_manager: str = "uv"
 
     def __post_init__(self) -> None:
         validate_extension_name(self.name)
@@ -342,6 +357,12 @@ class ExtensionConfig:
         for flag in ("isolated", "share_torch", "allow_direct_references"):
             if not isinstance(getattr(self, flag), bool):
                 raise ConfigError(f"ExtensionConfig.{flag} must be True or False, got {getattr(self, flag)!r}")
+        check_upstream_keys(self.name, share_torch=self.share_torch, share_cuda_ipc=self.share_cuda_ipc,
+                            execution_model=self.execution_model, sealed_host_ro_paths=self.sealed_host_ro_paths,
+                            package_manager=self.package_manager)  # fmt: skip
+        sealed = _host_paths(self.sealed_host_ro_paths, "ExtensionConfig.sealed_host_ro_paths", f" {where}")
+        object.__setattr__(self, "sealed_host_ro_paths", sealed)
+        object.__setattr__(self, "host_paths", tuple(dict.fromkeys([*self.host_paths, *sealed])))
 
     @classmethod
     def from_path(cls, path: str | os.PathLike[str], **overrides: Any) -> ExtensionConfig:

@@ -107,6 +107,10 @@ async def _serve(boot: dict[str, Any], channel: shm.WorkerChannel) -> int:
                         max_message_size=limits.get("max_message_size", 256 << 20))
     endpoint.server.on_system_exit = exits.leave  # the worker exits with its code; the call fails as a crash
     endpoint.host_actors = frozenset(n.encode() for n in boot["host_actors"])
+    if not boot.get("cuda_ipc", True):  # ExtensionConfig.share_cuda_ipc off: no CUDA tensor in or out
+        refusal = (f"this extension ({name!r}) does not share CUDA tensors (share_cuda_ipc is off); load it with "
+                   "share_torch=True and share_cuda_ipc=True to share them")
+        endpoint.values.cuda_refusal = lambda peer: refusal
     try:
         try:
             conn.handshake(name, bytes.fromhex(boot["secret"]), timeout=float(boot["handshake_timeout"]))

@@ -6,7 +6,7 @@ import asyncio
 import logging
 import time
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
@@ -19,6 +19,7 @@ from .._base import ExtensionBase
 from .._config import ExtensionConfig, ExtensionManagerConfig
 from .._rpc import ActorProxy, Endpoint
 from .._singleton import ProxiedSingleton, actor_name
+from .._upstream import config_from
 from .._wire import encode_exception
 from .._wire import shm as _shm
 from ..errors import ConfigError, ExtensionClosedError, LoadExtensionsError, UnroutableError
@@ -44,18 +45,22 @@ class ExtensionManager(Generic[T]):
     Args:
         extension_type: ``ExtensionBase`` or the application's own subclass. An extension
             module may define its own subclass of it, which then serves the calls.
-        config: Settings shared by every extension.
+        config: Settings shared by every extension: an ``ExtensionManagerConfig``, or a
+            mapping of its fields (``{"venv_root_path": ...}``), validated the same way.
 
     Use it as an async context manager, or call ``stop_all()`` when done.
+
+    Raises:
+        ConfigError: ``extension_type`` is not an ExtensionBase class, or ``config`` is
+            invalid (a mapping's unknown key is named, with the closest known one).
     """
 
-    def __init__(self, extension_type: type[T], config: ExtensionManagerConfig) -> None:
+    def __init__(self, extension_type: type[T], config: ExtensionManagerConfig | Mapping[str, Any]) -> None:
         if not (isinstance(extension_type, type) and issubclass(extension_type, ExtensionBase)):
             raise ConfigError(
                 f"ExtensionManager needs ExtensionBase or a subclass of it, got {extension_type!r}"
             )
-        if not isinstance(config, ExtensionManagerConfig):
-            raise ConfigError(f"ExtensionManager needs an ExtensionManagerConfig, got {config!r}")
+        config = config_from(ExtensionManagerConfig, config, "ExtensionManager(config=...)")
         self.extension_type = extension_type
         self.config = config
         try:
@@ -117,18 +122,22 @@ class ExtensionManager(Generic[T]):
 
     # -- public API ------------------------------------------------------------------------
 
-    def load_extension(self, config: ExtensionConfig) -> Extension:
+    def load_extension(self, config: ExtensionConfig | Mapping[str, Any]) -> Extension:
         """Start loading an extension and return its handle at once.
 
         ``await`` the handle (or the call) to wait until it is ready; calls made before then
         wait for it. Loading errors (venv build, import, start-up) surface there.
 
+        Args:
+            config: An ``ExtensionConfig``, or a mapping of its fields (as pyisolate 0.10
+                hosts write it), validated exactly like ``ExtensionConfig(**config)``.
+
         Raises:
-            ConfigError: ``config`` is not an ExtensionConfig or its name is in use.
+            ConfigError: ``config`` is invalid (a mapping's unknown key is named, with the
+                closest known one), or its name is in use.
             ExtensionClosedError: the manager is stopped.
         """
-        if not isinstance(config, ExtensionConfig):
-            raise ConfigError(f"load_extension() needs an ExtensionConfig, got {config!r}")
+        config = config_from(ExtensionConfig, config, "load_extension()")
         if self._closing:
             raise ExtensionClosedError("this ExtensionManager is stopped")
         resolved = resolve(config, self.config)  # before anything starts: a wider policy is refused
@@ -151,29 +160,28 @@ class ExtensionManager(Generic[T]):
         self._extensions[config.name] = backend
         return Extension(backend)
 
-    async def load_extensions(self, configs: Iterable[ExtensionConfig]) -> dict[str, Extension]:
+    async def load_extensions(self, configs: Iterable[ExtensionConfig | Mapping[str, Any]]) -> dict[str, Extension]:
         """Load several extensions concurrently; return once each is ready or has failed.
 
-        Arguments are checked before anything starts. Extensions that fail to load are
-        released (their names are free again); the others stay loaded.
+        Arguments (ExtensionConfigs or mappings of their fields) are checked before anything
+        starts. Extensions that fail to load are released (their names are free again); the
+        others stay loaded.
 
         Returns:
             Name -> ready Extension, in the order of ``configs``.
 
         Raises:
-            ConfigError: an item is not an ExtensionConfig, two share a name, or a name is
-                already loaded; nothing was started.
+            ConfigError: an item is invalid, two share a name, or a name is already loaded;
+                nothing was started.
             LoadExtensionsError: some failed; ``.loaded`` holds the ready ones, ``.failed``
                 (and the group's exceptions) why each other one failed.
             ExtensionClosedError: the manager is stopped.
 
         If the call is cancelled, every extension it started is stopped.
         """
-        configs = list(configs)
+        configs = [config_from(ExtensionConfig, config, "load_extensions()") for config in configs]
         seen: set[str] = set()
         for config in configs:
-            if not isinstance(config, ExtensionConfig):
-                raise ConfigError(f"load_extensions() needs ExtensionConfig items, got {config!r}")
             if config.name in seen:
                 raise ConfigError(f"load_extensions(): two configs are named {config.name!r}; rename one")
             seen.add(config.name)
@@ -312,6 +320,7 @@ class ExtensionManager(Generic[T]):
         endpoint = Endpoint(name, self.loop, send, root=root, origin=HOST, chain_loops=self._chain_loops,
                             on_control=on_control, max_in_flight=self.config.max_in_flight,
                             max_message_size=self.config.max_message_size)
+        endpoint.values.cuda_refusal = self._cuda_refusal
         broker.add_local(name, endpoint.on_frames)
         return endpoint
 
@@ -326,6 +335,14 @@ class ExtensionManager(Generic[T]):
             raise ConfigError(f"the singleton name {name.decode()!r} is taken by an extension (or the host): actor "
                               "names are one namespace; rename the class or the extension")
         self._singletons[name] = self._host_actor(name, api())
+
+    def _cuda_refusal(self, peer: bytes) -> str | None:
+        """Why CUDA tensors may not travel between the host's actors and ``peer`` (None: they may)."""
+        backend = self._extensions.get(peer.decode(errors="replace"))
+        if isinstance(backend, Worker) and not backend.cuda_ipc:
+            return (f"extension {backend.name!r} does not share CUDA tensors (share_cuda_ipc is off); load it with "
+                    "share_torch=True and share_cuda_ipc=True to share them")
+        return None
 
     def _connecting_workers(self) -> int:
         """Workers spawned that have not said READY yet: each may still open a connection."""

@@ -85,6 +85,8 @@ class Worker:
         self.bname = config.name.encode()
         self.config = config
         self.resolved = resolved  # the policy it runs under
+        # CUDA tensors travel to and from it (unset: where it shares the host's torch).
+        self.cuda_ipc = config.share_torch if config.share_cuda_ipc is None else config.share_cuda_ipc
         self._manager = manager
         self.state = State.STARTING
         self.process: WorkerProcess | None = None
@@ -198,6 +200,7 @@ class Worker:
                     "secret": secret.hex(),
                     "module_path": str(config.module_path),
                     "host_paths": [str(path) for path in host_paths],
+                    "cuda_ipc": self.cuda_ipc,
                     "extension_class": manager.extension_spec,
                     "apis": [class_spec(api) for api in config.apis],
                     "session": _shm.session(),

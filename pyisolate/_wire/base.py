@@ -41,11 +41,13 @@ class RefHooks(Protocol):
     def resolve(self, owner: str, ref_id: int, flags: int) -> object:
         """The object for a received reference (a proxy, or our own object coming back)."""
 
-    # Shared memory: who we are encoding for, who sent what we decode, what to acknowledge.
+    # Shared memory: who we are encoding for, who sent what we decode, what to acknowledge;
+    # and why CUDA tensors may not travel to or from that peer (None: they may).
     shm_dest: bytes
     shm_sender: str
     shm_sender_in_host: bool
     shm_acks: list[str]
+    shm_cuda: str | None
 
 Buffer = bytes | bytearray | memoryview
 

@@ -13,6 +13,7 @@ Under bwrap the worker's private temp dir is its ``/tmp``, so Landlock's rules n
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -97,6 +98,8 @@ def resolve(config: ExtensionConfig, host: ExtensionManagerConfig) -> Resolved:
     ceiling = host.sandbox
     assert isinstance(ceiling, SandboxPolicy)  # made one at construction
     own = config.sandbox if isinstance(config.sandbox, SandboxPolicy) else ceiling
+    # A grant every worker has anyway (/dev/shm, as pyisolate 0.10 hosts list it) asks for nothing more.
+    own = dataclasses.replace(own, writable_paths=tuple(p for p in own.writable_paths if str(p) not in _SYSTEM_WRITE))
     mode = narrower_mode(config.sandbox_mode, host.sandbox_mode, f"ExtensionConfig.sandbox_mode {where}")
     policy = own.within(ceiling, f"ExtensionConfig.sandbox {where}")
     host_limits = host.limits if isinstance(host.limits, Limits) else None
