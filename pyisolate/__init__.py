@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from ._envs import ProgressDisplay, ProgressEvent, ProgressStep
     from ._limits import Limits
     from ._policy import SandboxMode, SandboxPolicy
-    from ._host import Extension, ExtensionManager, SyncExtensionManager
+    from ._host import Extension, ExtensionManager, SyncExtensionManager, method
     from ._rpc import sync
     from ._singleton import ProxiedSingleton
 
@@ -72,6 +72,7 @@ __all__ = [
     "discover",
     "emit",
     "get_actor",
+    "method",
     "sync",
 ]
 
@@ -97,6 +98,7 @@ _LAZY = {
     "discover": "._discovery",
     "emit": "._actors",
     "get_actor": "._actors",
+    "method": "._host",
     "sync": "._rpc",
 }
 

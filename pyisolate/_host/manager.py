@@ -8,6 +8,7 @@ import time
 import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Generic, TypeVar
 
 from pyisolate.broker.delivery import nbytes
@@ -75,6 +76,7 @@ class ExtensionManager(Generic[T]):
         self._events: Events | None = None
         self._heartbeats: asyncio.Task[None] | None = None
         self._extensions: dict[str, Worker | LocalBackend] = {}
+        self._handles: dict[str, Extension] = {}  # one handle per loaded extension
         self._leaving: set[asyncio.Task[None]] = set()  # checks of workers whose connection closed
         self._closing = False
 
@@ -122,6 +124,16 @@ class ExtensionManager(Generic[T]):
 
     # -- public API ------------------------------------------------------------------------
 
+    @property
+    def extensions(self) -> Mapping[str, Extension]:
+        """The extensions loaded (or loading) now: name -> handle, in load order.
+
+        A read-only snapshot, taken when read: loading or stopping one later does not change
+        it. An extension whose load failed may stay listed (``state == "failed"``) until it is
+        stopped.
+        """
+        return MappingProxyType(dict(self._handles))
+
     def load_extension(self, config: ExtensionConfig | Mapping[str, Any]) -> Extension:
         """Start loading an extension and return its handle at once.
 
@@ -156,9 +168,10 @@ class ExtensionManager(Generic[T]):
         else:
             task = self.loop.create_task(load_extension(Path(config.module_path), self.extension_type))
             task.add_done_callback(retrieve)
-            backend = LocalBackend(config.name, task, self._forget)
+            backend = LocalBackend(config, task, self._forget)
         self._extensions[config.name] = backend
-        return Extension(backend)
+        handle = self._handles[config.name] = Extension(backend)
+        return handle
 
     async def load_extensions(self, configs: Iterable[ExtensionConfig | Mapping[str, Any]]) -> dict[str, Extension]:
         """Load several extensions concurrently; return once each is ready or has failed.
@@ -235,6 +248,7 @@ class ExtensionManager(Generic[T]):
         backends = list(self._extensions.values())
         await asyncio.gather(*(b.stop() for b in backends), return_exceptions=True)
         self._extensions.clear()
+        self._handles.clear()
         assert self._events is not None
         await self._events.aclose()
         for task in [self._heartbeats, *self._leaving]:
@@ -246,6 +260,10 @@ class ExtensionManager(Generic[T]):
         self.broker.close()
 
     aclose = stop_all
+
+    async def stop_all_extensions(self) -> None:
+        """``stop_all()``, by the name pyisolate 0.10 gave it."""
+        await self.stop_all()
 
     async def __aenter__(self) -> ExtensionManager[T]:
         return self
@@ -267,9 +285,9 @@ class ExtensionManager(Generic[T]):
         """
         if isinstance(name, type):
             name = actor_name(name)
-        backend = self._extensions.get(name)
-        if backend is not None:
-            return Extension(backend)
+        handle = self._handles.get(name)
+        if handle is not None:
+            return handle
         if self._loop is not None and name.encode() in self._singletons:
             return ActorProxy(name.encode(), self.endpoint.remote_call)
         known = sorted([*self._extensions, *(n.decode() for n in self._singletons)])
@@ -354,6 +372,7 @@ class ExtensionManager(Generic[T]):
     def _forget(self, backend: Worker | LocalBackend) -> None:
         if self._extensions.get(backend.name) is backend:
             del self._extensions[backend.name]
+            del self._handles[backend.name]
 
     def _start_heartbeats(self) -> None:
         """Check every ready worker's liveness from now on (once per manager)."""

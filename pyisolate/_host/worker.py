@@ -106,6 +106,10 @@ class Worker:
 
     # -- the Backend protocol ------------------------------------------------------------
 
+    @property
+    def status(self) -> str:
+        return self.state.value
+
     async def wait_ready(self) -> None:
         if asyncio.get_running_loop() is not self._manager.loop:
             return await asyncio.wrap_future(
