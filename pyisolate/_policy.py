@@ -98,7 +98,8 @@ class SandboxPolicy:
     Args:
         network: Sockets to other hosts and to the host's loopback (TCP, UDP, name lookups).
             The connection to the host always works.
-        writable_paths: Folders (or files) the worker may read and write.
+        writable_paths: Folders (or files) the worker may read and write. (Those every worker
+            writes anyway, such as ``/dev/shm``, need no grant; listed, they ask for nothing.)
         readonly_paths: Folders (or files) the worker may read.
 
     ``ExtensionConfig(sandbox={"network": False, "writable_paths": [...]})`` and the manifest's
