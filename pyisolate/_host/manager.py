@@ -192,22 +192,22 @@ class ExtensionManager(Generic[T]):
 
         If the call is cancelled, every extension it started is stopped.
         """
-        configs = [config_from(ExtensionConfig, config, "load_extensions()") for config in configs]
+        checked = [config_from(ExtensionConfig, config, "load_extensions()") for config in configs]
         seen: set[str] = set()
-        for config in configs:
+        for config in checked:
             if config.name in seen:
                 raise ConfigError(f"load_extensions(): two configs are named {config.name!r}; rename one")
             seen.add(config.name)
         if self._closing:
             raise ExtensionClosedError("this ExtensionManager is stopped")
-        if not configs:
+        if not checked:
             return {}
         self._bind()
         for name in seen:
             self._check_name(name)
         handles: dict[str, Extension] = {}
         try:
-            for config in configs:
+            for config in checked:
                 handles[config.name] = self.load_extension(config)
             outcomes = await asyncio.gather(*(self._ready(h) for h in handles.values()), return_exceptions=True)
         except BaseException:

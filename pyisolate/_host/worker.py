@@ -182,7 +182,7 @@ class Worker:
                 self.confinement.close()
             specs = [manager.extension_spec, *(class_spec(api) for api in config.apis)]
             # The manager's first, then the extension's own: the order they go on its sys.path.
-            host_paths = list(dict.fromkeys([*manager.config.host_paths, *config.host_paths]))
+            host_paths = list(dict.fromkeys(Path(p) for p in [*manager.config.host_paths, *config.host_paths]))
             self.confinement = confinement = await asyncio.to_thread(
                 prepare, self.name, self.resolved, venv=python.parent.parent, runtime=runtime,
                 module_path=Path(config.module_path), class_files=[spec["file"] for spec in specs if spec],
