@@ -6,7 +6,7 @@ Safe to import in a worker: nothing host-only here.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Coroutine, Iterator
 from typing import Any
 
 from .refs import ActorProxy, RefProxy
