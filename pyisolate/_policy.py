@@ -71,8 +71,8 @@ def _unknown(where: str, key: object, known: tuple[str, ...]) -> ConfigError:
 def _paths(value: object, where: str) -> tuple[Path, ...]:
     if isinstance(value, Mapping):
         raise ConfigError(
-            f"{where} maps paths to other places ({dict(value)!r}); workers see paths where they are: "
-            "list them, e.g. [\"/data/models\"]"
+            f"{where} maps paths to other places ({dict(value)!r}, a mount as pyisolate 0.10 took it); workers "
+            f"see paths where they are: list them, e.g. {[str(source) for source in value]!r}"
         )
     if isinstance(value, (str, bytes, os.PathLike)) or not isinstance(value, (list, tuple)):
         raise ConfigError(f"{where} must be a list of absolute paths, got {value!r}; write [{value!r}]")
