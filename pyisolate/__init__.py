@@ -34,8 +34,8 @@ if TYPE_CHECKING:
     from ._discovery import discover
     from ._envs import ProgressDisplay, ProgressEvent, ProgressStep
     from ._limits import Limits
-    from ._policy import SandboxPolicy
-    from ._host import Extension, ExtensionManager, SyncExtensionManager
+    from ._policy import SandboxMode, SandboxPolicy
+    from ._host import Extension, ExtensionManager, SyncExtensionManager, method
     from ._rpc import sync
     from ._wire import TypeRegistry, handle
     from ._singleton import ProxiedSingleton
@@ -66,6 +66,7 @@ __all__ = [
     "QueueFullError",
     "RemoteError",
     "RestartPolicy",
+    "SandboxMode",
     "SandboxPolicy",
     "SyncExtensionManager",
     "TypeRegistry",
@@ -74,6 +75,7 @@ __all__ = [
     "emit",
     "get_actor",
     "handle",
+    "method",
     "sync",
 ]
 
@@ -87,6 +89,7 @@ _LAZY = {
     "ExtensionManagerConfig": "._config",
     "RestartPolicy": "._config",
     "Limits": "._limits",
+    "SandboxMode": "._policy",
     "SandboxPolicy": "._policy",
     "Extension": "._host",
     "ExtensionManager": "._host",
@@ -98,6 +101,7 @@ _LAZY = {
     "discover": "._discovery",
     "emit": "._actors",
     "get_actor": "._actors",
+    "method": "._host",
     "sync": "._rpc",
     "TypeRegistry": "._wire",
     "handle": "._wire",

@@ -12,8 +12,9 @@ from typing import TYPE_CHECKING, Any
 
 from ._manifest import Manifest, default_name, read_manifest
 from ._limits import Limits
-from ._policy import SandboxPolicy, check_mode
+from ._policy import SandboxMode, SandboxPolicy, check_mode
 from ._singleton import ProxiedSingleton
+from ._upstream import check_upstream_keys
 from ._validate import validate_dependencies, validate_extension_name
 from .errors import ConfigError
 
@@ -48,6 +49,45 @@ def _backends(value: object) -> tuple[str, ...]:
     if len(set(value)) != len(value):
         raise ConfigError(f"{where} names a backend twice ({value!r}); list each once")
     return tuple(value)
+
+
+def _host_site_dirs() -> set[str]:
+    """The host interpreter's package directories (site-packages, dist-packages), resolved."""
+    import site
+    import sysconfig
+
+    found = [*site.getsitepackages(), site.getusersitepackages()]
+    for base in {sys.prefix, sys.base_prefix}:
+        found += site.getsitepackages([base])
+        paths = sysconfig.get_paths(vars={"base": base, "platbase": base})
+        found += [paths["purelib"], paths["platlib"]]
+    return {os.path.realpath(path) for path in found}
+
+
+def _host_paths(value: object, where: str, owner: str = "") -> tuple[Path, ...]:
+    """``value`` as existing absolute directories that hold none of the host's installed packages.
+
+    ``where`` names the field, ``owner`` (`` (extension 'x')``) whose it is, in messages.
+    """
+    if isinstance(value, (str, bytes, os.PathLike)) or not isinstance(value, (list, tuple)):
+        raise ConfigError(f"{where}{owner} must be a list of directories, got {value!r}; write [{value!r}]")
+    found: dict[Path, None] = {}
+    for index, item in enumerate(value):
+        if not isinstance(item, (str, os.PathLike)) or not str(item):
+            raise ConfigError(f"{where}[{index}]{owner} must be a directory path, got {item!r}")
+        path = Path(os.path.normpath(Path(item).expanduser().absolute()))
+        if not path.is_dir():
+            problem = "is not a directory" if path.exists() else "does not exist"
+            raise ConfigError(f"{where}[{index}]{owner}: {str(path)!r} {problem}; list the folder that holds the "
+                              "host modules the extension imports (the folder the host itself has on sys.path)")
+        if path.name in ("site-packages", "dist-packages") or os.path.realpath(path) in _host_site_dirs():
+            raise ConfigError(
+                f"{where}[{index}]{owner}: {str(path)!r} is a package directory (site-packages): that would hand "
+                "the worker every package installed there, in place of its own venv's; share what it needs with "
+                "share_torch or dependencies, or list the application's own source root instead"
+            )
+        found[path] = None
+    return tuple(found)
 
 
 def _count(name: str, value: object, least: int, most: int) -> None:
@@ -85,7 +125,8 @@ class ExtensionManagerConfig:
             loop is blocked this many seconds; None turns the watchdog off.
         sandbox_mode: ``"preferred"`` (confine every worker as far as this machine can, and
             say once what it cannot), ``"required"`` (refuse to start a worker that cannot be
-            fully confined) or ``"disabled"``; an extension may only make its own stricter.
+            fully confined) or ``"disabled"``, or the same as a ``SandboxMode`` (stored as the
+            string); an extension may only make its own stricter.
         sandbox_backends: The mechanisms that confine workers, layered: ``"landlock"`` (Landlock,
             seccomp and dropped capabilities, applied by the worker to itself; needs no
             namespaces) and ``"bwrap"`` (bubblewrap: the worker in namespaces of its own, seeing
@@ -106,6 +147,11 @@ class ExtensionManagerConfig:
             before any extension code, with the module's root folder (where its top package
             lives) on its ``sys.path`` after its own packages, readable and never writable. None:
             no registered types.
+        host_paths: Folders of the host application whose modules every extension may import
+            (the app's own source root, say): appended to each worker's ``sys.path`` after its
+            venv's packages and pyisolate's runtime, and readable, never writable, under the
+            sandbox. Each must exist and must not be a site-packages folder. Default: none, the
+            worker sees only its venv and what ``share_torch`` shares.
     """
 
     venv_root_path: str | os.PathLike[str]
@@ -119,11 +165,12 @@ class ExtensionManagerConfig:
     heartbeat_interval: float = 1.0
     heartbeat_timeout: float = 10.0
     loop_block_warning: float | None = 1.0
-    sandbox_mode: str = "preferred"
+    sandbox_mode: str | SandboxMode = "preferred"
     sandbox_backends: tuple[str, ...] = ("landlock",)
     sandbox: SandboxPolicy | Mapping[str, Any] = field(default_factory=SandboxPolicy)
     limits: Limits | Mapping[str, Any] | None = None
     types: str | Callable[[Any], None] | None = None
+    host_paths: Sequence[str | os.PathLike[str]] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "types", _types_reference(self.types))
@@ -147,13 +194,14 @@ class ExtensionManagerConfig:
         _count("max_message_size", self.max_message_size, 1024, 2**40)
         _count("max_queued_bytes", self.max_queued_bytes, self.max_message_size, 2**62)
         _positive("ExtensionManagerConfig", "heartbeat_timeout", self.heartbeat_timeout)
-        check_mode(self.sandbox_mode, "ExtensionManagerConfig.sandbox_mode")
+        object.__setattr__(self, "sandbox_mode", check_mode(self.sandbox_mode, "ExtensionManagerConfig.sandbox_mode"))
         object.__setattr__(self, "sandbox_backends", _backends(self.sandbox_backends))
         if self.sandbox is None:
             raise ConfigError("ExtensionManagerConfig.sandbox cannot be None; to run workers unconfined, set "
                               "sandbox_mode='disabled'")
         object.__setattr__(self, "sandbox", SandboxPolicy.parse(self.sandbox, "ExtensionManagerConfig.sandbox"))
         object.__setattr__(self, "limits", Limits.parse(self.limits, where="ExtensionManagerConfig.limits"))
+        object.__setattr__(self, "host_paths", _host_paths(self.host_paths, "ExtensionManagerConfig.host_paths"))
 
     @property
     def venv_root(self) -> Path:
@@ -239,12 +287,24 @@ class ExtensionConfig:
             only locale, home, temp-dir and accelerator (CUDA_, OMP_, ...) variables.
         env: Variables set for the worker.
         restart: Restart the worker when it crashes (None: never); see RestartPolicy.
-        sandbox_mode: This extension's sandbox mode (None: the manager's); it may be stricter
-            than the manager's, never looser.
+        sandbox_mode: This extension's sandbox mode, a string or ``SandboxMode`` (None: the
+            manager's); it may be stricter than the manager's, never looser.
         sandbox: What this extension's worker may reach (None: the manager's policy); it may
             only narrow the manager's ``sandbox``.
         limits: Resources this extension's worker may use (None: the manager's); none may
             exceed the manager's ``limits``.
+        host_paths: Folders of the host application this extension may import from, added to
+            the manager's ``host_paths`` (see there). The host's decision: a manifest cannot set it.
+        share_cuda_ipc: Whether CUDA tensors travel to and from this extension (as CUDA IPC
+            handles; their data stays on the device). None: the same as ``share_torch``. True
+            needs ``share_torch=True``. Off, a CUDA tensor sent to it fails with ``EncodeError``
+            where it is sent (move it to the CPU first), and one it receives anyway is refused.
+        execution_model: A constraint, as pyisolate 0.10 spelled it: ``"sealed_worker"`` (it
+            shares nothing from the host but its ``host_paths``: ``share_torch`` and
+            ``share_cuda_ipc`` are refused), ``"host-coupled"`` (anything goes), or None.
+        sealed_host_ro_paths: pyisolate 0.10's name for ``host_paths`` of a sealed worker: only
+            with ``execution_model="sealed_worker"``; added to ``host_paths``.
+        package_manager: ``"uv"``, the only one (conda environments are not supported).
     """
 
     name: str
@@ -257,17 +317,24 @@ class ExtensionConfig:
     pass_env: Sequence[str] = ()
     env: Mapping[str, str] = field(default_factory=dict)
     restart: RestartPolicy | None = None
-    sandbox_mode: str | None = None
+    sandbox_mode: str | SandboxMode | None = None
     sandbox: SandboxPolicy | Mapping[str, Any] | None = None
     limits: Limits | Mapping[str, Any] | None = None
+    host_paths: Sequence[str | os.PathLike[str]] = ()
+    share_cuda_ipc: bool | None = None
+    execution_model: str | None = None
+    sealed_host_ro_paths: Sequence[str | os.PathLike[str]] = ()
+    package_manager: str = "uv"
 
     def __post_init__(self) -> None:
         validate_extension_name(self.name)
         where = f"(extension {self.name!r})"
         if self.sandbox_mode is not None:
-            check_mode(self.sandbox_mode, f"ExtensionConfig.sandbox_mode {where}")
+            mode = check_mode(self.sandbox_mode, f"ExtensionConfig.sandbox_mode {where}")
+            object.__setattr__(self, "sandbox_mode", mode)
         object.__setattr__(self, "sandbox", SandboxPolicy.parse(self.sandbox, f"ExtensionConfig.sandbox {where}"))
         object.__setattr__(self, "limits", Limits.parse(self.limits, where=f"ExtensionConfig.limits {where}"))
+        object.__setattr__(self, "host_paths", _host_paths(self.host_paths, "ExtensionConfig.host_paths", f" {where}"))
         path = Path(self.module_path).expanduser().absolute()
         if not (path.is_dir() and (path / "__init__.py").is_file()) and not (
             path.suffix == ".py" and path.is_file()
@@ -323,6 +390,12 @@ class ExtensionConfig:
         for flag in ("isolated", "share_torch", "allow_direct_references"):
             if not isinstance(getattr(self, flag), bool):
                 raise ConfigError(f"ExtensionConfig.{flag} must be True or False, got {getattr(self, flag)!r}")
+        check_upstream_keys(self.name, share_torch=self.share_torch, share_cuda_ipc=self.share_cuda_ipc,
+                            execution_model=self.execution_model, sealed_host_ro_paths=self.sealed_host_ro_paths,
+                            package_manager=self.package_manager)  # fmt: skip
+        sealed = _host_paths(self.sealed_host_ro_paths, "ExtensionConfig.sealed_host_ro_paths", f" {where}")
+        object.__setattr__(self, "sealed_host_ro_paths", sealed)
+        object.__setattr__(self, "host_paths", tuple(dict.fromkeys([*self.host_paths, *sealed])))
 
     @classmethod
     def from_path(cls, path: str | os.PathLike[str], **overrides: Any) -> ExtensionConfig:

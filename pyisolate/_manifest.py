@@ -16,9 +16,10 @@ The manifest is optional. What it may hold::
     env = { HF_HUB_OFFLINE = "1" }
     restart = { max_restarts = 3, within = 60 }   # or true (defaults) / false (never)
 
-``apis`` is deliberately not read: which host services an extension may call is the host's
-decision, and resolving ``"module:Class"`` strings would import code in the host on the
-manifest's say-so. This module only reads files; it builds no config and imports nothing.
+``apis`` and ``host_paths`` are deliberately not read: which host services an extension may
+call, and which of the host's code it sees, are the host's decisions; and resolving
+``"module:Class"`` strings would import code in the host on the manifest's say-so. This
+module only reads files; it builds no config and imports nothing.
 """
 
 from __future__ import annotations
@@ -50,6 +51,14 @@ _APIS_REFUSED = (
     "apis cannot be set in a manifest: which host services an extension may call is the host's "
     "decision; the host passes apis=[...] to ExtensionConfig.from_path() or pyisolate.discover()"
 )
+_HOST_PATHS_REFUSED = (
+    "cannot be set in a manifest: which of the host's own code an extension sees is the host's decision; "
+    "the host passes host_paths=[...] to ExtensionConfig.from_path() or pyisolate.discover(), or sets "
+    "ExtensionManagerConfig(host_paths=[...])"
+)
+#: Keys a manifest may not set, because the host decides them, and why.
+_HOST_DECIDES = {"apis": _APIS_REFUSED, "host_paths": f"host_paths {_HOST_PATHS_REFUSED}",
+                 "sealed_host_ro_paths": f"sealed_host_ro_paths {_HOST_PATHS_REFUSED}"}
 
 
 @dataclass(frozen=True)
@@ -149,8 +158,8 @@ def read_manifest(directory: Path) -> Manifest:
 
     values: dict[str, Any] = {}
     for key, value in settings.items():
-        if key == "apis":
-            raise _fail(path, "[tool.pyisolate].apis:", _APIS_REFUSED)
+        if key in _HOST_DECIDES:
+            raise _fail(path, f"[tool.pyisolate].{key}:", _HOST_DECIDES[key])
         if key not in _SCHEMA:
             close = difflib.get_close_matches(key, _SCHEMA, n=1)
             hint = f"did you mean {close[0]!r}? " if close else ""

@@ -10,6 +10,7 @@ manifest) may only narrow it. The mechanisms that enforce a policy live in
 from __future__ import annotations
 
 import difflib
+import enum
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -17,18 +18,36 @@ from pathlib import Path
 
 from .errors import ConfigError
 
-__all__ = ["MODES", "SandboxPolicy", "check_mode", "narrower_mode"]
+__all__ = ["MODES", "SandboxMode", "SandboxPolicy", "check_mode", "narrower_mode"]
 
 #: From least to most strict. ``preferred`` confines with what this machine offers and says
 #: once what it could not; ``required`` refuses to start a worker it cannot fully confine.
 MODES = ("disabled", "preferred", "required")
 
 
+class SandboxMode(str, enum.Enum):
+    """The sandbox modes, for code that prefers names to strings.
+
+    Accepted wherever a mode string is (``sandbox_mode=SandboxMode.REQUIRED`` is
+    ``sandbox_mode="required"``); configs store the plain string.
+    """
+
+    PREFERRED = "preferred"
+    """Confine each worker as far as this machine can, and say once what it cannot."""
+    REQUIRED = "required"
+    """Refuse to start a worker that cannot be fully confined."""
+    DISABLED = "disabled"
+    """Run workers unconfined."""
+
+
 def check_mode(value: object, where: str) -> str:
-    """Return ``value`` if it is a sandbox mode, else raise ConfigError naming ``where``."""
-    if value not in MODES:
-        raise ConfigError(f"{where} must be one of {', '.join(map(repr, MODES))}, got {value!r}")
-    return str(value)
+    """Return ``value`` as a mode string if it is a sandbox mode, else raise ConfigError naming ``where``."""
+    if isinstance(value, SandboxMode):
+        return value.value
+    if not isinstance(value, str) or value not in MODES:
+        raise ConfigError(f"{where} must be one of {', '.join(map(repr, MODES))} (or a pyisolate.SandboxMode), "
+                          f"got {value!r}")
+    return value
 
 
 def narrower_mode(mode: str | None, ceiling: str, where: str) -> str:
@@ -52,8 +71,8 @@ def _unknown(where: str, key: object, known: tuple[str, ...]) -> ConfigError:
 def _paths(value: object, where: str) -> tuple[Path, ...]:
     if isinstance(value, Mapping):
         raise ConfigError(
-            f"{where} maps paths to other places ({dict(value)!r}); workers see paths where they are: "
-            "list them, e.g. [\"/data/models\"]"
+            f"{where} maps paths to other places ({dict(value)!r}, a mount as pyisolate 0.10 took it); workers "
+            f"see paths where they are: list them, e.g. {[str(source) for source in value]!r}"
         )
     if isinstance(value, (str, bytes, os.PathLike)) or not isinstance(value, (list, tuple)):
         raise ConfigError(f"{where} must be a list of absolute paths, got {value!r}; write [{value!r}]")
@@ -79,7 +98,8 @@ class SandboxPolicy:
     Args:
         network: Sockets to other hosts and to the host's loopback (TCP, UDP, name lookups).
             The connection to the host always works.
-        writable_paths: Folders (or files) the worker may read and write.
+        writable_paths: Folders (or files) the worker may read and write. (Those every worker
+            writes anyway, such as ``/dev/shm``, need no grant; listed, they ask for nothing.)
         readonly_paths: Folders (or files) the worker may read.
 
     ``ExtensionConfig(sandbox={"network": False, "writable_paths": [...]})`` and the manifest's

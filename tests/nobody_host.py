@@ -5,6 +5,8 @@
 Run by tests/integration/test_sandbox_unprivileged.py as ``nobody`` with the system
 interpreter's venv (real users are not root). WORKDIR holds the venv root, the extension and a
 secret beside it, all owned by that user: only the sandbox keeps the extension from them.
+WORKDIR/hostapp is a folder of the host
+application the extension is given (``host_paths``): it may read it, never write it.
 UNIX_SOCKET is a pathname socket this user may connect to (a session bus, say). The same
 attacks are tried under each backend alone: Landlock (the default), then bwrap. Prints its
 findings as JSON on the last line of stdout.
@@ -24,10 +26,12 @@ import pyisolate
 async def main(workdir: Path, port: int, unix_socket: str) -> dict[str, object]:
     found: dict[str, object] = {"uid": os.getuid()}
     config = pyisolate.ExtensionManagerConfig(venv_root_path=workdir / "venvs", sandbox_mode="required")
-    extension = pyisolate.ExtensionConfig(name="sandboxed", module_path=workdir / "sandboxed")
+    extension = pyisolate.ExtensionConfig(name="sandboxed", module_path=workdir / "sandboxed",
+                                          host_paths=[workdir / "hostapp"])  # fmt: skip
     async with asyncio.timeout(240), pyisolate.ExtensionManager(pyisolate.ExtensionBase, config) as manager:
         worker = await manager.load_extension(extension)
         found["status"] = await worker.status()
+        found.update(await _host_folder(worker, workdir))
         found["secret"] = await worker.read(str(workdir / "secret.txt"))
         found["write_outside"] = await worker.write(str(workdir / "planted.txt"))
         found["write_venv"] = await worker.write(str(workdir / "venvs" / "sandboxed" / "pyvenv.cfg"), "home = /evil")
@@ -62,10 +66,12 @@ async def _under_bwrap(workdir: Path, port: int, unix_socket: str) -> dict[str, 
     found: dict[str, object] = {}
     config = pyisolate.ExtensionManagerConfig(venv_root_path=workdir / "venvs", sandbox_mode="required",
                                               sandbox_backends=("bwrap",))  # fmt: skip
-    extension = pyisolate.ExtensionConfig(name="boxed", module_path=workdir / "sandboxed")
+    extension = pyisolate.ExtensionConfig(name="boxed", module_path=workdir / "sandboxed",
+                                          host_paths=[workdir / "hostapp"])  # fmt: skip
     async with asyncio.timeout(240), pyisolate.ExtensionManager(pyisolate.ExtensionBase, config) as manager:
         worker = await manager.load_extension(extension)
         found["status"] = await worker.status()
+        found.update(await _host_folder(worker, workdir))
         found["pids"] = await worker.pids()
         found["secret"] = await worker.read(str(workdir / "secret.txt"))
         found["write_outside"] = await worker.write(str(workdir / "planted.txt"))
@@ -75,6 +81,12 @@ async def _under_bwrap(workdir: Path, port: int, unix_socket: str) -> dict[str, 
         found["unix_socket"] = await worker.connect_unix(unix_socket)
         found["say"] = await worker.say("from the box")
     return found
+
+
+async def _host_folder(worker: object, workdir: Path) -> dict[str, object]:
+    """What the worker makes of the host folder it was given (host_paths): read it, write into it."""
+    return {"host_read": await worker.read(str(workdir / "hostapp" / "hostapp_mod.py")),  # type: ignore[attr-defined]
+            "host_write": await worker.write(str(workdir / "hostapp" / "planted.py"))}  # type: ignore[attr-defined]
 
 
 if __name__ == "__main__":

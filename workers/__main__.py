@@ -1,7 +1,7 @@
 """The worker process: ``python -I -c <bootstrap> RUNTIME_DIR CHANNEL_FD`` started by the host.
 
 The bootstrap has made the process non-dumpable already. The host sends the bootstrap JSON
-(name, broker endpoint, launch secret, module path, extension class) as the first message on
+(name, broker endpoint, launch secret, module path, host paths, extension class) as the first message on
 our private control channel (descriptor CHANNEL_FD, a socketpair no other process can open),
 which later carries shared-memory segments. Our stdin carries nothing: the host keeps the pipe
 open, end-of-file on it means the host is gone, even if it was killed, and the worker exits at
@@ -65,6 +65,11 @@ async def _serve(boot: dict[str, Any], channel: shm.WorkerChannel) -> int:
     from .loader import import_class, load_extension, load_types, trim_traceback
 
     gc.enable()  # the bootstrap paused it for the runtime's imports; extension code runs with it on
+    # The host's folders the extension may import from (ExtensionConfig.host_paths): after its
+    # venv's packages and the runtime, so that neither the host's code nor its copies shadow them.
+    for path in boot.get("host_paths", ()):
+        if path not in sys.path:
+            sys.path.append(path)
     loop = asyncio.get_running_loop()
     limits = boot.get("limits", {})
     conn = Connection(boot["endpoint"], max_message_size=limits.get("max_message_size", -1),
@@ -102,6 +107,10 @@ async def _serve(boot: dict[str, Any], channel: shm.WorkerChannel) -> int:
                         max_message_size=limits.get("max_message_size", 256 << 20))
     endpoint.server.on_system_exit = exits.leave  # the worker exits with its code; the call fails as a crash
     endpoint.host_actors = frozenset(n.encode() for n in boot["host_actors"])
+    if not boot.get("cuda_ipc", True):  # ExtensionConfig.share_cuda_ipc off: no CUDA tensor in or out
+        refusal = (f"this extension ({name!r}) does not share CUDA tensors (share_cuda_ipc is off); load it with "
+                   "share_torch=True and share_cuda_ipc=True to share them")
+        endpoint.values.cuda_refusal = lambda peer: refusal
     try:
         try:
             conn.handshake(name, bytes.fromhex(boot["secret"]), timeout=float(boot["handshake_timeout"]))
@@ -140,16 +149,15 @@ async def _serve(boot: dict[str, Any], channel: shm.WorkerChannel) -> int:
         conn.close()
 
 
-def _app_types(spec: dict[str, str], load_types: Any) -> Any:
-    """The application's TypeRegistry, filled by its function (``ExtensionManagerConfig.types``)."""
-    if spec["path"] not in sys.path:
-        sys.path.append(spec["path"])  # after the venv's packages and the runtime
+def _app_types(reference: str, load_types: Any) -> Any:
+    """The application's TypeRegistry, filled by its function (``ExtensionManagerConfig.types``);
+    the folder its module is imported from is among the host paths, on ``sys.path`` already."""
     try:
-        return load_types(spec["reference"])
+        return load_types(reference)
     except Exception as exc:
         raise ImportError(
-            f"cannot run the host's type registry {spec['reference']!r} (ExtensionManagerConfig.types) in this "
-            f"worker: {type(exc).__name__}: {exc}. The worker imports it from {spec['path']} with its own venv: "
+            f"cannot run the host's type registry {reference!r} (ExtensionManagerConfig.types) in this "
+            f"worker: {type(exc).__name__}: {exc}. The worker imports it with its own venv and the host paths: "
             "make what that module imports available there (the extension's dependencies, share_torch), or "
             "import such packages only inside the function, where present") from exc
 

@@ -2,8 +2,9 @@
 
 - ``manager``: ``ExtensionManager`` owns the loop-bound parts (broker, endpoint, singletons,
   heartbeats) and every extension; ``sync``: ``SyncExtensionManager``, the same from threads.
-- ``extension``: ``Extension``, the handle whose attributes are remote methods, and
-  ``LocalBackend`` (``isolated=False``).
+- ``extension``: ``Extension``, the handle whose attributes are remote methods, ``method()``
+  for an extension's own method that the handle's ``name``/``config``/``state``/``stop`` hide,
+  and ``LocalBackend`` (``isolated=False``).
 - ``worker``: one remote extension's life: venv, launch, readiness, crash and restart. It
   needs of the manager only the ``Host`` interface.
 - ``process``: the child process, its pipes and its logs; ``events``: the host's event fan-out.
@@ -15,9 +16,9 @@ Host-side only: a worker never imports this package.
 
 from __future__ import annotations
 
-from .extension import Extension
+from .extension import Extension, method
 from .manager import ExtensionManager
 from .sandbox import offered as sandbox_offered
 from .sync import SyncExtensionManager
 
-__all__ = ["Extension", "ExtensionManager", "SyncExtensionManager", "sandbox_offered"]
+__all__ = ["Extension", "ExtensionManager", "SyncExtensionManager", "method", "sandbox_offered"]

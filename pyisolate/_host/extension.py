@@ -1,4 +1,5 @@
-"""Extension: the host's handle on one loaded extension; its attributes are remote methods."""
+"""Extension: the host's handle on one loaded extension; its attributes are remote methods,
+but for ``name``, ``config``, ``state`` and ``stop`` (``method()`` reaches an extension's own)."""
 
 from __future__ import annotations
 
@@ -9,15 +10,21 @@ from collections.abc import Callable, Generator
 from typing import Any, Protocol
 
 from .._base import ExtensionBase
-from .._rpc import RemoteCall, resolve_method
+from .._config import ExtensionConfig
+from .._rpc import Blocking, RemoteCall, resolve_method
 from ..errors import CallTimeoutError, ExtensionClosedError
 
-__all__ = ["Backend", "Extension", "LocalBackend"]
+__all__ = ["Backend", "Extension", "LocalBackend", "method"]
 
 
 class Backend(Protocol):
     """What runs an extension: a worker process, or the host itself (``isolated=False``)."""
     name: str
+    config: ExtensionConfig
+
+    @property
+    def status(self) -> str:
+        """starting, ready, stopping, stopped, failed or crashed."""
 
     def call(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None = None) -> Any:
         """Return an awaitable of ``method(*args, **kwargs)`` on the extension."""
@@ -49,11 +56,35 @@ class Extension:
     The handle is awaitable: ``await ext`` waits until the extension is ready and returns
     it, so ``await manager.load_extension(cfg)`` and the un-awaited form both work.
     Framework attributes carry a ``_pyisolate_`` prefix so they cannot hide a method,
-    except ``stop()``, which stops the extension.
+    except ``name``, ``config``, ``state`` and ``stop()``: an extension's own method of one
+    of those names is called with ``pyisolate.method(ext, "name")(...)``.
     """
 
     def __init__(self, backend: Backend) -> None:
         self._pyisolate_backend = backend
+
+    @property
+    def name(self) -> str:
+        """The extension's name (``config.name``)."""
+        return self._pyisolate_backend.name
+
+    @property
+    def config(self) -> ExtensionConfig:
+        """The ``ExtensionConfig`` it was loaded with."""
+        return self._pyisolate_backend.config
+
+    @property
+    def state(self) -> str:
+        """Where it is in its life, now.
+
+        ``"starting"`` (its venv, its process or its module is on the way; also while it
+        restarts after a crash), ``"ready"`` (calls are served), ``"stopping"``,
+        ``"stopped"``, ``"failed"`` (its load failed, or it crashed more often than its
+        ``RestartPolicy`` allows) or ``"crashed"`` (its process died, with no restart). An
+        ``isolated=False`` extension, which has no process, is ``"starting"`` while its module
+        loads, then ``"ready"``, ``"failed"`` if the load raised, ``"stopped"`` once stopped.
+        """
+        return self._pyisolate_backend.status
 
     def __getattr__(self, name: str) -> _Method:
         if name.startswith("_"):
@@ -86,6 +117,27 @@ class Extension:
         return loop
 
 
+def method(extension: Extension | Blocking, name: str) -> Callable[..., Any]:
+    """The extension's own method ``name``, even where the handle has an attribute of that name.
+
+    ``ext.name``, ``ext.config``, ``ext.state`` and ``ext.stop()`` belong to the handle; an
+    extension that defines a method so named is called with ``pyisolate.method(ext, "name")()``
+    (awaited like any call; of a ``SyncExtensionManager``'s handle, it blocks and returns the
+    result). Any other public method works too.
+
+    Raises:
+        TypeError: ``extension`` is not an extension handle.
+        AttributeError: ``name`` is not a public method name (it starts with ``_``).
+    """
+    if isinstance(extension, Blocking) and isinstance(extension._target, Extension):
+        return Blocking(method(extension._target, name), extension._loop)
+    if not isinstance(extension, Extension):
+        raise TypeError(f"pyisolate.method() needs an extension handle (from load_extension), got {extension!r}")
+    if not isinstance(name, str) or not name or name.startswith("_"):
+        raise AttributeError(f"{name!r}: only public methods of an extension can be called")
+    return _Method(extension._pyisolate_backend, name)
+
+
 class LocalBackend:
     """Runs an ``isolated=False`` extension inside the host process.
 
@@ -94,12 +146,21 @@ class LocalBackend:
     """
 
     def __init__(
-        self, name: str, load: asyncio.Task[ExtensionBase], on_stopped: Callable[[LocalBackend], None]
+        self, config: ExtensionConfig, load: asyncio.Task[ExtensionBase], on_stopped: Callable[[LocalBackend], None]
     ) -> None:
-        self.name = name
+        self.name = config.name
+        self.config = config
         self._load = load
         self._on_stopped = on_stopped
         self._stopped = False
+
+    @property
+    def status(self) -> str:
+        if self._stopped:
+            return "stopped"
+        if not self._load.done():
+            return "starting"
+        return "failed" if self._load.cancelled() or self._load.exception() is not None else "ready"
 
     async def wait_ready(self) -> None:
         await asyncio.shield(self._load)

@@ -6,8 +6,9 @@ import asyncio
 import logging
 import time
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Generic, TypeVar
 
 from pyisolate.broker.delivery import nbytes
@@ -19,6 +20,7 @@ from .._base import ExtensionBase
 from .._config import ExtensionConfig, ExtensionManagerConfig
 from .._rpc import ActorProxy, Endpoint
 from .._singleton import ProxiedSingleton, actor_name
+from .._upstream import config_from
 from .._wire import encode_exception
 from .._wire import shm as _shm
 from ..errors import ConfigError, ExtensionClosedError, LoadExtensionsError, UnroutableError
@@ -45,18 +47,22 @@ class ExtensionManager(Generic[T]):
     Args:
         extension_type: ``ExtensionBase`` or the application's own subclass. An extension
             module may define its own subclass of it, which then serves the calls.
-        config: Settings shared by every extension.
+        config: Settings shared by every extension: an ``ExtensionManagerConfig``, or a
+            mapping of its fields (``{"venv_root_path": ...}``), validated the same way.
 
     Use it as an async context manager, or call ``stop_all()`` when done.
+
+    Raises:
+        ConfigError: ``extension_type`` is not an ExtensionBase class, or ``config`` is
+            invalid (a mapping's unknown key is named, with the closest known one).
     """
 
-    def __init__(self, extension_type: type[T], config: ExtensionManagerConfig) -> None:
+    def __init__(self, extension_type: type[T], config: ExtensionManagerConfig | Mapping[str, Any]) -> None:
         if not (isinstance(extension_type, type) and issubclass(extension_type, ExtensionBase)):
             raise ConfigError(
                 f"ExtensionManager needs ExtensionBase or a subclass of it, got {extension_type!r}"
             )
-        if not isinstance(config, ExtensionManagerConfig):
-            raise ConfigError(f"ExtensionManager needs an ExtensionManagerConfig, got {config!r}")
+        config = config_from(ExtensionManagerConfig, config, "ExtensionManager(config=...)")
         self.extension_type = extension_type
         self.config = config
         try:
@@ -73,6 +79,7 @@ class ExtensionManager(Generic[T]):
         self._events: Events | None = None
         self._heartbeats: asyncio.Task[None] | None = None
         self._extensions: dict[str, Worker | LocalBackend] = {}
+        self._handles: dict[str, Extension] = {}  # one handle per loaded extension
         self._leaving: set[asyncio.Task[None]] = set()  # checks of workers whose connection closed
         self._closing = False
 
@@ -120,18 +127,32 @@ class ExtensionManager(Generic[T]):
 
     # -- public API ------------------------------------------------------------------------
 
-    def load_extension(self, config: ExtensionConfig) -> Extension:
+    @property
+    def extensions(self) -> Mapping[str, Extension]:
+        """The extensions loaded (or loading) now: name -> handle, in load order.
+
+        A read-only snapshot, taken when read: loading or stopping one later does not change
+        it. An extension whose load failed may stay listed (``state == "failed"``) until it is
+        stopped.
+        """
+        return MappingProxyType(dict(self._handles))
+
+    def load_extension(self, config: ExtensionConfig | Mapping[str, Any]) -> Extension:
         """Start loading an extension and return its handle at once.
 
         ``await`` the handle (or the call) to wait until it is ready; calls made before then
         wait for it. Loading errors (venv build, import, start-up) surface there.
 
+        Args:
+            config: An ``ExtensionConfig``, or a mapping of its fields (as pyisolate 0.10
+                hosts write it), validated exactly like ``ExtensionConfig(**config)``.
+
         Raises:
-            ConfigError: ``config`` is not an ExtensionConfig or its name is in use.
+            ConfigError: ``config`` is invalid (a mapping's unknown key is named, with the
+                closest known one), or its name is in use.
             ExtensionClosedError: the manager is stopped.
         """
-        if not isinstance(config, ExtensionConfig):
-            raise ConfigError(f"load_extension() needs an ExtensionConfig, got {config!r}")
+        config = config_from(ExtensionConfig, config, "load_extension()")
         if self._closing:
             raise ExtensionClosedError("this ExtensionManager is stopped")
         resolved = resolve(config, self.config)  # before anything starts: a wider policy is refused
@@ -150,46 +171,46 @@ class ExtensionManager(Generic[T]):
         else:
             task = self.loop.create_task(load_extension(Path(config.module_path), self.extension_type))
             task.add_done_callback(retrieve)
-            backend = LocalBackend(config.name, task, self._forget)
+            backend = LocalBackend(config, task, self._forget)
         self._extensions[config.name] = backend
-        return Extension(backend)
+        handle = self._handles[config.name] = Extension(backend)
+        return handle
 
-    async def load_extensions(self, configs: Iterable[ExtensionConfig]) -> dict[str, Extension]:
+    async def load_extensions(self, configs: Iterable[ExtensionConfig | Mapping[str, Any]]) -> dict[str, Extension]:
         """Load several extensions concurrently; return once each is ready or has failed.
 
-        Arguments are checked before anything starts. Extensions that fail to load are
-        released (their names are free again); the others stay loaded.
+        Arguments (ExtensionConfigs or mappings of their fields) are checked before anything
+        starts. Extensions that fail to load are released (their names are free again); the
+        others stay loaded.
 
         Returns:
             Name -> ready Extension, in the order of ``configs``.
 
         Raises:
-            ConfigError: an item is not an ExtensionConfig, two share a name, or a name is
-                already loaded; nothing was started.
+            ConfigError: an item is invalid, two share a name, or a name is already loaded;
+                nothing was started.
             LoadExtensionsError: some failed; ``.loaded`` holds the ready ones, ``.failed``
                 (and the group's exceptions) why each other one failed.
             ExtensionClosedError: the manager is stopped.
 
         If the call is cancelled, every extension it started is stopped.
         """
-        configs = list(configs)
+        checked = [config_from(ExtensionConfig, config, "load_extensions()") for config in configs]
         seen: set[str] = set()
-        for config in configs:
-            if not isinstance(config, ExtensionConfig):
-                raise ConfigError(f"load_extensions() needs ExtensionConfig items, got {config!r}")
+        for config in checked:
             if config.name in seen:
                 raise ConfigError(f"load_extensions(): two configs are named {config.name!r}; rename one")
             seen.add(config.name)
         if self._closing:
             raise ExtensionClosedError("this ExtensionManager is stopped")
-        if not configs:
+        if not checked:
             return {}
         self._bind()
         for name in seen:
             self._check_name(name)
         handles: dict[str, Extension] = {}
         try:
-            for config in configs:
+            for config in checked:
                 handles[config.name] = self.load_extension(config)
             outcomes = await asyncio.gather(*(self._ready(h) for h in handles.values()), return_exceptions=True)
         except BaseException:
@@ -230,6 +251,7 @@ class ExtensionManager(Generic[T]):
         backends = list(self._extensions.values())
         await asyncio.gather(*(b.stop() for b in backends), return_exceptions=True)
         self._extensions.clear()
+        self._handles.clear()
         assert self._events is not None
         await self._events.aclose()
         for task in [self._heartbeats, *self._leaving]:
@@ -241,6 +263,10 @@ class ExtensionManager(Generic[T]):
         self.broker.close()
 
     aclose = stop_all
+
+    async def stop_all_extensions(self) -> None:
+        """``stop_all()``, by the name pyisolate 0.10 gave it."""
+        await self.stop_all()
 
     async def __aenter__(self) -> ExtensionManager[T]:
         return self
@@ -262,9 +288,9 @@ class ExtensionManager(Generic[T]):
         """
         if isinstance(name, type):
             name = actor_name(name)
-        backend = self._extensions.get(name)
-        if backend is not None:
-            return Extension(backend)
+        handle = self._handles.get(name)
+        if handle is not None:
+            return handle
         if self._loop is not None and name.encode() in self._singletons:
             return ActorProxy(name.encode(), self.endpoint.remote_call)
         known = sorted([*self._extensions, *(n.decode() for n in self._singletons)])
@@ -316,6 +342,7 @@ class ExtensionManager(Generic[T]):
                             on_control=on_control, max_in_flight=self.config.max_in_flight,
                             max_message_size=self.config.max_message_size)
         endpoint.types = self.app_types.registry if self.app_types is not None else None
+        endpoint.values.cuda_refusal = self._cuda_refusal
         broker.add_local(name, endpoint.on_frames)
         return endpoint
 
@@ -331,6 +358,14 @@ class ExtensionManager(Generic[T]):
                               "names are one namespace; rename the class or the extension")
         self._singletons[name] = self._host_actor(name, api())
 
+    def _cuda_refusal(self, peer: bytes) -> str | None:
+        """Why CUDA tensors may not travel between the host's actors and ``peer`` (None: they may)."""
+        backend = self._extensions.get(peer.decode(errors="replace"))
+        if isinstance(backend, Worker) and not backend.cuda_ipc:
+            return (f"extension {backend.name!r} does not share CUDA tensors (share_cuda_ipc is off); load it with "
+                    "share_torch=True and share_cuda_ipc=True to share them")
+        return None
+
     def _connecting_workers(self) -> int:
         """Workers spawned that have not said READY yet: each may still open a connection."""
         return sum(
@@ -341,6 +376,7 @@ class ExtensionManager(Generic[T]):
     def _forget(self, backend: Worker | LocalBackend) -> None:
         if self._extensions.get(backend.name) is backend:
             del self._extensions[backend.name]
+            del self._handles[backend.name]
 
     def _start_heartbeats(self) -> None:
         """Check every ready worker's liveness from now on (once per manager)."""

@@ -35,7 +35,7 @@ from ..errors import ExtensionLoadError
 from .sandbox import bwrap
 from .sandbox.launch import Launch, SandboxFailed
 
-__all__ = ["EXTENSION_LOGGER", "WorkerProcess", "ensure_fd_headroom", "extension_logger"]
+__all__ = ["CHILD_VARIABLE", "EXTENSION_LOGGER", "WorkerProcess", "ensure_fd_headroom", "extension_logger"]
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +51,8 @@ _BOOTSTRAP = (
     "import gc, sys, ctypes; gc.disable(); ctypes.CDLL(None).prctl(4, 0, 0, 0, 0); "
     "sys.path.append(sys.argv.pop(1)); from pyisolate.workers.__main__ import main; main()"
 )
+#: Set to "1" in every worker's environment (as pyisolate 0.10 did), never in the host's.
+CHILD_VARIABLE = "PYISOLATE_CHILD"
 # A worker gets a clean environment: these host variables, and those its config names.
 _PASSED = frozenset({"PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TERM", "TMPDIR", "SHELL"})
 _PASSED_PREFIXES = ("LC_", "CUDA_", "NVIDIA_", "OMP_", "MKL_", "OPENBLAS_", "XDG_")
@@ -173,7 +175,8 @@ class WorkerProcess:
         ``--block-fd`` holds it): the worker is forked from pid 1, so it starts in its groups.
 
         The worker's environment holds only locale, home, temp-dir and accelerator variables of
-        the host, the host variables named in ``pass_env``, and ``env``: no secrets by default.
+        the host, the host variables named in ``pass_env``, and ``env``: no secrets by default;
+        and ``PYISOLATE_CHILD=1``, which says it is a worker.
         ``boot`` (the launch secret among it) goes on a socketpair the worker inherits, which no
         other process can open, unlike a pipe (``/proc/<pid>/fd/0``) or the command line.
         """
@@ -184,6 +187,7 @@ class WorkerProcess:
         } | (env or {})
         env["VIRTUAL_ENV"] = str(venv)
         env["PATH"] = os.pathsep.join([str(python.parent), env.get("PATH", "")])
+        env[CHILD_VARIABLE] = "1"  # code shared by host and extensions tells the sides apart by it
         command = [str(python), "-I", "-c", _BOOTSTRAP, str(runtime)]
         launch = Launch(name, sandbox) if sandbox is not None else None
         try:

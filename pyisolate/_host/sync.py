@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Callable, Coroutine, Iterable, Mapping
+from types import MappingProxyType
 from typing import Any
 
 from .._config import ExtensionConfig, ExtensionManagerConfig
@@ -24,7 +25,7 @@ class SyncExtensionManager:
     use ``ExtensionManager`` and ``await``.
     """
 
-    def __init__(self, extension_type: type[Any], config: ExtensionManagerConfig) -> None:
+    def __init__(self, extension_type: type[Any], config: ExtensionManagerConfig | Mapping[str, Any]) -> None:
         self._manager: ExtensionManager[Any] = ExtensionManager(extension_type, config)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="pyisolate-sync", daemon=True)
@@ -34,7 +35,7 @@ class SyncExtensionManager:
     def _run(self, what: str, coro: Coroutine[Any, Any, Any]) -> Any:
         return block(self._loop, f"SyncExtensionManager.{what}", coro)
 
-    def load_extension(self, config: ExtensionConfig) -> Any:
+    def load_extension(self, config: ExtensionConfig | Mapping[str, Any]) -> Any:
         """Load an extension and wait until it is ready; its methods then return results directly."""
 
         async def load() -> Extension:
@@ -42,7 +43,7 @@ class SyncExtensionManager:
 
         return Blocking(self._run("load_extension()", load()), self._loop)
 
-    def load_extensions(self, configs: Iterable[ExtensionConfig]) -> dict[str, Any]:
+    def load_extensions(self, configs: Iterable[ExtensionConfig | Mapping[str, Any]]) -> dict[str, Any]:
         """Load several extensions concurrently; see ``ExtensionManager.load_extensions``.
 
         The handles (also those in ``LoadExtensionsError.loaded``) return results directly.
@@ -58,6 +59,16 @@ class SyncExtensionManager:
             exc.loaded = {name: Blocking(handle, self._loop) for name, handle in exc.loaded.items()}
             raise
         return {name: Blocking(handle, self._loop) for name, handle in loaded.items()}
+
+    @property
+    def extensions(self) -> Mapping[str, Any]:
+        """See ExtensionManager.extensions; the handles return results directly."""
+
+        async def snapshot() -> Mapping[str, Extension]:
+            return self._manager.extensions
+
+        handles = self._run("extensions", snapshot())
+        return MappingProxyType({name: Blocking(handle, self._loop) for name, handle in handles.items()})
 
     def get_actor(self, name: str | type) -> Any:
         """A blocking handle to an extension or singleton by name."""
@@ -88,6 +99,10 @@ class SyncExtensionManager:
             self._loop.close()
 
     close = stop_all
+
+    def stop_all_extensions(self) -> None:
+        """``stop_all()``, by the name pyisolate 0.10 gave it."""
+        self.stop_all()
 
     def __enter__(self) -> SyncExtensionManager:
         return self

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import os
 import re
 import secrets
 import signal
@@ -86,6 +87,8 @@ class Worker:
         self.bname = config.name.encode()
         self.config = config
         self.resolved = resolved  # the policy it runs under
+        # CUDA tensors travel to and from it (unset: where it shares the host's torch).
+        self.cuda_ipc = config.share_torch if config.share_cuda_ipc is None else config.share_cuda_ipc
         self._manager = manager
         self.state = State.STARTING
         self.process: WorkerProcess | None = None
@@ -104,6 +107,10 @@ class Worker:
         self.start_task.add_done_callback(retrieve)
 
     # -- the Backend protocol ------------------------------------------------------------
+
+    @property
+    def status(self) -> str:
+        return self.state.value
 
     async def wait_ready(self) -> None:
         if asyncio.get_running_loop() is not self._manager.loop:
@@ -176,12 +183,15 @@ class Worker:
             if self.confinement is not None:  # a restart: the last run's groups and temp dir go
                 self.confinement.close()
             specs = [manager.extension_spec, *(class_spec(api) for api in config.apis)]
+            # The manager's first, then the extension's own, then where the app's types module is
+            # imported from: the order they go on its sys.path.
             app_types = manager.app_types
-            granted = [spec["file"] for spec in specs if spec] + ([str(app_types.root)] if app_types else [])
+            host_paths = list(dict.fromkeys(Path(p) for p in [*manager.config.host_paths, *config.host_paths,
+                                                              *([app_types.root] if app_types else [])]))
             self.confinement = confinement = await asyncio.to_thread(
                 prepare, self.name, self.resolved, venv=python.parent.parent, runtime=runtime,
-                module_path=Path(config.module_path), class_files=granted,
-                broker_endpoint=manager.broker.endpoint, share_torch=config.share_torch,
+                module_path=Path(config.module_path), class_files=[spec["file"] for spec in specs if spec],
+                broker_endpoint=manager.broker.endpoint, share_torch=config.share_torch, host_paths=host_paths,
             )  # fmt: skip
             secret = secrets.token_bytes(32)
             manager.broker.expect(self.bname, secret)
@@ -198,9 +208,11 @@ class Worker:
                     "endpoint": manager.broker.endpoint,
                     "secret": secret.hex(),
                     "module_path": str(config.module_path),
+                    "host_paths": [str(path) for path in host_paths],
+                    "cuda_ipc": self.cuda_ipc,
                     "extension_class": manager.extension_spec,
                     "apis": [class_spec(api) for api in config.apis],
-                    "types": {"reference": app_types.reference, "path": str(app_types.root)} if app_types else None,
+                    "types": app_types.reference if app_types else None,
                     "session": _shm.session(),
                     "host_actors": ["host", *(n.decode() for n in manager._singleton_names())],
                     "handshake_timeout": manager.config.start_timeout,
@@ -400,9 +412,29 @@ def _host_module_hint(remote: BaseException) -> str:
     if singletons:
         return (f" ({name!r} is a module of the host that defines the singleton(s) {', '.join(singletons)}: list "
                 f"them in ExtensionConfig(apis=[{', '.join(singletons)}]) and the extension can import it)")
+    root = _import_root(module)
+    if root is not None:
+        return (f" ({name!r} is a module of the host, from {root}; an extension sees only its own venv and the "
+                f"host folders it is given: pass ExtensionConfig(host_paths=[{root!r}]) (or "
+                "ExtensionManagerConfig(host_paths=...)) to let it import the host's copy, or add it to the "
+                "extension's dependencies)")
     return (f" ({name!r} is a module of the host; an extension sees only its own venv: add it to the "
             "extension's dependencies, or, if it defines a ProxiedSingleton, list that class in "
             "ExtensionConfig(apis=[...]))")
+
+
+def _import_root(module: object) -> str | None:
+    """The folder on the host's sys.path that a top-level module was imported from, unless it is
+    a site-packages folder (which host_paths refuses)."""
+    file = getattr(module, "__file__", None)
+    if not isinstance(file, str):
+        return None
+    folder = os.path.dirname(os.path.abspath(file))
+    if os.path.basename(file).startswith("__init__."):
+        folder = os.path.dirname(folder)
+    if os.path.basename(folder) in ("site-packages", "dist-packages") or folder.startswith(sys.base_prefix):
+        return None
+    return folder
 
 
 def retrieve(task: asyncio.Task[Any]) -> None:

@@ -6,7 +6,7 @@ Safe to import in a worker: nothing host-only here.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Coroutine, Iterator
 from typing import Any
 
 from .refs import ActorProxy, HandleProxy, RefProxy
@@ -50,14 +50,17 @@ def _iterate(stream: RemoteStream, loop: asyncio.AbstractEventLoop) -> Iterator[
 
 
 class Blocking:
-    """A view of a remote object whose methods block and return the result."""
+    """A view of a remote object whose methods block and return the result (its plain
+    attributes, such as an extension handle's ``name``, are read as they are)."""
 
     def __init__(self, target: Any, loop: asyncio.AbstractEventLoop) -> None:
         self._target = target
         self._loop = loop
 
-    def __getattr__(self, name: str) -> Callable[..., Any]:
+    def __getattr__(self, name: str) -> Any:
         method = getattr(self._target, name)
+        if not callable(method):  # a plain value of the handle (an extension's name, config, state)
+            return method
 
         def call(*args: Any, **kwargs: Any) -> Any:
             async def run() -> Any:

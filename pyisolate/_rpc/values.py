@@ -31,6 +31,10 @@ __all__ = ["Values"]
 SendQuiet = Callable[[bytes, list[Any]], None]
 
 
+def _cuda_allowed(peer: bytes) -> str | None:
+    return None
+
+
 class Values:
     """The codec's RefHooks for one actor: references out and in, shared memory accounting."""
 
@@ -52,6 +56,9 @@ class Values:
         self.shm_sender = ""
         self.shm_sender_in_host = False
         self.shm_acks: list[str] = []
+        self.shm_cuda: str | None = None
+        #: Why CUDA tensors may not travel to or from an actor (None: they may); set by the owner.
+        self.cuda_refusal: Callable[[bytes], str | None] = _cuda_allowed
         self._enc_dest = b""
         self._enc_loop: asyncio.AbstractEventLoop | None = None
         self._enc_seen: dict[tuple[int, bool], tuple[object, ...]] = {}
@@ -66,6 +73,7 @@ class Values:
         ``role`` says what the value is, for errors in the caller's terms (see ``_codec.encode``)."""
         self._enc_dest, self._enc_loop, self._enc_seen = dest, loop, {}
         self.shm_dest = dest
+        self.shm_cuda = self.cuda_refusal(dest)
         try:
             body, buffers = encode(value, self, role)
             if (buffers or len(body) > 65536) and len(body) + nbytes(buffers) > self.max_message_size:
@@ -131,6 +139,7 @@ class Values:
         self._dec_sender = sender
         self.shm_sender = sender.decode()
         self.shm_sender_in_host = sender in self.host_actors
+        self.shm_cuda = self.cuda_refusal(sender)
         received: list[str] = [] if acks is None else acks
         self.shm_acks = received
         try:

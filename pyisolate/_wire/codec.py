@@ -326,7 +326,7 @@ def _encode_tensor(t: Any) -> object:
     st = _thread()
     if st.refs is None:
         raise EncodeError("torch tensors travel only between actors, as shared-memory handles")
-    return _ext(EXT_TENSOR, _pack(st, encode_tensor(t, st.refs.shm_dest)))
+    return _ext(EXT_TENSOR, _pack(st, encode_tensor(t, st.refs.shm_dest, getattr(st.refs, "shm_cuda", None))))
 
 
 def _decode_tensor(dec: _Decoder, data: bytes) -> object:
@@ -334,7 +334,7 @@ def _decode_tensor(dec: _Decoder, data: bytes) -> object:
         raise DecodeError("a tensor handle is not accepted here")
     refs = dec.refs
     return decode_tensor(dec.nested(data, "tensor"), refs.shm_sender, refs.shm_sender_in_host, refs.shm_acks,
-                         dec.take)
+                         dec.take, getattr(refs, "shm_cuda", None))
 
 
 #: Bounds of a handle's description: its type name, and its public methods (count and name).

@@ -8,7 +8,9 @@ afterwards, cost one small message. A layout in which two indexes share memory (
 zero or overlapping strides) travels as a contiguous copy, and is refused on receipt. Where
 shared memory has no room, the tensor's data travels as a copy in a buffer frame (handle: the
 frame's index), with one warning per process. A CUDA tensor travels as a CUDA IPC handle
-(torch's own, reference counted by torch), and its data stays on its device.
+(torch's own, reference counted by torch), and its data stays on its device; only between
+actors that share CUDA tensors (``ExtensionConfig.share_cuda_ipc``): to or from another, one
+fails with EncodeError where it is sent, and is refused with DecodeError where it arrives.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from ..errors import EncodeError
 from . import shm as _shm
 from .base import Buffer, DecodeError, _to_buffer
 
@@ -36,13 +39,19 @@ def is_tensor(obj: object) -> bool:
     return torch is not None and isinstance(obj, torch.Tensor)
 
 
-def encode_tensor(t: Any, dest: bytes) -> list[object]:
-    """The wire payload of tensor ``t`` sent to ``dest``; pins its segment until acknowledged."""
+def encode_tensor(t: Any, dest: bytes, cuda_refused: str | None = None) -> list[object]:
+    """The wire payload of tensor ``t`` sent to ``dest``; pins its segment until acknowledged.
+
+    ``cuda_refused``: why a CUDA tensor may not go to ``dest`` (None: it may).
+    """
     import torch
 
     meta = [str(t.dtype).removeprefix("torch."), list(t.shape), list(t.stride()), t.storage_offset(),
             bool(t.requires_grad)]
     if t.is_cuda:
+        if cuda_refused is not None:
+            raise EncodeError(f"a CUDA tensor cannot be sent to {dest.decode(errors='replace')!r}: {cuda_refused}; "
+                              "move it to the CPU first (tensor.cpu())")
         handle = t.untyped_storage()._share_cuda_()
         return ["cuda", *meta, [h if not isinstance(h, str) else h.encode() for h in handle]]
     if t.device.type != "cpu":
@@ -84,8 +93,14 @@ def _move_to_shm(t: Any, storage: Any, nbytes: int, torch: Any) -> _shm.Segment:
 
 
 def decode_tensor(fields: list[Any], sender: str, sender_in_host: bool, acks: list[str],
-                  take: Callable[[object], Buffer] | None = None) -> Any:
-    """Rebuild a tensor from its payload, after checking every field against the segment."""
+                  take: Callable[[object], Buffer] | None = None, cuda_refused: str | None = None) -> Any:
+    """Rebuild a tensor from its payload, after checking every field against the segment.
+
+    ``cuda_refused``: why a CUDA tensor from ``sender`` is not accepted (None: it is).
+    """
+    if cuda_refused is not None and fields and fields[0] == "cuda":
+        raise DecodeError(f"a CUDA tensor from {sender!r} is refused: {cuda_refused}; the sender must move it to "
+                          "the CPU first (tensor.cpu())")
     try:
         import torch
     except ImportError:

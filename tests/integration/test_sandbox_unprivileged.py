@@ -67,13 +67,16 @@ def nobody_python(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def workdir() -> Iterator[Path]:
-    """A folder ``nobody`` owns: the venv root, the extension, and a secret beside it."""
+    """A folder ``nobody`` owns: the venv root, the extension, a secret beside it, and a folder of
+    the host application's code."""
     path = Path(tempfile.mkdtemp(prefix="pyisolate-nobody-"))
     try:
         shutil.copytree(ROOT / "tests" / "extensions" / "sandboxed", path / "sandboxed",
                         ignore=shutil.ignore_patterns("__pycache__"))  # fmt: skip
         shutil.copy(ROOT / "tests" / "nobody_host.py", path / "nobody_host.py")
         (path / "secret.txt").write_text("api-key")
+        (path / "hostapp").mkdir()  # the host application's own code, given to the extension (host_paths)
+        (path / "hostapp" / "hostapp_mod.py").write_text("GREETING = 'hi'\n")
         (path / "venvs").mkdir()
         for item in [path, *path.rglob("*")]:
             os.chown(item, NOBODY, NOBODY)
@@ -104,6 +107,7 @@ def test_an_unprivileged_host_confines_its_workers(nobody_python: Path, workdir:
     assert found["secret"] in DENIED  # nobody's own file, beside the app: only the sandbox says no
     assert found["write_outside"] in DENIED and not (workdir / "planted.txt").exists()
     assert found["write_venv"] in DENIED
+    assert found["host_read"] == "GREETING = 'hi'\n" and found["host_write"] in DENIED
     assert "evil" not in (workdir / "venvs" / "sandboxed" / "pyvenv.cfg").read_text()
     assert found["tcp"] in DENIED
     assert found["kill_host"] in DENIED
@@ -124,6 +128,8 @@ def test_an_unprivileged_host_confines_its_workers(nobody_python: Path, workdir:
     # private /tmp, where it may write; the host's workdir never sees it.
     assert boxed["write_outside"] in ("ok", HIDDEN, "OSError: errno 30") and not (workdir / "planted.txt").exists()
     assert boxed["write_venv"] == "OSError: errno 30"
+    assert boxed["host_read"] == "GREETING = 'hi'\n" and boxed["host_write"] == "OSError: errno 30"
+    assert not (workdir / "hostapp" / "planted.py").exists()
     assert "evil" not in (workdir / "venvs" / "boxed" / "pyvenv.cfg").read_text()
     assert boxed["tcp"] == "ConnectionRefusedError: errno 111"  # its own loopback: nothing listens there
     assert boxed["kill_host"] == "ProcessLookupError: errno 3"

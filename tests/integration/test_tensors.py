@@ -195,6 +195,33 @@ async def test_cuda_tensors_travel_by_ipc_and_stay_on_the_device(manager):
     assert back.is_cuda and torch.equal(back, x)
 
 
+async def test_cuda_tensors_do_not_travel_to_or_from_an_extension_that_does_not_share_them(manager):
+    from pyisolate import ProtocolError
+
+    async with asyncio.timeout(180):
+        hostile = await manager.load_extension(ExtensionConfig(name="hostile", module_path=ext("hostile")))
+        # share_cuda_ipc unset and no share_torch: the host refuses its CUDA handle before opening anything.
+        with pytest.raises(ProtocolError, match="a CUDA tensor from 'hostile' is refused: extension 'hostile' does "
+                                                r"not share CUDA tensors \(share_cuda_ipc is off\)"):
+            await hostile.answer_cuda_tensor()
+        # An extension that shares torch but not CUDA tensors refuses one itself, whoever sends it.
+        await load(manager, "no-cuda", share_cuda_ipc=False)
+        said = await hostile.send_cuda_tensor("no-cuda", "describe")
+        assert "DecodeError: a CUDA tensor from 'hostile' is refused: this extension ('no-cuda') does not share" in said
+        assert "move it to the CPU first" in said
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+async def test_a_cuda_tensor_for_an_extension_without_share_cuda_ipc_fails_where_it_is_sent(manager):
+    from pyisolate import EncodeError
+
+    t = await load(manager, "no-cuda", share_cuda_ipc=False)
+    x = torch.arange(4, device="cuda", dtype=torch.float32)
+    with pytest.raises(EncodeError, match=r"cannot be sent to 'no-cuda'.*share_cuda_ipc.*move it to the CPU first"):
+        await t.describe(x)
+    assert await t.describe(x.cpu()) == ["torch.float32", [4], [1], 0, False]
+
+
 async def test_a_crashed_extension_leaves_no_segments(manager):
     from pyisolate import ExtensionCrashedError
 

@@ -52,7 +52,7 @@ def test_memory_sizes(size: object, expected: int) -> None:
         ({"sandbox": {"network": "no"}}, ["network must be True or False"]),
         ({"sandbox": {"writable_paths": "/data"}}, ["writable_paths must be a list", "['/data']"]),
         ({"sandbox": {"readonly_paths": ["models"]}}, ["relative", "absolute path"]),
-        ({"sandbox": {"readonly_paths": {"/a": "/b"}}}, ["maps paths", "list them"]),
+        ({"sandbox": {"readonly_paths": {"/a": "/b"}}}, ["maps paths", "list them, e.g. ['/a']"]),
         ({"sandbox": True}, ["SandboxPolicy or a mapping"]),
         ({"limits": {"memory": "4 gigs"}}, ["ExtensionConfig.limits", "memory", "'4GiB'"]),
         ({"limits": {"mem": "1GiB"}}, ["unknown limit 'mem'", "did you mean 'memory'"]),

@@ -13,6 +13,7 @@ Under bwrap the worker's private temp dir is its ``/tmp``, so Landlock's rules n
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -97,6 +98,8 @@ def resolve(config: ExtensionConfig, host: ExtensionManagerConfig) -> Resolved:
     ceiling = host.sandbox
     assert isinstance(ceiling, SandboxPolicy)  # made one at construction
     own = config.sandbox if isinstance(config.sandbox, SandboxPolicy) else ceiling
+    # A grant every worker has anyway (/dev/shm, as pyisolate 0.10 hosts list it) asks for nothing more.
+    own = dataclasses.replace(own, writable_paths=tuple(p for p in own.writable_paths if str(p) not in _SYSTEM_WRITE))
     mode = narrower_mode(config.sandbox_mode, host.sandbox_mode, f"ExtensionConfig.sandbox_mode {where}")
     policy = own.within(ceiling, f"ExtensionConfig.sandbox {where}")
     host_limits = host.limits if isinstance(host.limits, Limits) else None
@@ -203,9 +206,12 @@ class Confinement:
 
 def prepare(
     name: str, resolved: Resolved, *, venv: Path, runtime: Path, module_path: Path, class_files: Iterable[str],
-    broker_endpoint: str, share_torch: bool,
+    broker_endpoint: str, share_torch: bool, host_paths: Sequence[Path] = (),
 ) -> Confinement:  # fmt: skip
     """Plan one worker's confinement from its policy and what this machine offers.
+
+    ``host_paths`` (the host's folders the worker imports from) are granted like the
+    policy's ``readonly_paths``: readable, never writable.
 
     Blocks (a trial bwrap sandbox, the first time; walking the venv and the runtime for
     symlinks, once per venv): call it from a thread.
@@ -268,7 +274,7 @@ def prepare(
                   + " (sandbox_mode='preferred'; 'required' refuses instead)")
 
     tmp = Path(tempfile.mkdtemp(prefix=f"pyisolate-tmp-{name}-"))  # removed by close()
-    granted_read = [module_path, *(Path(f) for f in class_files), *policy.readonly_paths]
+    granted_read = [module_path, *(Path(f) for f in class_files), *host_paths, *policy.readonly_paths]
     argv = None
     if binary is not None:
         try:

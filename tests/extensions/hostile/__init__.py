@@ -48,6 +48,14 @@ class _ForgedRefs:
         raise AssertionError("not used")
 
 
+def _forged_cuda_tensor():
+    """A CUDA tensor handle (ext 13) naming storage that does not exist."""
+    import msgpack
+
+    handle = [0, b"ipc-handle", 64, 0, b"ref-counter", 0, b"event", False]
+    return msgpack.ExtType(13, msgpack.packb(["cuda", "float32", [4], [1], 0, False, handle]))
+
+
 class Hostile(ExtensionBase):
     async def echo(self, value):
         return value
@@ -105,6 +113,23 @@ class Hostile(ExtensionBase):
             _raw("host", Kind.ITEM, call_id, body=body)
         pyisolate.emit("flooded", items)  # behind every item: the host has them all when it sees this
         await asyncio.Event().wait()
+
+    async def answer_cuda_tensor(self):
+        """Answer this call with a made-up CUDA tensor handle, then never answer properly."""
+        import msgpack
+
+        call_id = _my_call_from("host")
+        _endpoint()._send(b"host", [pack_header(Kind.RESULT, call_id), msgpack.packb(_forged_cuda_tensor())])
+        await asyncio.Event().wait()
+
+    async def send_cuda_tensor(self, dest, method):
+        """Call ``dest.method(tensor)`` with a made-up CUDA tensor handle; say how it ended."""
+        import msgpack
+
+        try:
+            return await self._call_raw(dest, method, msgpack.packb([[_forged_cuda_tensor()], {}]))
+        except Exception as exc:
+            return f"{type(exc).__name__}: {exc}"
 
     async def send_foreign_reference(self, dest, method, owner, ref_id):
         """Call ``dest.method(ref)`` with a reference owned by ``owner``: a third actor's callable."""
