@@ -63,19 +63,29 @@ def publish(root: Path, wheels: Sequence[Path]) -> None:
 
 
 class _Handler(http.server.SimpleHTTPRequestHandler):
+    server: _Server
+
+    def do_GET(self) -> None:
+        if self.server.authorization and self.headers.get("Authorization") != self.server.authorization:
+            self.send_response(401)
+            self.send_header("WWW-Authenticate", 'Basic realm="index"')
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        super().do_GET()
+
     def log_message(self, format: str, *args: object) -> None:  # noqa: A002  (the base class's name)
-        server = self.server
-        assert isinstance(server, _Server)
-        with server.lock:
-            server.requests.append(self.path)
+        with self.server.lock:
+            self.server.requests.append(self.path)
 
 
 class _Server(http.server.ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, authorization: str | None) -> None:
         self.lock = threading.Lock()
         self.requests: list[str] = []
+        self.authorization = authorization
         super().__init__(("127.0.0.1", 0), lambda *a: _Handler(*a, directory=str(directory)))
 
 
@@ -83,12 +93,16 @@ class LocalIndex:
     """Serve ``directory`` over HTTP on 127.0.0.1 (a free port) until closed; a context manager.
 
     ``url`` is the server's root (``http://127.0.0.1:<port>``); ``requests`` the paths asked for.
+    With ``credentials`` (user, password), every request needs them (HTTP Basic), and
+    ``url`` carries them.
     """
 
-    def __init__(self, directory: Path) -> None:
-        self._server = _Server(directory)
+    def __init__(self, directory: Path, *, credentials: tuple[str, str] | None = None) -> None:
+        token = None if credentials is None else base64.b64encode(":".join(credentials).encode()).decode()
+        self._server = _Server(directory, None if token is None else f"Basic {token}")
         host, port = self._server.server_address[:2]
-        self.url = f"http://{host!s}:{port}"
+        login = "" if credentials is None else f"{credentials[0]}:{credentials[1]}@"
+        self.url = f"http://{login}{host!s}:{port}"
         self._thread = threading.Thread(target=self._server.serve_forever, name="local-index", daemon=True)
         self._thread.start()
 

@@ -481,7 +481,8 @@ async def _build(
             assert sources.cuda_wheels is not None
             emit(ProgressStep.RESOLVING, "choosing CUDA wheels for " + " ".join(wheels))
             chosen = await cuda_requirements(wheels, sources.cuda_wheels, extension=name)
-            installed += await _install(target, name, chosen, None, (), emit, no_deps=True, at_fault=wheels)
+            installed += await _install(target, name, [requirement for requirement, _ in chosen], None, (), emit,
+                                        no_deps=True, at_fault=wheels, detail=" ".join(f for _, f in chosen))
         if loose:
             excludes = _excludes(target, "no-deps", shared)
             installed += await _install(target, name, loose, excludes, options, emit, no_deps=True)
@@ -503,12 +504,16 @@ def _excludes(target: Path, stem: str, names: Sequence[str]) -> Path | None:
 
 async def _install(
     target: Path, name: str, deps: Sequence[str], excludes: Path | None, options: Sequence[str], emit: _Emit,
-    *, no_deps: bool = False, at_fault: Sequence[str] | None = None,
+    *, no_deps: bool = False, at_fault: Sequence[str] | None = None, detail: str | None = None,
 ) -> int:
-    """Run one ``uv pip install`` pass into the venv; return how many packages it installed."""
+    """Run one ``uv pip install`` pass into the venv; return how many packages it installed.
+
+    ``at_fault``: the requirements a failure names (by default ``deps``); ``detail``: what the
+    progress says is being installed (by default ``deps``).
+    """
     step = time.monotonic()
     command = _install_command(target / "bin" / "python", deps, excludes, options=options, no_deps=no_deps)
-    detail = " ".join(deps)
+    detail = " ".join(deps) if detail is None else detail
     uv_progress = _InstallProgress(emit)
     await _uv(command, name=name, deps=deps if at_fault is None else at_fault,
               on_start=lambda: emit(ProgressStep.RESOLVING, detail), on_line=uv_progress)  # fmt: skip

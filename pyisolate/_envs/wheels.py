@@ -290,8 +290,12 @@ def _read_file_page(path: Path) -> str:
 
 async def cuda_requirements(
     specs: Sequence[str], cuda: CudaWheels, *, extension: str, timeout: float = INDEX_TIMEOUT
-) -> list[str]:
-    """Choose the wheel of each of ``specs`` for the host's torch; return them as ``name @ url``.
+) -> list[tuple[str, str]]:
+    """Choose the wheel of each of ``specs`` for the host's torch.
+
+    Returns:
+        For each, the requirement to install (``name @ url``) and the wheel's file name (which,
+        unlike the URL, carries no credentials: for progress and logs).
 
     Reading the host's torch and the index pages runs in threads, each step within ``timeout``.
 
@@ -328,7 +332,7 @@ async def cuda_requirements(
         if link is None:
             raise _failed(extension, [spec], _no_match(spec, distribution, cuda, torch, links))
         name = parse_wheel_filename(link.filename)[0]
-        chosen.append(f"{name} @ {link.url}")
+        chosen.append((f"{name} @ {link.url}", link.filename))
     return chosen
 
 

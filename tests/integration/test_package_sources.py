@@ -153,7 +153,32 @@ async def test_cuda_wheels_package_map_and_index_urls(tmp_path: Path) -> None:
         chosen = await cuda_requirements(["cuda-ext>=1; python_version >= '3'"], cuda, extension="x")
     wheel = site / "files" / f"pyi_cuda_ext-{expected}-py3-none-any.whl"
     digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
-    assert chosen == [f"pyi-cuda-ext @ {(site / 'files').as_uri()}/{wheel.name}#sha256={digest}"]
+    assert chosen == [(f"pyi-cuda-ext @ {(site / 'files').as_uri()}/{wheel.name}#sha256={digest}", wheel.name)]
+
+
+async def test_an_index_that_needs_credentials_gets_them_and_never_shows_them(tmp_path: Path) -> None:
+    site, expected = _cuda_index(tmp_path, _host_torch())
+    events: list[ProgressEvent] = []
+    with LocalIndex(site, credentials=("me", "s3cret")) as index:
+        assert "me:s3cret@" in index.url
+        sources = PackageSources(cuda_wheels=CudaWheels.parse(
+            {"index_url": f"{index.url}/cuda/", "packages": ["pyi-cuda-ext"]}, "cuda_wheels"))
+        async with asyncio.timeout(DEADLINE):
+            python = await ensure_venv(venv_root=tmp_path / "venvs", name="auth", dependencies=["pyi-cuda-ext"],
+                                       sources=sources, progress=events.append)  # fmt: skip
+        assert {"/cuda/pyi-cuda-ext/", f"/files/pyi_cuda_ext-{expected}-py3-none-any.whl"} <= set(index.requests)
+    site_packages = next((python.parent.parent / "lib").glob("python*/site-packages"))
+    assert (site_packages / "pyi_cuda_ext.py").read_text() == f"VERSION = {expected!r}\n"
+    assert f"pyi_cuda_ext-{expected}-py3-none-any.whl" in " ".join(event.detail for event in events)
+    assert all("s3cret" not in event.detail for event in events)
+
+    with LocalIndex(site, credentials=("me", "s3cret")) as index:  # a wrong password: refused, and not shown
+        wrong = index.url.replace("s3cret", "wrong-pw")
+        cuda = CudaWheels.parse({"index_url": f"{wrong}/cuda/", "packages": ["pyi-cuda-ext"]}, "cuda_wheels")
+        with pytest.raises(EnvironmentBuildError, match=r"answered HTTP 401") as info:
+            async with asyncio.timeout(DEADLINE):
+                await cuda_requirements(["pyi-cuda-ext"], cuda, extension="x")
+    assert "wrong-pw" not in str(info.value) and "me:***@127.0.0.1" in str(info.value)
 
 
 async def test_cuda_wheels_without_a_fitting_wheel_fail_listing_what_was_seen(manager, tmp_path: Path) -> None:
