@@ -15,6 +15,7 @@ from ._limits import Limits
 from ._policy import SandboxMode, SandboxPolicy, check_mode
 from ._singleton import ProxiedSingleton
 from ._upstream import check_upstream_keys
+from ._sources import CudaWheels, PackageSources, Where, check_find_links, check_listed, check_names, check_url
 from ._validate import validate_dependencies, validate_extension_name
 from .errors import ConfigError
 
@@ -283,6 +284,20 @@ class ExtensionConfig:
         share_torch: The extension imports the host's own torch (byte-identical files, not
             reinstalled); a torch requirement among ``dependencies`` must admit its version.
         allow_direct_references: Accept URLs and local paths among ``dependencies``.
+        index_url: The package index that replaces the default one (PyPI), e.g.
+            ``"https://download.pytorch.org/whl/cu128"`` (http, https or file URL).
+        extra_index_urls: More indexes uv reads; uv takes each package from the first index
+            that has it, these before ``index_url``.
+        find_links: Folders of wheels (paths, made absolute; each must exist) or URLs of pages
+            that list wheels, searched besides the indexes.
+        cuda_wheels: Dependencies installed from a CUDA wheel index, each the wheel built for
+            the host's torch and CUDA, without its own dependencies: ``index_url`` (or
+            ``index_urls``), ``packages`` (names among ``dependencies``) and optionally
+            ``package_map`` (dependency name -> its name on the index). Kept as a dict with
+            ``index_urls``, ``packages`` and ``package_map``, names canonical. See
+            docs/guides/package-sources.md.
+        share_torch_no_deps: Dependencies installed without their own dependencies, in a pass
+            of their own, so that none pulls a second torch; needs ``share_torch``.
         pass_env: Names of host environment variables the worker may see. By default it sees
             only locale, home, temp-dir and accelerator (CUDA_, OMP_, ...) variables.
         env: Variables set for the worker.
@@ -314,6 +329,11 @@ class ExtensionConfig:
     apis: Sequence[type[Any]] = field(default=())
     share_torch: bool = False
     allow_direct_references: bool = False
+    index_url: str | None = None
+    extra_index_urls: Sequence[str] = ()
+    find_links: Sequence[str | os.PathLike[str]] = ()
+    cuda_wheels: Mapping[str, Any] | None = None
+    share_torch_no_deps: Sequence[str] = ()
     pass_env: Sequence[str] = ()
     env: Mapping[str, str] = field(default_factory=dict)
     restart: RestartPolicy | None = None
@@ -377,6 +397,7 @@ class ExtensionConfig:
         object.__setattr__(self, "apis", tuple(self.apis))
         if self.share_torch:
             _check_shared_torch(self.name, self.dependencies)
+        self._check_sources()
         if isinstance(self.pass_env, str) or not all(isinstance(n, str) and n and "=" not in n for n in self.pass_env):
             raise ConfigError(f"ExtensionConfig.pass_env must be a list of variable names, got {self.pass_env!r}")
         object.__setattr__(self, "pass_env", tuple(self.pass_env))
@@ -396,6 +417,41 @@ class ExtensionConfig:
         sealed = _host_paths(self.sealed_host_ro_paths, "ExtensionConfig.sealed_host_ro_paths", f" {where}")
         object.__setattr__(self, "sealed_host_ro_paths", sealed)
         object.__setattr__(self, "host_paths", tuple(dict.fromkeys([*self.host_paths, *sealed])))
+
+    def _check_sources(self) -> None:
+        """Check where the packages come from, and keep each setting in its plain form."""
+        owner = f" (extension {self.name!r})"
+        if self.index_url is not None:
+            object.__setattr__(self, "index_url", check_url(self.index_url, Where("ExtensionConfig.index_url", owner)))
+        extra = Where("ExtensionConfig.extra_index_urls", owner)
+        if isinstance(self.extra_index_urls, str) or not isinstance(self.extra_index_urls, Sequence):
+            raise ConfigError(f"{extra} must be a list of URLs, got {self.extra_index_urls!r}; write "
+                              f"[{self.extra_index_urls!r}]")
+        urls = tuple(check_url(url, extra[i]) for i, url in enumerate(self.extra_index_urls))
+        object.__setattr__(self, "extra_index_urls", urls)
+        links = check_find_links(self.find_links, Where("ExtensionConfig.find_links", owner))
+        object.__setattr__(self, "find_links", links)
+        if self.cuda_wheels is not None:
+            where = Where("ExtensionConfig.cuda_wheels", owner)
+            cuda = CudaWheels.parse(self.cuda_wheels, where)
+            check_listed(cuda.packages, self.dependencies, where.key("packages"))
+            object.__setattr__(self, "cuda_wheels", cuda.as_dict())
+        where = Where("ExtensionConfig.share_torch_no_deps", owner)
+        no_deps = check_names(self.share_torch_no_deps, where)
+        if no_deps and not self.share_torch:
+            raise ConfigError(f"{where} is only for share_torch=True (it keeps those packages from pulling a "
+                              "torch of their own); set share_torch=True, or remove share_torch_no_deps")
+        check_listed(no_deps, self.dependencies, where)
+        object.__setattr__(self, "share_torch_no_deps", no_deps)
+
+    @property
+    def sources(self) -> PackageSources:
+        """Where this extension's packages come from, as one value (what the venv builder takes)."""
+        cuda = None if self.cuda_wheels is None else CudaWheels.parse(self.cuda_wheels, "ExtensionConfig.cuda_wheels")
+        return PackageSources(
+            index_url=self.index_url, extra_index_urls=tuple(self.extra_index_urls),
+            find_links=tuple(map(str, self.find_links)), cuda_wheels=cuda, no_deps=tuple(self.share_torch_no_deps),
+        )  # fmt: skip
 
     @classmethod
     def from_path(cls, path: str | os.PathLike[str], **overrides: Any) -> ExtensionConfig:

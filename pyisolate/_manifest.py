@@ -15,6 +15,11 @@ The manifest is optional. What it may hold::
     pass_env = ["HF_HOME"]
     env = { HF_HUB_OFFLINE = "1" }
     restart = { max_restarts = 3, within = 60 }   # or true (defaults) / false (never)
+    index_url = "https://download.pytorch.org/whl/cu128"   # package sources: see
+    extra_index_urls = ["https://mirror.example/simple"]    # docs/guides/package-sources.md
+    find_links = ["wheels"]                                  # relative to the extension's directory
+    share_torch_no_deps = ["some-torch-addon"]
+    cuda_wheels = { index_url = "https://example.org/cuda-wheels/", packages = ["flash-attn"] }
 
 ``apis`` and ``host_paths`` are deliberately not read: which host services an extension may
 call, and which of the host's code it sees, are the host's decisions; and resolving
@@ -39,6 +44,7 @@ from packaging.specifiers import InvalidSpecifier, SpecifierSet
 
 from ._limits import Limits
 from ._policy import SandboxPolicy, check_mode
+from ._sources import CudaWheels, Where, check_find_links, check_names, check_url
 from ._validate import validate_dependencies
 from .errors import ConfigError
 
@@ -92,6 +98,10 @@ def _is_env(value: Any) -> bool:
     )
 
 
+def _is_strings(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
 def _is_name(value: Any) -> bool:
     return isinstance(value, str)
 
@@ -116,6 +126,11 @@ _SCHEMA: dict[str, tuple[Callable[[Any], bool], str]] = {
     "sandbox_mode": (_is_name, 'a string, e.g. sandbox_mode = "required"'),
     "sandbox": (_is_table, 'a table, e.g. sandbox = { network = false, writable_paths = ["outputs"] }'),
     "limits": (_is_table, 'a table, e.g. limits = { memory = "4GiB", cpu = 1.5 }'),
+    "index_url": (_is_name, 'a URL string, e.g. index_url = "https://download.pytorch.org/whl/cu128"'),
+    "extra_index_urls": (_is_strings, 'a list of URLs, e.g. extra_index_urls = ["https://mirror.example/simple"]'),
+    "find_links": (_is_strings, 'a list of folders or URLs, e.g. find_links = ["wheels"]'),
+    "cuda_wheels": (_is_table, 'a table, e.g. cuda_wheels = { index_url = "https://...", packages = ["flash-attn"] }'),
+    "share_torch_no_deps": (_is_strings, 'a list of package names, e.g. share_torch_no_deps = ["some-addon"]'),
 }
 
 
@@ -178,6 +193,7 @@ def read_manifest(directory: Path) -> Manifest:
                             f"{', '.join(_RESTART_KEYS)}")
 
     _read_policy(path, directory, values)
+    _read_sources(path, directory, values)
 
     project_name = project.get("name")
     if project_name is not None and not isinstance(project_name, str):
@@ -225,6 +241,24 @@ def _read_policy(path: Path, directory: Path, values: dict[str, Any]) -> None:
             values["limits"] = Limits.parse(values["limits"], where="[tool.pyisolate.limits]")
         except ConfigError as exc:
             raise ConfigError(f"{path}: {exc}") from None
+
+
+def _read_sources(path: Path, directory: Path, values: dict[str, Any]) -> None:
+    """Check the package sources; relative find_links folders are the extension directory's."""
+    try:
+        if "index_url" in values:
+            check_url(values["index_url"], "[tool.pyisolate].index_url")
+        for index, url in enumerate(values.get("extra_index_urls", ())):
+            check_url(url, Where("[tool.pyisolate].extra_index_urls")[index])
+        if "find_links" in values:
+            values["find_links"] = list(check_find_links(values["find_links"], "[tool.pyisolate].find_links",
+                                                         base=directory))
+        if "cuda_wheels" in values:
+            values["cuda_wheels"] = CudaWheels.parse(values["cuda_wheels"], "[tool.pyisolate.cuda_wheels]").as_dict()
+        if "share_torch_no_deps" in values:
+            check_names(values["share_torch_no_deps"], "[tool.pyisolate].share_torch_no_deps")
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
 
 
 #: The keys PEP 621 allows in [project]; a key outside them that looks like "dependencies" is a

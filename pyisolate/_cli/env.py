@@ -19,6 +19,7 @@ from .._discovery import ENTRY_POINT_GROUP, extension_dirs
 from .._envs import ProgressDisplay, ProgressStep, ensure_venv, runtime_dir
 from .._envs import inventory as _envs
 from .._manifest import MANIFEST, default_name
+from .._sources import PackageSources
 from .._validate import validate_extension_name
 from ..errors import ConfigError, EnvironmentBuildError
 from .doctor import nearest_existing, size
@@ -105,11 +106,12 @@ class _Job:
     share_torch: bool = False
     allow_direct_references: bool = False
     isolated: bool = True
+    sources: PackageSources = PackageSources()
 
     @classmethod
     def of(cls, config: ExtensionConfig) -> _Job:
         return cls(config.name, str(config.module_path), tuple(config.dependencies), config.share_torch,
-                   config.allow_direct_references, config.isolated)
+                   config.allow_direct_references, config.isolated, config.sources)
 
 
 async def _build_one(config: _Job, root: Path, display: Callable[[Any], None]) -> dict[str, Any]:
@@ -126,7 +128,7 @@ async def _build_one(config: _Job, root: Path, display: Callable[[Any], None]) -
     try:
         python = await ensure_venv(
             venv_root=root, name=config.name, dependencies=config.dependencies, share_torch=config.share_torch,
-            allow_direct_references=config.allow_direct_references, progress=progress,
+            allow_direct_references=config.allow_direct_references, sources=config.sources, progress=progress,
         )  # fmt: skip
         await asyncio.to_thread(runtime_dir, root, config.share_torch)
     except (ConfigError, EnvironmentBuildError, OSError, RuntimeError) as exc:
@@ -208,7 +210,8 @@ def _repair(args: argparse.Namespace) -> int:
                   f"extension's directory: pyisolate env repair DIR")
             return EXIT_FAILED
         # allow_direct_references: these requirements were accepted when the venv was built.
-        job = _Job(target, None, info.dependencies, info.share_torch, allow_direct_references=True)
+        job = _Job(target, None, info.dependencies, info.share_torch, allow_direct_references=True,
+                   sources=info.sources)
     else:
         path = Path(target).expanduser().absolute()
         if not path.is_dir():

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from .._sources import PackageSources
 from .._validate import validate_extension_name
 from ..errors import ConfigError
 from . import venv as _venv
@@ -41,7 +42,8 @@ class VenvInfo:
 
     ``status`` is ``ready`` (a host would reuse it), ``stale`` (built for another Python,
     uv or set of index variables: the next load rebuilds it) or ``incomplete`` (no ready
-    marker: a build was interrupted). ``last_used`` is a Unix time.
+    marker: a build was interrupted). ``last_used`` is a Unix time. ``sources``: the package
+    sources it was built from.
     """
 
     name: str
@@ -52,6 +54,7 @@ class VenvInfo:
     size_bytes: int
     last_used: float
     created: float | None
+    sources: PackageSources = PackageSources()
 
 
 def looks_like_root(root: Path) -> bool:
@@ -121,12 +124,16 @@ def list_venvs(root: Path) -> list[VenvInfo]:
         raw = data.get("dependencies")
         deps = tuple(str(d) for d in raw) if isinstance(raw, list) else ()
         share_torch = data.get("share_torch") is True
-        current = _venv._fingerprint(deps, share_torch=share_torch)
+        try:
+            sources = PackageSources.from_dict(data.get("sources"))
+            current: str | None = _venv._fingerprint(deps, share_torch=share_torch, sources=sources)
+        except ConfigError:  # unreadable: a rebuild from the extension's directory is needed
+            sources, current = PackageSources(), None
         status = READY if data.get("fingerprint") == current and (path / "bin" / "python").exists() else STALE
         created = data.get("created")
         found.append(VenvInfo(
             path.name, path, status, deps, share_torch, disk_usage(path), _last_used(path),
-            float(created) if isinstance(created, (int, float)) else None,
+            float(created) if isinstance(created, (int, float)) else None, sources,
         ))  # fmt: skip
     return found
 

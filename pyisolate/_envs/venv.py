@@ -38,10 +38,12 @@ from pathlib import Path
 from packaging.requirements import InvalidRequirement, Requirement
 from packaging.utils import canonicalize_name
 
+from .._sources import PackageSources, check_listed
 from .._validate import validate_dependencies, validate_extension_name
 from ..errors import ConfigError, EnvironmentBuildError
 from .lines import LineSplitter
 from .progress import ProgressEvent, ProgressStep, _count, _Emit, _InstallProgress
+from .wheels import cuda_requirements
 
 __all__ = ["ensure_venv", "lock_path", "uv_binary", "venv_dir", "with_numpy_for_torch"]
 
@@ -144,9 +146,9 @@ def with_numpy_for_torch(deps: tuple[str, ...]) -> tuple[str, ...]:
         return (*deps, "numpy")
 
 
-def _fingerprint(dependencies: Sequence[str], *, share_torch: bool) -> str:
+def _fingerprint(dependencies: Sequence[str], *, share_torch: bool, sources: PackageSources | None = None) -> str:
     """Return the sha256 hex digest of everything that decides a venv's contents."""
-    facts = {
+    facts: dict[str, object] = {
         "layout": _LAYOUT_VERSION,
         "dependencies": list(dependencies),
         "share_torch": share_torch,
@@ -155,7 +157,20 @@ def _fingerprint(dependencies: Sequence[str], *, share_torch: bool) -> str:
         "uv": _uv_version(),
         "env": {key: os.environ.get(key) for key in _CONTENT_ENV_VARS},
     }
+    if sources:  # absent when unset: venvs built before package sources existed stay valid
+        facts["sources"] = sources.as_dict()
+        if sources.cuda_wheels is not None:  # the wheels chosen are the ones built for the host's torch
+            facts["host_torch"] = _host_torch()
     return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()
+
+
+def _host_torch() -> str | None:
+    # From metadata, not `import torch`: reusing a venv must stay cheap. A torch's version names
+    # its build where it matters (2.13.0+cpu, 2.13.0+cu128).
+    try:
+        return importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def _is_ready(target: Path, fingerprint: str) -> bool:
@@ -168,8 +183,12 @@ def _is_ready(target: Path, fingerprint: str) -> bool:
     return recorded == fingerprint and (target / "bin" / "python").exists()
 
 
-def _write_marker(target: Path, fingerprint: str, deps: Sequence[str], share_torch: bool) -> None:
-    data = {"fingerprint": fingerprint, "dependencies": list(deps), "share_torch": share_torch}
+def _write_marker(
+    target: Path, fingerprint: str, deps: Sequence[str], share_torch: bool, sources: PackageSources
+) -> None:
+    data: dict[str, object] = {"fingerprint": fingerprint, "dependencies": list(deps), "share_torch": share_torch}
+    if sources:
+        data["sources"] = sources.as_dict()
     data |= {"python": sys.version, "created": time.time()}
     fd, tmp = tempfile.mkstemp(prefix=".marker-", dir=target)
     with os.fdopen(fd, "w", encoding="utf-8") as handle:
@@ -198,12 +217,47 @@ def _remove_tree(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def _install_command(python: Path, deps: Sequence[str], excludes: Path | None) -> list[str]:
+def _install_command(
+    python: Path, deps: Sequence[str], excludes: Path | None, *, options: Sequence[str] = (), no_deps: bool = False
+) -> list[str]:
     # Plain lines, parsed as they come: no colour codes, whatever the environment asks for.
     command = [uv_binary(), "pip", "install", "--python", str(python), "--no-config", "--color", "never"]
+    if no_deps:
+        command.append("--no-deps")
+    command += options
     if excludes is not None:
         command += ["--excludes", str(excludes)]
     return [*command, *deps]
+
+
+def _name(spec: str) -> str | None:
+    try:
+        return canonicalize_name(Requirement(spec).name)
+    except InvalidRequirement:
+        return None  # a local path
+
+
+def _passes(deps: Sequence[str], sources: PackageSources) -> tuple[list[str], list[str], list[str], list[str]]:
+    """Split the requirements into the install passes: the main one, CUDA wheels, without dependencies.
+
+    Returns:
+        The three passes' requirements, and the names the main pass must not install even as
+        a dependency (the later passes install them).
+
+    Raises:
+        ConfigError: a package that cuda_wheels or no_deps names is not among ``deps``.
+    """
+    cuda = sources.cuda_wheels
+    check_listed(cuda.packages if cuda else (), deps, "cuda_wheels.packages")
+    check_listed(sources.no_deps, deps, "share_torch_no_deps")
+    main: list[str] = []
+    wheels: list[str] = []
+    loose: list[str] = []
+    for spec in deps:
+        name = _name(spec)
+        (wheels if cuda and name in cuda.packages else loose if name in sources.no_deps else main).append(spec)
+    later = [*(cuda.packages if cuda else ()), *(cuda.package_map.values() if cuda else ()), *sources.no_deps]
+    return main, wheels, loose, later
 
 
 def _packages_at_fault(deps: Sequence[str], output: str) -> list[str]:
@@ -319,6 +373,7 @@ async def ensure_venv(
     share_torch: bool = False,
     progress: Callable[[ProgressEvent], None] | None = None,
     allow_direct_references: bool = False,
+    sources: PackageSources | None = None,
 ) -> Path:
     """Return the interpreter of the extension's venv, building the venv only if needed.
 
@@ -330,13 +385,17 @@ async def ensure_venv(
         progress: called with a ProgressEvent at each step (see ProgressStep), from this
             coroutine; a build that reports anything ends with DONE, REUSED or FAILED.
         allow_direct_references: accept ``name @ url`` requirements and local paths.
+        sources: where the packages come from (indexes, wheel folders, CUDA wheel indexes) and
+            which are installed without their dependencies; by default uv's own (PyPI).
 
     Returns:
         The absolute path of the venv's ``bin/python``.
 
     Raises:
-        ConfigError: the name or a dependency is invalid.
-        EnvironmentBuildError: uv failed; the half-built venv has been removed.
+        ConfigError: the name or a dependency is invalid, or ``sources`` names a package that
+            is not among the dependencies.
+        EnvironmentBuildError: uv failed, or no CUDA wheel fits the host; the half-built venv
+            has been removed.
     """
     started = time.monotonic()
     final_reported = False
@@ -353,7 +412,9 @@ async def ensure_venv(
     deps = validate_dependencies(dependencies, allow_direct_references=allow_direct_references)
     if share_torch:
         deps = with_numpy_for_torch(deps)
-    fingerprint = _fingerprint(deps, share_torch=share_torch)
+    sources = sources or PackageSources()
+    _passes(deps, sources)  # a package named there but not among the dependencies: fail before anything
+    fingerprint = _fingerprint(deps, share_torch=share_torch, sources=sources)
     if _is_ready(target, fingerprint):
         _log.debug("reusing venv of %s at %s", name, target)
         _touch(target)
@@ -366,7 +427,7 @@ async def ensure_venv(
                 _touch(target)
                 emit(ProgressStep.REUSED)
                 return target / "bin" / "python"
-            installed = await _build(target, name, deps, share_torch, fingerprint, emit)
+            installed = await _build(target, name, deps, share_torch, sources, fingerprint, emit)
     except BaseException as exc:
         if not final_reported:  # a progress callback that raised has had its final word
             emit(ProgressStep.FAILED, _failure(exc))
@@ -390,12 +451,15 @@ async def _build(
     name: str,
     deps: tuple[str, ...],
     share_torch: bool,
+    sources: PackageSources,
     fingerprint: str,
     emit: _Emit,
 ) -> int:
     """Build the venv from scratch and return how many packages uv installed.
 
-    On any failure or cancellation, remove what was built.
+    Up to three install passes: the requirements with their dependencies (from ``sources``'
+    indexes and wheel folders); the CUDA wheels chosen for the host's torch; the requirements
+    installed without their dependencies. On any failure or cancellation, remove what was built.
     """
     try:
         if os.path.lexists(target):
@@ -406,22 +470,52 @@ async def _build(
         create = [uv_binary(), "venv", "--python", sys.executable, "--no-config", "--quiet", "--color", "never"]
         await _uv([*create, str(target)], name=name, deps=(), on_start=lambda: emit(ProgressStep.CREATING))
         _log.debug("created venv of %s in %.2fs", name, time.monotonic() - step)
+        main, wheels, loose, later = _passes(deps, sources)
+        shared = _SHARED_TORCH_PACKAGES if share_torch else ()
+        options = sources.uv_options()
         installed = 0
-        if deps:
-            excludes = None
-            if share_torch:
-                excludes = target / ".pyisolate-excludes.txt"
-                excludes.write_text("\n".join(_SHARED_TORCH_PACKAGES) + "\n", encoding="utf-8")
-            step = time.monotonic()
-            command = _install_command(target / "bin" / "python", deps, excludes)
-            detail = " ".join(deps)
-            uv_progress = _InstallProgress(emit)
-            await _uv(command, name=name, deps=deps, on_start=lambda: emit(ProgressStep.RESOLVING, detail),
-                      on_line=uv_progress)
-            installed = uv_progress.installed
-            _log.debug("installed %s into %s in %.2fs", detail, name, time.monotonic() - step)
-        _write_marker(target, fingerprint, deps, share_torch)
+        if main:
+            excludes = _excludes(target, "main", [*shared, *later])
+            installed += await _install(target, name, main, excludes, options, emit)
+        if wheels:
+            assert sources.cuda_wheels is not None
+            emit(ProgressStep.RESOLVING, "choosing CUDA wheels for " + " ".join(wheels))
+            chosen = await cuda_requirements(wheels, sources.cuda_wheels, extension=name)
+            installed += await _install(target, name, [requirement for requirement, _ in chosen], None, (), emit,
+                                        no_deps=True, at_fault=wheels, detail=" ".join(f for _, f in chosen))
+        if loose:
+            excludes = _excludes(target, "no-deps", shared)
+            installed += await _install(target, name, loose, excludes, options, emit, no_deps=True)
+        _write_marker(target, fingerprint, deps, share_torch, sources)
     except BaseException:
         _remove_tree(target)
         raise
     return installed
+
+
+def _excludes(target: Path, stem: str, names: Sequence[str]) -> Path | None:
+    """A file of package names that uv keeps out of one pass's resolution (``--excludes``)."""
+    if not names:
+        return None
+    path = target / f".pyisolate-excludes-{stem}.txt"
+    path.write_text("\n".join(dict.fromkeys(names)) + "\n", encoding="utf-8")
+    return path
+
+
+async def _install(
+    target: Path, name: str, deps: Sequence[str], excludes: Path | None, options: Sequence[str], emit: _Emit,
+    *, no_deps: bool = False, at_fault: Sequence[str] | None = None, detail: str | None = None,
+) -> int:
+    """Run one ``uv pip install`` pass into the venv; return how many packages it installed.
+
+    ``at_fault``: the requirements a failure names (by default ``deps``); ``detail``: what the
+    progress says is being installed (by default ``deps``).
+    """
+    step = time.monotonic()
+    command = _install_command(target / "bin" / "python", deps, excludes, options=options, no_deps=no_deps)
+    detail = " ".join(deps) if detail is None else detail
+    uv_progress = _InstallProgress(emit)
+    await _uv(command, name=name, deps=deps if at_fault is None else at_fault,
+              on_start=lambda: emit(ProgressStep.RESOLVING, detail), on_line=uv_progress)  # fmt: skip
+    _log.debug("installed %s into %s in %.2fs", detail, name, time.monotonic() - step)
+    return uv_progress.installed

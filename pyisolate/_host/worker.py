@@ -174,6 +174,7 @@ class Worker:
                 dependencies=config.dependencies,
                 share_torch=config.share_torch,
                 allow_direct_references=config.allow_direct_references,
+                sources=config.sources,
                 progress=manager.config.on_progress,
             )
             runtime = cached_runtime_dir(manager.config.venv_root, config.share_torch)
