@@ -75,7 +75,7 @@ class Kind(enum.IntEnum):
                                                              your message was not delivered;
                                                              code: UNDELIVERED_CODES
     STOP         (none)                                      empty; answered with RESULT
-    RELEASE      ref_id, count                               empty
+    RELEASE      ref_id, count (or none: a batch in the body)   empty, or [ref_id, count, ...]
     ITEM         (none); call_id is the stream's             encoded item
     END          (none); call_id is the stream's             empty
     CREDIT       count; call_id is the stream's              empty

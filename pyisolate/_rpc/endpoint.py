@@ -61,7 +61,7 @@ class Endpoint:
     ) -> None:
         self.name = name
         self.loop = loop
-        self._send = send
+        self._raw_send = send
         self._on_control = on_control
         self.answers_heartbeats = True
         self.dropped = 0
@@ -69,12 +69,19 @@ class Endpoint:
         loops = chain_loops if chain_loops is not None else {}
         self.acks = Acks(loop, self.send_quiet)
         self.values = Values(name, loop, self.send_quiet, self.remote_call, self.acks, max_message_size)
-        self.calls = Calls(origin_name, loop, send, self.send_quiet, self.values, self.acks, loops, max_in_flight)
+        self.calls = Calls(origin_name, loop, self._send, self.send_quiet, self.values, self.acks, loops, max_in_flight)
         self.server = Server(name, origin_name, loop, self.send_quiet, self.values, self.acks, loops, max_in_flight)
         self.streams = Streams(loop, self.send_quiet, self.values, self.acks, self.server.send_error, max_in_flight)
         self.server.streams = self.streams
         self.calls.open_stream = self.streams.open
         self.server.root = root
+
+    def _send(self, dest: bytes, frames: list[Any]) -> None:
+        """Send a message; releases of references still batched go first, so that a message sent
+        after a proxy died never overtakes its RELEASE."""
+        if self.values.releases:
+            self.values.flush_releases()
+        self._raw_send(dest, frames)
 
     # -- settings and figures --------------------------------------------------------------
 
@@ -235,7 +242,7 @@ class Endpoint:
                 if extra and isinstance(extra[0], list):
                     _shm.unpin(sender, extra[0])
             case Kind.RELEASE:
-                self.values.on_release(sender, extra)
+                self.values.on_release(sender, extra, body)
             case Kind.UNROUTABLE | Kind.LOST:
                 self.calls.on_undelivered(kind, extra, body)
             case Kind.GONE:

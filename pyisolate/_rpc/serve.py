@@ -30,7 +30,7 @@ from .._wire import shm as _shm
 from ..errors import ProtocolError, QueueFullError
 from .dispatch import ASYNC, GEN, PLAIN, call_fields, handle_methods, kind_of, resolve_method
 from .flow import Acks
-from .refs import HandleProxy
+from .refs import HandleProxy, RefProxy
 from .streams import Streams
 from .values import Values
 
@@ -194,6 +194,12 @@ class Server:
             raise AttributeError(f"reference {ref_id} of {self.name.decode()!r} is a callable: only calling "
                                  f"it is allowed, not its attribute {method!r}")
         target: Callable[..., Any] = export.obj  # type: ignore[assignment]
+        if isinstance(target, RefProxy):  # forwarded: its owner runs it, we wait on our loop
+            proxy = target
+
+            async def forward(*args: Any, **kwargs: Any) -> Any:
+                return await proxy(*args, **kwargs)
+            return forward, ASYNC, None
         return target, kind_of(target), export.loop
 
     def _handle_method(self, obj: object, method: str) -> tuple[Callable[..., Any], int]:

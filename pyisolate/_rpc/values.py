@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import weakref
+
+import msgpack
 from collections.abc import Callable
 from typing import Any
 
@@ -26,6 +28,10 @@ from .flow import Acks
 from .refs import FLAG_ACTOR, FLAG_ASYNC, FLAG_OBJECT, ActorProxy, ExportTable, HandleProxy, RefProxy, is_async_callable
 
 __all__ = ["Values"]
+
+#: References one batched RELEASE may release (its body: twice as many ints).
+MAX_RELEASE_BATCH = 65536
+MAX_RELEASE_BODY = 2 * MAX_RELEASE_BATCH * 9 + 5
 
 #: Sends ``[header, body, *buffers]`` to an actor, never raising for a departed one.
 SendQuiet = Callable[[bytes, list[Any]], None]
@@ -64,6 +70,8 @@ class Values:
         self._enc_seen: dict[tuple[int, bool], tuple[object, ...]] = {}
         self._dec_sender = b""
         self._dec_seen: set[tuple[bytes, int]] = set()
+        #: RELEASEs batched this loop turn: owner -> [ref_id, count, ref_id, count, ...].
+        self.releases: dict[bytes, list[int]] = {}
 
     # -- out -------------------------------------------------------------------------------
 
@@ -188,10 +196,22 @@ class Values:
         """Proxies of other actors' objects alive here."""
         return sum(1 for ref in self.proxies.values() if ref() is not None)
 
-    def on_release(self, sender: bytes, extra: list[object]) -> None:
-        """RELEASE: ``sender`` dropped ``count`` received copies of one of our references."""
+    def on_release(self, sender: bytes, extra: list[object], body: bytes = b"") -> None:
+        """RELEASE: ``sender`` dropped received copies of our references: ``[ref_id, count]`` in the
+        header, or a batch of such pairs as a msgpack array of ints in the body."""
         if len(extra) == 2 and type(extra[0]) is int and type(extra[1]) is int:
             self.exports.release(extra[0], sender, extra[1])
+            return
+        if extra or not body or len(body) > MAX_RELEASE_BODY:
+            return
+        try:
+            pairs = msgpack.unpackb(body, use_list=True, max_array_len=2 * MAX_RELEASE_BATCH)
+        except Exception:
+            return
+        if type(pairs) is not list or len(pairs) % 2 or not all(type(n) is int for n in pairs):
+            return
+        for i in range(0, len(pairs), 2):
+            self.exports.release(pairs[i], sender, pairs[i + 1])
 
     def drop_peer(self, peer: bytes) -> None:
         """``peer`` is gone: it holds none of our references any more."""
@@ -205,7 +225,21 @@ class Values:
             pass
 
     def _release(self, owner: bytes, ref_id: int, count: int) -> None:
+        """Batch one RELEASE: sent with the others of this loop turn, or ahead of our next message."""
         entry = self.proxies.get((owner, ref_id))
         if entry is not None and entry() is None:
             del self.proxies[(owner, ref_id)]
-        self._send_quiet(owner, [pack_header(Kind.RELEASE, 0, ref_id, count), b""])
+        if not self.releases:
+            self._loop.call_soon(self.flush_releases)
+        self.releases.setdefault(owner, []).extend((ref_id, count))
+
+    def flush_releases(self) -> None:
+        """Send the batched RELEASEs, one message per owner (per MAX_RELEASE_BATCH pairs)."""
+        batches, self.releases = self.releases, {}
+        for owner, pairs in batches.items():
+            if len(pairs) == 2:
+                self._send_quiet(owner, [pack_header(Kind.RELEASE, 0, pairs[0], pairs[1]), b""])
+                continue
+            step = 2 * MAX_RELEASE_BATCH
+            for i in range(0, len(pairs), step):
+                self._send_quiet(owner, [pack_header(Kind.RELEASE, 0), msgpack.packb(pairs[i:i + step])])

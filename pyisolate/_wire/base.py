@@ -179,7 +179,7 @@ def unsupported(obj: object) -> str:
     text = _SUPPORTED
     if t.__module__ not in ("builtins", None) and not callable(obj):
         refs = _thread().refs
-        types = refs.types if refs is not None else None
+        types = getattr(refs, "types", None)
         base = types.registered_base(t) if types is not None else None
         if base is not None:
             return (f"{text}; its base class {base.cls.__qualname__} is registered as {base.name!r}, but only that "

@@ -186,7 +186,8 @@ def _may_nest_deeper(body: bytes) -> bool:
 
 def _find_encoder(obj: object) -> Callable[[Any], object]:
     refs = _thread().refs
-    if refs is not None and refs.types is not None and (entry := refs.types.entry(type(obj))) is not None:
+    if refs is not None and (types := getattr(refs, "types", None)) is not None \
+            and (entry := types.entry(type(obj))) is not None:
         return _registered_encoder(entry)  # first: an IntEnum or a NamedTuple is a builtin's subclass too
     if isinstance(obj, BaseException):
         return _encode_exception
@@ -366,7 +367,7 @@ def _decode_registered(dec: _Decoder, data: bytes) -> object:
     if len(fields) != 2 or type(fields[0]) is not str:
         raise DecodeError("a registered value's payload must be [name, wire form]")
     name = fields[0]
-    types = dec.refs.types if dec.refs is not None else None
+    types = getattr(dec.refs, "types", None)
     entry = types.named(name) if types is not None else None
     if entry is None:
         raise DecodeError(f"a value of registered type {name[:MAX_NAME_CHARS]!r} arrived, but this process has no "

@@ -152,7 +152,8 @@ def _leaf_problem(obj: object) -> str | None:
 
 def _registered(t: type) -> bool:
     refs = _thread().refs
-    return refs is not None and refs.types is not None and t in refs.types
+    types = getattr(refs, "types", None)
+    return types is not None and t in types
 
 
 def _walk_arg(arg: object, depth: int) -> object:

@@ -140,7 +140,7 @@ async def test_an_exported_callable_object_exposes_only_its_call(manager):
         callback = Callback()
         assert await a.call_back(callback) == "called"
         assert await a.keep(callback) is True
-        ref_id = manager.endpoint.exports._ids[id(callback)]
+        ref_id = manager.endpoint.exports._ids[(id(callback), False)]
         with pytest.raises(AttributeError, match="only calling"):
             await a.call_ref_method("host", ref_id, "delete_everything")
 

@@ -44,9 +44,6 @@ class Typed(ExtensionBase):
             return str(exc)
         return "reachable"
 
-    async def send_back(self, model):
-        return await pyisolate.get_actor("host").echo(model) if False else model
-
     async def keep(self, model):
         self.kept = model
         return None
@@ -83,6 +80,10 @@ class Typed(ExtensionBase):
         with open(path, "w") as handle:
             handle.write("x")
         return "written"
+
+    async def raw_call(self, ref_id, method):
+        """Call a handle's reference by id, with any method name, as a hostile worker could."""
+        return await worker_endpoint().remote_call(b"host", method, (), {}, ref_id)
 
     async def child(self):
         return os.environ.get("PYISOLATE_CHILD")
