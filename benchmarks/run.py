@@ -30,6 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
+import host_types  # noqa: E402
 import measures  # noqa: E402
 import sandbox  # noqa: E402
 import startup  # noqa: E402
@@ -70,6 +71,8 @@ async def run_suite(work: Path, quick: bool, with_torch: bool) -> list[Result]:
     if with_torch:
         _progress("tensors")
         results += await measures.tensors(work, tensor_sizes, reps)
+    _progress("host types")
+    results += await host_types.measure(work, quick)
     _progress("start-up, memory and scale")
     results += await startup.measure(work, quick)
     _progress("sandbox")

@@ -40,6 +40,9 @@ class Bench(ExtensionBase):
     async def singleton_loop(self, count, warmup):
         return await _time(BenchService().echo, count, warmup)
 
+    async def handle_loop(self, handle, count, warmup):
+        return await _time(handle.echo, count, warmup)
+
     async def peer_loop(self, peer, count, warmup):
         return await _time(pyisolate.get_actor(peer).aecho, count, warmup)
 

@@ -24,6 +24,7 @@ EXPECTED = {
     "start.cold", "start.warm", "start.warm.over_floor", "memory.idle.pss", "memory.idle.uss", "memory.torch.extra",
     "scale.load.1", "scale.load.10", "scale.load.10.over_floor",
     "sandbox.start.unconfined", "sandbox.start.landlock", "sandbox.call.unconfined", "sandbox.call.landlock",
+    "types.value.dict", "types.value.dataclass", "types.call.singleton", "types.call.handle",
 }  # fmt: skip
 
 pytestmark = pytest.mark.venv
