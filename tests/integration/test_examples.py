@@ -1,8 +1,8 @@
 """Every example under examples/ runs to completion: exit code 0, some output, and no warning.
 
 Each example builds its extensions' venvs under its own ``examples/<name>/venvs`` folder
-(git-ignored) and reuses them on later runs. ``examples/demo`` installs numpy in its three; the
-others have no dependencies and run in a couple of seconds.
+(git-ignored) and reuses them on later runs. ``examples/demo`` and ``examples/host_app`` install numpy
+(1.x and 2.x, the same versions); the others have no dependencies and run in a couple of seconds.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ TIMEOUT = 600
 
 def test_examples_are_found():
     names = {path.parent.name for path in EXAMPLES}
-    assert {"demo", "singletons", "actors", "callbacks", "context", "streams", "events", "sync"} <= names
+    assert {"demo", "singletons", "actors", "callbacks", "context", "streams", "events", "sync", "host_app"} <= names
 
 
 @pytest.mark.timeout(TIMEOUT + 60)

@@ -206,3 +206,65 @@ async def test_a_hostile_registered_value_is_refused_not_constructed(typed):
     assert decode(body, (), Hooks()) == Point(1, 2)
     with pytest.raises(DecodeError, match="no such type"):  # a process without the registry refuses it
         decode(body, (), type("NoTypes", (), {"types": None, "export": lambda self, o: None})())
+
+
+def test_torch_device_and_dtype_register_as_the_issue_writes_them():
+    torch = pytest.importorskip("torch")
+    from pyisolate import TypeRegistry
+    from pyisolate._wire import decode, encode
+
+    dtypes = {str(t): t for t in (torch.float16, torch.float32, torch.bfloat16, torch.int64, torch.bool)}
+    registry = TypeRegistry()
+    registry.register(torch.device, name="torch.device", encode=str, decode=torch.device)
+    registry.register(torch.dtype, name="torch.dtype", encode=str, decode=dtypes.__getitem__)  # an allowlist
+
+    class Hooks:
+        types = registry
+
+        def export(self, obj):
+            return None
+
+    value = {"device": torch.device("cpu"), "dtypes": [torch.float16, torch.bool]}
+    body, buffers = encode(value, Hooks())
+    assert decode(body, buffers, Hooks()) == value
+    with pytest.raises(ConfigError, match="already travels"):
+        registry.register(torch.Tensor, encode=str, decode=str)
+    import msgpack
+
+    from pyisolate._wire.base import EXT_REGISTERED
+
+    forged = msgpack.packb(msgpack.ExtType(EXT_REGISTERED, msgpack.packb(["torch.dtype", "os.system"])))
+    with pytest.raises(DecodeError, match="cannot rebuild"):
+        decode(forged, (), Hooks())
+
+
+def test_registering_says_what_is_wrong_and_how_to_fix_it():
+    import dataclasses
+
+    from pyisolate import TypeRegistry
+
+    registry = TypeRegistry()
+    registry.register(Point)
+    with pytest.raises(ConfigError, match="already registered"):
+        registry.register(Point, name="other")
+    with pytest.raises(ConfigError, match="the name 'typedapp.results.Point' is taken"):
+        registry.register(Level, name="typedapp.results.Point")
+    with pytest.raises(ConfigError, match="give encode= .* or by_reference=True"):
+        registry.register(Unregistered)
+    with pytest.raises(ConfigError, match="both encode= and decode="):
+        registry.register(Unregistered, encode=str)
+    with pytest.raises(ConfigError, match="drop encode= and decode="):
+        registry.register(Unregistered, by_reference=True, encode=str, decode=str)
+    with pytest.raises(ConfigError, match="already travels"):
+        registry.register(dict)
+    with pytest.raises(ConfigError, match="already travels"):
+        registry.register(ValueError)
+
+    @dataclasses.dataclass
+    class Computed:
+        x: int
+        y: int = dataclasses.field(init=False, default=0)
+
+    with pytest.raises(ConfigError, match="init=False"):
+        registry.register(Computed)
+    assert registry.register(Model, by_reference=True) is Model and Model in registry and len(registry) == 2

@@ -34,24 +34,22 @@ class Device:
 
 
 class Model:
-    """A model loaded once, in the host. It is registered by reference: it is never copied, and
-    an extension that receives one gets a handle whose public methods run here."""
+    """A model loaded once, in the host. It is registered by reference: never copied; an
+    extension that receives one gets a handle whose public methods run here, in the host."""
 
-    def __init__(self, name: str, scale: float) -> None:
-        # Shared code tells the two sides apart by PYISOLATE_CHILD: "1" in every worker.
+    def __init__(self, name: str, scale: float, device: Device, dtype: DType) -> None:
+        # Shared code tells the two sides apart by PYISOLATE_CHILD, "1" in every worker.
         if os.environ.get("PYISOLATE_CHILD") == "1":
             raise RuntimeError("models are loaded by the host; extensions receive a handle to one")
-        self.name, self.scale = name, scale
-        self.device, self.dtype = Device("cpu"), DType.float32
-        self.calls = 0  # how many calls extensions made, for the host to show
+        self.name, self.scale, self.device, self.dtype = name, scale, device, dtype
+        self.calls = 0  # calls that extensions made, for the host to count
 
-    def to(self, device: Device, dtype: DType) -> str:
-        """Move the model (here: remember where it would be)."""
+    def placement(self) -> tuple[Device, DType]:
+        """Where the weights are, and in what precision."""
         self.calls += 1
-        self.device, self.dtype = device, dtype
-        return f"{self.name} on {device} as {dtype.value}"
+        return self.device, self.dtype
 
     def forward(self, values: list[float]) -> list[float]:
-        """Run the model on ``values``, in the host."""
+        """Run the model on ``values``."""
         self.calls += 1
         return [v * self.scale for v in values]
