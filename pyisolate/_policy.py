@@ -25,7 +25,7 @@ __all__ = ["MODES", "SandboxMode", "SandboxPolicy", "check_mode", "narrower_mode
 MODES = ("disabled", "preferred", "required")
 
 
-class SandboxMode(str, enum.Enum):
+class SandboxMode(enum.StrEnum):
     """The sandbox modes, for code that prefers names to strings.
 
     Accepted wherever a mode string is (``sandbox_mode=SandboxMode.REQUIRED`` is

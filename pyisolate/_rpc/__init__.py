@@ -21,6 +21,6 @@ from .refs import ActorProxy, HandleProxy, RefProxy
 from .remote import RemoteCall
 
 __all__ = [
-    "ActorProxy", "Blocking", "Endpoint", "HandleProxy", "RefProxy", "RemoteCall", "block", "public_methods", "resolve_method",
-    "set_worker_endpoint", "sync", "worker_endpoint",
+    "ActorProxy", "Blocking", "Endpoint", "HandleProxy", "RefProxy", "RemoteCall", "block", "public_methods",
+    "resolve_method", "set_worker_endpoint", "sync", "worker_endpoint",
 ]  # fmt: skip

@@ -178,8 +178,8 @@ class _HandleMethod:
         except RuntimeError:  # plain code: block until the answer comes, on the endpoint's loop
             loop: asyncio.AbstractEventLoop = call.__self__.loop  # type: ignore[attr-defined]
             if not loop.is_running():
-                raise RuntimeError(f"{proxy!r}.{name}() from plain code blocks until the event loop that serves "
-                                   "the handle answers, but that loop is not running; call it from async code")
+                raise RuntimeError(f"{proxy!r}.{name}() from plain code blocks until the event loop that serves the "
+                                   "handle answers, but that loop is not running; call it from async code") from None
 
             async def run() -> Any:
                 return await call(owner, name, args, kwargs, ref_id)
