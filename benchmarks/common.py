@@ -120,3 +120,20 @@ def size_label(size: int) -> str:
         if size >= 1 << shift:
             return f"{size >> shift} {unit}"
     return f"{size} B"
+
+
+def section_main(measure: Callable[[Path, bool], Awaitable[list[Result]]], doc: str | None, prefix: str) -> None:
+    """Run one section of the suite alone (``python benchmarks/<section>.py [--quick]``) and print it."""
+    import argparse
+    import asyncio
+    import tempfile
+
+    parser = argparse.ArgumentParser(description=(doc or "").splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix=prefix) as work:
+        results = asyncio.run(measure(Path(work), args.quick))
+    resolve(results)
+    for r in results:
+        ratio = f"  {r.ratio:.2f}x {r.baseline}" if r.ratio is not None else ""
+        print(f"{r.label:<70} {r.value:>10.1f} {r.unit}{ratio}")

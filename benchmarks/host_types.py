@@ -10,10 +10,7 @@ the host's ``BenchService`` singleton (the same async method body).
 
 from __future__ import annotations
 
-import argparse
-import asyncio
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -60,17 +57,5 @@ async def measure(work: Path, quick: bool) -> list[common.Result]:
     return results
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as work:
-        results = asyncio.run(measure(Path(work), args.quick))
-    common.resolve(results)
-    for r in results:
-        ratio = f"  {r.ratio:.2f}x {r.baseline}" if r.ratio is not None else ""
-        print(f"{r.name:24} {r.value:8.1f} us  p99 {r.p99:8.1f}{ratio}")
-
-
 if __name__ == "__main__":
-    main()
+    common.section_main(measure, __doc__, "pyisolate-bench-types-")

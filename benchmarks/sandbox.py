@@ -10,11 +10,8 @@ with ``sandbox_mode="disabled"`` lets an extension be stricter, never looser).
 
 from __future__ import annotations
 
-import argparse
-import asyncio
 import contextlib
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -106,17 +103,5 @@ async def measure(work: Path, quick: bool) -> list[common.Result]:
     return results
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="pyisolate-bench-sandbox-") as work:
-        results = asyncio.run(measure(Path(work), args.quick))
-    common.resolve(results)
-    for r in results:
-        ratio = f"  {r.ratio:.2f}x" if r.ratio is not None else ""
-        print(f"{r.label:<45} {r.value:>10.1f} {r.unit}{ratio}")
-
-
 if __name__ == "__main__":
-    main()
+    common.section_main(measure, __doc__, "pyisolate-bench-sandbox-")

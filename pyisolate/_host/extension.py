@@ -12,6 +12,7 @@ from typing import Any, Protocol
 from .._base import ExtensionBase
 from .._config import ExtensionConfig
 from .._rpc import Blocking, RemoteCall, resolve_method
+from .._wire import Handle
 from ..errors import CallTimeoutError, ExtensionClosedError
 
 __all__ = ["Backend", "Extension", "LocalBackend", "method"]
@@ -178,6 +179,9 @@ class LocalBackend:
             raise ExtensionClosedError(f"extension {self.name!r} is stopped")
         instance = await asyncio.shield(self._load)
         fn = resolve_method(instance, method)
+        # In the host, by reference is what every value is: pyisolate.handle(obj) arrives as obj.
+        args = tuple(arg.obj if type(arg) is Handle else arg for arg in args)
+        kwargs = {key: arg.obj if type(arg) is Handle else arg for key, arg in kwargs.items()}
         if inspect.isasyncgenfunction(fn):
             return fn(*args, **kwargs)
         if inspect.iscoroutinefunction(fn):

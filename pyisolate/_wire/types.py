@@ -45,12 +45,13 @@ _CARRIED = (type(None), bool, int, float, complex, str, bytes, bytearray, memory
 class Registered:
     """One registered type: how its values leave (``to_wire``) and come back (``from_wire``)."""
 
-    __slots__ = ("cls", "name", "by_reference", "to_wire", "from_wire", "fields")
+    __slots__ = ("cls", "name", "by_reference", "to_wire", "from_wire", "fields", "encoder")
 
     def __init__(self, cls: type, name: str, by_reference: bool, to_wire: Callable[[Any], object] | None,
                  from_wire: Callable[[Any], object] | None, fields: frozenset[str] | None) -> None:
         self.cls, self.name, self.by_reference = cls, name, by_reference
         self.to_wire, self.from_wire, self.fields = to_wire, from_wire, fields
+        self.encoder: Callable[[Any], object] | None = None  # the codec's, made on first use
 
     def __repr__(self) -> str:
         how = "by reference" if self.by_reference else "by value"

@@ -53,6 +53,9 @@ async def test_registered_values_travel_as_themselves_both_ways(typed):
     assert back == values
     assert [type(v) for v in back] == [type(v) for v in values]
     assert type(back[5]["in"][0]) is Point and type(back[5][5][0]) is Level  # nested, keys kept too
+    # Inside a registered value, binaries keep their type (a bytearray stays one) as anywhere else.
+    mutable = await ext.echo(SavedResult("b.png", "", FolderType.temp, bytearray(b"ab")))
+    assert type(mutable.data) is bytearray and mutable.data == bytearray(b"ab")
     # In the worker they are the application's classes, imported there from the host path.
     assert await ext.kinds(values[:5]) == ["typedapp.results.SavedResult", "typedapp.results.FolderType",
                                            "typedapp.results.Level", "typedapp.results.Point",
@@ -103,6 +106,15 @@ async def test_a_worker_reaches_nothing_of_a_handle_but_its_public_methods(typed
     assert model.size_reads == 0 and model.calls == 1
     with pytest.raises(LookupError, match="not held"):
         await ext.raw_call(ref_id + 1, "describe")  # never given to it
+
+
+async def test_an_extension_in_the_host_gets_the_object_a_handle_stands_for(typed):
+    import pyisolate
+
+    local = await typed.load_extension(ExtensionConfig(name="typed-local", module_path=EXT, isolated=False))
+    model = Model("local")
+    assert await local.echo(pyisolate.handle(model)) is model
+    assert await local.echo(value=pyisolate.handle(model)) is model  # keyword arguments too
 
 
 async def test_a_handle_passed_to_a_third_actor_is_forwarded_by_the_sender(typed):

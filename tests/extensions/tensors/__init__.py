@@ -96,7 +96,7 @@ class Tensors(ExtensionBase):
         endpoint._send(sender, [pack_header(Kind.RESULT, call_id), body, *buffers])
         # The worker's connection, from the send function's closure: closed with a linger, so the
         # answer has left the process before it dies.
-        conn = next(c.cell_contents for c in endpoint._send.__closure__ if hasattr(c.cell_contents, "close"))
+        conn = next(c.cell_contents for c in endpoint._raw_send.__closure__ if hasattr(c.cell_contents, "close"))
         conn.close(flush=True)
         os._exit(9)
 
