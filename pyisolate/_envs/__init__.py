@@ -1,7 +1,8 @@
 """Building environments: the extensions' venvs (with uv), the runtime directory every worker
 imports pyisolate from, the progress a build reports, and the venvs under a root.
 
-- ``venv``: ``ensure_venv`` builds or reuses one extension's venv, keyed by a fingerprint.
+- ``venv``: ``ensure_venv`` builds or reuses one extension's venv, keyed by a fingerprint;
+  ``uv`` runs the installer for it, and ``wheels`` picks CUDA wheels from an index.
 - ``runtime``: the directory of links to pyisolate's own code that a worker puts on its path.
 - ``progress``: the steps a build reports and the display that draws them.
 - ``lines``: splits a child's output into lines as it arrives (uv's, a worker's).
@@ -17,7 +18,8 @@ from . import inventory
 from .lines import LineSplitter
 from .progress import ProgressDisplay, ProgressEvent, ProgressStep
 from .runtime import cached_runtime_dir, runtime_dir
-from .venv import ensure_venv, uv_binary
+from .uv import uv_binary
+from .venv import ensure_venv
 
 __all__ = [
     "LineSplitter", "ProgressDisplay", "ProgressEvent", "ProgressStep", "cached_runtime_dir", "ensure_venv",

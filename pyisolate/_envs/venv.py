@@ -16,7 +16,6 @@ uv's own output says them, read line by line as uv prints it. This module opens 
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import fcntl
 import functools
@@ -26,9 +25,7 @@ import importlib.util
 import json
 import logging
 import os
-import re
 import shutil
-import signal
 import sys
 import tempfile
 import time
@@ -41,7 +38,7 @@ from packaging.utils import canonicalize_name
 from .._sources import PackageSources, check_listed
 from .._validate import validate_dependencies, validate_extension_name
 from ..errors import ConfigError, EnvironmentBuildError
-from .lines import LineSplitter
+from .uv import install_command, run_uv, uv_binary, uv_version
 from .progress import ProgressEvent, ProgressStep, _count, _Emit, _InstallProgress
 from .wheels import cuda_requirements
 
@@ -58,34 +55,8 @@ _CONTENT_ENV_VARS = (
     "PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "UV_INDEX_STRATEGY", "UV_CONSTRAINT", "UV_OVERRIDE",
     "UV_EXCLUDE", "UV_PRERELEASE", "UV_RESOLUTION", "UV_EXCLUDE_NEWER",
 )  # fmt: skip
-_DROPPED_ENV_VARS = ("VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME")
 # With share_torch the child imports the host's torch, so uv must never resolve its own.
 _SHARED_TORCH_PACKAGES = ("torch",)
-_TAIL_LINES = 40
-_KEPT_LINES = 400  # of uv's output, searched for the packages at fault when it fails
-
-
-@functools.cache
-def uv_binary() -> str:
-    """Return the path of the uv binary shipped by the ``uv`` package (no uv on PATH needed).
-
-    Returns:
-        The absolute path of the uv executable.
-
-    Raises:
-        FileNotFoundError: the ``uv`` package or its binary is missing.
-    """
-    try:
-        from uv import find_uv_bin
-    except ImportError as exc:
-        raise FileNotFoundError("the 'uv' package is not installed; pip install uv") from exc
-    return str(find_uv_bin())
-
-
-@functools.cache
-def _uv_version() -> str:
-    # From metadata, not `uv --version`: reusing a venv must start no subprocess at all.
-    return importlib.metadata.version("uv")
 
 
 @functools.cache
@@ -154,7 +125,7 @@ def _fingerprint(dependencies: Sequence[str], *, share_torch: bool, sources: Pac
         "share_torch": share_torch,
         "python_version": sys.version,
         "python": _python(),
-        "uv": _uv_version(),
+        "uv": uv_version(),
         "env": {key: os.environ.get(key) for key in _CONTENT_ENV_VARS},
     }
     if sources:  # absent when unset: venvs built before package sources existed stay valid
@@ -217,19 +188,6 @@ def _remove_tree(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def _install_command(
-    python: Path, deps: Sequence[str], excludes: Path | None, *, options: Sequence[str] = (), no_deps: bool = False
-) -> list[str]:
-    # Plain lines, parsed as they come: no colour codes, whatever the environment asks for.
-    command = [uv_binary(), "pip", "install", "--python", str(python), "--no-config", "--color", "never"]
-    if no_deps:
-        command.append("--no-deps")
-    command += options
-    if excludes is not None:
-        command += ["--excludes", str(excludes)]
-    return [*command, *deps]
-
-
 def _name(spec: str) -> str | None:
     try:
         return canonicalize_name(Requirement(spec).name)
@@ -258,81 +216,6 @@ def _passes(deps: Sequence[str], sources: PackageSources) -> tuple[list[str], li
         (wheels if cuda and name in cuda.packages else loose if name in sources.no_deps else main).append(spec)
     later = [*(cuda.packages if cuda else ()), *(cuda.package_map.values() if cuda else ()), *sources.no_deps]
     return main, wheels, loose, later
-
-
-def _packages_at_fault(deps: Sequence[str], output: str) -> list[str]:
-    """Return the dependencies uv's output names, or all of them if it names none."""
-    at_fault = []
-    for spec in deps:
-        try:
-            name = Requirement(spec).name
-            names = {name, canonicalize_name(name)}
-        except InvalidRequirement:
-            names = {spec}  # a local path
-        patterns = (rf"(?<![\w.-]){re.escape(n)}(?![\w-])" for n in names)
-        if any(re.search(p, output, re.IGNORECASE) for p in patterns):
-            at_fault.append(spec)
-    return at_fault or list(deps)
-
-
-async def _uv(
-    command: list[str], *, name: str, deps: Sequence[str], on_start: Callable[[], None],
-    on_line: Callable[[str], None] | None = None,
-) -> None:
-    """Run uv in its own process group, raising EnvironmentBuildError if it fails.
-
-    Each line uv prints goes to ``on_line`` as it arrives. On cancellation (or any error while
-    it runs, ``on_line``'s included) the whole group is killed and reaped.
-    """
-    env = {k: v for k, v in os.environ.items() if k not in _DROPPED_ENV_VARS}
-    env["UV_PYTHON_DOWNLOADS"] = "never"
-    try:
-        proc = await asyncio.create_subprocess_exec(
-            *command,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-            env=env,
-            process_group=0,  # a kill then also reaches whatever uv started (sdist builds)
-        )
-    except OSError as exc:
-        raise EnvironmentBuildError(
-            f"cannot run uv for extension {name!r}: {exc}",
-            extension=name, packages=[], output_tail="",
-        ) from exc  # fmt: skip
-    assert proc.stdout is not None
-    kept: collections.deque[str] = collections.deque(maxlen=_KEPT_LINES)
-    splitter = LineSplitter()
-    try:
-        on_start()
-        while chunk := await proc.stdout.read(65536):
-            for line in splitter.feed(chunk):
-                kept.append(line)
-                if on_line is not None:
-                    on_line(line)
-        kept.extend(splitter.flush())
-        await proc.wait()
-    except BaseException:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        await proc.communicate()  # drain and reap: no zombie, no unclosed pipe transport
-        _log.debug("killed uv (pid %d) building %s", proc.pid, name)
-        raise
-    if proc.returncode == 0:
-        return
-    output = "\n".join(kept)
-    tail = "\n".join(list(kept)[-_TAIL_LINES:])
-    if deps:
-        packages = _packages_at_fault(deps, output)
-        what = f"uv could not install {', '.join(packages)}"
-    else:
-        packages, what = [], "uv could not create the venv"
-    _log.warning("building venv of %s failed (uv exit code %s)", name, proc.returncode)
-    raise EnvironmentBuildError(
-        f"cannot build the environment of extension {name!r}: {what} "
-        f"(uv exit code {proc.returncode})",
-        extension=name, packages=packages, output_tail=tail,
-    )  # fmt: skip
 
 
 @contextlib.asynccontextmanager
@@ -468,7 +351,7 @@ async def _build(
         step = time.monotonic()
         # Always the host's own interpreter: the child shares the host's compiled pyzmq.
         create = [uv_binary(), "venv", "--python", sys.executable, "--no-config", "--quiet", "--color", "never"]
-        await _uv([*create, str(target)], name=name, deps=(), on_start=lambda: emit(ProgressStep.CREATING))
+        await run_uv([*create, str(target)], name=name, deps=(), on_start=lambda: emit(ProgressStep.CREATING))
         _log.debug("created venv of %s in %.2fs", name, time.monotonic() - step)
         main, wheels, loose, later = _passes(deps, sources)
         shared = _SHARED_TORCH_PACKAGES if share_torch else ()
@@ -512,10 +395,10 @@ async def _install(
     progress says is being installed (by default ``deps``).
     """
     step = time.monotonic()
-    command = _install_command(target / "bin" / "python", deps, excludes, options=options, no_deps=no_deps)
+    command = install_command(target / "bin" / "python", deps, excludes, options=options, no_deps=no_deps)
     detail = " ".join(deps) if detail is None else detail
     uv_progress = _InstallProgress(emit)
-    await _uv(command, name=name, deps=deps if at_fault is None else at_fault,
+    await run_uv(command, name=name, deps=deps if at_fault is None else at_fault,
               on_start=lambda: emit(ProgressStep.RESOLVING, detail), on_line=uv_progress)  # fmt: skip
     _log.debug("installed %s into %s in %.2fs", detail, name, time.monotonic() - step)
     return uv_progress.installed

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import types
 from collections.abc import Callable
@@ -19,10 +20,11 @@ def public_methods(obj: object) -> list[str]:
     return sorted(name for name in dir(type(obj)) if _method(obj, name) is not None)
 
 
-def handle_methods(cls: type) -> list[str]:
+@functools.lru_cache(maxsize=1024)
+def handle_methods(cls: type) -> frozenset[str]:
     """Names of the methods a handle to an instance of ``cls`` may call, read from the class
     alone (no property or other descriptor of an instance is evaluated): its public functions,
-    coroutine and async generator functions, static and class methods."""
+    coroutine and async generator functions, static and class methods. Cached by class."""
     names = []
     for name in dir(cls):
         if name.startswith("_") or name in LIFECYCLE_HOOKS:
@@ -35,7 +37,7 @@ def handle_methods(cls: type) -> list[str]:
             raw = raw.__func__
         if inspect.isfunction(raw) or isinstance(raw, (types.MethodDescriptorType, types.BuiltinFunctionType)):
             names.append(name)
-    return names
+    return frozenset(names)
 
 
 def resolve_method(obj: object, name: object) -> Callable[..., Any]:

@@ -45,12 +45,6 @@ SendQuiet = Callable[[bytes, list[Any]], None]
 _CREATED = inspect.CORO_CREATED
 
 
-@functools.lru_cache(maxsize=1024)
-def handle_methods_of(cls: type) -> frozenset[str]:
-    """What a handle to an instance of ``cls`` may call (``dispatch.handle_methods``), cached by class."""
-    return frozenset(handle_methods(cls))
-
-
 class Server:
     """Runs the calls other actors make on this one, and answers each exactly once."""
 
@@ -213,7 +207,7 @@ class Server:
                 return await call(owner, method, args, kwargs, ref_id)
             return forward, ASYNC
         cls: Any = type(obj)
-        if method not in handle_methods_of(cls):
+        if method not in handle_methods(cls):
             raise AttributeError(f"a handle to a {type(obj).__qualname__} object reaches only its public methods, "
                                  f"and {method!r} is not one")
         fn = resolve_method(obj, method)

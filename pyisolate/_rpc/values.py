@@ -135,7 +135,7 @@ class Values:
         if described is None:
             module = getattr(cls, "__module__", None)
             name = cls.__qualname__ if module in (None, "builtins") else f"{module}.{cls.__qualname__}"
-            described = self._described[cls] = (name, handle_methods(cls))
+            described = self._described[cls] = (name, sorted(handle_methods(cls)))
         return described
 
     # -- in --------------------------------------------------------------------------------

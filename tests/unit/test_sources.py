@@ -11,6 +11,7 @@ from packaging.tags import Tag, sys_tags
 
 from pyisolate import ConfigError, ExtensionConfig
 from pyisolate._envs import inventory
+from pyisolate._envs import uv as _uv
 from pyisolate._envs import venv as _venv
 from pyisolate._envs.wheels import Link, TorchBuild, choose, matches, parse_page, read_index, redact
 from pyisolate._sources import CudaWheels, PackageSources
@@ -249,7 +250,7 @@ def test_the_passes_split_the_requirements() -> None:
 
 def test_install_command_of_a_pass(tmp_path: Path) -> None:
     python = tmp_path / "bin" / "python"
-    command = _venv._install_command(python, ["addon"], tmp_path / "x.txt", options=["--find-links", "/w"],
+    command = _uv.install_command(python, ["addon"], tmp_path / "x.txt", options=["--find-links", "/w"],
                                      no_deps=True)  # fmt: skip
     assert command[1:] == ["pip", "install", "--python", str(python), "--no-config", "--color", "never", "--no-deps",
                            "--find-links", "/w", "--excludes", str(tmp_path / "x.txt"), "addon"]  # fmt: skip

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from pyisolate._envs import uv as _uv
 from pyisolate._envs import venv as _venv
 from pyisolate._envs.venv import venv_dir
 from pyisolate._validate import validate_dependencies, validate_extension_name
@@ -164,21 +165,21 @@ def test_fingerprint_follows_what_decides_contents(monkeypatch: pytest.MonkeyPat
 
 def test_install_command_excludes_torch_only_when_shared(tmp_path: Path) -> None:
     python = tmp_path / "bin" / "python"
-    plain = _venv._install_command(python, ["six"], None)
+    plain = _uv.install_command(python, ["six"], None)
     assert plain[1:] == ["pip", "install", "--python", str(python), "--no-config", "--color", "never", "six"]
     excludes = tmp_path / "excludes.txt"
-    shared = _venv._install_command(python, ["six"], excludes)
+    shared = _uv.install_command(python, ["six"], excludes)
     assert shared[-3:] == ["--excludes", str(excludes), "six"]
 
 
 def test_packages_at_fault_found_in_output() -> None:
     deps = ["six==1.16.0", "Foo_Bar>=1"]
     output = "error: no matching distribution for foo-bar>=1"
-    assert _venv._packages_at_fault(deps, output) == ["Foo_Bar>=1"]
-    assert _venv._packages_at_fault(deps, "network down") == deps
-    assert _venv._packages_at_fault(["six"], "sixty things") == ["six"]  # falls back to all
+    assert _uv.packages_at_fault(deps, output) == ["Foo_Bar>=1"]
+    assert _uv.packages_at_fault(deps, "network down") == deps
+    assert _uv.packages_at_fault(["six"], "sixty things") == ["six"]  # falls back to all
 
 
 def test_packages_at_fault_not_fooled_by_prefix() -> None:
     deps = ["six", "sixer"]
-    assert _venv._packages_at_fault(deps, "Because sixer was not found") == ["sixer"]
+    assert _uv.packages_at_fault(deps, "Because sixer was not found") == ["sixer"]
