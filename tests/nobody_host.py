@@ -19,6 +19,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import pyisolate
 
@@ -30,13 +31,7 @@ async def main(workdir: Path, port: int, unix_socket: str) -> dict[str, object]:
                                           host_paths=[workdir / "hostapp"])  # fmt: skip
     async with asyncio.timeout(240), pyisolate.ExtensionManager(pyisolate.ExtensionBase, config) as manager:
         worker = await manager.load_extension(extension)
-        found["status"] = await worker.status()
-        found.update(await _host_folder(worker, workdir))
-        found["secret"] = await worker.read(str(workdir / "secret.txt"))
-        found["write_outside"] = await worker.write(str(workdir / "planted.txt"))
-        found["write_venv"] = await worker.write(str(workdir / "venvs" / "sandboxed" / "pyvenv.cfg"), "home = /evil")
-        found["tcp"] = await worker.connect_tcp(port)
-        found["kill_host"] = await worker.kill(os.getpid(), 0)
+        found.update(await _attacks(worker, workdir, "sandboxed", port))
         found["ptrace_host"] = await worker.ptrace(os.getpid())
         found["open_host_fd"] = await worker.open_fd(os.getpid(), 0)
         found["unix_socket"] = await worker.connect_unix(unix_socket)
@@ -70,23 +65,27 @@ async def _under_bwrap(workdir: Path, port: int, unix_socket: str) -> dict[str, 
                                           host_paths=[workdir / "hostapp"])  # fmt: skip
     async with asyncio.timeout(240), pyisolate.ExtensionManager(pyisolate.ExtensionBase, config) as manager:
         worker = await manager.load_extension(extension)
-        found["status"] = await worker.status()
-        found.update(await _host_folder(worker, workdir))
+        found.update(await _attacks(worker, workdir, "boxed", port))
         found["pids"] = await worker.pids()
-        found["secret"] = await worker.read(str(workdir / "secret.txt"))
-        found["write_outside"] = await worker.write(str(workdir / "planted.txt"))
-        found["write_venv"] = await worker.write(str(workdir / "venvs" / "boxed" / "pyvenv.cfg"), "home = /evil")
-        found["tcp"] = await worker.connect_tcp(port)
-        found["kill_host"] = await worker.kill(os.getpid(), 0)
         found["unix_socket"] = await worker.connect_unix(unix_socket)
         found["say"] = await worker.say("from the box")
     return found
 
 
-async def _host_folder(worker: object, workdir: Path) -> dict[str, object]:
-    """What the worker makes of the host folder it was given (host_paths): read it, write into it."""
-    return {"host_read": await worker.read(str(workdir / "hostapp" / "hostapp_mod.py")),  # type: ignore[attr-defined]
-            "host_write": await worker.write(str(workdir / "hostapp" / "planted.py"))}  # type: ignore[attr-defined]
+async def _attacks(worker: Any, workdir: Path, name: str, port: int) -> dict[str, object]:
+    """What every confined worker tries, whatever confines it: the host folder it was given
+    (host_paths) read and written, a secret read, writes outside and into its own venv, a tcp
+    connection, a signal to the host."""
+    return {
+        "status": await worker.status(),
+        "host_read": await worker.read(str(workdir / "hostapp" / "hostapp_mod.py")),
+        "host_write": await worker.write(str(workdir / "hostapp" / "planted.py")),
+        "secret": await worker.read(str(workdir / "secret.txt")),
+        "write_outside": await worker.write(str(workdir / "planted.txt")),
+        "write_venv": await worker.write(str(workdir / "venvs" / name / "pyvenv.cfg"), "home = /evil"),
+        "tcp": await worker.connect_tcp(port),
+        "kill_host": await worker.kill(os.getpid(), 0),
+    }
 
 
 if __name__ == "__main__":

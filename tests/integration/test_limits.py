@@ -213,13 +213,7 @@ def test_a_fork_bomb_gets_no_more_tasks_than_the_limit(enforce, child):
     assert 1 + len(forked) <= 32 and report["failures"] == ["EAGAIN"]
     assert len(forked) >= 24  # the limit, not something else, stopped it
     assert subprocess.run([sys.executable, "-c", "pass"], timeout=30).returncode == 0  # the host can still fork
-    fds = [os.pidfd_open(pid) for pid in [bomb.pid, *forked]]
-    try:
-        enforcement.close()
-        assert all(select.select([fd], [], [], 0)[0] for fd in fds), "close() left processes running"
-    finally:
-        for fd in fds:
-            os.close(fd)
+    _close_ends_all(enforcement, [bomb.pid, *forked])
     assert bomb.finish()[0] == -signal.SIGKILL
 
 
@@ -261,13 +255,7 @@ def test_close_kills_what_is_left_and_removes_the_groups(enforce, child):
     enforcement.attach(parent.pid)
     parent.go()
     daemon = int(parent.line())
-    fds = [os.pidfd_open(parent.pid), os.pidfd_open(daemon)]
-    try:
-        enforcement.close()
-        assert all(select.select([fd], [], [], 0)[0] for fd in fds), "close() left processes running"
-    finally:
-        for fd in fds:
-            os.close(fd)
+    _close_ends_all(enforcement, [parent.pid, daemon])
     assert not any(group.exists() for group in groups)
     assert enforcement.cgroups == ()
     enforcement.close()  # a second close does nothing
@@ -488,3 +476,14 @@ def test_without_a_writable_cgroup():
     assert len(out["missing"]) == 1 and out["missing"][0].startswith("cpu: ")
     code, stdout, stderr = out["child"]
     assert (code, stdout) == (0, f"MemoryError\n{16 << 20}\n"), stderr
+
+
+def _close_ends_all(enforcement: object, pids: list[int]) -> None:
+    """``enforcement.close()`` has ended every one of ``pids`` by the time it returns."""
+    fds = [os.pidfd_open(pid) for pid in pids]
+    try:
+        enforcement.close()  # type: ignore[attr-defined]
+        assert all(select.select([fd], [], [], 0)[0] for fd in fds), "close() left processes running"
+    finally:
+        for fd in fds:
+            os.close(fd)
