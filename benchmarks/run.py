@@ -34,6 +34,7 @@ import host_types  # noqa: E402
 import measures  # noqa: E402
 import sandbox  # noqa: E402
 import startup  # noqa: E402
+import workflow  # noqa: E402
 from common import Result, size_label  # noqa: E402
 
 #: How far past its target a figure may be before --check fails the run.
@@ -71,6 +72,8 @@ async def run_suite(work: Path, quick: bool, with_torch: bool) -> list[Result]:
     if with_torch:
         _progress("tensors")
         results += await measures.tensors(work, tensor_sizes, reps)
+        _progress("node-pack workflow")
+        results += await workflow.measure(work, quick)
     _progress("host types")
     results += await host_types.measure(work, quick)
     _progress("start-up, memory and scale")

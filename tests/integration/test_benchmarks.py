@@ -25,6 +25,7 @@ EXPECTED = {
     "scale.load.1", "scale.load.10", "scale.load.10.over_floor",
     "sandbox.start.unconfined", "sandbox.start.landlock", "sandbox.call.unconfined", "sandbox.call.landlock",
     "types.value.dict", "types.value.dataclass", "types.call.singleton", "types.call.handle",
+    "workflow.in_process", "workflow.isolated", "workflow.uss.host", "workflow.uss.workers",
 }  # fmt: skip
 
 pytestmark = pytest.mark.venv
