@@ -111,6 +111,10 @@ async def _serve(boot: dict[str, Any], channel: shm.WorkerChannel) -> int:
         refusal = (f"this extension ({name!r}) does not share CUDA tensors (share_cuda_ipc is off); load it with "
                    "share_torch=True and share_cuda_ipc=True to share them")
         endpoint.values.cuda_refusal = lambda peer: refusal
+    if boot.get("share_torch"):
+        # Now, while nothing is served: imported on the serving loop by the first tensor to
+        # arrive, torch (seconds of CPU) would hold every call and heartbeat back that long.
+        import torch  # noqa: F401
     try:
         try:
             conn.handshake(name, bytes.fromhex(boot["secret"]), timeout=float(boot["handshake_timeout"]))

@@ -211,6 +211,7 @@ class Worker:
                     "module_path": str(config.module_path),
                     "host_paths": [str(path) for path in host_paths],
                     "cuda_ipc": self.cuda_ipc,
+                    "share_torch": config.share_torch,
                     "extension_class": manager.extension_spec,
                     "apis": [class_spec(api) for api in config.apis],
                     "types": app_types.reference if app_types else None,

@@ -57,6 +57,16 @@ async def test_child_imports_the_hosts_own_torch(manager):
     assert os.path.realpath(await asks.torch_file()) == os.path.realpath(torch.__file__)
 
 
+async def test_a_share_torch_worker_has_torch_imported_before_it_is_ready(manager):
+    """Not on its serving loop when the first tensor arrives, which held calls and heartbeats
+    back for the seconds the import takes (under load, past the heartbeat timeout)."""
+    async with asyncio.timeout(180):
+        shared = await manager.load_extension(ExtensionConfig(name="ok-torch", module_path=ext("ok"), share_torch=True))
+        plain = await manager.load_extension(ExtensionConfig(name="ok-plain", module_path=ext("ok")))
+    assert await shared.imported("torch") is True
+    assert await plain.imported("torch") is False
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 async def test_every_dtype_round_trips(manager, dtype):
     t = await load(manager)

@@ -65,6 +65,10 @@ class OkExtension(ExtensionBase):
         __import__(name)
         return sys.modules[name].__file__
 
+    def imported(self, name):
+        """Whether module ``name`` is imported already (without importing it)."""
+        return name in sys.modules
+
     def set_stop_marker(self, path):
         self.stop_marker = path
 
