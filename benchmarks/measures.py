@@ -106,8 +106,10 @@ async def small_calls(s: Setup, count: int, rounds: int) -> list[Result]:
         "floor.pipe": ("multiprocessing.Pipe round trip", None, None, ""),
         "call.host_ext.async": ("host -> extension, async method", "floor.direct", 1.25,
                                 "<= 1.25x direct floor; >= 1.6x faster than pyisolate 0.10.2"),
-        "call.host_ext.plain": ("host -> extension, plain method (thread pool)", "floor.direct", None, ""),
-        "call.sync_thread": ("sync host thread -> extension", "floor.direct", None, ""),
+        "call.host_ext.plain": ("host -> extension, plain method (thread pool)", "floor.direct", 1.25,
+                                "<= 1.25x direct floor (not met on 2 shared cores: two thread wake-ups)"),
+        "call.sync_thread": ("sync host thread -> extension", "floor.direct", 1.3,
+                             "<= 1.3x direct floor (not met on 2 shared cores: two thread wake-ups)"),
         "call.ext_singleton": ("extension -> host singleton", "floor.direct", 1.3, "<= 1.3x direct floor"),
         "call.ext_ext": ("extension -> extension", "floor.relay", 1.3, "<= 1.3x relay floor"),
     }
@@ -122,6 +124,8 @@ async def small_calls(s: Setup, count: int, rounds: int) -> list[Result]:
             r.extra["x_bare_floor"] = median / median_p99(samples[bare])[0]
         results.append(r)
     _find(results, "call.host_ext.async").classic_target = 1.6
+    for name in ("call.host_ext.plain", "call.sync_thread"):  # each pays two thread wake-ups: see the note
+        _find(results, name).ci_check = False
     return results
 
 
@@ -142,8 +146,8 @@ async def throughputs(s: Setup, total: int) -> list[Result]:
         Result("throughput.floor.relay", "floors", "relay floor, 64 in flight", relay, "calls/s"),
         Result("throughput.floor.relay.bare", "floors", "bare relay floor, 64 in flight", bare_relay, "calls/s"),
         Result("throughput.host_ext", group, "host -> extension", host_ext, "calls/s",
-               baseline="throughput.floor.direct", target=1 / 0.8, classic_target=4.0,
-               target_note=">= 0.8x the direct floor's rate; >= 4x pyisolate 0.10.2's",
+               baseline="throughput.floor.direct", target=1 / 0.8, classic_target=5.0,
+               target_note=">= 0.8x the direct floor's rate; >= 5x pyisolate 0.10.2's",
                extra={"x_bare_floor": bare / host_ext}),
         Result("throughput.ext_singleton", group, "extension -> host singleton", ext_singleton, "calls/s",
                baseline="throughput.floor.direct"),
@@ -171,8 +175,10 @@ async def payloads(s: Setup, sizes: list[int], reps: int) -> list[Result]:
                               p99=raw_p99, size=size, series="raw zmq frame", samples=len(raw)))
         r = Result(f"bytes.{size}", "bytes payloads", f"bytes, {label}", median, "us", p99=p99,
                    baseline=f"bytes.raw.{size}", size=size, series="pyisolate bytes", samples=len(ours))
-        if size == 1 << 20:
-            r.target, r.target_note = 1.5, "<= 1.5x a raw zmq frame"
+        if 4 << 10 <= size <= 4 << 20:
+            r.target, r.target_note = 1.3, "<= 1.3x a raw zmq frame"
+            # Below 1 MiB the small call's own cost over the bare floor dominates: not met yet.
+            r.ci_check = size >= 1 << 20
         results.append(r)
         del payload
     return results

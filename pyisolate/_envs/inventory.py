@@ -24,6 +24,7 @@ from pathlib import Path
 from .._sources import PackageSources
 from .._validate import validate_extension_name
 from ..errors import ConfigError
+from . import locks as _locks
 from . import venv as _venv
 
 __all__ = ["VenvInfo", "VenvBusyError", "in_use", "list_venvs", "looks_like_root", "remove_venv", "trash"]
@@ -180,7 +181,7 @@ def remove_venv(root: Path, name: str) -> None:
     pids = in_use(target)
     if pids:
         raise VenvBusyError(f"in use by pid {', '.join(map(str, pids))}; stop those processes first")
-    fd = os.open(_venv.lock_path(root, name), os.O_RDWR | os.O_CREAT, 0o600)
+    fd = os.open(_locks.lock_path(root, name), os.O_RDWR | os.O_CREAT, 0o600)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

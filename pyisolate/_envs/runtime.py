@@ -17,7 +17,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-__all__ = ["cached_runtime_dir", "runtime_dir"]
+__all__ = ["runtime_dir"]
 
 _log = logging.getLogger(__name__)
 
@@ -64,21 +64,6 @@ def runtime_dir(venv_root: Path, share_torch: bool = False) -> Path:
         raise
     _log.debug("built runtime directory %s", final)
     return final
-
-
-def cached_runtime_dir(venv_root: Path, share_torch: bool = False) -> Path | None:
-    """Return ``runtime_dir(venv_root, share_torch)`` if that costs no metadata scan, else None.
-
-    It answers once this process has computed the links (its first ``runtime_dir`` call), while
-    the pyisolate package's listing is unchanged and the directory exists: two stats, cheap
-    enough for the event loop. A worker's start asks this first and runs ``runtime_dir`` in a
-    thread only when it answers None.
-    """
-    known = _known.get(share_torch)
-    if known is None or known[0] != _listing_stamp():
-        return None
-    final = Path(venv_root).absolute() / ".runtime" / known[2]
-    return final if final.is_dir() else None
 
 
 #: share_torch -> (listing stamp, links, digest), computed once per process and listing.

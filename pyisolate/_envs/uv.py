@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import signal
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -34,17 +35,27 @@ _KEPT_LINES = 400  # of uv's output, searched for the packages at fault when it 
 def uv_binary() -> str:
     """Return the path of the uv binary shipped by the ``uv`` package (no uv on PATH needed).
 
+    Looked up once per process (a few dozen stats, so in a thread), under a lock: the lookup
+    reads ``sysconfig``, whose first use is not safe in two threads at once (Python < 3.13).
+
     Returns:
         The absolute path of the uv executable.
 
     Raises:
         FileNotFoundError: the ``uv`` package or its binary is missing.
     """
-    try:
-        from uv import find_uv_bin
-    except ImportError as exc:
-        raise FileNotFoundError("the 'uv' package is not installed; pip install uv") from exc
-    return str(find_uv_bin())
+    with _finding:
+        if not _found:
+            try:
+                from uv import find_uv_bin
+            except ImportError as exc:
+                raise FileNotFoundError("the 'uv' package is not installed; pip install uv") from exc
+            _found.append(str(find_uv_bin()))
+        return _found[0]
+
+
+_found: list[str] = []
+_finding = threading.Lock()
 
 
 @functools.cache

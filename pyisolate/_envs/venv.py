@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
+import dataclasses
 import functools
 import hashlib
 import importlib.metadata
@@ -29,7 +29,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from packaging.requirements import InvalidRequirement, Requirement
@@ -38,6 +38,7 @@ from packaging.utils import canonicalize_name
 from .._sources import PackageSources, check_listed
 from .._validate import validate_dependencies, validate_extension_name
 from ..errors import ConfigError, EnvironmentBuildError
+from .locks import exclusive_lock, lock_path
 from .uv import install_command, run_uv, uv_binary, uv_version
 from .progress import ProgressEvent, ProgressStep, _count, _Emit, _InstallProgress
 from .wheels import cuda_requirements
@@ -84,14 +85,6 @@ def venv_dir(venv_root: Path, name: str) -> Path:
     if resolved == root or not resolved.is_relative_to(root):
         raise ConfigError(f"extension name {name!r} resolves to {resolved}, outside {root}")
     return path
-
-
-def lock_path(venv_root: Path, name: str) -> Path:
-    """The file whose flock serialises building, checking and removing venv ``name`` (its
-    directory is created)."""
-    locks = venv_root / ".locks"
-    locks.mkdir(parents=True, exist_ok=True)
-    return locks / f"{name}.lock"
 
 
 def with_numpy_for_torch(deps: tuple[str, ...]) -> tuple[str, ...]:
@@ -152,6 +145,38 @@ def _is_ready(target: Path, fingerprint: str) -> bool:
         return False
     recorded = data.get("fingerprint") if isinstance(data, dict) else None
     return recorded == fingerprint and (target / "bin" / "python").exists()
+
+
+def _reuse(target: Path, fingerprint: str) -> bool:
+    """Whether the venv is ready for ``fingerprint``; if so it is marked as used now."""
+    if not _is_ready(target, fingerprint):
+        return False
+    _touch(target)
+    return True
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """What ``ensure_venv`` works out before it builds anything (in a thread: it reads files)."""
+
+    root: Path
+    target: Path
+    deps: tuple[str, ...]
+    sources: PackageSources
+    fingerprint: str
+    ready: bool  # built for this fingerprint, and marked as used now
+
+
+def _plan(venv_root: Path, name: str, dependencies: Sequence[str], share_torch: bool,
+          allow_direct_references: bool, sources: PackageSources) -> _Plan:
+    root = Path(venv_root).absolute()
+    target = venv_dir(root, name)
+    deps = validate_dependencies(dependencies, allow_direct_references=allow_direct_references)
+    if share_torch:
+        deps = with_numpy_for_torch(deps)
+    _passes(deps, sources)  # a package named there but not among the dependencies: fail before anything
+    fingerprint = _fingerprint(deps, share_torch=share_torch, sources=sources)
+    return _Plan(root, target, deps, sources, fingerprint, _reuse(target, fingerprint))
 
 
 def _write_marker(
@@ -218,36 +243,6 @@ def _passes(deps: Sequence[str], sources: PackageSources) -> tuple[list[str], li
     return main, wheels, loose, later
 
 
-@contextlib.asynccontextmanager
-async def _exclusive_lock(path: Path, on_wait: Callable[[], None]) -> AsyncIterator[None]:
-    """Hold an exclusive flock on ``path``; a contended wait (``on_wait`` first) runs in a thread."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        _log.debug("waiting for lock %s", path)
-        waiter = asyncio.get_running_loop().run_in_executor(None, fcntl.flock, fd, fcntl.LOCK_EX)
-        try:
-            on_wait()
-            await asyncio.shield(waiter)
-        except BaseException:
-            # The thread may still be blocked in flock(): close the fd once it returns.
-            def close(future: asyncio.Future[None]) -> None:
-                if not future.cancelled():
-                    future.exception()
-                os.close(fd)
-
-            waiter.add_done_callback(close)
-            raise
-    except BaseException:
-        os.close(fd)
-        raise
-    try:
-        yield
-    finally:
-        os.close(fd)  # releases the lock
-
-
 async def ensure_venv(
     *,
     venv_root: Path,
@@ -290,24 +285,19 @@ async def ensure_venv(
             elapsed = time.monotonic() - started
             progress(ProgressEvent(extension=name, step=step, elapsed=elapsed, detail=detail, packages=packages))
 
-    root = Path(venv_root).absolute()
-    target = venv_dir(root, name)
-    deps = validate_dependencies(dependencies, allow_direct_references=allow_direct_references)
-    if share_torch:
-        deps = with_numpy_for_torch(deps)
-    sources = sources or PackageSources()
-    _passes(deps, sources)  # a package named there but not among the dependencies: fail before anything
-    fingerprint = _fingerprint(deps, share_torch=share_torch, sources=sources)
-    if _is_ready(target, fingerprint):
+    # Every file this touches (symlinks resolved, the marker read, metadata scanned) is touched
+    # in a thread: twenty extensions loading at once must not stall the host's loop.
+    plan = await asyncio.to_thread(_plan, venv_root, name, dependencies, share_torch, allow_direct_references,
+                                   sources or PackageSources())
+    root, target, deps, sources, fingerprint = plan.root, plan.target, plan.deps, plan.sources, plan.fingerprint
+    if plan.ready:
         _log.debug("reusing venv of %s at %s", name, target)
-        _touch(target)
         emit(ProgressStep.REUSED)
         return target / "bin" / "python"
     try:
-        async with _exclusive_lock(lock_path(root, name), on_wait=lambda: emit(ProgressStep.WAITING)):
-            if _is_ready(target, fingerprint):  # the previous holder of the lock built it
+        async with exclusive_lock(root, name, on_wait=lambda: emit(ProgressStep.WAITING)):
+            if await asyncio.to_thread(_reuse, target, fingerprint):  # the lock's previous holder built it
                 _log.debug("venv of %s was built meanwhile; reusing it", name)
-                _touch(target)
                 emit(ProgressStep.REUSED)
                 return target / "bin" / "python"
             installed = await _build(target, name, deps, share_torch, sources, fingerprint, emit)
@@ -345,12 +335,13 @@ async def _build(
     installed without their dependencies. On any failure or cancellation, remove what was built.
     """
     try:
-        if os.path.lexists(target):
+        if await asyncio.to_thread(os.path.lexists, target):
             _log.debug("removing stale or half-built venv %s", target)
             await asyncio.to_thread(_remove_tree, target)
         step = time.monotonic()
         # Always the host's own interpreter: the child shares the host's compiled pyzmq.
-        create = [uv_binary(), "venv", "--python", sys.executable, "--no-config", "--quiet", "--color", "never"]
+        uv = await asyncio.to_thread(uv_binary)  # found once per process, with a few dozen stats
+        create = [uv, "venv", "--python", sys.executable, "--no-config", "--quiet", "--color", "never"]
         await run_uv([*create, str(target)], name=name, deps=(), on_start=lambda: emit(ProgressStep.CREATING))
         _log.debug("created venv of %s in %.2fs", name, time.monotonic() - step)
         main, wheels, loose, later = _passes(deps, sources)
@@ -358,7 +349,7 @@ async def _build(
         options = sources.uv_options()
         installed = 0
         if main:
-            excludes = _excludes(target, "main", [*shared, *later])
+            excludes = await asyncio.to_thread(_excludes, target, "main", [*shared, *later])
             installed += await _install(target, name, main, excludes, options, emit)
         if wheels:
             assert sources.cuda_wheels is not None
@@ -367,11 +358,12 @@ async def _build(
             installed += await _install(target, name, [requirement for requirement, _ in chosen], None, (), emit,
                                         no_deps=True, at_fault=wheels, detail=" ".join(f for _, f in chosen))
         if loose:
-            excludes = _excludes(target, "no-deps", shared)
+            excludes = await asyncio.to_thread(_excludes, target, "no-deps", shared)
             installed += await _install(target, name, loose, excludes, options, emit, no_deps=True)
-        _write_marker(target, fingerprint, deps, share_torch, sources)
+        await asyncio.to_thread(_write_marker, target, fingerprint, deps, share_torch, sources)
     except BaseException:
-        _remove_tree(target)
+        # In a thread that runs to its end even if this task is cancelled again meanwhile.
+        await asyncio.shield(asyncio.to_thread(_remove_tree, target))
         raise
     return installed
 

@@ -19,7 +19,7 @@ from pyisolate.workers.exits import EXIT_CONFINE
 from pyisolate.workers.loader import ClassSpec, class_spec
 
 from .._config import ExtensionConfig, ExtensionManagerConfig
-from .._envs import cached_runtime_dir, ensure_venv, runtime_dir
+from .._envs import ensure_venv, runtime_dir
 from .._singleton import ProxiedSingleton
 from .._wire import DecodeError, decode_exception
 from .._wire import shm as _shm
@@ -177,9 +177,8 @@ class Worker:
                 sources=config.sources,
                 progress=manager.config.on_progress,
             )
-            runtime = cached_runtime_dir(manager.config.venv_root, config.share_torch)
-            if runtime is None:  # a metadata scan, maybe symlinks to write: not on the loop
-                runtime = await asyncio.to_thread(runtime_dir, manager.config.venv_root, config.share_torch)
+            # Stats at least, a metadata scan and symlinks to write at most: never on the loop.
+            runtime = await asyncio.to_thread(runtime_dir, manager.config.venv_root, config.share_torch)
             ensure_fd_headroom(self.name, manager._connecting_workers())
             if self.confinement is not None:  # a restart: the last run's groups and temp dir go
                 self.confinement.close()

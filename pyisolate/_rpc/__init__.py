@@ -6,7 +6,8 @@ proxies that stand for remote objects, and the blocking views of them.
   ``flow`` (slots and acknowledgements); ``dispatch`` holds the rules of what is callable.
 - ``refs``: exported objects and the proxies (``ActorProxy``, ``RefProxy``, ``HandleProxy``) that call them;
   ``remote``: the awaitable of one remote call and of a remote stream.
-- ``context``: the worker process's own endpoint; ``blocking``: ``pyisolate.sync()``.
+- ``context``: the worker process's own endpoint; ``blocking``: ``pyisolate.sync()``; ``pool``: the
+  threads that run plain methods.
 
 The rest of pyisolate uses what this module names.
 """

@@ -5,7 +5,9 @@ Safe to import in a worker: nothing host-only here.
 
 from __future__ import annotations
 
+import _thread
 import asyncio
+import inspect
 from collections.abc import Coroutine, Iterator
 from typing import Any
 
@@ -28,14 +30,77 @@ def _refuse_in_loop(what: str) -> None:
     raise RuntimeError(_IN_LOOP.format(what=what))
 
 
+class _Outcome:
+    """What a coroutine run for a blocked thread ended with; ``done`` is released when it is known."""
+
+    __slots__ = ("done", "error", "task", "value")
+
+    def __init__(self) -> None:
+        self.done = _thread.allocate_lock()
+        self.done.acquire()
+        self.value: Any = None
+        self.error: BaseException | None = None
+        self.task: asyncio.Task[None] | None = None
+
+
+async def _deliver(coro: Coroutine[Any, Any, Any], outcome: _Outcome) -> None:
+    """Run ``coro`` on the loop and wake the blocked thread from its last step (no extra callback)."""
+    try:
+        outcome.value = await coro
+    except BaseException as exc:  # the thread receives it, cancellation included
+        outcome.error = exc
+        if not isinstance(exc, (Exception, asyncio.CancelledError)):
+            raise  # KeyboardInterrupt, SystemExit: the loop's too
+    finally:
+        outcome.done.release()
+
+
 def block(loop: asyncio.AbstractEventLoop, what: str, coro: Coroutine[Any, Any, Any],
-           timeout: float | None = None) -> Any:
+          timeout: float | None = None) -> Any:
+    """Run ``coro`` on ``loop`` (another thread's) and return its result, blocking this thread.
+
+    One hand-off each way: a callback scheduled on the loop starts the task, and the task's
+    last step releases a lock this thread waits on (``run_coroutine_threadsafe`` would add a
+    loop iteration and a ``concurrent.futures.Future`` with its condition variable). A
+    ``timeout``, or an interrupt (Ctrl-C) while waiting, cancels the task.
+    """
     try:
         _refuse_in_loop(what)
     except RuntimeError:
         coro.close()
         raise
-    return asyncio.run_coroutine_threadsafe(coro, loop).result(timeout)
+    outcome = _Outcome()
+
+    def start() -> None:
+        outcome.task = loop.create_task(_deliver(coro, outcome))
+
+    try:
+        loop.call_soon_threadsafe(start)
+    except RuntimeError:  # the loop is closed
+        coro.close()
+        raise
+    try:
+        if not outcome.done.acquire(timeout=-1 if timeout is None else timeout):
+            raise TimeoutError(f"{what} had no answer within {timeout} s")
+    except BaseException:
+        try:
+            loop.call_soon_threadsafe(_cancel, outcome, coro)
+        except RuntimeError:  # the loop closed meanwhile: nothing runs it any more
+            pass
+        raise
+    if outcome.error is not None:
+        raise outcome.error
+    return outcome.value
+
+
+def _cancel(outcome: _Outcome, coro: Coroutine[Any, Any, Any]) -> None:
+    """On the loop: the blocked thread stopped waiting, so its task stops too."""
+    task = outcome.task
+    if task is None or task.done():
+        return
+    if inspect.getcoroutinestate(task.get_coro()) == inspect.CORO_CREATED:  # type: ignore[arg-type]
+        coro.close()  # cancelled before its first step, ``_deliver`` never awaits it
+    task.cancel()
 
 
 def _iterate(stream: RemoteStream, loop: asyncio.AbstractEventLoop) -> Iterator[Any]:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextvars
-import functools
 import inspect
 from collections.abc import Callable
 from typing import Any
@@ -30,6 +29,7 @@ from .._wire import shm as _shm
 from ..errors import ProtocolError, QueueFullError
 from .dispatch import ASYNC, GEN, PLAIN, call_fields, handle_methods, kind_of, resolve_method
 from .flow import Acks
+from .pool import Job, Pool
 from .refs import HandleProxy, RefProxy
 from .streams import Streams
 from .values import Values
@@ -62,14 +62,14 @@ class Server:
         self.streams: Streams  # set by the Endpoint, which builds both
         self._root: object = None
         self._methods: dict[str, tuple[Callable[..., Any], int]] = {}
-        self._serving: dict[tuple[bytes, int], asyncio.Task[Any] | concurrent.futures.Future[Any]] = {}
+        self._serving: dict[tuple[bytes, int], asyncio.Task[Any] | concurrent.futures.Future[Any] | Job] = {}
         self._elsewhere: set[tuple[bytes, int]] = set()  # served on another loop of this process
         self._open: dict[bytes, int] = {}  # calls open per sender, from receipt to answer
         self.refused = 0
         #: In a worker: what a SystemExit raised by a served method does instead of being answered
         #: (``workers.exits.leave``: the process exits with its code). None: answered like any error.
         self.on_system_exit: Callable[[SystemExit], None] | None = None
-        self._executor = concurrent.futures.ThreadPoolExecutor(thread_name_prefix=f"pyisolate-{name.decode()}")
+        self._pool = Pool(name.decode())
 
     @property
     def root(self) -> object:
@@ -127,8 +127,9 @@ class Server:
             if kind == PLAIN:  # straight to the thread pool; the thread hands the result back
                 context = contextvars.copy_context()
                 context.run(CHAIN.set, chain)
-                self._serving[key] = self._executor.submit(
-                    self._run_plain, sender, call_id, context, fn, args[0], args[1])
+                a, kw = args
+                self._serving[key] = self._pool.submit(
+                    lambda: self._run_plain(sender, call_id, context, fn, a, kw))
             else:
                 self._serving[key] = self._loop.create_task(
                     self._serve(sender, call_id, fn, kind, args[0], args[1], chain))
@@ -159,7 +160,7 @@ class Server:
         if isinstance(served, asyncio.Task):
             unstarted = inspect.getcoroutinestate(served.get_coro()) == _CREATED  # type: ignore[arg-type]
             served.cancel()  # a started one answers from its except clause
-        else:
+        else:  # a Job in the pool
             unstarted = served.cancel()  # a running thread cannot be interrupted: it answers when done
         if unstarted:  # its code never runs, so nothing else answers it
             del self._serving[key]
@@ -229,9 +230,7 @@ class Server:
 
     async def _in_thread(self, fn: Callable[..., Any], args: list[Any], kwargs: dict[str, Any]) -> Any:
         """Run a plain callable in the thread pool, with the current context (the chain)."""
-        context = contextvars.copy_context()
-        loop = asyncio.get_running_loop()
-        result = await loop.run_in_executor(self._executor, functools.partial(context.run, fn, *args, **kwargs))
+        result = await self._pool.run(fn, *args, **kwargs)
         if inspect.isawaitable(result):
             result = await result
         return result
@@ -338,4 +337,4 @@ class Server:
             task.cancel()
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        self._pool.close()

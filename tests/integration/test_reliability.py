@@ -246,3 +246,41 @@ async def test_a_timeout_raised_by_the_remote_method_is_its_answer(manager):
             await e.raise_timeout().timeout(30)
     assert not isinstance(info.value, CallTimeoutError)
     assert manager.endpoint.calls.timeouts == 0
+
+
+async def test_a_plain_call_past_its_timeout_fails_and_its_late_answer_frees_its_slot(venv_root):
+    """A plain method runs in the worker's thread pool and cannot be interrupted: its caller
+    gets CallTimeoutError while it blocks; when it ends, its answer is dropped (counted) and
+    gives its slot back. With max_in_flight=2, the two calls at the end need that slot."""
+    config = ExtensionManagerConfig(venv_root_path=venv_root, max_in_flight=2)
+    async with ExtensionManager(ExtensionBase, config) as manager:
+        e = await manager.load_extension(ExtensionConfig(name="ok", module_path=ext("ok")))
+        async with asyncio.timeout(60):
+            with pytest.raises(CallTimeoutError, match="wait_sync"):
+                await e.wait_sync().timeout(0.3)
+            assert await e.release_sync_waiter() is True
+            assert await asyncio.gather(e.echo(1), e.echo(2)) == [1, 2]
+        assert manager.endpoint.late_answers == 1
+        assert manager.endpoint.pending_calls() == 0
+
+
+async def test_cancelling_a_running_plain_call_frees_the_caller_and_the_pool_serves_on(venv_root):
+    """The caller of a plain method that blocks in its thread cancels: it is free at once, other
+    calls are served meanwhile (another thread of the pool), and the method's late answer,
+    when it returns, gives its slot back (max_in_flight=2: the last two calls need it)."""
+    config = ExtensionManagerConfig(venv_root_path=venv_root, max_in_flight=2)
+    async with ExtensionManager(ExtensionBase, config) as manager:
+        e = await manager.load_extension(ExtensionConfig(name="ok", module_path=ext("ok")))
+        waiting = asyncio.Event()
+        manager.on_event("waiting", lambda sender, what: waiting.set())
+        async with asyncio.timeout(60):
+            call = asyncio.ensure_future(e.wait_sync())
+            await waiting.wait()  # running in a pool thread, blocked
+            call.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await call
+            assert await e.echo("served meanwhile") == "served meanwhile"
+            assert await e.release_sync_waiter() is True
+            assert await asyncio.gather(e.echo(1), e.echo(2)) == [1, 2]
+        assert manager.endpoint.late_answers == 1
+        assert manager.endpoint.pending_calls() == 0

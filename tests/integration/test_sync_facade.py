@@ -54,3 +54,39 @@ async def test_sync_facades_refuse_to_run_inside_an_event_loop(venv_root: Path):
             pyisolate.sync(extension).echo(1)
         async with asyncio.timeout(60):
             assert await asyncio.to_thread(lambda: pyisolate.sync(extension).echo(5)) == 5  # from a thread: fine
+
+
+async def test_threads_calling_at_once_each_get_their_own_answer_and_a_blocked_one_holds_none_up(
+        venv_root: Path):
+    """Eight host threads call one extension through pyisolate.sync() at once (plain and async
+    methods), while a ninth waits in a plain method that blocks until the end."""
+    config = ExtensionManagerConfig(venv_root_path=venv_root)
+    async with ExtensionManager(ExtensionBase, config) as manager:
+        extension = await manager.load_extension(ExtensionConfig(name="ok", module_path=ext("ok")))
+        blocking = pyisolate.sync(extension)
+        waiting = asyncio.Event()
+        manager.on_event("waiting", lambda sender, what: waiting.set())
+
+        def calls(t: int) -> list[object]:
+            return [blocking.echo((t, i)) if i % 2 else blocking.aecho(t, i) for i in range(40)]
+
+        async with asyncio.timeout(120):
+            slow = asyncio.ensure_future(asyncio.to_thread(blocking.wait_sync))
+            await waiting.wait()
+            results = await asyncio.gather(*(asyncio.to_thread(calls, t) for t in range(8)))
+            assert not slow.done()
+            assert await extension.release_sync_waiter() is True
+            assert await slow == "sync released"
+        assert results == [[(t, i) if i % 2 else ((t, i), {}) for i in range(40)] for t in range(8)]
+
+
+async def test_a_thread_whose_call_times_out_gets_call_timeout_error(venv_root: Path):
+    config = ExtensionManagerConfig(venv_root_path=venv_root, call_timeout=0.3)
+    async with ExtensionManager(ExtensionBase, config) as manager:
+        extension = await manager.load_extension(ExtensionConfig(name="ok", module_path=ext("ok")))
+        blocking = pyisolate.sync(extension)
+        async with asyncio.timeout(60):
+            with pytest.raises(pyisolate.CallTimeoutError, match="wait_sync"):
+                await asyncio.to_thread(blocking.wait_sync)
+            assert await asyncio.to_thread(blocking.release_sync_waiter) is True
+            assert await asyncio.to_thread(blocking.echo, 7) == 7

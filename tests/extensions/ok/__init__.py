@@ -6,6 +6,7 @@ import subprocess
 import sys
 import threading
 
+import pyisolate
 from pyisolate import ExtensionBase
 
 
@@ -102,6 +103,7 @@ class OkExtension(ExtensionBase):
         return True
 
     def wait_sync(self):
+        pyisolate.emit("waiting", "sync")  # from its pool thread: the call has started
         self.release_sync.wait()
         return "sync released"
 
