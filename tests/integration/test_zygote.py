@@ -1,0 +1,197 @@
+"""share_torch workers forked by the fork server (zygote), next to spawned ones (docs/guides/fork-server.md).
+
+Real managers, a real fork server, real venvs: a forked worker must be indistinguishable from a
+spawned one to its extension (paths, interpreter, subprocesses, numpy) and to the host (calls,
+tensors, crashes, stop), must hold nothing of the fork server's, stays confined, and the fork
+server's failure or absence only makes workers spawned.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from pyisolate import (
+    ExtensionBase,
+    ExtensionConfig,
+    ExtensionCrashedError,
+    ExtensionManager,
+    ExtensionManagerConfig,
+)
+from pyisolate._host.zygote import ForkServer
+from pyisolate.workers import confine
+from tests.support import ext
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the fork server is Linux-only")
+
+PROBE = ext("zygote_probe")
+DENIED = ("PermissionError: errno 13", "PermissionError: errno 1")
+
+
+def _manager(venv_root: Path, **kw: object) -> ExtensionManager[ExtensionBase]:
+    return ExtensionManager(ExtensionBase, ExtensionManagerConfig(venv_root_path=venv_root, **kw))  # type: ignore[arg-type]
+
+
+def _probe(name: str = "zprobe", **kw: object) -> ExtensionConfig:
+    return ExtensionConfig(name=name, module_path=PROBE, share_torch=True, **kw)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+async def forking(venv_root: Path) -> AsyncIterator[ExtensionManager[ExtensionBase]]:
+    async with _manager(venv_root) as manager:
+        yield manager
+
+
+def _server(manager: ExtensionManager[ExtensionBase]) -> ForkServer:
+    assert manager._zygote is not None and manager._zygote.done(), "no fork server was started"
+    server = manager._zygote.result()
+    assert server is not None, "the fork server failed to start"
+    return server
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+async def test_a_forked_worker_sees_what_a_spawned_one_sees(venv_root: Path, forking) -> None:
+    async with _manager(venv_root, fork_server=False) as spawning:
+        spawned = await (await spawning.load_extension(_probe())).where()
+    forked_ext = await forking.load_extension(_probe())
+    forked = await forked_ext.where()
+    server = _server(forking)
+    assert spawned["ppid"] == os.getpid()
+    assert forked["ppid"] == server.process.pid  # forked, not spawned
+    for key in ("path", "prefix", "exec_prefix", "executable", "virtual_env", "purelib", "flags_isolated", "env",
+                "sigpipe"):
+        assert forked[key] == spawned[key], key
+    assert forked["path"][-1] != forked["path"][-2]  # the venv's site-packages, then the runtime, last
+    assert forked["sid"] == forked["pgid"] == forked["pid"]  # its own session, as spawned workers are
+    # A `python` it starts by name is its venv's, and sees the venv's numpy.
+    sub = await forked_ext.subprocess_view()
+    assert sub["prefix"] == forked["prefix"] and sub["numpy"] == (await forked_ext.numpy_roundtrip(1))["version"]
+    assert await forked_ext.threads() == await forked_ext.threads()  # answers from its own loop
+    assert await forked_ext.cuda_initialized() is False
+
+
+async def test_calls_and_tensors_through_shared_memory(forking) -> None:
+    e = await forking.load_extension(_probe())
+    assert (await e.where())["ppid"] == _server(forking).process.pid
+    big = torch.arange(1 << 20, dtype=torch.float32)
+    out = await e.add(big, 1.0)
+    assert torch.equal(out, big + 1)
+
+
+async def test_packs_with_numpy_1_and_2_each_see_their_own(forking) -> None:
+    one, two = await asyncio.gather(
+        forking.load_extension(_probe("zprobe-np1", dependencies=["numpy<2"])),
+        forking.load_extension(_probe("zprobe-np2", dependencies=["numpy>=2"])),
+    )
+    server = _server(forking)
+    for e, major in ((one, "1."), (two, "2.")):
+        assert (await e.where())["ppid"] == server.process.pid
+        seen = await e.numpy_roundtrip(4)
+        assert seen["version"].startswith(major), seen["version"]
+        assert seen["file"].startswith(str(forking.config.venv_root / ("zprobe-np" + major[0]))), seen["file"]
+        assert seen["doubled"] == [0.0, 2.0, 4.0, 6.0]  # torch.from_numpy and .numpy() on its numpy
+        assert torch.equal(seen["tensor"], torch.tensor([0.0, 2.0, 4.0, 6.0]))
+
+
+async def test_a_forked_worker_holds_no_descriptor_of_the_fork_server(venv_root: Path, forking) -> None:
+    async with _manager(venv_root, fork_server=False) as spawning:
+        spawned = await (await spawning.load_extension(_probe())).descriptors()
+    forked = await (await forking.load_extension(_probe())).descriptors()
+
+    def kinds(fds: dict[int, str]) -> collections.Counter[str]:
+        return collections.Counter(target.split(":")[0] for target in fds.values())
+
+    assert kinds(forked) == kinds(spawned), (forked, spawned)
+    assert [forked[fd].split(":")[0] for fd in (0, 1, 2, 3)] == ["pipe", "pipe", "pipe", "socket"]
+
+
+async def test_crashes_and_exits_are_reported_as_for_a_spawned_worker(forking) -> None:
+    e = await forking.load_extension(_probe())
+    with pytest.raises(ExtensionCrashedError, match="was killed by signal SIGABRT") as crash:
+        await e.crash(signal.SIGABRT)
+    assert crash.value.exit_code == -signal.SIGABRT
+    f = await forking.load_extension(_probe("zprobe-exit"))
+    with pytest.raises(ExtensionCrashedError, match="exited with code 42") as crash:
+        await f.exit_with(42)
+    assert crash.value.exit_code == 42
+
+
+async def test_stop_and_shutdown_leave_no_process(venv_root: Path) -> None:
+    async with _manager(venv_root) as manager:
+        a = await manager.load_extension(_probe("zprobe-a"))
+        b = await manager.load_extension(_probe("zprobe-b"))
+        pids = [(await a.where())["pid"], (await b.where())["pid"]]
+        server = _server(manager)
+        await a.stop()
+        assert not _alive(pids[0])
+    assert not _alive(pids[1]) and not _alive(server.process.pid)
+
+
+async def test_a_dead_fork_server_means_spawning_with_one_warning(forking, caplog) -> None:
+    first = await forking.load_extension(_probe("zprobe-first"))
+    server = _server(forking)
+    with caplog.at_level(logging.WARNING, logger="pyisolate"):
+        os.kill(server.process.pid, signal.SIGKILL)  # it alone, as a crash would (not its children)
+        async with asyncio.timeout(30):
+            await server.process.wait()
+        second = await forking.load_extension(_probe("zprobe-second"))
+        third = await forking.load_extension(_probe("zprobe-third"))
+        assert (await second.where())["ppid"] == os.getpid()  # spawned
+        assert (await third.where())["ppid"] == os.getpid()
+        assert (await first.numpy_roundtrip(2))["doubled"] == [0.0, 2.0]  # its forked worker lives on
+    warnings = [r for r in caplog.records if "fork server" in r.getMessage()]
+    assert len(warnings) == 1, [r.getMessage() for r in warnings]
+    await first.stop()  # nobody can report its status now; it still stops
+
+
+async def test_opting_out_spawns(venv_root: Path, monkeypatch) -> None:
+    async with _manager(venv_root, fork_server=False) as manager:
+        assert (await (await manager.load_extension(_probe())).where())["ppid"] == os.getpid()
+        assert manager._zygote is None
+    monkeypatch.setenv("PYISOLATE_FORK_SERVER", "0")
+    async with _manager(venv_root) as manager:
+        assert (await (await manager.load_extension(_probe())).where())["ppid"] == os.getpid()
+        assert manager._zygote is None
+
+
+async def test_prestart_starts_the_fork_server_before_any_load(forking) -> None:
+    await forking.prestart()
+    server = _server(forking)
+    assert server.alive and _alive(server.process.pid)
+    assert (await (await forking.load_extension(_probe())).where())["ppid"] == server.process.pid
+
+
+@pytest.mark.skipif(int(confine.probe()["landlock_abi"]) < 6, reason="needs Landlock ABI 6 (Linux 6.12+)")  # type: ignore[call-overload]
+async def test_a_forked_worker_is_confined(forking, tmp_path: Path) -> None:
+    secret = tmp_path / "secret.txt"
+    secret.write_text("api-key")
+    a = await forking.load_extension(ExtensionConfig(name="zsandboxed", module_path=ext("sandboxed"), share_torch=True))
+    b = await forking.load_extension(ExtensionConfig(name="zsandboxed-b", module_path=ext("sandboxed"), share_torch=True))
+    status = await a.status()
+    server = _server(forking)
+    assert int(status["PPid"]) == server.process.pid  # forked
+    assert status["NoNewPrivs"] == "1" and status["Seccomp"] == "2"
+    assert await a.read(str(secret)) in DENIED
+    assert await a.write("/tmp/pyisolate-zygote-escape.txt") in DENIED
+    sibling = await b.pid()
+    for pid in (os.getpid(), sibling, server.process.pid):
+        assert await a.kill(pid, 0) in DENIED
+        assert await a.open_fd(pid, 0) in DENIED
+        assert await a.read(f"/proc/{pid}/environ") in DENIED
+    assert not Path("/tmp/pyisolate-zygote-escape.txt").exists()
