@@ -241,4 +241,4 @@ def _take_venv(python: str, venv: str, env: dict[str, str]) -> None:
     importlib.invalidate_caches()
     spawn = sys.modules.get("multiprocessing.spawn")
     if spawn is not None:  # imported by torch, it noted the zygote's interpreter as the one to start
-        spawn.set_executable(python)  # type: ignore[attr-defined]
+        spawn.set_executable(python)

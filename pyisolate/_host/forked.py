@@ -11,8 +11,10 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+from pathlib import Path
+from typing import Protocol
 
-__all__ = ["STATUS_UNKNOWN", "ForkedProcess"]
+__all__ = ["STATUS_UNKNOWN", "ForkedProcess", "Forker"]
 
 #: The exit status of a forked worker that exited after its fork server was gone (nobody could
 #: tell the host how it ended). Reads as "exited with code 255".
@@ -72,3 +74,11 @@ class ForkedProcess:
         if self._pidfd is not None:
             os.close(self._pidfd)
             self._pidfd = None
+
+
+class Forker(Protocol):
+    """What forks a worker (``ForkServer``), as ``WorkerProcess.spawn`` uses it."""
+
+    async def fork(self, name: str, python: Path, env: dict[str, str], channel: int) -> ForkedProcess | None:
+        """Fork a worker for ``python``'s venv with ``env`` and control channel ``channel``; None: spawn it."""
+        ...

@@ -262,10 +262,17 @@ class ExtensionManager(Generic[T]):
             self._zygote = self.loop.create_task(self._start_fork_server(), name="pyisolate-fork-server")
         return asyncio.shield(self._zygote)
 
+    def _warm_fork_server(self) -> None:
+        """Start the fork server, if it is used and not started yet, without waiting for it."""
+        if self.config.uses_fork_server and not self._closing and self._zygote is None:
+            self._fork_server_task()
+
     async def _start_fork_server(self) -> ForkServer | None:
         venv_root = self.config.venv_root
         try:
-            runtime = cached_runtime_dir(venv_root, True) or await asyncio.to_thread(runtime_dir, venv_root, True)
+            runtime = cached_runtime_dir(venv_root, True)
+            if runtime is None:  # a metadata scan: not on the loop
+                runtime = await asyncio.to_thread(runtime_dir, venv_root, True)
             return await ForkServer.start(venv_root, runtime, self.config.start_timeout)
         except (ForkServerError, OSError, RuntimeError) as exc:
             logger.warning("the fork server could not start (%s); share_torch extensions are spawned", exc)

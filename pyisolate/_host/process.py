@@ -24,7 +24,7 @@ import signal
 import socket
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pyisolate.workers import tree
 from pyisolate.workers.logs import parse_line
@@ -32,12 +32,9 @@ from pyisolate.workers.logs import parse_line
 from .._envs import LineSplitter
 from .._wire import shm as _shm
 from ..errors import ExtensionLoadError
-from .forked import ForkedProcess
+from .forked import ForkedProcess, Forker
 from .sandbox import bwrap
 from .sandbox.launch import Launch, SandboxFailed
-
-if TYPE_CHECKING:
-    from .zygote import ForkServer
 
 __all__ = ["CHILD_VARIABLE", "EXTENSION_LOGGER", "WorkerProcess", "bootstrap", "ensure_fd_headroom", "extension_logger",
            "worker_env"]
@@ -188,7 +185,7 @@ class WorkerProcess:
     async def spawn(cls, *, name: str, python: Path, runtime: Path, boot: dict[str, Any],
                     pass_env: tuple[str, ...] = (), env: dict[str, str] | None = None,
                     before_boot: Callable[[int], None] | None = None,
-                    sandbox: Sequence[str] | None = None, fork_server: ForkServer | None = None) -> WorkerProcess:
+                    sandbox: Sequence[str] | None = None, fork_server: Forker | None = None) -> WorkerProcess:
         """Start ``python`` as a worker and hand it ``boot`` on its private control channel.
 
         ``before_boot(pid)`` runs once the process exists and before it is sent ``boot``, while

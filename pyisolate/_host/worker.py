@@ -79,6 +79,7 @@ class Host(Protocol):
     def _fail_peer(self, name: bytes, exc: BaseException, *, forget: bool = True) -> None: ...
     def _forget(self, backend: Worker) -> None: ...
     async def _fork_server(self, python: Path) -> ForkServer | None: ...
+    def _warm_fork_server(self) -> None: ...
 
 
 class Worker:
@@ -169,6 +170,8 @@ class Worker:
 
     async def _start(self) -> None:
         manager, config = self._manager, self.config
+        if config.share_torch:
+            manager._warm_fork_server()  # its torch import overlaps this venv's checks
         try:
             python = await ensure_venv(
                 venv_root=manager.config.venv_root,

@@ -20,6 +20,7 @@ from __future__ import annotations
 import array
 import asyncio
 import contextlib
+import functools
 import hashlib
 import importlib.metadata
 import itertools
@@ -155,17 +156,18 @@ class ForkServer:
         finally:
             self._replies.pop(request, None)
         try:
-            readers, transports = [], []
+            readers: list[asyncio.StreamReader] = []
+            transports: list[asyncio.BaseTransport] = []
             for fd in ours[1:]:
                 reader = asyncio.StreamReader(limit=1 << 20, loop=self._loop)
-                transport, _ = await self._loop.connect_read_pipe(
-                    lambda r=reader: asyncio.StreamReaderProtocol(r, loop=self._loop), os.fdopen(fd, "rb", 0))
+                protocol = asyncio.StreamReaderProtocol(reader, loop=self._loop)
+                pipe, _ = await self._loop.connect_read_pipe(functools.partial(_same, protocol), os.fdopen(fd, "rb", 0))
                 readers.append(reader)
-                transports.append(transport)
+                transports.append(pipe)
         except BaseException:
             os.close(ours[0])
-            for transport in transports:
-                transport.close()
+            for opened in transports:
+                opened.close()
             signal_pidfd(pidfd)
             os.close(pidfd)
             raise
@@ -301,6 +303,10 @@ def signal_pidfd(pidfd: int) -> None:
         signal.pidfd_send_signal(pidfd, signal.SIGKILL)
 
 
+def _same(protocol: asyncio.StreamReaderProtocol) -> asyncio.StreamReaderProtocol:
+    return protocol
+
+
 def _ints(message: dict[str, Any], *keys: str) -> bool:
     return all(isinstance(message.get(key), int) and not isinstance(message.get(key), bool) for key in keys)
 
@@ -349,7 +355,7 @@ def _clashes(venv: Path, preloaded: frozenset[str]) -> list[str]:
     """Packages the fork server imported that ``venv`` holds a different version of (by top-level name)."""
     version = sysconfig.get_python_version()
     clashes = []
-    for site in {venv / "lib" / f"python{version}" / "site-packages", venv / "lib64" / f"python{version}" / "site-packages"}:
+    for site in {venv / lib / f"python{version}" / "site-packages" for lib in ("lib", "lib64")}:
         try:
             entries = os.listdir(site)
         except OSError:

@@ -8,11 +8,15 @@ server's failure or absence only makes workers spawned.
 
 from __future__ import annotations
 
+import array
 import asyncio
 import collections
+import json
 import logging
 import os
 import signal
+import socket
+import subprocess
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -68,7 +72,8 @@ def _alive(pid: int) -> bool:
 
 async def test_a_forked_worker_sees_what_a_spawned_one_sees(venv_root: Path, forking) -> None:
     async with _manager(venv_root, fork_server=False) as spawning:
-        spawned = await (await spawning.load_extension(_probe())).where()
+        spawned_ext = await spawning.load_extension(_probe())
+        spawned, spawned_flags = await spawned_ext.where(), await spawned_ext.torch_numpy_flags()
     forked_ext = await forking.load_extension(_probe())
     forked = await forked_ext.where()
     server = _server(forking)
@@ -77,6 +82,8 @@ async def test_a_forked_worker_sees_what_a_spawned_one_sees(venv_root: Path, for
     for key in ("path", "prefix", "exec_prefix", "executable", "virtual_env", "purelib", "flags_isolated", "env",
                 "sigpipe"):
         assert forked[key] == spawned[key], key
+    flags = await forked_ext.torch_numpy_flags()
+    assert flags == spawned_flags and all(flags.values()), flags  # torch's modules know the venv's numpy
     assert forked["path"][-1] != forked["path"][-2]  # the venv's site-packages, then the runtime, last
     assert forked["sid"] == forked["pgid"] == forked["pid"]  # its own session, as spawned workers are
     # A `python` it starts by name is its venv's, and sees the venv's numpy.
@@ -181,8 +188,8 @@ async def test_prestart_starts_the_fork_server_before_any_load(forking) -> None:
 async def test_a_forked_worker_is_confined(forking, tmp_path: Path) -> None:
     secret = tmp_path / "secret.txt"
     secret.write_text("api-key")
-    a = await forking.load_extension(ExtensionConfig(name="zsandboxed", module_path=ext("sandboxed"), share_torch=True))
-    b = await forking.load_extension(ExtensionConfig(name="zsandboxed-b", module_path=ext("sandboxed"), share_torch=True))
+    a, b = [await forking.load_extension(ExtensionConfig(name=name, module_path=ext("sandboxed"), share_torch=True))
+            for name in ("zsandboxed", "zsandboxed-b")]
     status = await a.status()
     server = _server(forking)
     assert int(status["PPid"]) == server.process.pid  # forked
@@ -195,3 +202,73 @@ async def test_a_forked_worker_is_confined(forking, tmp_path: Path) -> None:
         assert await a.open_fd(pid, 0) in DENIED
         assert await a.read(f"/proc/{pid}/environ") in DENIED
     assert not Path("/tmp/pyisolate-zygote-escape.txt").exists()
+
+
+def _recv(sock: socket.socket) -> tuple[dict[str, object], list[int]]:
+    data, ancillary, _, _ = sock.recvmsg(1 << 20, socket.CMSG_SPACE(4 * 4))
+    fds = array.array("i")
+    for _, _, payload in ancillary:
+        fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+    return json.loads(data), list(fds)
+
+
+def test_the_fork_server_refuses_bad_requests_and_reports_exits(venv_root: Path) -> None:
+    """Its protocol, spoken by hand: every malformed request is refused (its descriptors closed),
+    the fork server lives on, then forks for a good one and reports that child's exit."""
+    from pyisolate._envs import runtime_dir
+    from pyisolate._host.process import bootstrap
+    from pyisolate._host.zygote import _own_venv
+
+    python = _own_venv(venv_root)
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    proc = subprocess.Popen([str(python), "-I", "-c", bootstrap("pyisolate.workers.zygote"),
+                             str(runtime_dir(venv_root, True)), str(theirs.fileno())],
+                            pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL)
+    theirs.close()
+    try:
+        ours.settimeout(120)
+        ready, _ = _recv(ours)
+        assert ready["op"] == "ready" and "torch" in ready["modules"] and "numpy" not in ready["modules"]  # type: ignore[operator]
+        venv = str(venv_root / "zprobe")
+        good = {"op": "fork", "id": 7, "python": venv + "/bin/python", "venv": venv, "env": {"PATH": "/usr/bin"}}
+        bad: list[tuple[bytes, int]] = [
+            (b"\x80not json", 4),
+            (json.dumps([1, 2]).encode(), 4),
+            (json.dumps({**good, "op": "exec"}).encode(), 4),
+            (json.dumps({**good, "python": "relative/python"}).encode(), 4),
+            (json.dumps({**good, "env": {"A=B": "x"}}).encode(), 4),
+            (json.dumps({**good, "env": {"A": 1}}).encode(), 4),
+            (json.dumps({**good, "id": "7"}).encode(), 4),
+            (json.dumps(good).encode(), 2),  # too few descriptors
+        ]
+        for message, count in bad:
+            pipes = [os.pipe() for _ in range(count)]
+            ours.sendmsg([message], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [r for r, _ in pipes]))])
+            reply, fds = _recv(ours)
+            assert reply["op"] == "refused" and fds == [], (message, reply)
+            for r, w in pipes:
+                os.close(r)
+                with pytest.raises(BrokenPipeError):  # the fork server closed its copies: no reader is left
+                    os.write(w, b"x")
+                os.close(w)
+        assert proc.poll() is None  # it lives on
+        # A good request: a child that exits at once (stdin at end of file: "the host is gone").
+        null = os.open(os.devnull, os.O_RDWR)
+        channel, keep = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        ours.sendmsg([json.dumps(good).encode()],
+                     [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [null, null, null, channel.fileno()]))])
+        os.close(null)
+        channel.close()
+        keep.close()  # no bootstrap will come: the worker gives up and exits
+        forked, fds = _recv(ours)
+        assert forked["op"] == "forked" and forked["id"] == 7 and len(fds) == 1
+        exited, _ = _recv(ours)
+        assert exited == {"op": "exited", "pid": forked["pid"], "code": 5}  # EXIT_HOST_GONE
+        os.close(fds[0])
+    finally:
+        ours.close()  # end of file: the fork server exits
+        try:
+            assert proc.wait(timeout=60) == 0
+        finally:
+            proc.kill()
+            proc.wait()

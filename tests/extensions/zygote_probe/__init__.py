@@ -28,6 +28,13 @@ class ZygoteProbe(ExtensionBase):
             "env": sorted(os.environ),
         }
 
+    def torch_numpy_flags(self):
+        """What torch's modules noted of numpy at import (a forked worker's are set when numpy is imported)."""
+        flags = {name: module.HAS_NUMPY for name, module in sorted(sys.modules.items())
+                 if name.startswith("torch") and isinstance(getattr(module, "HAS_NUMPY", None), bool)}
+        flags["torch.nn.functional.np"] = torch.nn.functional.np is numpy
+        return flags
+
     def subprocess_view(self):
         """What a `python` started by this worker (by name, through PATH) is and sees."""
         out = subprocess.run(
