@@ -272,3 +272,17 @@ def test_the_fork_server_refuses_bad_requests_and_reports_exits(venv_root: Path)
         finally:
             proc.kill()
             proc.wait()
+
+
+async def test_a_forked_worker_joins_its_resource_groups(venv_root: Path) -> None:
+    from pyisolate._host.sandbox.limits import mechanisms
+
+    if not (mechanisms().get("memory") or "").startswith("cgroup"):
+        pytest.skip(f"needs the cgroup memory controller: {mechanisms().get('why')}")
+    async with _manager(venv_root, limits={"memory": "1GiB"}) as manager:
+        worker = await manager.load_extension(ExtensionConfig(
+            name="zlimited", module_path=ext("sandboxed"), share_torch=True, limits={"memory": "256MiB"}))
+        assert int((await worker.status())["PPid"]) == _server(manager).process.pid  # forked
+        assert await worker.allocate(64) == 64 << 20
+        with pytest.raises(ExtensionCrashedError, match=r"memory limit 256 MiB exceeded"):
+            await worker.allocate(1024)
