@@ -384,8 +384,8 @@ async def _many_packs(root: Path, count: int, rounds: int) -> list[common.Result
         if servers:
             extra["fork_server_uss"] = round(statistics.median(m["uss"] for m in servers), 1)
             extra["fork_server_pss"] = round(statistics.median(m["pss"] for m in servers), 1)
-        kwargs = {"target": 20.0, "target_note": "each share_torch pack beyond the first costs at most 20 MB USS idle",
-                  "ci_check": False} if key == "fork" else {}
+        kwargs = {"target": 20.0, "target_note": "each share_torch pack beyond the first costs at most 20 MB USS idle"
+                  } if key == "fork" else {}
         how = "forked" if key == "fork" else "spawned"
         results.append(common.Result(
             name=f"packs.uss.{key}", group=GROUP, label=f"each further idle pack, USS ({how})", value=further,

@@ -283,7 +283,7 @@ class ExtensionManager(Generic[T]):
         if not self.config.uses_fork_server or self._closing:
             return None
         server = await self._fork_server_task()
-        if server is None or not server.alive:
+        if server is None:  # it could not start (one warning said so); once it failed, it forks no more
             return None
         why = await asyncio.to_thread(server.suits, python)
         if why is not None:

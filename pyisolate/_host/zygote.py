@@ -113,7 +113,8 @@ class ForkServer:
 
     @property
     def alive(self) -> bool:
-        return self._failure is None
+        """Whether it still forks (not failed, not closed)."""
+        return self._control is not None
 
     def suits(self, python: Path) -> str | None:
         """Why the venv of ``python`` cannot be forked into (None: it can). Reads the venv; not on the loop."""
@@ -128,7 +129,7 @@ class ForkServer:
     async def fork(self, name: str, python: Path, env: dict[str, str], channel: int) -> ForkedProcess | None:
         """Fork a worker for ``python``'s venv with ``env`` and the control channel ``channel``; None if
         the fork server is gone (the caller spawns the worker)."""
-        if self._control is None or self._failure is not None:
+        if self._control is None:  # closed, or failed: the caller spawns
             return None
         request = next(self._ids)
         message = json.dumps({"op": "fork", "id": request, "python": str(python), "venv": str(python.parent.parent),
