@@ -72,6 +72,8 @@ class ForkServer:
         self._abandoned: set[int] = set()  # requests whose caller left: what they forked is killed
         self._children: dict[int, tuple[asyncio.Future[int], int]] = {}  # pid -> (status, pidfd dup)
         self._failure: str | None = None
+        #: Set once it forks no more (failed or closed).
+        self.stopped = asyncio.Event()
         self._loop.add_reader(control.fileno(), self._on_readable)
         self._watch = self._loop.create_task(self._watch_exit(), name="pyisolate-fork-server-exit")
 
@@ -231,17 +233,18 @@ class ForkServer:
             raise ForkServerError(f"it sent an unexpected message {str(message)[:200]!r}")
 
     def _on_forked(self, request: int, pid: int, pidfd: int) -> None:
+        """A worker was forked: hand it (its pid and pidfd) to the fork() that asked for it."""
         if pid <= 0 or pid in self._children:
             raise ForkServerError(f"it reported a fork with pid {pid}")
-        self._children[pid] = (self._loop.create_future(), os.dup(pidfd))
         reply = self._replies.get(request)
         if reply is None or reply.done():
             if request not in self._abandoned:
                 raise ForkServerError(f"it answered request {request}, which was not asked")
             self._abandoned.discard(request)  # the worker's start was cancelled: nothing will own it
             signal_pidfd(pidfd)
-            os.close(pidfd)
+            self._children[pid] = (self._loop.create_future(), pidfd)  # its exit is still reported
             return
+        self._children[pid] = (self._loop.create_future(), os.dup(pidfd))
         reply.set_result((pid, pidfd))
 
     # -- end ------------------------------------------------------------------------------
@@ -269,6 +272,7 @@ class ForkServer:
             self._loop.remove_reader(self._control.fileno())
             self._control.close()
             self._control = None
+        self.stopped.set()
 
     def _orphan(self, status: asyncio.Future[int], pidfd: int) -> None:
         """Its parent is gone, so nobody reports the status of this worker: once ``pidfd`` says it

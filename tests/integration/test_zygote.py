@@ -286,3 +286,48 @@ async def test_a_forked_worker_joins_its_resource_groups(venv_root: Path) -> Non
         assert await worker.allocate(64) == 64 << 20
         with pytest.raises(ExtensionCrashedError, match=r"memory limit 256 MiB exceeded"):
             await worker.allocate(1024)
+
+
+@pytest.mark.parametrize("message, fds", [
+    (b"\xff not json", 0),
+    (b'{"op": "forked", "id": 1, "pid": 123}', 0),  # a fork without its pidfd
+    (b'{"op": "forked", "id": 99, "pid": 123}', 1),  # an answer to nothing asked
+    (b'{"op": "exited", "pid": 4242, "code": 0}', 0),  # the exit of a process it did not fork
+    (b'{"op": "exited", "pid": true, "code": 0}', 0),
+    (b'{"op": "ready", "pid": 1, "modules": []}', 2),  # descriptors nobody asked for
+    (b'{"op": "spawn"}', 0),
+])
+async def test_a_fork_server_that_says_anything_unexpected_is_dropped(message: bytes, fds: int, caplog) -> None:
+    """The host's side against a hostile fork server (the test plays it, on a real socketpair):
+    any unexpected message closes it, with one warning; the descriptors that came with it are
+    closed; later loads are spawned (fork() answers None)."""
+    from pyisolate._host.process import WorkerProcess
+
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    ours.setblocking(False)
+    stand_in = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", "import sys; sys.stdin.read()", stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    server = ForkServer(WorkerProcess("fork server", stand_in), ours, Path(sys.executable))
+    try:
+        theirs.send(b'{"op": "ready", "pid": 1, "modules": ["torch"]}')
+        async with asyncio.timeout(10):
+            await asyncio.shield(server._ready)
+        assert server.alive and server.preloaded == {"torch"}
+        pipes = [os.pipe() for _ in range(fds)]
+        with caplog.at_level(logging.WARNING, logger="pyisolate"):
+            theirs.sendmsg([message], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [r for r, _ in pipes]))]
+                           if pipes else [])
+            async with asyncio.timeout(10):
+                await server.stopped.wait()
+        assert not server.alive
+        assert [r.getMessage() for r in caplog.records if "fork server stopped" in r.getMessage()] != []
+        for r, w in pipes:
+            os.close(r)
+            with pytest.raises(BrokenPipeError):  # the host closed the descriptors it was sent
+                os.write(w, b"x")
+            os.close(w)
+        assert await server.fork("x", Path(sys.executable), {}, theirs.fileno()) is None
+    finally:
+        theirs.close()
+        await server.aclose(1.0)
