@@ -298,6 +298,8 @@ class ExtensionConfig:
         apis: ProxiedSingleton classes of the host that the extension may call.
         share_torch: The extension imports the host's own torch (byte-identical files, not
             reinstalled); a torch requirement among ``dependencies`` must admit its version.
+            Its worker is forked from the manager's fork server, which imported torch once
+            (``ExtensionManagerConfig.fork_server``), where it can be.
         allow_direct_references: Accept URLs and local paths among ``dependencies``.
         index_url: The package index that replaces the default one (PyPI), e.g.
             ``"https://download.pytorch.org/whl/cu128"`` (http, https or file URL).

@@ -68,7 +68,7 @@ class ForkServer:
         self._loop = asyncio.get_running_loop()
         self._ids = itertools.count(1)
         self._ready: asyncio.Future[None] = self._loop.create_future()
-        self._replies: dict[int, asyncio.Future[tuple[int, int]]] = {}
+        self._replies: dict[int, asyncio.Future[tuple[int, int, asyncio.Future[int]]]] = {}  # pid, pidfd, status
         self._abandoned: set[int] = set()  # requests whose caller left: what they forked is killed
         self._children: dict[int, tuple[asyncio.Future[int], int]] = {}  # pid -> (status, pidfd dup)
         self._failure: str | None = None
@@ -139,7 +139,7 @@ class ForkServer:
         pipes = [os.pipe() for _ in range(3)]  # stdin, stdout, stderr; (read, write), close-on-exec
         theirs = [pipes[0][0], pipes[1][1], pipes[2][1], channel]
         ours = [pipes[0][1], pipes[1][0], pipes[2][0]]
-        reply: asyncio.Future[tuple[int, int]] = self._loop.create_future()
+        reply: asyncio.Future[tuple[int, int, asyncio.Future[int]]] = self._loop.create_future()
         self._replies[request] = reply
         try:
             try:
@@ -147,9 +147,13 @@ class ForkServer:
             finally:
                 for fd in theirs[:3]:
                     os.close(fd)
-            pid, pidfd = await asyncio.shield(reply)
+            pid, pidfd, status = await asyncio.shield(reply)
         except asyncio.CancelledError:
-            self._abandoned.add(request)
+            if reply.done() and not reply.cancelled() and reply.exception() is None:
+                signal_pidfd(reply.result()[1])  # forked already: nothing will own it
+                os.close(reply.result()[1])
+            else:
+                self._abandoned.add(request)
             _close(ours)
             raise
         except (OSError, ForkServerError) as exc:
@@ -158,9 +162,9 @@ class ForkServer:
             return None
         finally:
             self._replies.pop(request, None)
+        readers: list[asyncio.StreamReader] = []
+        transports: list[asyncio.BaseTransport] = []
         try:
-            readers: list[asyncio.StreamReader] = []
-            transports: list[asyncio.BaseTransport] = []
             for fd in ours[1:]:
                 reader = asyncio.StreamReader(limit=1 << 20, loop=self._loop)
                 protocol = asyncio.StreamReaderProtocol(reader, loop=self._loop)
@@ -168,13 +172,12 @@ class ForkServer:
                 readers.append(reader)
                 transports.append(pipe)
         except BaseException:
-            os.close(ours[0])
+            _close([ours[0], *ours[1 + len(transports):]])
             for opened in transports:
                 opened.close()
             signal_pidfd(pidfd)
             os.close(pidfd)
             raise
-        status, _ = self._children[pid]
         logger.debug("fork server forked worker %r (pid %d)", name, pid)
         return ForkedProcess(pid, pidfd, ours[0], readers[0], readers[1], transports, status)
 
@@ -244,8 +247,9 @@ class ForkServer:
             signal_pidfd(pidfd)
             self._children[pid] = (self._loop.create_future(), pidfd)  # its exit is still reported
             return
-        self._children[pid] = (self._loop.create_future(), os.dup(pidfd))
-        reply.set_result((pid, pidfd))
+        status: asyncio.Future[int] = self._loop.create_future()
+        self._children[pid] = (status, os.dup(pidfd))
+        reply.set_result((pid, pidfd, status))
 
     # -- end ------------------------------------------------------------------------------
 
