@@ -16,6 +16,14 @@
   are shared by both), and ``memory.torch.extra``, their difference: what pyisolate adds to a
   share_torch extension that imported torch; target 20 MB. Both run without numpy (the
   worker's venv has none).
+- ``packs.load.spawn`` / ``.fork`` / ``.prestarted``: seconds to load 20 share_torch packs
+  that import torch (quick: 4) at once, warm venvs, with a new manager: spawned
+  (``fork_server=False``), forked with the fork server started by the first load, and forked
+  with it prestarted before the clock starts; ``extra.vs_spawn`` is the ratio to spawning in
+  the same rounds. Target (20 packs): 2 s, a wall-clock figure not checked in CI.
+- ``packs.uss.spawn`` / ``.fork``: the idle USS of each pack beyond the first (``extra``: its
+  PSS, the first pack's, and the fork server's own where its /proc files can be read); target
+  for forked packs 20 MB.
 - ``scale.floor.1`` / ``.10``: N bare interpreters importing what every worker must (asyncio,
   zmq, msgpack) at once, until they exit: the machine's floor for starting N workers. A worker's
   start-up is CPU-bound, so with few cores no loader can make 10 cost less than this ratio.
@@ -63,8 +71,8 @@ FLOOR = "import asyncio, json, logging, zmq, msgpack"
 DEADLINE = 1200.0  # seconds the whole measure may take before it gives up
 
 
-def _manager(root: Path) -> pyisolate.ExtensionManager[pyisolate.ExtensionBase]:
-    config = pyisolate.ExtensionManagerConfig(venv_root_path=root)
+def _manager(root: Path, **kwargs: Any) -> pyisolate.ExtensionManager[pyisolate.ExtensionBase]:
+    config = pyisolate.ExtensionManagerConfig(venv_root_path=root, **kwargs)
     return pyisolate.ExtensionManager(pyisolate.ExtensionBase, config)
 
 
@@ -135,7 +143,7 @@ async def _weigh_torch(root: Path, config: pyisolate.ExtensionConfig) -> tuple[d
     them: weighed apart, either figure would swing by ~60 MB with whatever else on the machine
     has torch loaded. Side by side those pages are shared by the pair and drop out of both.
     """
-    async with _manager(root) as manager:
+    async with _manager(root, fork_server=False) as manager:  # a spawned worker: its own import of torch
         ext = await manager.load_extension(config)
         await ext.ping()
         async with _bare_torch() as bare_pid:
@@ -167,6 +175,32 @@ async def _load_many(root: Path, names: list[str]) -> tuple[float, int, int]:
             done.set()
             await sampler
     return elapsed, before, peak
+
+
+async def _packs(root: Path, names: list[str], fork_server: bool, prestart: bool) -> dict[str, Any]:
+    """Load ``names`` (share_torch, torch imported) at once with a new manager, one answer each.
+
+    Returns the seconds from the first load to the last answer (with ``prestart``, the fork
+    server was started and ready before the clock started), each idle worker's PSS and USS
+    in load order, and the fork server's own (None when spawning, or where its /proc files
+    cannot be read: it is non-dumpable, so only root can).
+    """
+    async with _manager(root, fork_server=fork_server) as manager:
+        if prestart:
+            await manager.prestart()
+        start = time.perf_counter()
+        extensions = [manager.load_extension(_idle(name, module_path=TORCH_EXT, share_torch=True)) for name in names]
+        await asyncio.gather(*(ext.ping() for ext in extensions))
+        elapsed = time.perf_counter() - start
+        for ext in extensions:  # idle: a few calls answered, as _weigh does
+            await ext.ping()
+        workers = [common.memory_from(await ext.smaps_rollup()) for ext in extensions]
+        server = None
+        zygote = manager._zygote.result() if manager._zygote is not None and manager._zygote.done() else None
+        if zygote is not None:
+            with contextlib.suppress(OSError):
+                server = common.memory_of(zygote.process.pid)
+    return {"seconds": elapsed, "workers": workers, "server": server}
 
 
 async def _floor(count: int) -> float:
@@ -257,6 +291,8 @@ async def _measure(work: Path, quick: bool) -> list[common.Result]:
         )
     )
 
+    results += await _many_packs(root, 4 if quick else 20, 1 if quick else 2)
+
     rounds = 3 if quick else 5
     counts = [1, 10] if quick else [1, 10, 50]
     names = [f"scale-{i:02d}" for i in range(max(counts))]
@@ -321,6 +357,47 @@ async def _measure(work: Path, quick: bool) -> list[common.Result]:
             target_note="load to first answer at most 1.5x a bare interpreter importing what a worker needs",
         )
     )
+    return results
+
+
+async def _many_packs(root: Path, count: int, rounds: int) -> list[common.Result]:
+    """``packs.*``: ``count`` share_torch packs loaded at once, spawned and forked, in the same rounds."""
+    names = [f"pack-{i:02d}" for i in range(count)]
+    await _packs(root, names, fork_server=True, prestart=False)  # builds the venvs, warms the page cache
+    runs: dict[str, list[dict[str, Any]]] = {"spawn": [], "fork": [], "prestarted": []}
+    for _ in range(rounds):
+        runs["spawn"].append(await _packs(root, names, fork_server=False, prestart=False))
+        runs["fork"].append(await _packs(root, names, fork_server=True, prestart=False))
+        runs["prestarted"].append(await _packs(root, names, fork_server=True, prestart=True))
+    results = []
+    spawned = statistics.median(run["seconds"] for run in runs["spawn"])
+    for key, how in (("spawn", "spawned (fork_server=False)"),
+                     ("fork", "forked, fork server started by the first load"),
+                     ("prestarted", "forked, fork server prestarted")):
+        samples = [run["seconds"] for run in runs[key]]
+        # Judged on seconds (the target is for 20 packs); the ratio to spawning, measured in the same rounds, in extra.
+        kwargs: dict[str, Any] = {} if key == "spawn" or count < 20 else {
+            "target": 2.0, "target_note": "20 share_torch packs load at once within 2 s, warm venvs", "ci_check": False}
+        results.append(_result(f"packs.load.{key}", f"{count} share_torch packs at once, {how}", samples, "s",
+                               extra={"packs": count, "vs_spawn": round(statistics.median(samples) / spawned, 3),
+                                      "runs": [round(x, 2) for x in samples]}, **kwargs))
+    for key in ("spawn", "fork"):
+        workers = [m for run in runs[key] for m in run["workers"][1:]]  # each worker beyond the first
+        first = [run["workers"][0] for run in runs[key]]
+        servers = [run["server"] for run in runs[key] if run["server"] is not None]
+        further = statistics.median(m["uss"] for m in workers)
+        extra = {"pss": round(statistics.median(m["pss"] for m in workers), 1),
+                 "first_uss": round(statistics.median(m["uss"] for m in first), 1),
+                 "first_pss": round(statistics.median(m["pss"] for m in first), 1)}
+        if servers:
+            extra["fork_server_uss"] = round(statistics.median(m["uss"] for m in servers), 1)
+            extra["fork_server_pss"] = round(statistics.median(m["pss"] for m in servers), 1)
+        kwargs = {"target": 20.0, "target_note": "each share_torch pack beyond the first costs at most 20 MB USS idle"
+                  } if key == "fork" else {}
+        how = "forked" if key == "fork" else "spawned"
+        results.append(common.Result(
+            name=f"packs.uss.{key}", group=GROUP, label=f"each further idle pack, USS ({how})", value=further,
+            unit="MB", samples=len(workers), extra=extra, **kwargs))
     return results
 
 

@@ -153,6 +153,13 @@ class ExtensionManagerConfig:
             venv's packages and pyisolate's runtime, and readable, never writable, under the
             sandbox. Each must exist and must not be a site-packages folder. Default: none, the
             worker sees only its venv and what ``share_torch`` shares.
+        fork_server: Fork share_torch workers from one process that imported torch once (a
+            "zygote"), instead of spawning each: they start in a fraction of the time and share
+            torch's memory. Default True; the environment variable ``PYISOLATE_FORK_SERVER=0``
+            also turns it off. An extension is still spawned where the fork server cannot serve
+            it: under bwrap, with a venv that has its own copy of a package the fork server
+            imported (torch's family, zmq, msgpack), or once the fork server has failed (with one
+            warning). See the sandbox guide for how a forked worker is confined.
     """
 
     venv_root_path: str | os.PathLike[str]
@@ -172,6 +179,7 @@ class ExtensionManagerConfig:
     limits: Limits | Mapping[str, Any] | None = None
     types: str | Callable[[Any], None] | None = None
     host_paths: Sequence[str | os.PathLike[str]] = ()
+    fork_server: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "types", _types_reference(self.types))
@@ -203,6 +211,13 @@ class ExtensionManagerConfig:
         object.__setattr__(self, "sandbox", SandboxPolicy.parse(self.sandbox, "ExtensionManagerConfig.sandbox"))
         object.__setattr__(self, "limits", Limits.parse(self.limits, where="ExtensionManagerConfig.limits"))
         object.__setattr__(self, "host_paths", _host_paths(self.host_paths, "ExtensionManagerConfig.host_paths"))
+        if not isinstance(self.fork_server, bool):
+            raise ConfigError(f"ExtensionManagerConfig.fork_server must be True or False, got {self.fork_server!r}")
+
+    @property
+    def uses_fork_server(self) -> bool:
+        """``fork_server``, unless the environment variable ``PYISOLATE_FORK_SERVER`` is ``0``."""
+        return self.fork_server and os.environ.get("PYISOLATE_FORK_SERVER", "1").strip() not in ("0", "false", "no")
 
     @property
     def venv_root(self) -> Path:
@@ -283,6 +298,8 @@ class ExtensionConfig:
         apis: ProxiedSingleton classes of the host that the extension may call.
         share_torch: The extension imports the host's own torch (byte-identical files, not
             reinstalled); a torch requirement among ``dependencies`` must admit its version.
+            Its worker is forked from the manager's fork server, which imported torch once
+            (``ExtensionManagerConfig.fork_server``), where it can be.
         allow_direct_references: Accept URLs and local paths among ``dependencies``.
         index_url: The package index that replaces the default one (PyPI), e.g.
             ``"https://download.pytorch.org/whl/cu128"`` (http, https or file URL).

@@ -18,6 +18,7 @@ from pyisolate.workers.loader import class_spec, load_extension
 
 from .._base import ExtensionBase
 from .._config import ExtensionConfig, ExtensionManagerConfig
+from .._envs import cached_runtime_dir, runtime_dir
 from .._rpc import ActorProxy, Endpoint
 from .._singleton import ProxiedSingleton, actor_name
 from .._upstream import config_from
@@ -30,6 +31,7 @@ from .extension import Extension, LocalBackend
 from .process import WorkerProcess
 from .sandbox import resolve
 from .worker import State, Worker, retrieve
+from .zygote import ForkServer, ForkServerError
 
 __all__ = ["ExtensionManager"]
 
@@ -82,6 +84,7 @@ class ExtensionManager(Generic[T]):
         self._handles: dict[str, Extension] = {}  # one handle per loaded extension
         self._leaving: set[asyncio.Task[None]] = set()  # checks of workers whose connection closed
         self._closing = False
+        self._zygote: asyncio.Task[ForkServer | None] | None = None  # the fork server, once asked for
 
     # -- loop-bound parts, created on first use --------------------------------------------
 
@@ -243,6 +246,51 @@ class ExtensionManager(Generic[T]):
     async def _ready(handle: Extension) -> None:
         await handle
 
+    async def prestart(self) -> None:
+        """Start the fork server now, so that torch's import overlaps the application's own start-up.
+
+        Optional: the first share_torch load starts it otherwise. Returns once it is ready (or
+        has failed: share_torch extensions are then spawned, with one warning). Does nothing
+        when ``ExtensionManagerConfig.fork_server`` is off. Call from the manager's event loop.
+        """
+        self._bind()
+        if self.config.uses_fork_server and not self._closing:
+            await self._fork_server_task()
+
+    def _fork_server_task(self) -> asyncio.Future[ForkServer | None]:
+        if self._zygote is None:
+            self._zygote = self.loop.create_task(self._start_fork_server(), name="pyisolate-fork-server")
+        return asyncio.shield(self._zygote)
+
+    def _warm_fork_server(self) -> None:
+        """Start the fork server, if it is used and not started yet, without waiting for it."""
+        if self.config.uses_fork_server and not self._closing and self._zygote is None:
+            self._fork_server_task()
+
+    async def _start_fork_server(self) -> ForkServer | None:
+        venv_root = self.config.venv_root
+        try:
+            runtime = cached_runtime_dir(venv_root, True)
+            if runtime is None:  # a metadata scan: not on the loop
+                runtime = await asyncio.to_thread(runtime_dir, venv_root, True)
+            return await ForkServer.start(venv_root, runtime, self.config.start_timeout)
+        except (ForkServerError, OSError, RuntimeError) as exc:
+            logger.warning("the fork server could not start (%s); share_torch extensions are spawned", exc)
+            return None
+
+    async def _fork_server(self, python: Path) -> ForkServer | None:
+        """The fork server to fork ``python``'s worker from, or None: spawn it (see ``fork_server``)."""
+        if not self.config.uses_fork_server or self._closing:
+            return None
+        server = await self._fork_server_task()
+        if server is None:  # it could not start (one warning said so); once it failed, it forks no more
+            return None
+        why = await asyncio.to_thread(server.suits, python)
+        if why is not None:
+            logger.info("extension venv %s is spawned, not forked: %s", python.parent.parent, why)
+            return None
+        return server
+
     async def stop_all(self) -> None:
         """Stop every extension concurrently and close the broker; idempotent."""
         self._closing = True
@@ -260,6 +308,12 @@ class ExtensionManager(Generic[T]):
         await asyncio.gather(*self._leaving, *([self._heartbeats] if self._heartbeats else []),
                              return_exceptions=True)
         await asyncio.gather(*(ep.aclose() for ep in [self.endpoint, *self._singletons.values()]))
+        if self._zygote is not None:  # after the workers it forked: their exits are reported by it
+            if not self._zygote.done():
+                self._zygote.cancel()
+            server = (await asyncio.gather(self._zygote, return_exceptions=True))[0]
+            if isinstance(server, ForkServer):
+                await server.aclose(self.config.stop_timeout)
         self.broker.close()
 
     aclose = stop_all

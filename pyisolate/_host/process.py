@@ -32,14 +32,16 @@ from pyisolate.workers.logs import parse_line
 from .._envs import LineSplitter
 from .._wire import shm as _shm
 from ..errors import ExtensionLoadError
+from .forked import ForkedProcess, Forker
 from .sandbox import bwrap
 from .sandbox.launch import Launch, SandboxFailed
 
-__all__ = ["CHILD_VARIABLE", "EXTENSION_LOGGER", "WorkerProcess", "ensure_fd_headroom", "extension_logger"]
+__all__ = ["CHILD_VARIABLE", "EXTENSION_LOGGER", "WorkerProcess", "bootstrap", "ensure_fd_headroom", "extension_logger",
+           "worker_env"]
 
 logger = logging.getLogger(__name__)
 
-#: The child's first code: make the process non-dumpable (PR_SET_DUMPABLE = 4, to 0) before
+#: The child's first code (``bootstrap``): make the process non-dumpable (PR_SET_DUMPABLE = 4, to 0) before
 #: it reads anything secret, so that other processes of the same user cannot read its memory,
 #: environment or descriptors through /proc or ptrace; put the host's runtime (pyisolate, zmq,
 #: msgpack) at the END of sys.path, after the venv's own site-packages, then run the worker.
@@ -47,10 +49,13 @@ logger = logging.getLogger(__name__)
 #: garbage collector stays off while the runtime imports (its passes over the new modules found
 #: nothing but cost every start-up several ms); the worker turns it on before any extension
 #: code runs. The last argument is the worker's end of its control channel (see ``pyisolate._wire.shm``).
-_BOOTSTRAP = (
-    "import gc, sys, ctypes; gc.disable(); ctypes.CDLL(None).prctl(4, 0, 0, 0, 0); "
-    "sys.path.append(sys.argv.pop(1)); from pyisolate.workers.__main__ import main; main()"
-)
+def bootstrap(module: str) -> str:
+    """The ``-c`` program that runs ``module``'s ``main()`` as described above (the worker's, the fork server's)."""
+    return ("import gc, sys, ctypes; gc.disable(); ctypes.CDLL(None).prctl(4, 0, 0, 0, 0); "
+            f"sys.path.append(sys.argv.pop(1)); from {module} import main; main()")
+
+
+_BOOTSTRAP = bootstrap("pyisolate.workers.__main__")
 #: Set to "1" in every worker's environment (as pyisolate 0.10 did), never in the host's.
 CHILD_VARIABLE = "PYISOLATE_CHILD"
 # A worker gets a clean environment: these host variables, and those its config names.
@@ -121,6 +126,18 @@ def _fds_in_use() -> int | None:
         return None
 
 
+def worker_env(python: Path, pass_env: Sequence[str] = (), env: dict[str, str] | None = None) -> dict[str, str]:
+    """A worker's environment (see ``WorkerProcess.spawn``), its venv's ``bin`` first on ``PATH``."""
+    env = {
+        k: v for k, v in os.environ.items()
+        if k in _PASSED or k.startswith(_PASSED_PREFIXES) or k in pass_env
+    } | (env or {})
+    env["VIRTUAL_ENV"] = str(python.parent.parent)
+    env["PATH"] = os.pathsep.join([str(python.parent), env.get("PATH", "")])
+    env[CHILD_VARIABLE] = "1"  # code shared by host and extensions tells the sides apart by it
+    return env
+
+
 class WorkerProcess:
     """One worker process. Owns the process, its pipes and the tasks that read its output.
 
@@ -130,9 +147,15 @@ class WorkerProcess:
     (``pyisolate.workers.tree``).
     """
 
-    def __init__(self, name: str, proc: asyncio.subprocess.Process, channel: _shm.HostChannel | None = None, *,
-                 sandboxed: bool = False, init: tuple[int, int] | None = None) -> None:
-        """Own ``proc``; ``sandboxed``: it is bwrap's monitor, ``init`` its pid 1 (pid, pidfd; now ours)."""
+    def __init__(self, name: str, proc: asyncio.subprocess.Process | ForkedProcess,
+                 channel: _shm.HostChannel | None = None, *, sandboxed: bool = False,
+                 init: tuple[int, int] | None = None, log: logging.Logger | None = None) -> None:
+        """Own ``proc``; ``sandboxed``: it is bwrap's monitor, ``init`` its pid 1 (pid, pidfd; now ours).
+
+        ``proc`` is a spawned process, or one the fork server forked (``ForkedProcess``: its
+        pidfd came from the fork server, so it is the very process). ``log``: where its output
+        goes, by default the extension's logger.
+        """
         self.name = name
         self._proc = proc
         self._channel = channel
@@ -142,7 +165,7 @@ class WorkerProcess:
         # The worker's pidfd, opened at once (it is only reaped once it has exited): it names
         # this process and its process group, never a later one that gets its pid. It also
         # tells when the worker exits, where its pipes do not: a descendant may hold them.
-        self._pidfd = tree.open_pidfd(proc.pid)
+        self._pidfd = proc.take_pidfd() if isinstance(proc, ForkedProcess) else tree.open_pidfd(proc.pid)
         self._exit: asyncio.Future[None] = loop.create_future()
         if self._pidfd is not None:
             loop.add_reader(self._pidfd, self._on_exit)
@@ -150,7 +173,7 @@ class WorkerProcess:
         self._leftovers = asyncio.Lock()
         self._swept = False  # the worker's process group, once, at its first seen exit
         self._tail: collections.deque[str] = collections.deque(maxlen=_TAIL_LINES)
-        self._logger = extension_logger(name)
+        self._logger = log or extension_logger(name)
         self._loggers: dict[str, logging.Logger] = {}
         assert proc.stdout is not None and proc.stderr is not None
         self._readers = (
@@ -162,7 +185,7 @@ class WorkerProcess:
     async def spawn(cls, *, name: str, python: Path, runtime: Path, boot: dict[str, Any],
                     pass_env: tuple[str, ...] = (), env: dict[str, str] | None = None,
                     before_boot: Callable[[int], None] | None = None,
-                    sandbox: Sequence[str] | None = None) -> WorkerProcess:
+                    sandbox: Sequence[str] | None = None, fork_server: Forker | None = None) -> WorkerProcess:
         """Start ``python`` as a worker and hand it ``boot`` on its private control channel.
 
         ``before_boot(pid)`` runs once the process exists and before it is sent ``boot``, while
@@ -179,30 +202,31 @@ class WorkerProcess:
         and ``PYISOLATE_CHILD=1``, which says it is a worker.
         ``boot`` (the launch secret among it) goes on a socketpair the worker inherits, which no
         other process can open, unlike a pipe (``/proc/<pid>/fd/0``) or the command line.
+
+        ``fork_server`` (not with ``sandbox``): the worker is forked by it, with the same
+        environment, descriptors and session as a spawned one; where it has gone, the worker is
+        spawned.
         """
-        venv = python.parent.parent
-        env = {
-            k: v for k, v in os.environ.items()
-            if k in _PASSED or k.startswith(_PASSED_PREFIXES) or k in pass_env
-        } | (env or {})
-        env["VIRTUAL_ENV"] = str(venv)
-        env["PATH"] = os.pathsep.join([str(python.parent), env.get("PATH", "")])
-        env[CHILD_VARIABLE] = "1"  # code shared by host and extensions tells the sides apart by it
+        env = worker_env(python, pass_env, env)
         command = [str(python), "-I", "-c", _BOOTSTRAP, str(runtime)]
         launch = Launch(name, sandbox) if sandbox is not None else None
         try:
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             try:
-                proc = await asyncio.create_subprocess_exec(
-                    *(launch.prefix() if launch is not None else ()), *command, str(theirs.fileno()),
-                    stdin=asyncio.subprocess.PIPE,
-                    stdout=asyncio.subprocess.PIPE,
-                    stderr=asyncio.subprocess.PIPE,
-                    env=env,
-                    pass_fds=(theirs.fileno(), *(launch.passed() if launch is not None else ())),
-                    # Our own session: a Ctrl-C in the terminal reaches the host, which stops us in order.
-                    start_new_session=True,
-                )
+                proc: asyncio.subprocess.Process | ForkedProcess | None = None
+                if fork_server is not None and launch is None:
+                    proc = await fork_server.fork(name, python, env, theirs.fileno())
+                if proc is None:
+                    proc = await asyncio.create_subprocess_exec(
+                        *(launch.prefix() if launch is not None else ()), *command, str(theirs.fileno()),
+                        stdin=asyncio.subprocess.PIPE,
+                        stdout=asyncio.subprocess.PIPE,
+                        stderr=asyncio.subprocess.PIPE,
+                        env=env,
+                        pass_fds=(theirs.fileno(), *(launch.passed() if launch is not None else ())),
+                        # Our own session: a Ctrl-C in the terminal reaches the host, which stops us in order.
+                        start_new_session=True,
+                    )
             except BaseException:
                 ours.close()
                 raise
@@ -238,7 +262,8 @@ class WorkerProcess:
         finally:
             if launch is not None:
                 launch.close()
-        logger.debug("started worker %r (pid %d%s)", name, proc.pid, ", under bwrap" if launch is not None else "")
+        how = ", under bwrap" if launch is not None else ", forked" if isinstance(proc, ForkedProcess) else ""
+        logger.debug("started worker %r (pid %d%s)", name, proc.pid, how)
         return cls(name, proc, channel, sandboxed=launch is not None, init=init)
 
     @property
@@ -286,6 +311,9 @@ class WorkerProcess:
 
     def _close_pipes(self) -> None:
         """Close our ends of the worker's pipes (a process we could not kill may hold the others)."""
+        if isinstance(self._proc, ForkedProcess):
+            self._proc.close_pipes()
+            return
         if self._proc.stdin is not None:
             self._proc.stdin.close()
         # asyncio's Process keeps its transport private; only the pipes are closed, as the

@@ -86,6 +86,14 @@ class SyncExtensionManager:
 
         self._run("on_event()", add())
 
+    def prestart(self, wait: bool = True) -> None:
+        """See ExtensionManager.prestart; with ``wait=False``, return at once while it starts (a
+        failure to start is logged, and share_torch extensions are then spawned)."""
+        if wait:
+            self._run("prestart()", self._manager.prestart())
+        else:
+            asyncio.run_coroutine_threadsafe(self._manager.prestart(), self._loop)
+
     def stop_all(self) -> None:
         """Stop every extension and the manager's thread; idempotent."""
         if self._closed:

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from pyisolate.broker.router import Broker
 
     from .._rpc import Endpoint
+    from .zygote import ForkServer
 
 __all__ = ["Host", "State", "Worker", "describe_exit", "retrieve"]
 
@@ -77,6 +78,8 @@ class Host(Protocol):
     def _start_heartbeats(self) -> None: ...
     def _fail_peer(self, name: bytes, exc: BaseException, *, forget: bool = True) -> None: ...
     def _forget(self, backend: Worker) -> None: ...
+    async def _fork_server(self, python: Path) -> ForkServer | None: ...
+    def _warm_fork_server(self) -> None: ...
 
 
 class Worker:
@@ -167,6 +170,8 @@ class Worker:
 
     async def _start(self) -> None:
         manager, config = self._manager, self.config
+        if config.share_torch:
+            manager._warm_fork_server()  # its torch import overlaps this venv's checks
         try:
             python = await ensure_venv(
                 venv_root=manager.config.venv_root,
@@ -193,6 +198,10 @@ class Worker:
                 module_path=Path(config.module_path), class_files=[spec["file"] for spec in specs if spec],
                 broker_endpoint=manager.broker.endpoint, share_torch=config.share_torch, host_paths=host_paths,
             )  # fmt: skip
+            # A share_torch worker is forked from the fork server where it can be (not under bwrap:
+            # that must exec); confined at boot by its own rules and limits like a spawned one.
+            fork_server = (await manager._fork_server(python)
+                           if config.share_torch and confinement.argv is None else None)
             secret = secrets.token_bytes(32)
             manager.broker.expect(self.bname, secret)
             started = time.monotonic()
@@ -202,6 +211,7 @@ class Worker:
                 runtime=runtime,
                 before_boot=confinement.attach,
                 sandbox=confinement.argv,
+                fork_server=fork_server,
                 boot={
                     **confinement.boot(),
                     "name": self.name,

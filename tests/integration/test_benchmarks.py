@@ -23,6 +23,7 @@ EXPECTED = {
     "tensor.returned.1024", "tensor.roundtrip.1024",
     "start.cold", "start.warm", "start.warm.over_floor", "memory.idle.pss", "memory.idle.uss", "memory.torch.extra",
     "scale.load.1", "scale.load.10", "scale.load.10.over_floor",
+    "packs.load.spawn", "packs.load.fork", "packs.load.prestarted", "packs.uss.spawn", "packs.uss.fork",
     "sandbox.start.unconfined", "sandbox.start.landlock", "sandbox.call.unconfined", "sandbox.call.landlock",
     "types.value.dict", "types.value.dataclass", "types.call.singleton", "types.call.handle",
     "workflow.in_process", "workflow.isolated", "workflow.uss.host", "workflow.uss.workers",

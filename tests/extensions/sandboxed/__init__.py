@@ -28,7 +28,7 @@ class Sandboxed(ExtensionBase):
         """What the kernel says of this process's confinement."""
         with open("/proc/self/status") as f:
             fields = dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
-        return {key: fields.get(key, "").strip() for key in ("NoNewPrivs", "Seccomp", "CapEff")}
+        return {key: fields.get(key, "").strip() for key in ("NoNewPrivs", "Seccomp", "CapEff", "PPid")}
 
     def pid(self):
         return os.getpid()
