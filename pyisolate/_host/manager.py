@@ -18,7 +18,7 @@ from pyisolate.workers.loader import class_spec, load_extension
 
 from .._base import ExtensionBase
 from .._config import ExtensionConfig, ExtensionManagerConfig
-from .._envs import cached_runtime_dir, runtime_dir
+from .._envs import runtime_dir
 from .._rpc import ActorProxy, Endpoint
 from .._singleton import ProxiedSingleton, actor_name
 from .._upstream import config_from
@@ -270,9 +270,7 @@ class ExtensionManager(Generic[T]):
     async def _start_fork_server(self) -> ForkServer | None:
         venv_root = self.config.venv_root
         try:
-            runtime = cached_runtime_dir(venv_root, True)
-            if runtime is None:  # a metadata scan: not on the loop
-                runtime = await asyncio.to_thread(runtime_dir, venv_root, True)
+            runtime = await asyncio.to_thread(runtime_dir, venv_root, True)  # file work: not on the loop
             return await ForkServer.start(venv_root, runtime, self.config.start_timeout)
         except (ForkServerError, OSError, RuntimeError) as exc:
             logger.warning("the fork server could not start (%s); share_torch extensions are spawned", exc)
