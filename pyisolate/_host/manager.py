@@ -110,8 +110,8 @@ class ExtensionManager(Generic[T]):
             ) from None
         if self._loop is None:
             self._loop = loop
-            _shm.configure_host()
             config = self.config
+            _shm.configure_host(config.shm_pool_bytes)
             self._broker = Broker(block_warning=config.loop_block_warning, max_message_size=config.max_message_size,
                                   max_queued_bytes=config.max_queued_bytes, max_in_flight=config.max_in_flight)
             self._broker.on_leave(self._on_leave)
@@ -261,6 +261,7 @@ class ExtensionManager(Generic[T]):
                              return_exceptions=True)
         await asyncio.gather(*(ep.aclose() for ep in [self.endpoint, *self._singletons.values()]))
         self.broker.close()
+        _shm.trim()
 
     aclose = stop_all
 

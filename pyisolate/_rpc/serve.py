@@ -20,6 +20,7 @@ import concurrent.futures
 import contextvars
 import functools
 import inspect
+import traceback
 from collections.abc import Callable
 from typing import Any
 
@@ -89,7 +90,6 @@ class Server:
 
     def on_call(self, sender: bytes, call_id: int, extra: list[object], body: bytes, buffers: list[bytes]) -> None:
         """CALL: check it, decode it, and start its method."""
-        acks: list[str] = []
         key = (sender, call_id)
         open_now = self._open.get(sender, 0)
         try:
@@ -108,11 +108,7 @@ class Server:
                     "must wait for answers before it calls again")
             method, ref_id, chain_owner, chain_id = call_fields(extra)
             fn, kind, loop = self._target(method, ref_id, sender)
-            try:
-                args = self._values.decode(body, buffers, sender, acks)
-            finally:
-                if acks:
-                    self._acks.of_calls[key] = acks
+            args = self._values.decode(body, buffers, sender)
             if not (type(args) is list and len(args) == 2 and type(args[0]) is list
                     and type(args[1]) is dict and all(type(k) is str for k in args[1])):
                 raise DecodeError("call body must be [args, kwargs]")
@@ -151,7 +147,6 @@ class Server:
         key = (sender, call_id)
         served = self._serving.get(key)
         if served is None:  # answered already
-            self._acks.cancel_call(sender, call_id)
             return
         if key in self._elsewhere:  # on another loop: its done-callback answers
             served.cancel()
@@ -243,6 +238,11 @@ class Server:
             result, error = context.run(fn, *args, **kwargs), None
         except BaseException as exc:  # answered on the loop, like any error
             result, error = None, exc
+            traceback.clear_frames(exc.__traceback__)
+        # Let go of the arguments before the answer is queued: shared memory they hold is
+        # released now, and the release rides with the answer.
+        args.clear()
+        kwargs.clear()
         try:
             self._loop.call_soon_threadsafe(self._plain_done, sender, call_id, context, result, error)
         except RuntimeError:  # the loop is closed: the worker is going away
@@ -273,11 +273,16 @@ class Server:
             else:
                 result = await self._in_thread(fn, args, kwargs)
         except BaseException as exc:
+            traceback.clear_frames(exc.__traceback__)
+            args.clear()
+            kwargs.clear()
             self._serving.pop((sender, call_id), None)
             self.reply_error(sender, call_id, exc)
             if not isinstance(exc, Exception):
                 raise
             return
+        args.clear()  # as in _run_plain: what they share is released with the answer
+        kwargs.clear()
         self._serving.pop((sender, call_id), None)
         self._reply(sender, call_id, result)
 
