@@ -37,6 +37,17 @@ class Bench(ExtensionBase):
     async def kept_tensor(self, key):
         return self.kept[key]
 
+    def prepare(self, nbytes):
+        """Make a tensor of ``nbytes`` in private memory, as a node computes its output;
+        ``prepared()`` returns it: fresh, moved to shared memory as it leaves."""
+        import torch
+
+        self.fresh = torch.ones(nbytes // 4)
+
+    async def prepared(self):
+        fresh, self.fresh = self.fresh, None
+        return fresh
+
     async def singleton_loop(self, count, warmup):
         return await _time(BenchService().echo, count, warmup)
 

@@ -111,7 +111,8 @@ class ExtensionManager(Generic[T]):
         if self._loop is None:
             self._loop = loop
             config = self.config
-            _shm.configure_host(config.shm_pool_bytes)
+            _shm.configure_host()
+            _shm.configure_pool(config.shm_pool_bytes)  # the latest manager's setting holds
             self._broker = Broker(block_warning=config.loop_block_warning, max_message_size=config.max_message_size,
                                   max_queued_bytes=config.max_queued_bytes, max_in_flight=config.max_in_flight)
             self._broker.on_leave(self._on_leave)

@@ -92,12 +92,12 @@ class Server:
         """CALL: check it, decode it, and start its method."""
         key = (sender, call_id)
         open_now = self._open.get(sender, 0)
+        acked: object = None
         try:
-            if len(extra) == 5:  # acks riding with the call
+            if len(extra) == 5:  # releases riding with the call: after its body, which may name them
                 acked = extra.pop()
                 if not isinstance(acked, list):
                     raise ProtocolError("a CALL header's fifth field must be a list of segment names")
-                _shm.unpin(sender, acked)
             if key in self._serving:
                 raise ProtocolError(f"call id {call_id} of {sender.decode()!r} is already being served")
             if open_now >= self.max_in_flight:
@@ -115,6 +115,9 @@ class Server:
         except Exception as exc:
             self.send_error(sender, call_id, exc)  # refused before it counted
             return
+        finally:
+            if isinstance(acked, list):
+                _shm.unpin(sender, acked)
         self._open[sender] = open_now + 1
         chain = (chain_owner, chain_id)
         if loop is None and chain_owner == self._origin:

@@ -1,17 +1,18 @@
 """Tensors as shared-memory handles: the only module that imports torch, and lazily.
 
-A CPU tensor travels as the id of a segment (a sealed memfd, see ``shm``) holding its storage
-plus its metadata (dtype, shape, stride, storage offset, requires_grad); the body never
-carries its data. A tensor whose storage is not shared yet is moved into a segment once (one
-copy, into a warm segment of the pool where it fits): its storage is replaced in place, so
-later sends of it, or of views made from it afterwards, cost one small message. A tensor made
-by ``shared_empty`` is born in a segment and needs no copy at all. A layout in which two indexes share memory (``expand()``,
-zero or overlapping strides) travels as a contiguous copy, and is refused on receipt. Where
-shared memory has no room, the tensor's data travels as a copy in a buffer frame (handle: the
-frame's index), with one warning per process. A CUDA tensor travels as a CUDA IPC handle
-(torch's own, reference counted by torch), and its data stays on its device; only between
-actors that share CUDA tensors (``ExtensionConfig.share_cuda_ipc``): to or from another, one
-fails with EncodeError where it is sent, and is refused with DecodeError where it arrives.
+A CPU tensor travels as the id of a segment (a sealed memfd, see ``shm``) holding its
+storage plus its metadata (dtype, shape, stride, storage offset, requires_grad); the body
+never carries its data. A tensor whose storage is not shared yet is moved into a segment
+once (one copy, into a warm segment of the pool where it fits): its storage is replaced in
+place, so later sends of it, or of views made from it afterwards, cost one small message. A
+tensor made by ``shared_empty`` is born in a segment and needs no copy at all. A layout in
+which two indexes share memory (``expand()``, zero or overlapping strides) travels as a
+contiguous copy, and is refused on receipt. Where shared memory has no room, the tensor's
+data travels as a copy in a buffer frame (handle: the frame's index), with one warning per
+process. A CUDA tensor travels as a CUDA IPC handle (torch's own, reference counted by
+torch), and its data stays on its device; only between actors that share CUDA tensors
+(``ExtensionConfig.share_cuda_ipc``): to or from another, one fails with EncodeError where
+it is sent, and is refused with DecodeError where it arrives.
 """
 
 from __future__ import annotations

@@ -101,18 +101,15 @@ def new_segment(size: int, dest: bytes | None) -> Segment:
     return take(size, dest) or create(size)
 
 
-def configure_host(pool_bytes: int | None = None) -> str:
-    """Make this process the host of shared memory (once): the hub that holds the workers' segments.
-
-    ``pool_bytes``: the bound of the host's pool (None: ``PYISOLATE_SHM_POOL``, else 512 MiB).
-    """
+def configure_host() -> str:
+    """Make this process the host of shared memory (once): the hub that holds the workers' segments."""
     global _hub
     if _hub is None:
         from ._hub import Hub
         from ._segments import own_fd
 
         _hub = Hub(own_fd)
-        configure(f"{os.getpid()}x{os.urandom(4).hex()}", "host", source=_hub, pool_bytes=pool_bytes)
+        configure(f"{os.getpid()}x{os.urandom(4).hex()}", "host", source=_hub)
         state.shares_by_put = False  # GETs are answered from the host's own mappings
         atexit.register(sweep)
     return state.session

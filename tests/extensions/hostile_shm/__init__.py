@@ -212,3 +212,20 @@ class HostileShm(ExtensionBase):
 
     def shm_stats(self):
         return {**pyisolate._wire.shm.stats(), "fds": len(os.listdir("/proc/self/fd"))}
+
+    async def release_early(self, t, times, keys=()):
+        """Keep ``t`` but release its segment to the host now, ``times`` times over, with
+        ``keys`` of segments it was never sent and junk besides (an honest receiver releases
+        once, when its last view dies)."""
+        from pyisolate._rpc.context import worker_endpoint
+        from pyisolate.broker.protocol import Kind, pack_header
+
+        self.kept.append(t)
+        endpoint = worker_endpoint()
+        mapping = _segments.find(t.untyped_storage().data_ptr()).mapping
+        ours = [_segments.ack_key(segment_id) for _, _, segment_id in mapping.use.owed]
+        for _ in range(times):
+            endpoint.acks.send(b"host", [*ours, *keys, "!" + "0" * 32, "x" * 40, ""])
+            endpoint.send_quiet(b"host", [pack_header(Kind.ACK, 0, "not a list"), b""])
+            endpoint.send_quiet(b"host", [pack_header(Kind.ACK, 0, [1, None, ["a"]]), b""])
+        return ours
