@@ -16,17 +16,20 @@ from __future__ import annotations
 import ctypes
 import os
 
-__all__ = ["MMAP_THRESHOLD", "tune"]
+__all__ = ["MMAP_THRESHOLD", "tune", "tuned"]
 
 #: Allocations of this many bytes or more are mmapped, and unmapped when freed.
 MMAP_THRESHOLD = 1 << 20
 _M_MMAP_THRESHOLD = -3
 #: Settings of the user's that say how malloc should hold memory: ours would override them.
 _USERS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_")
+#: Whether ``tune`` set the threshold in this process.
+tuned = False
 
 
 def tune() -> bool:
     """Fix glibc's mmap threshold unless the user set malloc up; True if it was set here."""
+    global tuned
     if any(name in os.environ for name in _USERS) or "malloc" in os.environ.get("GLIBC_TUNABLES", ""):
         return False
     try:
@@ -34,4 +37,5 @@ def tune() -> bool:
     except (OSError, AttributeError):  # not glibc
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+    tuned = bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+    return tuned

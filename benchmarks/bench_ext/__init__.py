@@ -44,6 +44,18 @@ class Bench(ExtensionBase):
 
         self.fresh = torch.ones(nbytes // 4)
 
+    def node(self, image):
+        """A node of a workflow: a plain method returning a fresh image made from its input."""
+        return image * 0.5 + 0.25
+
+    async def shm_stats(self):
+        return pyisolate._wire.shm.stats()
+
+    async def smaps_rollup(self):
+        """This worker's /proc/self/smaps_rollup (workers are non-dumpable: the host cannot read it)."""
+        with open("/proc/self/smaps_rollup") as f:
+            return f.read()
+
     async def prepared(self):
         fresh, self.fresh = self.fresh, None
         return fresh

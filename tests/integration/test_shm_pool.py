@@ -123,7 +123,14 @@ async def test_a_peer_releasing_early_twice_or_for_others_cannot_make_the_host_r
         assert to_honest.isdisjoint(to_hostile)  # memory the hostile one saw never went to the honest one
         assert await honest.kept_ranges() == [(float(i), float(i)) for i in range(6)]
         assert _shm.stats()["pool_bytes"] <= _shm.pool.limit
-    assert (await hostile.shm_stats())["mapped"] >= 1  # it kept what it released
+        assert (await hostile.shm_stats())["mapped"] >= 1  # it kept what it released
+        # Named back by our own id once released (our memory, free in the pool now): refused.
+        theirs = torch.full((N,), 7.0)
+        await hostile.release_early(theirs, 1)
+        ours = _shm.find(theirs.untyped_storage().data_ptr()).mapping.own_id
+        del theirs
+        with pytest.raises(pyisolate.ProtocolError, match="not one of ours that 'hostile' holds"):
+            await hostile.name_back(ours, N)
 
 
 async def test_a_peer_that_never_releases_cannot_exhaust_the_pool(venv_root: Path):

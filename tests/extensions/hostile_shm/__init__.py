@@ -140,6 +140,10 @@ class HostileShm(ExtensionBase):
         code, fields = payloads[kind]
         return msgpack.ExtType(code, msgpack.packb(fields, use_bin_type=True))
 
+    def name_back(self, segment_id, n):
+        """A tensor handle naming a segment of the host's by its own id, as a peer returning it would."""
+        return msgpack.ExtType(13, msgpack.packb(["cpu", "float32", [n], [1], 0, False, segment_id], use_bin_type=True))
+
     def expanded(self, n):
         return torch.arange(4.0).expand(n, 4)
 
