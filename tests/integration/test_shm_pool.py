@@ -13,6 +13,7 @@ import pytest
 
 import pyisolate
 from pyisolate import ExtensionBase, ExtensionConfig, ExtensionManager, ExtensionManagerConfig
+from pyisolate._host.sandbox.limits import mechanisms
 from pyisolate._wire import shm as _shm
 
 torch = pytest.importorskip("torch")
@@ -129,11 +130,11 @@ async def test_a_peer_releasing_early_twice_or_for_others_cannot_make_the_host_r
         theirs = torch.full((N,), 7.0)
         await hostile.release_early(theirs, 1)
         ours = _shm.find(theirs.untyped_storage().data_ptr()).mapping.own_id
-        for _ in range(2):
-            with pytest.raises(pyisolate.ProtocolError, match="not one of ours that 'hostile' holds"):
-                await hostile.name_back(ours, N)
-            del theirs
-            theirs = None
+        with pytest.raises(pyisolate.ProtocolError, match="not one of ours that 'hostile' holds"):
+            await hostile.name_back(ours, N)
+        del theirs
+        with pytest.raises(pyisolate.ProtocolError, match="not one of ours that 'hostile' holds"):
+            await hostile.name_back(ours, N)
 
 
 async def test_a_peer_that_never_releases_cannot_exhaust_the_pool(venv_root: Path):
@@ -195,6 +196,22 @@ async def test_where_a_worker_cannot_reserve_segments_fresh_tensors_arrive_as_co
         stats = await t.shm_stats()
     assert stats["pool_bytes"] == 0 and stats["pool_outside"] == 3
     assert len([r for r in caplog.records if "travels as a copy" in r.getMessage()]) == 1
+
+
+@pytest.mark.skipif(not (mechanisms()["memory"] or "").startswith("cgroup"), reason="no memory cgroup here")
+async def test_a_worker_in_a_memory_cgroup_pools_at_most_a_quarter_of_its_limit(venv_root: Path):
+    config = ExtensionManagerConfig(venv_root_path=venv_root, shm_pool_bytes=1 << 30)
+    async with ExtensionManager(ExtensionBase, config) as manager:
+        t = await load(manager, "tensors", limits={"memory": 512 * MIB})
+        async with asyncio.timeout(120):
+            assert (await t.shm_stats())["pool_limit"] == 128 * MIB  # not the 1 GiB asked for
+            for i in range(3):
+                got = await t.make_filled(8 * N, i)  # 32 MiB
+                assert (float(got.min()), float(got.max())) == (i, i)
+                del got
+                await t.pinned()
+            stats = await t.shm_stats()
+    assert 0 < stats["pool_bytes"] <= 128 * MIB
 
 
 def test_pool_sizes_are_parsed_and_bad_ones_named():

@@ -25,6 +25,7 @@ from . import _memfd
 from ._channel import MAX_SEGMENTS_PER_WORKER, WorkerChannel
 from ._layout import extent
 from ._memfd import NoRoom, RefusedHandle
+from ._pool import bound as pool_bound
 from ._pool import class_of, parse_size, pool, take
 from ._pool import configure as configure_pool
 from ._segments import (
@@ -61,6 +62,7 @@ __all__ = [
     "MAX_SEGMENTS_PER_WORKER", "NoRoom", "Owe", "RefusedHandle", "Segment", "Source", "WorkerChannel", "ack_key",
     "attach_worker", "cached", "class_of", "configure", "configure_host", "configure_pool", "create", "drop_peer",
     "extent", "find", "hub", "is_lease", "leased", "mapped", "new_segment", "parse_size", "pin", "pinned", "pool",
+    "pool_bound",
     "probe", "receive", "session", "share", "stats", "sweep", "take", "trim", "uncache", "unpin", "warn_copy",
 ]
 

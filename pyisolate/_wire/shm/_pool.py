@@ -28,7 +28,7 @@ from . import _segments
 from ._memfd import NoRoom
 from ._segments import Segment, _Mapping
 
-__all__ = ["MIN_CLASS", "class_of", "configure", "parse_size", "pool", "take"]
+__all__ = ["MIN_CLASS", "bound", "class_of", "configure", "parse_size", "pool", "take"]
 
 #: The smallest size class; smaller values get segments of their own (their setup costs little,
 #: and a pool of small segments would spend descriptors, of which each process has a budget).
@@ -53,17 +53,30 @@ def class_of(size: int) -> int:
 
 
 def _cgroup_memory() -> int | None:
-    """This process's cgroup (v2) memory limit, if it has one."""
+    """This process's cgroup memory limit (v2 ``memory.max``, or v1 ``memory.limit_in_bytes``), if any."""
     try:
         with open("/proc/self/cgroup") as f:
-            path = next((line.strip().split(":", 2)[2] for line in f if line.startswith("0::")), None)
-        if path is None:
-            return None
-        with open(f"/sys/fs/cgroup{path}/memory.max") as f:
-            text = f.read().strip()
-    except (OSError, IndexError):
+            lines = [line.strip().split(":", 2) for line in f]
+    except OSError:
         return None
-    return int(text) if text.isdigit() else None
+    for parts in lines:
+        if len(parts) != 3:
+            continue
+        if parts[0] == "0" and parts[1] == "":
+            path = f"/sys/fs/cgroup{parts[2]}/memory.max"
+        elif "memory" in parts[1].split(","):
+            path = f"/sys/fs/cgroup/memory{parts[2]}/memory.limit_in_bytes"
+        else:
+            continue
+        try:
+            with open(path) as f:
+                text = f.read().strip()
+        except OSError:
+            continue
+        # v1 says "no limit" with a huge number (the largest page-aligned long)
+        if text.isdigit() and int(text) < 1 << 60:
+            return int(text)
+    return None
 
 
 class Pool:
@@ -145,20 +158,30 @@ pool = Pool()
 _segments.give_back = pool.give_back
 
 
-def configure(limit: int | None) -> int:
-    """Set the pool's bound in bytes (None: ``PYISOLATE_SHM_POOL``, else the default); return it.
+def bound(limit: int | None = None) -> tuple[int, str]:
+    """The pool's bound in bytes for the setting ``limit``, and where it comes from, in words.
 
-    The bound is at most a quarter of this process's cgroup memory limit, so that a small
-    container keeps room for everything else. 0 turns the pool off.
+    None: ``PYISOLATE_SHM_POOL``, else the default. At most a quarter of this process's cgroup
+    memory limit, so that a small container keeps room for everything else. 0: no pool.
+
+    Raises:
+        ValueError: ``PYISOLATE_SHM_POOL`` is not a size, or the bound is negative.
     """
+    source = "shm_pool_bytes"
     if limit is None:
         text = os.environ.get("PYISOLATE_SHM_POOL")
-        limit = parse_size(text) if text else DEFAULT_LIMIT
+        limit, source = (parse_size(text), "PYISOLATE_SHM_POOL") if text else (DEFAULT_LIMIT, "the default")
     if limit < 0:
         raise ValueError(f"the shared-memory pool's bound must be 0 or more bytes, not {limit}")
     cgroup = _cgroup_memory()
-    if cgroup is not None:
-        limit = min(limit, cgroup // 4)
+    if cgroup is not None and cgroup // 4 < limit:
+        return cgroup // 4, f"a quarter of the cgroup's memory limit ({source} asks {limit})"
+    return limit, source
+
+
+def configure(limit: int | None) -> int:
+    """Set the pool's bound in bytes (see ``bound``); return it."""
+    limit = bound(limit)[0]
     evicted: list[_Mapping] = []
     with _segments._lock:
         pool.limit = limit
