@@ -87,4 +87,4 @@ def shared_empty_array(shape: int | Sequence[int], dtype: Any = float) -> Any:
     segment = _segment(math.prod(dims) * dt.itemsize, "numpy array")
     if segment is None:
         return np.empty(dims, dtype=dt)
-    return np.ndarray(dims, dt, buffer=segment.mm)
+    return np.ndarray(dims, dt, buffer=segment.mm)  # type: ignore[arg-type]  # a ctypes array is a buffer
