@@ -54,10 +54,7 @@ async def test_fresh_tensors_returned_again_and_again_reuse_warm_segments_and_ma
             # the answer until then): after the next call has left, so the worker may use a
             # second segment while the first comes back.
             del got
-            if i == 2:
-                mapped = _shm.mapped()
-            elif i > 2:
-                assert _shm.mapped() == mapped  # nothing new mapped here: the worker's segments, again
+            assert _shm.mapped() <= 2  # nothing new mapped here: the worker's one or two segments, again
         stats = await t.shm_stats()
     assert len(inodes) <= 2
     assert stats["pool_made"] == len(inodes) and stats["pool_hits"] == 20 - len(inodes)
