@@ -21,10 +21,11 @@ import atexit
 import os
 from typing import TYPE_CHECKING
 
-from . import _memfd
+from . import _memfd, _pins
 from ._channel import MAX_SEGMENTS_PER_WORKER, WorkerChannel
 from ._layout import extent
-from ._memfd import NoRoom, RefusedHandle
+from ._memfd import NoRoom, RefusedHandle, warn_copy
+from ._pins import pin, pinned, unpin
 from ._pool import bound as pool_bound
 from ._pool import class_of, parse_size, pool, take
 from ._pool import configure as configure_pool
@@ -35,19 +36,14 @@ from ._segments import (
     ack_key,
     cached,
     create,
-    drop_peer,
     find,
     is_lease,
     leased,
     mapped,
-    pin,
-    pinned,
     receive,
     share,
     state,
     uncache,
-    unpin,
-    warn_copy,
 )
 from ._segments import _address as _address
 
@@ -143,6 +139,13 @@ def sweep(actor: str | None = None) -> int:
     descriptors here with its channel. Returns how many channels were closed.
     """
     return _hub.sweep(actor) if _hub is not None else 0
+
+
+def drop_peer(peer: bytes) -> None:
+    """``peer`` is gone: nothing stays pinned for it (and what it held is never reused), and what
+    it sent us leaves the receive cache."""
+    _pins.drop(peer)
+    uncache(peer.decode(errors="replace"))
 
 
 def trim() -> None:

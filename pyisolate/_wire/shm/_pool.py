@@ -185,7 +185,7 @@ def configure(limit: int | None) -> int:
     evicted: list[_Mapping] = []
     with _segments._lock:
         pool.limit = limit
-        _segments.cache_bytes = limit
+        _segments.cache.nbytes = limit
         while pool.free and pool.total > limit:
             evicted.append(pool.free.pop(0))
             pool.total -= evicted[-1].size

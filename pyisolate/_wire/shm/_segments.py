@@ -11,14 +11,15 @@ Leases: nothing but a mapping's ``_Lease`` (a ctypes array over the mapping, whi
 numpy keep as the owner of their memory) is handed out, one at a time per mapping. The lease's
 death is the one moment a mapping's memory is no longer used in this process: an own segment
 is then unmapped, a pooled one goes back to its pool, and a received one is released to its
-sender (and unmapped, unless it is pooled and kept in the receive cache, ``_cache``).
+sender (and unmapped, unless it is pooled and kept in the receive cache, ``_cache``). Pins
+(``_pins``) hold the leases a sender keeps for its receivers.
 
 Lifetime by release: a sender pins (holds the lease of) every segment it sends until the
 receiver releases it (ACK, once the receiver's own lease dies) or goes away, so neither a
 sender that drops its tensor right after sending, nor a pool that reuses memory, can take it
 from under the receiver. Sending a segment back to an actor we received it from pins nothing:
-that actor holds it until we release it. A receiver that shared the segment on with a third actor marks its
-release (``!`` before the token, "tainted"): the owner then never reuses that memory.
+that actor holds it until we release it. A receiver that shared the segment on with a third
+actor marks its release (``!`` before the token, "tainted"): the owner then never reuses it.
 """
 
 from __future__ import annotations
@@ -35,12 +36,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from . import _memfd
+from . import _memfd, _pins
+from ._cache import ReceiveCache
 from ._channel import MAX_SEGMENTS_PER_WORKER
 from ._memfd import NoRoom, RefusedHandle
 
-__all__ = ["Segment", "Source", "ack_key", "create", "drop_peer", "find", "own_fd", "pin", "pinned",
-           "receive", "share", "warn_copy"]
+__all__ = ["Owe", "Segment", "Source", "ack_key", "cached", "create", "find", "is_lease", "lease", "leased",
+           "mapped", "own_fd", "receive", "share", "uncache", "unmap"]
 
 logger = logging.getLogger("pyisolate.shm")
 
@@ -49,8 +51,6 @@ _ID_RE = re.compile(r"([A-Za-z0-9_.-]{1,64}):(p?[0-9a-f]{32})")
 HOST = "host"
 #: Ids a mapping is remembered by, besides its own (see ``_alias``).
 _MAX_ALIASES = 8
-#: Marks a release whose segment the receiver shared on: never to be reused.
-TAINT = "!"
 
 #: Who a received segment's release goes to: called (from any thread) with the ack key.
 Owe = Callable[[str], None]
@@ -124,12 +124,6 @@ class Segment:
         return self.mapping.size
 
 
-@dataclass(eq=False)
-class _Pin:
-    segment: Segment
-    count: int = 0
-
-
 class _State:
     """Who this process is, in shared-memory terms (set by ``configure``)."""
     session = ""
@@ -137,7 +131,6 @@ class _State:
     source: Source | None = None
     shares_by_put = False  # a worker: segments reach the host by PUT
     put_live = 0  # worker: ids PUT and not dropped
-    warned = False
     #: Actors whose sight of a pooled segment does not stop its reuse for others (a worker's host).
     trusted: frozenset[bytes] = frozenset()
 
@@ -157,8 +150,8 @@ _lock = threading.RLock()
 _by_id: dict[str, _Mapping] = {}
 _by_inode: dict[tuple[int, int], _Mapping] = {}
 _by_address: dict[int, _Mapping] = {}
-# Mappings pinned for receivers that have not released yet: peer -> ack key -> pin.
-_pins: dict[bytes, dict[str, _Pin]] = {}
+# Mappings of others' pooled segments kept unleased, for their next receipt.
+cache: ReceiveCache[_Mapping] = ReceiveCache()
 
 
 def _new_id(pooled: bool = False) -> str:
@@ -185,7 +178,7 @@ def _lease(mapping: _Mapping) -> Segment:
     lease = mapping.lease() if mapping.lease is not None else None
     if lease is None:
         assert mapping.mm is not None
-        _cache.pop(mapping.inode, None)
+        cache.take(mapping)
         lease = _lease_type(mapping.size).from_buffer(mapping.mm)
         use = mapping.use = _Use()
         mapping.lease = weakref.ref(lease)
@@ -210,12 +203,12 @@ def _lease_ended(mapping: _Mapping, use: _Use) -> None:
             if mapping.kind == POOLED:
                 close = [] if give_back(mapping) else [mapping]
             elif mapping.kind == RECEIVED and mapping.cached:
-                close = _cache_keep(mapping)
+                close = cache.keep(mapping)
             else:
                 close = [mapping]
     for done in close:
         unmap(done)
-    mark = TAINT if use.reshared else ""
+    mark = _pins.TAINT if use.reshared else ""
     for _, owe, segment_id in use.owed:
         key = ack_key(segment_id)
         try:
@@ -333,7 +326,7 @@ def share(dest: bytes, segment: Segment) -> str:
                 mapping.tainted = True
         elif mapping.kind == RECEIVED:
             mapping.use.reshared = True  # its owner must not reuse it: a third actor maps it now
-    pin(dest, segment, ack_key(segment_id))
+    _pins.pin(dest, segment, ack_key(segment_id))
     return segment_id
 
 
@@ -447,7 +440,7 @@ def _back(segment_id: str, sender: str, needed: int) -> Segment:
     with _lock:
         mapping = _by_id.get(segment_id)
         if (mapping is None or mapping.own_id != segment_id or _leased(mapping) is None
-                or ack_key(segment_id) not in _pins.get(sender.encode(), {})):
+                or not _pins.holds(sender.encode(), ack_key(segment_id))):
             raise RefusedHandle(f"segment {segment_id!r} is not one of ours that {sender!r} holds")
         if not 0 <= needed <= mapping.size:
             raise RefusedHandle(f"segment {segment_id!r} holds {mapping.size} bytes, the handle needs {needed}")
@@ -470,91 +463,6 @@ def _alias(mapping: _Mapping, segment_id: str) -> None:
             del _by_id[old]
 
 
-# -- the receive cache: received pooled segments stay mapped, so that the next receipt maps nothing
-
-#: Bounds of the receive cache: unleased mappings kept, and their bytes.
-CACHE_COUNT = 32
-cache_bytes = 512 << 20
-_cache: dict[tuple[int, int], _Mapping] = {}  # inode -> unleased cached mapping, oldest first
-
-
-def _cache_keep(mapping: _Mapping) -> list[_Mapping]:
-    """Keep an unleased received mapping (lock held); return what to unmap: the oldest past the bounds."""
-    _cache.pop(mapping.inode, None)
-    _cache[mapping.inode] = mapping
-    total = sum(m.size for m in _cache.values())
-    evicted: list[_Mapping] = []
-    while _cache and (len(_cache) > CACHE_COUNT or total > cache_bytes):
-        old = _cache.pop(next(iter(_cache)))
-        total -= old.size
-        old.cached = False
-        evicted.append(old)
-    return evicted
-
-
-def cached() -> int:
-    """Received mappings kept in the receive cache with no lease (for tests and diagnostics)."""
-    with _lock:
-        return len(_cache)
-
-
-def pin(peer: bytes, segment: Segment, key: str) -> None:
-    """Keep ``segment`` leased until ``peer`` releases ``key`` (or goes away)."""
-    with _lock:
-        _pins.setdefault(peer, {}).setdefault(key, _Pin(segment)).count += 1
-
-
-def unpin(peer: bytes, keys: list[object]) -> None:
-    """``peer`` released these segments (once per send); ``!`` before a key: it shared it on."""
-    released: list[_Pin] = []  # freed after the lock: a lease's finalizer takes it
-    with _lock:
-        pins = _pins.get(peer)
-        if not pins:
-            return
-        for key in keys:
-            if not isinstance(key, str):
-                continue
-            tainted = key.startswith(TAINT)
-            if (entry := pins.get(key[1:] if tainted else key)) is not None:
-                if tainted:
-                    entry.segment.mapping.tainted = True
-                entry.count -= 1
-                if entry.count <= 0:
-                    released.append(pins.pop(key[1:] if tainted else key))
-    del released
-
-
-def drop_peer(peer: bytes) -> None:
-    """``peer`` is gone: nothing stays pinned for it (and what it may have shared on is not
-    reused), and what it sent us stays in the receive cache no longer."""
-    name = peer.decode(errors="replace")
-    with _lock:
-        released = _pins.pop(peer, None)
-        for entry in (released or {}).values():
-            entry.segment.mapping.tainted = True
-        theirs = [m for m in _cache.values() if any(i.partition(":")[0] == name for i in m.ids)]
-    del released  # outside the lock: a lease's finalizer takes it
-    uncache(theirs)
-
-
-def uncache(mappings: list[_Mapping] | None = None) -> None:
-    """Unmap these mappings of the receive cache (None: all of them) that are still unleased there."""
-    with _lock:
-        gone = [m for m in (list(_cache.values()) if mappings is None else mappings)
-                if _cache.get(m.inode) is m and _leased(m) is None]
-        for mapping in gone:
-            del _cache[mapping.inode]
-            mapping.cached = False
-    for mapping in gone:
-        unmap(mapping)
-
-
-def pinned() -> int:
-    """How many segments are pinned for receivers (for tests and diagnostics)."""
-    with _lock:
-        return sum(len(p) for p in _pins.values())
-
-
 def mapped() -> int:
     """How many segments this process maps (for tests and diagnostics)."""
     with _lock:
@@ -567,13 +475,16 @@ def leased() -> int:
         return sum(1 for m in _by_address.values() if _leased(m) is not None)
 
 
-def warn_copy(exc: NoRoom, what: str) -> None:
-    """Say once per process that values travel as copies because shared memory has no room."""
-    if state.warned:
-        return
-    state.warned = True
-    logger.warning(
-        "shared memory cannot hold a %s of %d bytes (%s), so it travels as a copy through the "
-        "socket; so will any other value that does not fit (this warning is shown once). Fix: %s",
-        what, exc.size, exc.reason, exc.fix,
-    )
+def uncache(name: str | None = None) -> None:
+    """Unmap the receive cache's mappings: those received from actor ``name``, or all of them."""
+    with _lock:
+        gone = cache.remove([m for m in cache.entries.values()
+                             if name is None or any(i.partition(":")[0] == name for i in m.ids)])
+    for mapping in gone:
+        unmap(mapping)
+
+
+def cached() -> int:
+    """Received mappings kept in the receive cache with no lease (for tests and diagnostics)."""
+    with _lock:
+        return len(cache)
