@@ -244,6 +244,62 @@ async def tensors(work: Path, sizes: list[int], reps: int, rounds: int = 3) -> l
     return results
 
 
+async def fresh_tensors(work: Path, sizes: list[int], reps: int) -> list[Result]:
+    """Fresh tensors sent to a share_torch extension, and returned by it, next to a copy of the
+    same size into warm memory, measured in turns in the same run.
+
+    A fresh tensor lives in private memory: sending it moves it into shared memory (one copy,
+    into a warm segment of the pool), returning one does the same in the worker, and the
+    receiver maps nothing new (its mapping of a pooled segment stays). Its making is not timed:
+    the host makes it before the call, the extension in an untimed call before.
+    """
+    import torch
+
+    config = pyisolate.ExtensionManagerConfig(venv_root_path=work / "venvs", shm_pool_bytes=2 * max(sizes))
+    samples: dict[str, list[float]] = {}
+    async with pyisolate.ExtensionManager(pyisolate.ExtensionBase, config) as manager:
+        ext = await manager.load_extension(pyisolate.ExtensionConfig(
+            name="bench-torch", module_path=BENCH_EXT, apis=[bench_api.BenchService], share_torch=True))
+        for size in sizes:
+            count = reps if size <= 4 << 20 else max(5, reps // 4) if size <= 64 << 20 else 5
+            src, dst = torch.ones(size // 4), torch.empty(size // 4)
+            dst.copy_(src)  # both warm
+            for _ in range(count + 1):  # the first turn warms the pools: not counted
+                start = time.perf_counter()
+                dst.copy_(src)
+                copy = (time.perf_counter() - start) * 1e6
+                t = torch.ones(size // 4)
+                start = time.perf_counter()
+                await ext.describe(t)
+                sent = (time.perf_counter() - start) * 1e6
+                del t
+                await ext.prepare(size)
+                start = time.perf_counter()
+                back = await ext.prepared()
+                returned = (time.perf_counter() - start) * 1e6
+                del back
+                for kind, value in (("copy", copy), ("sent", sent), ("returned", returned)):
+                    samples.setdefault(f"{kind}.{size}", []).append(value)
+            for key in samples:
+                if key.endswith(f".{size}"):
+                    del samples[key][0]
+            del src, dst
+    results: list[Result] = []
+    for size in sizes:
+        label = size_label(size)
+        for kind, what in (("copy", "copy into warm memory (torch copy_)"), ("sent", "fresh, sent"),
+                           ("returned", "fresh, returned")):
+            median, p99 = median_p99(samples[f"{kind}.{size}"])
+            r = Result(f"tensor.fresh_{kind}.{size}", "tensors", f"tensor {label}, {what}", median, "us", p99=p99,
+                       size=size, series=f"tensor, {what}", samples=len(samples[f"{kind}.{size}"]))
+            if kind != "copy":
+                r.baseline, r.target = f"tensor.fresh_copy.{size}", 2.0
+                r.target_note = f"<= 2x a {label} copy into warm memory"
+                r.ci_check = False  # a ratio of two figures each at the mercy of memory bandwidth: reported
+            results.append(r)
+    return results
+
+
 _TENSOR_LABELS = {
     "shared": "already shared, sent",
     "fresh": "fresh, sent",

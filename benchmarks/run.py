@@ -72,6 +72,8 @@ async def run_suite(work: Path, quick: bool, with_torch: bool) -> list[Result]:
     if with_torch:
         _progress("tensors")
         results += await measures.tensors(work, tensor_sizes, reps)
+        _progress("fresh tensors")
+        results += await measures.fresh_tensors(work, [4 << 20, 64 << 20] + ([] if quick else [1 << 30]), reps)
         _progress("node-pack workflow")
         results += await workflow.measure(work, quick)
     _progress("host types")

@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from ._policy import SandboxMode, SandboxPolicy
     from ._host import Extension, ExtensionManager, SyncExtensionManager, method
     from ._rpc import sync
-    from ._wire import TypeRegistry, handle
+    from ._wire import TypeRegistry, handle, shared_empty, shared_empty_array
     from ._singleton import ProxiedSingleton
 
 __all__ = [
@@ -76,6 +76,8 @@ __all__ = [
     "get_actor",
     "handle",
     "method",
+    "shared_empty",
+    "shared_empty_array",
     "sync",
 ]
 
@@ -105,6 +107,8 @@ _LAZY = {
     "sync": "._rpc",
     "TypeRegistry": "._wire",
     "handle": "._wire",
+    "shared_empty": "._wire",
+    "shared_empty_array": "._wire",
 }
 
 

@@ -180,6 +180,7 @@ class ExtensionManagerConfig:
     types: str | Callable[[Any], None] | None = None
     host_paths: Sequence[str | os.PathLike[str]] = ()
     fork_server: bool = True
+    shm_pool_bytes: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "types", _types_reference(self.types))
@@ -202,6 +203,8 @@ class ExtensionManagerConfig:
         _count("max_in_flight", self.max_in_flight, 1, 65536)
         _count("max_message_size", self.max_message_size, 1024, 2**40)
         _count("max_queued_bytes", self.max_queued_bytes, self.max_message_size, 2**62)
+        if self.shm_pool_bytes is not None:
+            _count("shm_pool_bytes", self.shm_pool_bytes, 0, 2**50)
         _positive("ExtensionManagerConfig", "heartbeat_timeout", self.heartbeat_timeout)
         object.__setattr__(self, "sandbox_mode", check_mode(self.sandbox_mode, "ExtensionManagerConfig.sandbox_mode"))
         object.__setattr__(self, "sandbox_backends", _backends(self.sandbox_backends))

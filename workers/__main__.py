@@ -101,7 +101,8 @@ async def _serve(boot: dict[str, Any], channel: shm.WorkerChannel) -> int:
         finished.set()
 
     name = boot["name"]
-    _shm.configure(boot["session"], name, source=channel)
+    _shm.configure(boot["session"], name, source=channel, trusted=frozenset(n.encode() for n in boot["host_actors"]),
+                   pool_bytes=boot.get("shm_pool_bytes"))
     endpoint = Endpoint(name.encode(), loop, send, on_control=on_control,
                         max_in_flight=limits.get("max_in_flight", 512),
                         max_message_size=limits.get("max_message_size", 256 << 20))
@@ -205,6 +206,10 @@ def _confine(boot: dict[str, Any]) -> None:
 def main() -> None:
     """Entry point of the worker process."""
     from pyisolate._wire import shm
+
+    from . import malloc
+
+    malloc.tune()  # before the extension allocates anything
 
     channel = shm.WorkerChannel(int(sys.argv[1]))
     try:

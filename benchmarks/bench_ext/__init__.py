@@ -37,6 +37,29 @@ class Bench(ExtensionBase):
     async def kept_tensor(self, key):
         return self.kept[key]
 
+    def prepare(self, nbytes):
+        """Make a tensor of ``nbytes`` in private memory, as a node computes its output;
+        ``prepared()`` returns it: fresh, moved to shared memory as it leaves."""
+        import torch
+
+        self.fresh = torch.ones(nbytes // 4)
+
+    def node(self, image):
+        """A node of a workflow: a plain method returning a fresh image made from its input."""
+        return image * 0.5 + 0.25
+
+    async def shm_stats(self):
+        return pyisolate._wire.shm.stats()
+
+    async def smaps_rollup(self):
+        """This worker's /proc/self/smaps_rollup (workers are non-dumpable: the host cannot read it)."""
+        with open("/proc/self/smaps_rollup") as f:
+            return f.read()
+
+    async def prepared(self):
+        fresh, self.fresh = self.fresh, None
+        return fresh
+
     async def singleton_loop(self, count, warmup):
         return await _time(BenchService().echo, count, warmup)
 

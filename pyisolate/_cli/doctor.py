@@ -108,8 +108,15 @@ def check_shm() -> Check:
         return Check("shm", WARN, f"a sealed memfd cannot be made ({exc}): tensors and large arrays will "
                      "travel as copies through the socket", fix)
     available = _available_memory()
+    try:
+        limit, source = shm.pool_bound()
+    except ValueError as exc:
+        return Check("shm", WARN, f"PYISOLATE_SHM_POOL: {exc}", "set it to a size such as 512M, or unset it")
+    pool = (f"a pool of up to {size(limit)} of reusable segments per process ({source})" if limit
+            else f"no pool of reusable segments ({source} is 0): each fresh tensor gets a new segment")
     summary = ("tensors and arrays share sealed memfds (kernel memory: the size of /dev/shm does not matter); "
-               + (f"{size(available)} of memory available" if available is not None else "memory available unknown"))
+               + (f"{size(available)} of memory available" if available is not None else "memory available unknown")
+               + f"; {pool}")
     if available is not None and available < GIB:
         return Check("shm", WARN, summary + ": large tensors and arrays will not fit and travel as copies",
                      "free memory, or give the container more (docker run --memory ...)")

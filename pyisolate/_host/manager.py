@@ -113,8 +113,9 @@ class ExtensionManager(Generic[T]):
             ) from None
         if self._loop is None:
             self._loop = loop
-            _shm.configure_host()
             config = self.config
+            _shm.configure_host()
+            _shm.configure_pool(config.shm_pool_bytes)  # the latest manager's setting holds
             self._broker = Broker(block_warning=config.loop_block_warning, max_message_size=config.max_message_size,
                                   max_queued_bytes=config.max_queued_bytes, max_in_flight=config.max_in_flight)
             self._broker.on_leave(self._on_leave)
@@ -313,6 +314,7 @@ class ExtensionManager(Generic[T]):
             if isinstance(server, ForkServer):
                 await server.aclose(self.config.stop_timeout)
         self.broker.close()
+        _shm.trim()
 
     aclose = stop_all
 

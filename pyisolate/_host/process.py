@@ -59,8 +59,11 @@ _BOOTSTRAP = bootstrap("pyisolate.workers.__main__")
 #: Set to "1" in every worker's environment (as pyisolate 0.10 did), never in the host's.
 CHILD_VARIABLE = "PYISOLATE_CHILD"
 # A worker gets a clean environment: these host variables, and those its config names.
-_PASSED = frozenset({"PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TERM", "TMPDIR", "SHELL"})
-_PASSED_PREFIXES = ("LC_", "CUDA_", "NVIDIA_", "OMP_", "MKL_", "OPENBLAS_", "XDG_")
+# The user's malloc settings (MALLOC_*, GLIBC_TUNABLES) pass, and win over the worker's own
+# (``workers.malloc``).
+_PASSED = frozenset({"PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TERM", "TMPDIR", "SHELL",
+                     "GLIBC_TUNABLES"})
+_PASSED_PREFIXES = ("LC_", "CUDA_", "NVIDIA_", "OMP_", "MKL_", "OPENBLAS_", "XDG_", "MALLOC_")
 _TAIL_LINES = 40
 #: After a worker exits, how long to wait for the rest of its output: a grandchild it started
 #: may hold the pipes open.
@@ -197,7 +200,7 @@ class WorkerProcess:
         has built the namespaces and before it starts the worker (``--info-fd`` says pid 1,
         ``--block-fd`` holds it): the worker is forked from pid 1, so it starts in its groups.
 
-        The worker's environment holds only locale, home, temp-dir and accelerator variables of
+        The worker's environment holds only locale, home, temp-dir, accelerator and malloc variables of
         the host, the host variables named in ``pass_env``, and ``env``: no secrets by default;
         and ``PYISOLATE_CHILD=1``, which says it is a worker.
         ``boot`` (the launch secret among it) goes on a socketpair the worker inherits, which no

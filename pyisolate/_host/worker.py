@@ -225,6 +225,7 @@ class Worker:
                     "apis": [class_spec(api) for api in config.apis],
                     "types": app_types.reference if app_types else None,
                     "session": _shm.session(),
+                    "shm_pool_bytes": _shm.pool.limit,
                     "host_actors": ["host", *(n.decode() for n in manager._singleton_names())],
                     "handshake_timeout": manager.config.start_timeout,
                     # The worker drops records below what the host would log for this extension.

@@ -168,9 +168,14 @@ class Calls:
             return
         del self.pending[call_id]
         self.slots.release(sender)
-        if len(extra) == 2 and type(extra[1]) is list:  # the acknowledgement of what our CALL shared
-            _shm.unpin(sender, extra[1])
-        future = entry[0]
+        try:
+            self._answered(sender, kind, call_id, extra, body, buffers, entry[0])
+        finally:
+            if len(extra) == 2 and type(extra[1]) is list:  # releases riding with it: after the body,
+                _shm.unpin(sender, extra[1])  # which may name one of ours that it releases
+
+    def _answered(self, sender: bytes, kind: Kind, call_id: int, extra: list[object], body: bytes,
+                  buffers: list[bytes], future: asyncio.Future[Any]) -> None:
         if future.done():  # the caller stopped waiting: timed out or cancelled
             self.late_answers += 1
             try:  # decoded all the same, so what it shares is acknowledged and released

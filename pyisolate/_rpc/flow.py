@@ -6,11 +6,11 @@ stopped waiting (timeout, cancellation): the work is still running over there. C
 the cap wait first come, first served. The serving side refuses a sender that goes past the
 same cap (see ``serve``), so honest callers never meet that refusal.
 
-Acknowledgements: a receiver that maps a shared-memory segment tells the sender, which then
-unpins it (see ``pyisolate._wire.shm``). They ride in headers where they can: the answer to a CALL
-acknowledges what the CALL carried, and segments received in answers, events or stream items
-are acknowledged by the next CALL to their sender, or else by an ACK message at the end of the
-loop's turn. Headers stay small: more than ``ACKS_PER_HEADER`` names go in ACK messages.
+Acknowledgements: a receiver whose last view of a shared-memory segment died releases it to
+the sender, which then unpins it (see ``pyisolate._wire.shm``). They ride in headers where
+they can: the next CALL to their sender or answer to it carries them, or else an ACK message
+at the end of the loop's turn. Headers stay small: more than ``ACKS_PER_HEADER`` names go in
+ACK messages.
 """
 
 from __future__ import annotations
@@ -98,8 +98,7 @@ class Acks:
     def __init__(self, loop: asyncio.AbstractEventLoop, send_quiet: SendQuiet) -> None:
         self._loop = loop
         self._send_quiet = send_quiet
-        self.of_calls: dict[tuple[bytes, int], list[str]] = {}  # what a CALL carried: acked by its answer
-        self.owed: dict[bytes, list[str]] = {}  # received outside CALLs, per sender
+        self.owed: dict[bytes, list[str]] = {}  # released, not yet told: per sender
 
     def call_header(self, target: bytes, call_id: int, method: str, ref_id: int, chain: tuple[str, int]) -> bytes:
         """A CALL's header, carrying what we owe ``target`` when it fits."""
@@ -111,8 +110,8 @@ class Acks:
         return pack_header(Kind.CALL, call_id, method, ref_id, chain[0], chain[1])
 
     def answer_header(self, kind: Kind, sender: bytes, call_id: int, mode: str = "") -> bytes:
-        """The header of a CALL's answer, carrying the acknowledgement of what the CALL shared."""
-        acks = self.of_calls.pop((sender, call_id), None)
+        """The header of a CALL's answer, carrying what we owe ``sender`` when it fits."""
+        acks = self.owed.pop(sender, None)
         if acks is not None and len(acks) <= ACKS_PER_HEADER:
             return pack_header(kind, call_id, mode, acks)
         if acks:
@@ -120,9 +119,9 @@ class Acks:
         return pack_header(kind, call_id, mode) if mode else pack_header(kind, call_id)
 
     def owe(self, peer: bytes, names: list[str]) -> None:
-        """Acknowledge segments received outside a CALL: with our next CALL to ``peer`` if it
-        leaves in this turn of the loop (a caller awaiting an answer usually calls again), else
-        with an ACK message of their own at the end of the turn."""
+        """Release segments ``peer`` sent us: with our next CALL to ``peer`` or answer to it if
+        it leaves in this turn of the loop (a caller awaiting an answer usually calls again),
+        else with an ACK message of their own at the end of the turn."""
         owed = self.owed.get(peer)
         if owed is None:
             self.owed[peer] = list(names)
@@ -132,16 +131,8 @@ class Acks:
         else:
             owed.extend(names)
 
-    def cancel_call(self, sender: bytes, call_id: int) -> None:
-        """A CALL was cancelled before its answer: acknowledge what it carried now."""
-        acks = self.of_calls.pop((sender, call_id), None)
-        if acks:
-            self.send(sender, acks)
-
     def drop_peer(self, peer: bytes) -> None:
         """``peer`` is gone: nothing is owed to it any more."""
-        for key in [k for k in self.of_calls if k[0] == peer]:
-            del self.of_calls[key]
         self.owed.pop(peer, None)
 
     def _flush(self, peer: bytes) -> None:

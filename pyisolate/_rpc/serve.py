@@ -19,6 +19,7 @@ import asyncio
 import concurrent.futures
 import contextvars
 import inspect
+import traceback
 from collections.abc import Callable
 from typing import Any
 
@@ -89,15 +90,14 @@ class Server:
 
     def on_call(self, sender: bytes, call_id: int, extra: list[object], body: bytes, buffers: list[bytes]) -> None:
         """CALL: check it, decode it, and start its method."""
-        acks: list[str] = []
         key = (sender, call_id)
         open_now = self._open.get(sender, 0)
+        acked: object = None
         try:
-            if len(extra) == 5:  # acks riding with the call
+            if len(extra) == 5:  # releases riding with the call: after its body, which may name them
                 acked = extra.pop()
                 if not isinstance(acked, list):
                     raise ProtocolError("a CALL header's fifth field must be a list of segment names")
-                _shm.unpin(sender, acked)
             if key in self._serving:
                 raise ProtocolError(f"call id {call_id} of {sender.decode()!r} is already being served")
             if open_now >= self.max_in_flight:
@@ -108,17 +108,16 @@ class Server:
                     "must wait for answers before it calls again")
             method, ref_id, chain_owner, chain_id = call_fields(extra)
             fn, kind, loop = self._target(method, ref_id, sender)
-            try:
-                args = self._values.decode(body, buffers, sender, acks)
-            finally:
-                if acks:
-                    self._acks.of_calls[key] = acks
+            args = self._values.decode(body, buffers, sender)
             if not (type(args) is list and len(args) == 2 and type(args[0]) is list
                     and type(args[1]) is dict and all(type(k) is str for k in args[1])):
                 raise DecodeError("call body must be [args, kwargs]")
         except Exception as exc:
             self.send_error(sender, call_id, exc)  # refused before it counted
             return
+        finally:
+            if isinstance(acked, list):
+                _shm.unpin(sender, acked)
         self._open[sender] = open_now + 1
         chain = (chain_owner, chain_id)
         if loop is None and chain_owner == self._origin:
@@ -152,7 +151,6 @@ class Server:
         key = (sender, call_id)
         served = self._serving.get(key)
         if served is None:  # answered already
-            self._acks.cancel_call(sender, call_id)
             return
         if key in self._elsewhere:  # on another loop: its done-callback answers
             served.cancel()
@@ -242,6 +240,11 @@ class Server:
             result, error = context.run(fn, *args, **kwargs), None
         except BaseException as exc:  # answered on the loop, like any error
             result, error = None, exc
+            traceback.clear_frames(exc.__traceback__)
+        # Let go of the arguments before the answer is queued: shared memory they hold is
+        # released now, and the release rides with the answer.
+        args.clear()
+        kwargs.clear()
         try:
             self._loop.call_soon_threadsafe(self._plain_done, sender, call_id, context, result, error)
         except RuntimeError:  # the loop is closed: the worker is going away
@@ -272,11 +275,16 @@ class Server:
             else:
                 result = await self._in_thread(fn, args, kwargs)
         except BaseException as exc:
+            traceback.clear_frames(exc.__traceback__)
+            args.clear()
+            kwargs.clear()
             self._serving.pop((sender, call_id), None)
             self.reply_error(sender, call_id, exc)
             if not isinstance(exc, Exception):
                 raise
             return
+        args.clear()  # as in _run_plain: what they share is released with the answer
+        kwargs.clear()
         self._serving.pop((sender, call_id), None)
         self._reply(sender, call_id, result)
 

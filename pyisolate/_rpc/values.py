@@ -12,6 +12,7 @@ than its owner is exported again, by us (a forwarding reference, see ``refs``).
 from __future__ import annotations
 
 import asyncio
+import functools
 import weakref
 
 import msgpack
@@ -61,7 +62,7 @@ class Values:
         self.shm_dest = b""
         self.shm_sender = ""
         self.shm_sender_in_host = False
-        self.shm_acks: list[str] = []
+        self.shm_owe: Callable[[str], None] | None = None
         self.shm_cuda: str | None = None
         #: Why CUDA tensors may not travel to or from an actor (None: they may); set by the owner.
         self.cuda_refusal: Callable[[bytes], str | None] = _cuda_allowed
@@ -140,21 +141,30 @@ class Values:
 
     # -- in --------------------------------------------------------------------------------
 
-    def decode(self, body: bytes, buffers: list[bytes], sender: bytes, acks: list[str] | None = None) -> object:
-        """Decode a message from ``sender``. Shared-memory segments it names are acknowledged:
-        collected in ``acks`` (a CALL's, to travel with its answer), or else owed to the sender."""
+    def decode(self, body: bytes, buffers: list[bytes], sender: bytes) -> object:
+        """Decode a message from ``sender``. Shared-memory segments it names are released to the
+        sender once nothing here uses them any more (``_release_soon``)."""
         self._dec_seen = set()
         self._dec_sender = sender
         self.shm_sender = sender.decode()
         self.shm_sender_in_host = sender in self.host_actors
         self.shm_cuda = self.cuda_refusal(sender)
-        received: list[str] = [] if acks is None else acks
-        self.shm_acks = received
+        self.shm_owe = functools.partial(self._owe_soon, sender)
+        return decode(body, buffers, self)
+
+    def _owe_soon(self, sender: bytes, key: str) -> None:
+        # A lease's finalizer: it may run in any thread, at any point of the loop's work.
         try:
-            return decode(body, buffers, self)
-        finally:
-            if received and acks is None:  # we hold our own names for these segments now: unpin
-                self._acks.owe(sender, received)
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is self._loop:  # our loop's thread: owed at once, so our next message carries it
+            self._acks.owe(sender, [key])
+            return
+        try:
+            self._loop.call_soon_threadsafe(self._acks.owe, sender, [key])
+        except RuntimeError:  # loop closed: the sender forgets us when we go
+            pass
 
     def resolve(self, owner: str, ref_id: int, flags: int, handle: list[Any] | None = None) -> object:
         name = owner.encode()

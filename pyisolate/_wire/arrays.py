@@ -8,7 +8,6 @@ while arrays raise DecodeError.
 from __future__ import annotations
 
 import math
-import mmap
 import re
 import struct
 import sys
@@ -183,12 +182,12 @@ def _decode_ndarray(dec: _Decoder, data: bytes) -> object:
 def _segment_of(arr: Any) -> tuple[_shm.Segment, int] | None:
     """The segment holding ``arr``'s memory and the offset of its first element, if shared."""
     base: Any = arr
-    while base is not None and not isinstance(base, mmap.mmap):
+    while base is not None and not _shm.is_lease(base):
         base = base.obj if isinstance(base, memoryview) else getattr(base, "base", None)
     if base is None:
         return None
     segment = _shm.find(_shm._address(base))
-    if segment is None:
+    if segment is None or segment.mm is not base:
         return None
     return segment, arr.__array_interface__["data"][0] - _shm._address(base)
 
@@ -196,8 +195,8 @@ def _segment_of(arr: Any) -> tuple[_shm.Segment, int] | None:
 def _shm_array(arr: Any, dest: bytes) -> list[object]:
     # A layout whose elements share memory (broadcast, zero strides) or run backwards is sent dense.
     found = _segment_of(arr) if _shm.extent(arr.shape, arr.strides, arr.itemsize) is not None else None
-    if found is None:  # one copy into a new segment
-        segment = _shm.create(arr.nbytes)
+    if found is None:  # one copy into a segment (a warm one of the pool where it fits)
+        segment = _shm.new_segment(arr.nbytes, dest)
         shared = _numpy().ndarray(arr.shape, arr.dtype, buffer=segment.mm)
         shared[...] = arr
         arr, offset = shared, 0
@@ -225,8 +224,7 @@ def _decode_shm_array(dec: _Decoder, data: bytes) -> object:
         raise DecodeError("a shared array whose elements share memory (zero or overlapping strides) is refused")
     refs = dec.refs
     try:
-        segment = _shm.receive(name, refs.shm_sender, offset + extent, refs.shm_sender_in_host)
+        segment = _shm.receive(name, refs.shm_sender, offset + extent, refs.shm_sender_in_host, refs.shm_owe)
     except _shm.RefusedHandle as exc:
         raise DecodeError(str(exc)) from None
-    refs.shm_acks.append(_shm.ack_key(name))
     return _numpy().ndarray(shape, dt, buffer=segment.mm, offset=offset, strides=strides)

@@ -50,12 +50,13 @@ class RefHooks(Protocol):
     # The application's registered types (``types.TypeRegistry``), or None.
     types: TypeRegistry | None
 
-    # Shared memory: who we are encoding for, who sent what we decode, what to acknowledge;
+    # Shared memory: who we are encoding for, who sent what we decode, how to release what it
+    # shared once nothing here uses it (None: never released, e.g. a message decoded twice);
     # and why CUDA tensors may not travel to or from that peer (None: they may).
     shm_dest: bytes
     shm_sender: str
     shm_sender_in_host: bool
-    shm_acks: list[str]
+    shm_owe: Callable[[str], None] | None
     shm_cuda: str | None
 
 Buffer = bytes | bytearray | memoryview

@@ -334,7 +334,7 @@ def _decode_tensor(dec: _Decoder, data: bytes) -> object:
     if dec.refs is None:
         raise DecodeError("a tensor handle is not accepted here")
     refs = dec.refs
-    return decode_tensor(dec.nested(data, "tensor"), refs.shm_sender, refs.shm_sender_in_host, refs.shm_acks,
+    return decode_tensor(dec.nested(data, "tensor"), refs.shm_sender, refs.shm_sender_in_host, refs.shm_owe,
                          dec.take, getattr(refs, "shm_cuda", None))
 
 

@@ -1,16 +1,18 @@
 """Tensors as shared-memory handles: the only module that imports torch, and lazily.
 
-A CPU tensor travels as the id of a segment (a sealed memfd, see ``shm``) holding its storage
-plus its metadata (dtype, shape, stride, storage offset, requires_grad); the body never
-carries its data. A tensor whose storage is not shared yet is moved into a new segment once
-(one copy): its storage is replaced in place, so later sends of it, or of views made from it
-afterwards, cost one small message. A layout in which two indexes share memory (``expand()``,
-zero or overlapping strides) travels as a contiguous copy, and is refused on receipt. Where
-shared memory has no room, the tensor's data travels as a copy in a buffer frame (handle: the
-frame's index), with one warning per process. A CUDA tensor travels as a CUDA IPC handle
-(torch's own, reference counted by torch), and its data stays on its device; only between
-actors that share CUDA tensors (``ExtensionConfig.share_cuda_ipc``): to or from another, one
-fails with EncodeError where it is sent, and is refused with DecodeError where it arrives.
+A CPU tensor travels as the id of a segment (a sealed memfd, see ``shm``) holding its
+storage plus its metadata (dtype, shape, stride, storage offset, requires_grad); the body
+never carries its data. A tensor whose storage is not shared yet is moved into a segment
+once (one copy, into a warm segment of the pool where it fits): its storage is replaced in
+place, so later sends of it, or of views made from it afterwards, cost one small message. A
+tensor made by ``shared_empty`` is born in a segment and needs no copy at all. A layout in
+which two indexes share memory (``expand()``, zero or overlapping strides) travels as a
+contiguous copy, and is refused on receipt. Where shared memory has no room, the tensor's
+data travels as a copy in a buffer frame (handle: the frame's index), with one warning per
+process. A CUDA tensor travels as a CUDA IPC handle (torch's own, reference counted by
+torch), and its data stays on its device; only between actors that share CUDA tensors
+(``ExtensionConfig.share_cuda_ipc``): to or from another, one fails with EncodeError where
+it is sent, and is refused with DecodeError where it arrives.
 """
 
 from __future__ import annotations
@@ -68,7 +70,7 @@ def encode_tensor(t: Any, dest: bytes, cuda_refused: str | None = None) -> list[
     try:
         segment = _shm.find(storage.data_ptr())
         if segment is None:
-            segment = _move_to_shm(t, storage, nbytes, torch)
+            segment = _move_to_shm(t, storage, nbytes, torch, dest)
         return ["cpu", *meta, _shm.share(dest, segment)]
     except _shm.NoRoom as exc:
         _shm.warn_copy(exc, "tensor")
@@ -80,10 +82,10 @@ def encode_tensor(t: Any, dest: bytes, cuda_refused: str | None = None) -> list[
     return ["cpu", *meta, _to_buffer(memoryview(data))]
 
 
-def _move_to_shm(t: Any, storage: Any, nbytes: int, torch: Any) -> _shm.Segment:
-    segment = _shm.create(nbytes)
-    shared = torch.frombuffer(segment.mm, dtype=torch.uint8)
-    shared.copy_(torch.empty(0, dtype=torch.uint8).set_(storage))
+def _move_to_shm(t: Any, storage: Any, nbytes: int, torch: Any, dest: bytes) -> _shm.Segment:
+    segment = _shm.new_segment(nbytes, dest)
+    shared = torch.frombuffer(segment.mm, dtype=torch.uint8)  # the whole segment: a pooled one may be larger
+    shared[:nbytes].copy_(torch.empty(0, dtype=torch.uint8).set_(storage))
     try:
         with torch.no_grad():
             t.set_(shared.untyped_storage(), t.storage_offset(), t.size(), t.stride())
@@ -92,10 +94,11 @@ def _move_to_shm(t: Any, storage: Any, nbytes: int, torch: Any) -> _shm.Segment:
     return segment
 
 
-def decode_tensor(fields: list[Any], sender: str, sender_in_host: bool, acks: list[str],
+def decode_tensor(fields: list[Any], sender: str, sender_in_host: bool, owe: _shm.Owe | None,
                   take: Callable[[object], Buffer] | None = None, cuda_refused: str | None = None) -> Any:
     """Rebuild a tensor from its payload, after checking every field against the segment.
 
+    ``owe``: releases the segment to ``sender`` once no tensor here uses it any more.
     ``cuda_refused``: why a CUDA tensor from ``sender`` is not accepted (None: it is).
     """
     if cuda_refused is not None and fields and fields[0] == "cuda":
@@ -128,10 +131,9 @@ def decode_tensor(fields: list[Any], sender: str, sender_in_host: bool, acks: li
         tensor = _from_frame(torch, take, handle, dtype, shape, stride, offset)
     else:
         try:
-            segment = _shm.receive(handle, sender, (offset + extent) * dtype.itemsize, sender_in_host)
+            segment = _shm.receive(handle, sender, (offset + extent) * dtype.itemsize, sender_in_host, owe)
         except _shm.RefusedHandle as exc:
             raise DecodeError(str(exc)) from None
-        acks.append(_shm.ack_key(handle))
         storage = torch.frombuffer(segment.mm, dtype=torch.uint8).untyped_storage()
         tensor = torch.empty(0, dtype=dtype).set_(storage, offset, shape, stride)
     if requires_grad:

@@ -21,6 +21,8 @@ EXPECTED = {
     "bytes.raw.1048576", "bytes.1048576",
     "tensor.small_call", "tensor.shared.1024", "tensor.shared.67108864", "tensor.fresh.67108864",
     "tensor.returned.1024", "tensor.roundtrip.1024",
+    "tensor.fresh_copy.4194304", "tensor.fresh_sent.4194304", "tensor.fresh_returned.4194304",
+    "tensor.fresh_copy.67108864", "tensor.fresh_sent.67108864", "tensor.fresh_returned.67108864",
     "start.cold", "start.warm", "start.warm.over_floor", "memory.idle.pss", "memory.idle.uss", "memory.torch.extra",
     "scale.load.1", "scale.load.10", "scale.load.10.over_floor",
     "packs.load.spawn", "packs.load.fork", "packs.load.prestarted", "packs.uss.spawn", "packs.uss.fork",

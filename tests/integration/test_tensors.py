@@ -123,10 +123,10 @@ async def test_passing_a_shared_tensor_again_is_metadata_only(manager):
     assert (_shm.mapped(), _shm.stats()["worker_fds"], host_fds()) == before
 
 
-async def test_a_calls_answer_acknowledges_the_tensors_it_received(manager):
+async def test_a_calls_answer_releases_the_tensors_it_received(manager):
     t = await load(manager)
     x = torch.ones(1024)
-    for _ in range(50):  # no ACK message of its own: the RESULT header carries it
+    for _ in range(50):  # the method let go of them: no ACK message of its own, the RESULT header carries it
         assert await t.describe(x) == ["torch.float32", [1024], [1], 0, False]
         assert _shm.pinned() == 0
     with pytest.raises(TypeError):
@@ -139,15 +139,22 @@ async def test_a_calls_answer_acknowledges_the_tensors_it_received(manager):
     gc.collect()
 
 
-async def test_tensors_in_an_answer_are_acknowledged_by_the_next_call_or_at_the_end_of_the_turn(manager):
+async def test_tensors_in_an_answer_are_released_when_the_last_view_dies_by_the_next_call_or_at_the_end_of_the_turn(
+        manager):
     t = await load(manager)
     endpoint = manager.endpoint
     for _ in range(20):
         made = await t.make(4)
-        assert made.tolist() == [0.0, 1.0, 2.0, 3.0]
-        assert endpoint.acks.owed  # owed, not sent yet: the next call will carry them
+        view = made[1:]
+        del made
+        assert await t.pinned() == 1  # mapped here is not enough: a view of it lives, the worker keeps it
+        assert view.tolist() == [1.0, 2.0, 3.0]
+        del view
+        assert endpoint.acks.owed  # released, not sent yet: the next call will carry it
         assert await t.pinned() == 0  # ...and it did, before the method ran
-    await t.make(4)
+    made = await t.make(4)
+    await asyncio.sleep(0)  # (the loop's handle that resumed this task with it is gone now)
+    del made
     await asyncio.sleep(0)  # two turns of the loop, no call to carry them:
     await asyncio.sleep(0)  # the end of the turn sends an ACK message instead
     assert endpoint.acks.owed == {}
@@ -188,7 +195,7 @@ async def test_large_numpy_arrays_travel_through_shared_memory(manager):
     back = await n.echo(big)
     assert back.dtype == big.dtype and back.shape == big.shape and numpy.array_equal(back, big)
     base = back
-    while base is not None and not hasattr(base, "closed"):
+    while base is not None and not _shm.is_lease(base):
         base = getattr(base, "base", None)
     assert base is not None, "the result does not live in a shared-memory mapping"
 

@@ -5,7 +5,10 @@
   mapping (``check``). Where no segment can be had (memory, file-size or descriptor limits)
   ``NoRoom`` tells the sender to send a copy through the socket instead, with one warning.
 - ``_segments``: this process's mappings, ids (``<owner>:<random>``, the capability), the
-  checks a received handle passes, and pins until acknowledged.
+  checks a received handle passes, leases (what values hold), pins until released, and the
+  receive cache of pooled segments.
+- ``_pool``: the bounded pool of this process's segments in size classes, reused once every
+  holder released them (fresh values then cost a warm copy, or none with ``shared_empty``).
 - ``_channel``: the private socketpair between the host and each worker, which carries the
   bootstrap and the segments' descriptors (SCM_RIGHTS); ``_hub``: the host's end of them all.
 
@@ -18,25 +21,29 @@ import atexit
 import os
 from typing import TYPE_CHECKING
 
-from . import _memfd
+from . import _memfd, _pins
 from ._channel import MAX_SEGMENTS_PER_WORKER, WorkerChannel
 from ._layout import extent
-from ._memfd import NoRoom, RefusedHandle
+from ._memfd import NoRoom, RefusedHandle, warn_copy
+from ._pins import pin, pinned, unpin
+from ._pool import bound as pool_bound
+from ._pool import class_of, parse_size, pool, take
+from ._pool import configure as configure_pool
 from ._segments import (
+    Owe,
     Segment,
     Source,
     ack_key,
+    cached,
     create,
-    drop_peer,
     find,
+    is_lease,
+    leased,
     mapped,
-    pin,
-    pinned,
     receive,
     share,
     state,
-    unpin,
-    warn_copy,
+    uncache,
 )
 from ._segments import _address as _address
 
@@ -48,9 +55,11 @@ if TYPE_CHECKING:  # the hub is host-only code: a worker never imports it
     from ._hub import Hub
 
 __all__ = [
-    "MAX_SEGMENTS_PER_WORKER", "NoRoom", "RefusedHandle", "Segment", "Source", "WorkerChannel", "ack_key",
-    "attach_worker", "configure", "configure_host", "create", "drop_peer", "extent", "find", "hub", "mapped",
-    "pin", "pinned", "probe", "receive", "session", "share", "stats", "sweep", "unpin", "warn_copy",
+    "MAX_SEGMENTS_PER_WORKER", "NoRoom", "Owe", "RefusedHandle", "Segment", "Source", "WorkerChannel", "ack_key",
+    "attach_worker", "cached", "class_of", "configure", "configure_host", "configure_pool", "create", "drop_peer",
+    "extent", "find", "hub", "is_lease", "leased", "mapped", "new_segment", "parse_size", "pin", "pinned", "pool",
+    "pool_bound",
+    "probe", "receive", "session", "share", "stats", "sweep", "take", "trim", "uncache", "unpin", "warn_copy",
 ]
 
 _hub: Hub | None = None
@@ -65,15 +74,29 @@ def probe(size: int = 1 << 20) -> None:
     os.close(_memfd.create(size))
 
 
-def configure(session: str, actor: str, *, source: Source | None = None) -> None:
+def configure(session: str, actor: str, *, source: Source | None = None,
+              trusted: frozenset[bytes] = frozenset(), pool_bytes: int | None = None) -> None:
     """Name the segments this process creates (each worker calls this once).
 
     ``source``: the worker's control channel, through which our segments reach the host and
-    other actors' segments come.
+    other actors' segments come. ``trusted``: actors whose sight of a pooled segment does not
+    keep it from being reused for others (a worker's host). ``pool_bytes``: the bound of the
+    pool (None: ``PYISOLATE_SHM_POOL``, else 512 MiB).
     """
     state.session, state.actor = session, actor
     state.source = source
     state.shares_by_put = source is not None
+    state.trusted = trusted
+    configure_pool(pool_bytes)
+
+
+def new_segment(size: int, dest: bytes | None) -> Segment:
+    """A segment of at least ``size`` bytes for a value going to ``dest``: from the pool if it can.
+
+    Raises:
+        NoRoom: no memory, file size or descriptor for it: send a copy instead (``warn_copy``).
+    """
+    return take(size, dest) or create(size)
 
 
 def configure_host() -> str:
@@ -118,9 +141,24 @@ def sweep(actor: str | None = None) -> int:
     return _hub.sweep(actor) if _hub is not None else 0
 
 
+def drop_peer(peer: bytes) -> None:
+    """``peer`` is gone: nothing stays pinned for it (and what it held is never reused), and what
+    it sent us leaves the receive cache."""
+    _pins.drop(peer)
+    uncache(peer.decode(errors="replace"))
+
+
+def trim() -> None:
+    """Unmap what this process keeps for reuse: free segments of its pool, and the receive cache
+    (a manager's last act: nothing of its work stays mapped)."""
+    pool.trim()
+    uncache()
+
+
 def stats() -> dict[str, object]:
-    """Counts for tests and diagnostics: descriptors held, mappings, pins; in the host, the
-    descriptors workers PUT (after handling what they sent) and the refusals, by reason."""
+    """Counts for tests and diagnostics: descriptors held, mappings (all, leased, kept in the
+    receive cache), pins, the pool's bound, bytes and reuse; in the host, the descriptors
+    workers PUT (after handling what they sent) and the refusals, by reason."""
     result: dict[str, object] = {}
     if _hub is not None:
         with _hub.lock:
@@ -128,4 +166,5 @@ def stats() -> dict[str, object]:
                 channel.pump(None, answer=False)
             result["worker_fds"] = len(_hub.fds)
             result["refused"] = dict(_hub.refused)
-    return {"fds_held": _memfd.held(), "mapped": mapped(), "pinned": pinned(), **result}
+    return {"fds_held": _memfd.held(), "mapped": mapped(), "leased": leased(), "cached": cached(),
+            "pinned": pinned(), **pool.stats(), **result}

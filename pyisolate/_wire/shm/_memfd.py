@@ -18,7 +18,7 @@ import resource
 import stat
 import threading
 
-__all__ = ["NoRoom", "RefusedHandle", "check", "create", "held", "hold", "let_go"]
+__all__ = ["NoRoom", "RefusedHandle", "check", "create", "held", "hold", "let_go", "warn_copy"]
 
 logger = logging.getLogger("pyisolate.shm")
 
@@ -176,3 +176,19 @@ def _raise_budget() -> bool:
             pass
     _budget = (1 << 30) if soft == resource.RLIM_INFINITY else soft // 2
     return _held < _budget
+
+
+_warned = False
+
+
+def warn_copy(exc: NoRoom, what: str) -> None:
+    """Say once per process that values travel as copies because shared memory has no room."""
+    global _warned
+    if _warned:
+        return
+    _warned = True
+    logger.warning(
+        "shared memory cannot hold a %s of %d bytes (%s), so it travels as a copy through the "
+        "socket; so will any other value that does not fit (this warning is shown once). Fix: %s",
+        what, exc.size, exc.reason, exc.fix,
+    )

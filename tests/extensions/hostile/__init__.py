@@ -36,7 +36,7 @@ def _my_call_from(caller):
 class _ForgedRefs:
     """Codec hooks that claim any reference: what an honest endpoint would refuse to encode."""
 
-    shm_dest, shm_sender, shm_sender_in_host, shm_acks = b"", "", False, []
+    shm_dest, shm_sender, shm_sender_in_host, shm_owe = b"", "", False, None
 
     def __init__(self, owner, ref_id):
         self.ref = (owner, ref_id, 0)

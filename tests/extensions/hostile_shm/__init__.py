@@ -140,6 +140,10 @@ class HostileShm(ExtensionBase):
         code, fields = payloads[kind]
         return msgpack.ExtType(code, msgpack.packb(fields, use_bin_type=True))
 
+    def name_back(self, segment_id, n):
+        """A tensor handle naming a segment of the host's by its own id, as a peer returning it would."""
+        return msgpack.ExtType(13, msgpack.packb(["cpu", "float32", [n], [1], 0, False, segment_id], use_bin_type=True))
+
     def expanded(self, n):
         return torch.arange(4.0).expand(n, 4)
 
@@ -212,3 +216,20 @@ class HostileShm(ExtensionBase):
 
     def shm_stats(self):
         return {**pyisolate._wire.shm.stats(), "fds": len(os.listdir("/proc/self/fd"))}
+
+    async def release_early(self, t, times, keys=()):
+        """Keep ``t`` but release its segment to the host now, ``times`` times over, with
+        ``keys`` of segments it was never sent and junk besides (an honest receiver releases
+        once, when its last view dies)."""
+        from pyisolate._rpc.context import worker_endpoint
+        from pyisolate.broker.protocol import Kind, pack_header
+
+        self.kept.append(t)
+        endpoint = worker_endpoint()
+        mapping = _segments.find(t.untyped_storage().data_ptr()).mapping
+        ours = [_segments.ack_key(segment_id) for _, _, segment_id in mapping.use.owed]
+        for _ in range(times):
+            endpoint.acks.send(b"host", [*ours, *keys, "!" + "0" * 32, "x" * 40, ""])
+            endpoint.send_quiet(b"host", [pack_header(Kind.ACK, 0, "not a list"), b""])
+            endpoint.send_quiet(b"host", [pack_header(Kind.ACK, 0, [1, None, ["a"]]), b""])
+        return ours

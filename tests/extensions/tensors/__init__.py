@@ -12,6 +12,7 @@ class Tensors(ExtensionBase):
     def __init__(self):
         self.kept = None
         self.made = None
+        self.kept_list = []
 
     def torch_file(self):
         return torch.__file__
@@ -30,6 +31,48 @@ class Tensors(ExtensionBase):
 
     def make(self, n):
         return torch.arange(n, dtype=torch.float32)
+
+    def make_filled(self, n, value):
+        """A fresh tensor every call (moved into shared memory when it is returned)."""
+        return torch.full((n,), float(value))
+
+    def born(self, n, value):
+        """A tensor born in shared memory, and where it lives."""
+        t = pyisolate.shared_empty((n,), torch.float32)
+        t.fill_(float(value))
+        return t, t.untyped_storage().data_ptr()
+
+    def keep_also(self, t):
+        self.kept_list.append(t)
+        return len(self.kept_list)
+
+    def kept_ranges(self):
+        """(min, max) of every tensor kept by keep_also: each was sent filled with one value."""
+        return [(float(t.min()), float(t.max())) for t in self.kept_list]
+
+    def malloc_state(self):
+        """Whether the worker set glibc's mmap threshold, and the MALLOC_* variables it sees."""
+        from pyisolate.workers import malloc
+
+        return malloc.tuned, {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}
+
+    def rss_growth_after_two_buffers(self, nbytes):
+        """How much RSS stays after making, touching and freeing two buffers of ``nbytes``, one
+        after the other (glibc serves the second from its heap once the first raised its threshold)."""
+        def rss():
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+        before = rss()
+        for _ in range(2):
+            buffer = bytearray(nbytes)
+            buffer[::4096] = b"\1" * len(range(0, nbytes, 4096))
+            del buffer
+        return rss() - before
+
+    def drop_all(self):
+        self.kept_list.clear()
+        self.kept = None
 
     def echo(self, value):
         return value
