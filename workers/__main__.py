@@ -207,10 +207,6 @@ def main() -> None:
     """Entry point of the worker process."""
     from pyisolate._wire import shm
 
-    from . import malloc
-
-    malloc.tune()  # before the extension allocates anything
-
     channel = shm.WorkerChannel(int(sys.argv[1]))
     try:
         boot = channel.boot(timeout=_BOOT_TIMEOUT)

@@ -59,8 +59,8 @@ _BOOTSTRAP = bootstrap("pyisolate.workers.__main__")
 #: Set to "1" in every worker's environment (as pyisolate 0.10 did), never in the host's.
 CHILD_VARIABLE = "PYISOLATE_CHILD"
 # A worker gets a clean environment: these host variables, and those its config names.
-# The user's malloc settings (MALLOC_*, GLIBC_TUNABLES) pass, and win over the worker's own
-# (``workers.malloc``).
+# The user's malloc settings (MALLOC_*, GLIBC_TUNABLES) pass: glibc reads them as the worker
+# (or the fork server it is forked from) starts.
 _PASSED = frozenset({"PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TERM", "TMPDIR", "SHELL",
                      "GLIBC_TUNABLES"})
 _PASSED_PREFIXES = ("LC_", "CUDA_", "NVIDIA_", "OMP_", "MKL_", "OPENBLAS_", "XDG_", "MALLOC_")

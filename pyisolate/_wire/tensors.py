@@ -69,7 +69,7 @@ def encode_tensor(t: Any, dest: bytes, cuda_refused: str | None = None) -> list[
         nbytes = storage.nbytes()
     try:
         segment = _shm.find(storage.data_ptr())
-        if segment is None:
+        if segment is None or _shm.copies_forward(segment, dest):
             segment = _move_to_shm(t, storage, nbytes, torch, dest)
         return ["cpu", *meta, _shm.share(dest, segment)]
     except _shm.NoRoom as exc:

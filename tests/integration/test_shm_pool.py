@@ -80,16 +80,38 @@ async def test_a_segment_is_not_reused_while_the_host_still_holds_a_view_of_it(m
         assert held in {inode(again)} | {inode(await t.make_filled(N, 8))}
 
 
-async def test_a_segment_shared_on_to_a_third_actor_is_kept_until_it_lets_go_and_then_never_reused(manager):
+async def test_a_pooled_segment_going_on_to_a_third_actor_goes_as_a_copy_and_back_to_its_owners_pool(manager):
+    """A chain of nodes (a -> host -> b): passed on, a's segment could never be reused (b maps
+    it), so a would make and fault a new one for every value. The host sends b a copy in a
+    segment of its own instead, and a's segment comes back to a's pool."""
     a = await load(manager, "a")
     b = await load(manager, "b")
     async with asyncio.timeout(120):
         x = await a.make_filled(N, 1)
+        held = inode(x)
+        await b.keep_also(x)
+        assert inode(x) != held  # x moved, once, into the host's own segment
+        made = (await a.shm_stats())["pool_made"]
+        del x
+        await a.pinned()  # the host's release of a's segment has reached a
+        again = await a.make_filled(N, 2)
+        assert (await a.shm_stats())["pool_made"] == made  # a's segment came back and was reused
+        assert (float(again.min()), float(again.max())) == (2, 2)
+        assert await b.kept_ranges() == [(1.0, 1.0)]  # b's copy is not a's segment: never overwritten
+
+
+async def test_a_segment_shared_on_to_a_third_actor_is_kept_until_it_lets_go_and_then_never_reused(manager):
+    """Above FORWARD_COPY_MAX a segment is passed on (a copy would cost more than a new segment)."""
+    a = await load(manager, "a")
+    b = await load(manager, "b")
+    big = _shm.FORWARD_COPY_MAX // 4 + MIB  # float32 elements
+    async with asyncio.timeout(120):
+        x = await a.make_filled(big, 1)
         await b.keep_also(x)  # the host shares a's segment on, with b
         held = inode(x)
         del x
         for i in range(2, 5):  # the host let go, b did not: a must not reuse it
-            y = await a.make_filled(N, i)
+            y = await a.make_filled(big, i)
             assert inode(y) != held
             del y
         assert await b.kept_ranges() == [(1.0, 1.0)]
@@ -99,7 +121,7 @@ async def test_a_segment_shared_on_to_a_third_actor_is_kept_until_it_lets_go_and
         await b.pinned()
         after = await a.shm_stats()
         assert after["mapped"] == before["mapped"] - 1  # a unmapped it: seen by b, never a's to reuse
-        assert after["pool_bytes"] == before["pool_bytes"] - 4 * MIB
+        assert after["pool_bytes"] == before["pool_bytes"] - _shm.class_of(big * 4)
 
 
 async def test_a_peer_releasing_early_twice_or_for_others_cannot_make_the_host_reuse_what_another_holds(manager):

@@ -35,6 +35,7 @@ from ._segments import (
     Source,
     ack_key,
     cached,
+    copies_forward,
     create,
     find,
     is_lease,
@@ -45,6 +46,7 @@ from ._segments import (
     state,
     uncache,
 )
+from ._segments import FORWARD_COPY_MAX
 from ._segments import _address as _address
 
 if TYPE_CHECKING:  # the hub is host-only code: a worker never imports it
@@ -55,12 +57,12 @@ if TYPE_CHECKING:  # the hub is host-only code: a worker never imports it
     from ._hub import Hub
 
 __all__ = [
-    "MAX_SEGMENTS_PER_WORKER", "NoRoom", "Owe", "RefusedHandle", "Segment", "Source", "WorkerChannel", "ack_key",
-    "attach_worker", "cached", "class_of", "configure", "configure_host", "configure_pool", "create", "drop_peer",
-    "extent", "find", "hub", "is_lease", "leased", "mapped", "new_segment", "parse_size", "pin", "pinned", "pool",
-    "pool_bound",
-    "probe", "receive", "session", "share", "stats", "sweep", "take", "trim", "uncache", "unpin", "warn_copy",
-]
+    "FORWARD_COPY_MAX", "MAX_SEGMENTS_PER_WORKER", "NoRoom", "Owe", "RefusedHandle", "Segment", "Source",
+    "WorkerChannel", "ack_key", "attach_worker", "cached", "class_of", "copies_forward", "configure",
+    "configure_host", "configure_pool", "create", "drop_peer", "extent", "find", "hub", "is_lease", "leased",
+    "mapped", "new_segment", "parse_size", "pin", "pinned", "pool", "pool_bound", "probe", "receive", "session",
+    "share", "stats", "sweep", "take", "trim", "uncache", "unpin", "warn_copy",
+]  # fmt: skip
 
 _hub: Hub | None = None
 

@@ -51,6 +51,8 @@ _ID_RE = re.compile(r"([A-Za-z0-9_.-]{1,64}):(p?[0-9a-f]{32})")
 HOST = "host"
 #: Ids a mapping is remembered by, besides its own (see ``_alias``).
 _MAX_ALIASES = 8
+#: Largest received pooled segment that goes on to a third actor as a copy (``copies_forward``).
+FORWARD_COPY_MAX = 64 << 20
 
 #: Who a received segment's release goes to: called (from any thread) with the ack key.
 Owe = Callable[[str], None]
@@ -328,6 +330,21 @@ def share(dest: bytes, segment: Segment) -> str:
             mapping.use.reshared = True  # its owner must not reuse it: a third actor maps it now
     _pins.pin(dest, segment, ack_key(segment_id))
     return segment_id
+
+
+def copies_forward(segment: Segment, dest: bytes) -> bool:
+    """Whether ``segment``, received from its owner's pool, goes on to ``dest`` (not the actor
+    it came from) better as a copy into a segment of ours.
+
+    Passed on, a third actor would map it, so its owner could never reuse it (see ``tainted``):
+    a chain of nodes (pack A -> host -> pack B) would make its owner create and fault a new
+    segment for every value. Up to ``FORWARD_COPY_MAX`` a warm copy costs less, and the
+    received segment goes back to its owner's pool once our last view of it is gone.
+    """
+    mapping = segment.mapping
+    with _lock:
+        return (mapping.kind == RECEIVED and mapping.cached and mapping.size <= FORWARD_COPY_MAX
+                and _named_by(mapping, dest) is None)
 
 
 def _named_by(mapping: _Mapping, dest: bytes) -> str | None:

@@ -50,11 +50,9 @@ class Tensors(ExtensionBase):
         """(min, max) of every tensor kept by keep_also: each was sent filled with one value."""
         return [(float(t.min()), float(t.max())) for t in self.kept_list]
 
-    def malloc_state(self):
-        """Whether the worker set glibc's mmap threshold, and the MALLOC_* variables it sees."""
-        from pyisolate.workers import malloc
-
-        return malloc.tuned, {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}
+    def malloc_env(self):
+        """The MALLOC_* variables the worker sees."""
+        return {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}
 
     def rss_growth_after_two_buffers(self, nbytes):
         """How much RSS stays after making, touching and freeing two buffers of ``nbytes``, one
