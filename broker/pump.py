@@ -105,15 +105,6 @@ class SocketPump:
             if not (self._scheduled or self._draining) and _get(self._sock, _EVENTS) & _POLLIN:
                 self._schedule()
 
-    def drain_soon(self) -> None:
-        """Drain (and run ``after_drain``) on the next turn of the loop, readable or not."""
-        if not (self._scheduled or self._closed):
-            self._schedule()
-
-    def pending(self) -> bool:
-        """Whether a message waits to be read."""
-        return not self._closed and bool(_get(self._sock, _EVENTS) & _POLLIN)
-
     def close(self) -> None:
         """Stop reading; idempotent. Does not close the socket."""
         if self._closed:

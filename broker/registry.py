@@ -55,13 +55,6 @@ class Registry:
         if rid is not None:
             self._by_rid.pop(rid, None)
 
-    def forget_connection(self, name: bytes, rid: bytes) -> None:
-        """Unbind ``name`` from the connection ``rid`` only (not a later one, nor an expected join)."""
-        if self._by_name.get(name) == rid:
-            del self._by_name[name]
-        if self._by_rid.get(rid) == name:
-            del self._by_rid[rid]
-
     def knows(self, name: bytes) -> bool:
         """Whether ``name`` is connected or expected to join."""
         return name in self._by_name or name in self._expected

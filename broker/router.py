@@ -142,9 +142,7 @@ class Broker:
             raise
         self.endpoint: str = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self._finalizer = weakref.finalize(self, _cleanup, self._ctx, sock, self._ipc_dir)
-        # Connections found gone whose routing ids still name them (see _lost).
-        self._leaving: list[tuple[bytes, bytes]] = []
-        self._pump = SocketPump(sock, self._loop, self._on_frames, after_drain=self._after_drain)
+        self._pump = SocketPump(sock, self._loop, self._on_frames, after_drain=self._retry_blocked)
         self._watchdog = LoopWatchdog(self._loop, block_warning) if block_warning else None
         self.closed = False
         logger.debug("broker listening on %s", self.endpoint)
@@ -367,27 +365,12 @@ class Broker:
             except LookupError:
                 self._lost(outbox.name)
 
-    def _after_drain(self) -> None:
-        self._retry_blocked()
-        if self._leaving and not self._pump.pending():
-            for name, rid in self._leaving:
-                self.registry.forget_connection(name, rid)
-            self._leaving.clear()
-
     def _lost(self, name: bytes) -> None:
         """The socket says ``name``'s connection is gone (it closed its socket, or sent a frame
-        over max_message_size and was cut off): stop routing to it and tell the owner.
-
-        Its routing id still names it until the socket has nothing left to read: what it sent
-        before it went (a worker's answer to STOP, then its exit) may still wait behind the
-        send that found it gone, and is delivered, not dropped as from a stranger.
-        """
+        over max_message_size and was cut off): stop routing to it and tell the owner."""
         if self._outboxes.pop(name, None) is None:
             return
-        rid = self.registry.rid_of(name)
-        if rid is not None:
-            self._leaving.append((name, rid))
-            self._pump.drain_soon()
+        self.registry.forget(name)
         logger.debug("actor %r lost its connection to the broker", name.decode(errors="replace"))
         if self._on_leave is not None:
             self._loop.call_soon(self._on_leave, name)

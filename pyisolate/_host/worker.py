@@ -11,6 +11,7 @@ import secrets
 import signal
 import sys
 import time
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -378,7 +379,7 @@ class Worker:
         if was_ready and self.process is not None and self.process.returncode is None:
             try:
                 async with asyncio.timeout(self._manager.config.stop_timeout):
-                    await self._manager.endpoint.request_stop(self.bname)
+                    await self._answer_or_exit(self._manager.endpoint.request_stop(self.bname), self.process)
             except TimeoutError:
                 logger.warning("extension %r did not finish stop() within %.1f s", self.name,
                                self._manager.config.stop_timeout)
@@ -390,6 +391,27 @@ class Worker:
             await self.process.stop(self._manager.config.stop_timeout)
         await self._release(closed)
         self.state = State.STOPPED
+
+    @staticmethod
+    async def _answer_or_exit(request: Awaitable[object], process: WorkerProcess) -> None:
+        """Wait for the answer to STOP, or for the worker's exit, whichever comes first.
+
+        A worker exits once it has answered STOP, and its answer can be lost on the way: when
+        many stop at once, the broker's GONE notice about one finds another's socket closed,
+        and the broker forgets that connection before reading the answer queued behind it.
+        Its exit says as much as the answer: the stop is done, with no wait for the timeout.
+        """
+        answer = asyncio.ensure_future(request)
+        exited = asyncio.ensure_future(process.wait())
+        try:
+            await asyncio.wait({answer, exited}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in (answer, exited):
+                if not waiter.done():
+                    waiter.cancel()
+            await asyncio.gather(answer, exited, return_exceptions=True)
+        if answer.done() and not answer.cancelled() and (error := answer.exception()) is not None:
+            raise error
 
     async def _release(self, why: BaseException) -> None:
         # Calls that slipped in while it stopped (they waited for a slot) end here too.

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import stat
-import time
 
 import msgpack
 import pytest
@@ -159,31 +158,6 @@ async def test_host_side_actor_is_served_in_place(broker, peers):
     assert await a.recv() == [b"svc", b"h2", b"b2"]
     with pytest.raises(LookupError):
         broker.send(b"nobody", b"svc", [b"h", b"b"])
-
-
-async def test_what_a_worker_sent_before_it_went_arrives_after_a_send_found_it_gone(broker, peers):
-    """A worker answers STOP and exits while the host sends it something else (a GONE notice
-    about another worker): the send finds it gone before its answer is read. The answer is
-    still delivered as from that worker, and only then is its name free again."""
-    received: asyncio.Queue[tuple[bytes, list[bytes]]] = asyncio.Queue()
-    broker.add_local(b"svc", lambda sender, frames: received.put_nowait((sender, frames)))
-    a = peers()
-    await join(broker, a, "a")
-    a.sock.setsockopt(zmq.LINGER, 10_000)
-    await a.sock.send_multipart([b"svc", b"answer", b"body"])
-    a.close()  # after the answer has left
-    deadline = time.monotonic() + 10
-    while True:  # no turn of the loop here: the broker reads nothing until the send fails
-        try:
-            broker.send(b"a", b"svc", [b"notice", b"body"], urgent=True)
-        except LookupError:
-            break
-        assert time.monotonic() < deadline, "the broker never noticed the connection was gone"
-        time.sleep(0.001)
-    async with asyncio.timeout(10):
-        sender, frames = await received.get()
-    assert (sender, frames) == (b"a", [b"answer", b"body"])
-    assert not broker.has_actor(b"a") and broker.dropped == 0
 
 
 async def test_a_worker_cannot_join_under_a_host_actors_name(broker, peers):

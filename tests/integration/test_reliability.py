@@ -136,6 +136,22 @@ async def test_the_stop_ladder_ends_a_worker_that_will_not_stop(venv_root, ignor
         assert process.returncode == -signals.Signals(signal_number)
 
 
+async def test_a_worker_that_exits_without_answering_stop_ends_the_stop_at_once(venv_root, caplog):
+    """Its answer to STOP can be lost (many workers stopped at once: the broker's GONE notice
+    about one finds another's socket closed first); its exit ends the wait all the same, with
+    no warning, long before stop_timeout."""
+    config = ExtensionManagerConfig(venv_root_path=venv_root, stop_timeout=600)
+    async with ExtensionManager(ExtensionBase, config) as manager:
+        e = await manager.load_extension(ExtensionConfig(name="quitter", module_path=ext("ok")))
+        await e.set_exit_in_stop()
+        process = manager._extensions["quitter"].process
+        with caplog.at_level("WARNING", logger="pyisolate"):
+            async with asyncio.timeout(60):  # stop_timeout is 600 s: only the exit can end it
+                await e.stop()
+    assert process.returncode == 0
+    assert not [r for r in caplog.records if "did not finish stop()" in r.getMessage()]
+
+
 @pytest.mark.parametrize("hard_room", [True, False])
 async def test_loading_checks_the_fd_headroom_first(venv_root, hard_room):
     """A load raises a low soft RLIMIT_NOFILE before spawning (libzmq would abort the host on
