@@ -43,6 +43,8 @@ import warnings
 from collections.abc import Callable
 from typing import Any, NoReturn
 
+from pyisolate._wire import shm as _shm
+
 from .zygote_numpy import NumpyCheck
 
 __all__ = ["main"]
@@ -122,7 +124,7 @@ def _serve(control: socket.socket, become_worker: Callable[[dict[str, Any], list
                 _send(control, {"op": "exited", "pid": pid, "code": os.waitstatus_to_exitcode(status)})
                 continue
             data, ancillary, flags, _ = control.recvmsg(_MAX_REQUEST, _ANCILLARY, socket.MSG_CMSG_CLOEXEC)
-            fds = _descriptors(ancillary)
+            fds = _shm.descriptors(ancillary)
             if not data and not fds:
                 return  # the host is gone, or done with us; the children live on without us
             try:
@@ -143,16 +145,6 @@ def _serve(control: socket.socket, become_worker: Callable[[dict[str, Any], list
             children[pidfd] = pid
             poll.register(pidfd, select.POLLIN)
             _send(control, {"op": "forked", "id": request["id"], "pid": pid}, pidfd)
-
-
-def _descriptors(ancillary: list[tuple[int, int, bytes]]) -> list[int]:
-    fds: list[int] = []
-    for level, kind, payload in ancillary:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            received = array.array("i")
-            received.frombytes(payload[: len(payload) - len(payload) % received.itemsize])
-            fds.extend(received)
-    return fds
 
 
 def _request_id(data: bytes) -> int:

@@ -36,6 +36,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from .._wire import shm as _shm
 from .forked import STATUS_UNKNOWN, ForkedProcess
 from .process import WorkerProcess, bootstrap, worker_env
 
@@ -192,7 +193,7 @@ class ForkServer:
             except OSError as exc:
                 self._fail(f"its control socket failed: {exc}")
                 return
-            fds = _descriptors(ancillary)
+            fds = _shm.descriptors(ancillary)
             if not data and not fds:
                 self._fail("it closed its control socket")
                 return
@@ -318,16 +319,6 @@ def _same(protocol: asyncio.StreamReaderProtocol) -> asyncio.StreamReaderProtoco
 
 def _ints(message: dict[str, Any], *keys: str) -> bool:
     return all(isinstance(message.get(key), int) and not isinstance(message.get(key), bool) for key in keys)
-
-
-def _descriptors(ancillary: list[tuple[int, int, bytes]]) -> list[int]:
-    fds: list[int] = []
-    for level, kind, payload in ancillary:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            received = array.array("i")
-            received.frombytes(payload[: len(payload) - len(payload) % received.itemsize])
-            fds.extend(received)
-    return fds
 
 
 def _close(fds: list[int]) -> None:

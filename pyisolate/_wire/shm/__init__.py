@@ -22,7 +22,7 @@ import os
 from typing import TYPE_CHECKING
 
 from . import _memfd, _pins
-from ._channel import MAX_SEGMENTS_PER_WORKER, WorkerChannel
+from ._channel import MAX_SEGMENTS_PER_WORKER, WorkerChannel, descriptors
 from ._layout import extent
 from ._memfd import NoRoom, RefusedHandle, warn_copy
 from ._pins import pin, pinned, unpin
@@ -59,8 +59,8 @@ if TYPE_CHECKING:  # the hub is host-only code: a worker never imports it
 __all__ = [
     "FORWARD_COPY_MAX", "MAX_SEGMENTS_PER_WORKER", "NoRoom", "Owe", "RefusedHandle", "Segment", "Source",
     "WorkerChannel", "ack_key", "attach_worker", "cached", "class_of", "copies_forward", "configure",
-    "configure_host", "configure_pool", "create", "drop_peer", "extent", "find", "hub", "is_lease", "leased",
-    "mapped", "new_segment", "parse_size", "pin", "pinned", "pool", "pool_bound", "probe", "receive", "session",
+    "configure_host", "configure_pool", "create", "descriptors", "drop_peer", "extent", "find", "hub",
+    "is_lease", "leased", "mapped", "new_segment", "parse_size", "pin", "pinned", "pool", "pool_bound", "probe", "receive", "session",
     "share", "stats", "sweep", "take", "trim", "uncache", "unpin", "warn_copy",
 ]  # fmt: skip
 

@@ -31,7 +31,7 @@ from typing import Any
 
 from ._memfd import RefusedHandle
 
-__all__ = ["BOOT", "DROP", "FD", "GET", "MAX_MESSAGE", "MAX_SEGMENTS_PER_WORKER", "MISSING", "PUT",
+__all__ = ["BOOT", "DROP", "FD", "GET", "descriptors", "MAX_MESSAGE", "MAX_SEGMENTS_PER_WORKER", "MISSING", "PUT",
            "WorkerChannel", "recv", "send"]
 
 BOOT, FD, MISSING, PUT, DROP, GET = 1, 2, 3, 4, 5, 6
@@ -59,14 +59,19 @@ def recv(sock: socket.socket, size: int = MAX_MESSAGE) -> tuple[bytes, list[int]
     mark the message cut, like a message longer than ``size``. b"" means end of file.
     """
     data, ancillary, flags, _ = sock.recvmsg(size, _FD_SPACE, socket.MSG_CMSG_CLOEXEC)
+    cut = bool(flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC))
+    return data, descriptors(ancillary), cut
+
+
+def descriptors(ancillary: list[tuple[int, int, bytes]]) -> list[int]:
+    """The descriptors (SCM_RIGHTS) in ``recvmsg``'s ancillary data; the caller owns them."""
     fds: list[int] = []
     for level, kind, payload in ancillary:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
             received = array.array("i")
             received.frombytes(payload[: len(payload) - len(payload) % received.itemsize])
             fds.extend(received)
-    cut = bool(flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC))
-    return data, fds, cut
+    return fds
 
 
 def _close(fds: list[int]) -> None:
