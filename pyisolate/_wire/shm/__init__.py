@@ -60,8 +60,8 @@ __all__ = [
     "FORWARD_COPY_MAX", "MAX_SEGMENTS_PER_WORKER", "NoRoom", "Owe", "RefusedHandle", "Segment", "Source",
     "WorkerChannel", "ack_key", "attach_worker", "cached", "class_of", "copies_forward", "configure",
     "configure_host", "configure_pool", "create", "descriptors", "drop_peer", "extent", "find", "hub",
-    "is_lease", "leased", "mapped", "new_segment", "parse_size", "pin", "pinned", "pool", "pool_bound", "probe", "receive", "session",
-    "share", "stats", "sweep", "take", "trim", "uncache", "unpin", "warn_copy",
+    "is_lease", "leased", "mapped", "new_segment", "parse_size", "pin", "pinned", "pool", "pool_bound", "probe",
+    "receive", "session", "share", "stats", "sweep", "take", "trim", "uncache", "unpin", "warn_copy",
 ]  # fmt: skip
 
 _hub: Hub | None = None
