@@ -342,9 +342,10 @@ def copies_forward(segment: Segment, dest: bytes) -> bool:
     received segment goes back to its owner's pool once our last view of it is gone.
     """
     mapping = segment.mapping
+    if mapping.kind != RECEIVED or not mapping.cached or mapping.size > FORWARD_COPY_MAX:
+        return False  # the common case (our own segment, sent again) takes no lock
     with _lock:
-        return (mapping.kind == RECEIVED and mapping.cached and mapping.size <= FORWARD_COPY_MAX
-                and _named_by(mapping, dest) is None)
+        return _named_by(mapping, dest) is None
 
 
 def _named_by(mapping: _Mapping, dest: bytes) -> str | None:
