@@ -28,7 +28,8 @@ EXPECTED = {
     "packs.load.spawn", "packs.load.fork", "packs.load.prestarted", "packs.uss.spawn", "packs.uss.fork",
     "sandbox.start.unconfined", "sandbox.start.landlock", "sandbox.call.unconfined", "sandbox.call.landlock",
     "types.value.dict", "types.value.dataclass", "types.call.singleton", "types.call.handle",
-    "workflow.in_process", "workflow.isolated", "workflow.uss.host", "workflow.uss.workers",
+    "workflow.in_process", "workflow.process_floor", "workflow.isolated", "workflow.isolated.over_floor",
+    "workflow.uss.host", "workflow.uss.workers",
 }  # fmt: skip
 
 pytestmark = pytest.mark.venv
