@@ -29,6 +29,7 @@ EXPECTED = {
     "sandbox.start.unconfined", "sandbox.start.landlock", "sandbox.call.unconfined", "sandbox.call.landlock",
     "types.value.dict", "types.value.dataclass", "types.call.singleton", "types.call.handle",
     "workflow.in_process", "workflow.isolated", "workflow.uss.host", "workflow.uss.workers",
+    "trace.call.off", "trace.call.on",
 }  # fmt: skip
 
 pytestmark = pytest.mark.venv
