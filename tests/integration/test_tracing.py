@@ -4,6 +4,8 @@ what a hostile worker's trace fields and span messages do (nothing but be counte
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 
 import pytest
 from opentelemetry import trace
@@ -172,3 +174,19 @@ async def test_hostile_trace_fields_and_span_messages_are_ignored(traced):
     assert traces.refused == refused + len(bodies)
     forged = [span for span in EXPORTER.get_finished_spans() if span.name == "forged"]
     assert len(forged) == 1 and forged[0].resource.attributes["pyisolate.actor"] == "hostile"
+
+
+def test_tracing_without_opentelemetry_says_what_to_install(tmp_path):
+    """A host without OpenTelemetry (hidden from this interpreter) is told the extra to install."""
+    script = (
+        "import sys; sys.modules['opentelemetry'] = None\n"
+        "from pyisolate import ConfigError, ExtensionBase, ExtensionManager, ExtensionManagerConfig\n"
+        f"ExtensionManager(ExtensionBase, ExtensionManagerConfig(venv_root_path={str(tmp_path)!r}))  # off: fine\n"
+        "try:\n"
+        f"    ExtensionManager(ExtensionBase, ExtensionManagerConfig(venv_root_path={str(tmp_path)!r}, tracing=True))\n"
+        "except ConfigError as exc:\n"
+        "    print(exc)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "pip install 'pyisolate[otel]'" in done.stdout
