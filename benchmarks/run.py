@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
 import host_types  # noqa: E402
+import tracing  # noqa: E402
 import measures  # noqa: E402
 import sandbox  # noqa: E402
 import startup  # noqa: E402
@@ -78,6 +79,8 @@ async def run_suite(work: Path, quick: bool, with_torch: bool) -> list[Result]:
         results += await workflow.measure(work, quick)
     _progress("host types")
     results += await host_types.measure(work, quick)
+    _progress("tracing")
+    results += await tracing.measure(work, quick)
     _progress("start-up, memory and scale")
     results += await startup.measure(work, quick)
     _progress("sandbox")

@@ -44,7 +44,7 @@ __all__ = [
 ]
 
 #: Bumped on any incompatible change to frames, kinds or header fields.
-PROTOCOL_VERSION: Final = 3
+PROTOCOL_VERSION: Final = 4
 
 #: Routing name of the broker itself.
 BROKER: Final = b""
@@ -68,7 +68,8 @@ class Kind(enum.IntEnum):
     REFUSED      reason (str)                                empty
     READY        (none)                                      {methods: [str, ...]}
     LOAD_FAILED  (none)                                      encoded exception
-    CALL         method, ref_id, chain_owner, chain_id[, acks] [args, kwargs]
+    CALL         method, ref_id, chain_owner, chain_id[,     [args, kwargs]
+                 acks or nil[, trace context]]
     RESULT       (none), or mode ("" or "stream") and acks   encoded value; nothing for a stream
     ERROR        (none), or "" and acks                      encoded exception
     UNROUTABLE   destination (str), reason (str), code (str)  the original header, verbatim:
@@ -88,6 +89,8 @@ class Kind(enum.IntEnum):
     LOST         answerer (str), reason (str)                the refused answer's header: the
                                                              answer to your call was not delivered
     GONE         actor (str)                                 encoded exception: why it left
+    SPANS        (none)                                      finished trace spans, worker -> host
+                                                             (see ``pyisolate._rpc.tracing``)
     ===========  ==========================================  ===============================
     """
 
@@ -113,6 +116,7 @@ class Kind(enum.IntEnum):
     CONSUMED = 20
     LOST = 21
     GONE = 22
+    SPANS = 23
 
 
 #: Why a message was not delivered (UNROUTABLE's third field): no such actor (or it left), a

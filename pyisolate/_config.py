@@ -160,6 +160,12 @@ class ExtensionManagerConfig:
             it: under bwrap, with a venv that has its own copy of a package the fork server
             imported (torch's family, zmq, msgpack), or once the fork server has failed (with one
             warning). See the sandbox guide for how a forked worker is confined.
+        tracing: Make an OpenTelemetry span of every call, where it is made and where it runs,
+            with the trace context in the call's header, so one trace follows a call from the
+            host through extensions and singletons; workers send their spans to the host, which
+            exports them through the application's TracerProvider. Needs the ``otel`` extra
+            (``pip install 'pyisolate[otel]'``). Default False: no span, and call headers are
+            byte for byte those of a host without tracing. See the tracing guide.
     """
 
     venv_root_path: str | os.PathLike[str]
@@ -181,9 +187,12 @@ class ExtensionManagerConfig:
     host_paths: Sequence[str | os.PathLike[str]] = ()
     fork_server: bool = True
     shm_pool_bytes: int | None = None
+    tracing: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "types", _types_reference(self.types))
+        if not isinstance(self.tracing, bool):
+            raise ConfigError(f"ExtensionManagerConfig.tracing must be True or False, got {self.tracing!r}")
         root = self.venv_root_path
         if not isinstance(root, (str, os.PathLike)) or not str(root):
             raise ConfigError(

@@ -95,8 +95,12 @@ async def _serve(boot: dict[str, Any], channel: shm.WorkerChannel) -> int:
         except Exception as exc:
             logger.exception("stop() of the extension failed")
             body, buffers = encode_exception(exc)
+            if ship_spans is not None:  # the host has them all by the time it has the answer
+                ship_spans()
             send(HOST, [pack_header(Kind.ERROR, call_id), body, *buffers])
         else:
+            if ship_spans is not None:
+                ship_spans()
             send(HOST, [pack_header(Kind.RESULT, call_id), encode(None)[0]])
         finished.set()
 
@@ -108,6 +112,7 @@ async def _serve(boot: dict[str, Any], channel: shm.WorkerChannel) -> int:
                         max_message_size=limits.get("max_message_size", 256 << 20))
     endpoint.server.on_system_exit = exits.leave  # the worker exits with its code; the call fails as a crash
     endpoint.host_actors = frozenset(n.encode() for n in boot["host_actors"])
+    ship_spans = _trace(loop, send, endpoint) if boot.get("tracing") else None
     if not boot.get("cuda_ipc", True):  # ExtensionConfig.share_cuda_ipc off: no CUDA tensor in or out
         refusal = (f"this extension ({name!r}) does not share CUDA tensors (share_cuda_ipc is off); load it with "
                    "share_torch=True and share_cuda_ipc=True to share them")
@@ -152,6 +157,22 @@ async def _serve(boot: dict[str, Any], channel: shm.WorkerChannel) -> int:
     finally:
         set_worker_endpoint(None)
         conn.close()
+
+
+def _trace(loop: asyncio.AbstractEventLoop, send: Any, endpoint: Any) -> Any:
+    """Trace this worker's calls, its spans shipped to the host; return what ships them (None:
+    OpenTelemetry cannot be imported here, and the worker serves untraced)."""
+    from .traces import install
+
+    installed = install(loop, send)
+    if installed is None:
+        return None
+    from pyisolate._rpc import make_tracing
+
+    tracer, shipper = installed
+    endpoint.tracing = tracing = make_tracing(tracer)
+    tracing.on_served = shipper.ship
+    return shipper.ship
 
 
 def _app_types(reference: str, load_types: Any) -> Any:

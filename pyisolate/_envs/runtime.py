@@ -25,11 +25,13 @@ _LAYOUT_VERSION = 1  # bump when the layout changes
 _RUNTIME_DISTRIBUTIONS = {"pyzmq": "zmq", "msgpack": "msgpack"}  # distribution -> import name
 
 
-def runtime_dir(venv_root: Path, share_torch: bool = False) -> Path:
+def runtime_dir(venv_root: Path, share_torch: bool = False, tracing: bool = False) -> Path:
     """Return a directory of symlinks to the host's pyisolate, zmq and msgpack; build it once.
 
     With ``share_torch`` it also links the host's torch and the distributions torch requires
-    (its family), so that a child imports the very files of the host's torch.
+    (its family), so that a child imports the very files of the host's torch. With
+    ``tracing`` it links OpenTelemetry's SDK and what it requires (the API among them), which
+    a worker imports to make its spans (``ExtensionManagerConfig.tracing``).
 
     Appended to the END of a child's ``sys.path``, it gives the child these byte-identical
     host files, with no copy per venv, and nothing else from the host's site-packages.
@@ -44,7 +46,7 @@ def runtime_dir(venv_root: Path, share_torch: bool = False) -> Path:
         RuntimeError: a runtime package cannot be located in the host.
         OSError: the directory could not be written.
     """
-    links, digest = _links(share_torch)
+    links, digest = _links(share_torch, tracing)
     parent = Path(venv_root).absolute() / ".runtime"
     final = parent / digest
     if final.is_dir():
@@ -66,8 +68,8 @@ def runtime_dir(venv_root: Path, share_torch: bool = False) -> Path:
     return final
 
 
-#: share_torch -> (listing stamp, links, digest), computed once per process and listing.
-_known: dict[bool, tuple[tuple[str, int], list[tuple[str, str]], str]] = {}
+#: (share_torch, tracing) -> (listing stamp, links, digest), computed once per process and listing.
+_known: dict[tuple[bool, bool], tuple[tuple[str, int], list[tuple[str, str]], str]] = {}
 
 
 def _listing_stamp() -> tuple[str, int]:
@@ -79,22 +81,26 @@ def _listing_stamp() -> tuple[str, int]:
     return str(package), os.stat(package).st_mtime_ns
 
 
-def _links(share_torch: bool) -> tuple[list[tuple[str, str]], str]:
+def _links(share_torch: bool, tracing: bool = False) -> tuple[list[tuple[str, str]], str]:
     """Return the runtime's links and their digest, scanning the metadata once per listing.
 
     The runtime packages and torch's family do not change under a running host; only an
     editable install's listing can (see _listing_stamp).
     """
     stamp = _listing_stamp()
-    known = _known.get(share_torch)
+    known = _known.get((share_torch, tracing))
     if known is not None and known[0] == stamp:
         return known[1], known[2]
     links = _runtime_links()
-    if share_torch:
-        names = {name for name, _ in links}
-        links += [(path.name, str(path)) for path in torch_family() if path.name not in names]
+    families = ([torch_family()] if share_torch else []) + ([family("opentelemetry-sdk")] if tracing else [])
+    names = {name for name, _ in links}
+    for entries in families:
+        for path in entries:
+            if path.name not in names:  # a namespace package (opentelemetry) comes from several
+                names.add(path.name)
+                links.append((path.name, str(path)))
     digest = hashlib.sha256(json.dumps([_LAYOUT_VERSION, links]).encode()).hexdigest()[:16]
-    _known[share_torch] = (stamp, links, digest)
+    _known[(share_torch, tracing)] = (stamp, links, digest)
     return links, digest
 
 
@@ -146,15 +152,21 @@ def torch_family() -> list[Path]:
     Raises:
         RuntimeError: torch is not installed in the host.
     """
-    from packaging.requirements import Requirement
-    from packaging.utils import canonicalize_name
-
     try:
         importlib.metadata.distribution("torch")
     except importlib.metadata.PackageNotFoundError:
         raise RuntimeError("share_torch=True, but torch is not installed in the host") from None
+    return family("torch")
+
+
+def family(root: str) -> list[Path]:
+    """Top-level site-packages entries of the host's distribution ``root`` and of everything it
+    requires (without extras), as far as they are installed."""
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
     seen: set[str] = set()
-    todo = ["torch"]
+    todo = [root]
     entries: list[Path] = []
     while todo:
         name = canonicalize_name(todo.pop())

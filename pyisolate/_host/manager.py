@@ -30,6 +30,7 @@ from .events import Events
 from .extension import Extension, LocalBackend
 from .process import WorkerProcess
 from .sandbox import resolve
+from .traces import HostTraces
 from .worker import State, Worker, retrieve
 from .zygote import ForkServer, ForkServerError
 
@@ -85,6 +86,8 @@ class ExtensionManager(Generic[T]):
         self._leaving: set[asyncio.Task[None]] = set()  # checks of workers whose connection closed
         self._closing = False
         self._zygote: asyncio.Task[ForkServer | None] | None = None  # the fork server, once asked for
+        #: Spans of calls (``ExtensionManagerConfig.tracing``); None: tracing is off.
+        self.traces: HostTraces | None = HostTraces() if config.tracing else None
 
     # -- loop-bound parts, created on first use --------------------------------------------
 
@@ -271,7 +274,8 @@ class ExtensionManager(Generic[T]):
     async def _start_fork_server(self) -> ForkServer | None:
         venv_root = self.config.venv_root
         try:
-            runtime = await asyncio.to_thread(runtime_dir, venv_root, True)  # file work: not on the loop
+            runtime = await asyncio.to_thread(runtime_dir, venv_root, True,  # file work: not on the loop
+                                              self.config.tracing)
             return await ForkServer.start(venv_root, runtime, self.config.start_timeout)
         except (ForkServerError, OSError, RuntimeError) as exc:
             logger.warning("the fork server could not start (%s); share_torch extensions are spawned", exc)
@@ -396,6 +400,8 @@ class ExtensionManager(Generic[T]):
                             on_control=on_control, max_in_flight=self.config.max_in_flight,
                             max_message_size=self.config.max_message_size)
         endpoint.types = self.app_types.registry if self.app_types is not None else None
+        if self.traces is not None:
+            endpoint.tracing = self.traces.tracing()
         endpoint.values.cuda_refusal = self._cuda_refusal
         broker.add_local(name, endpoint.on_frames)
         return endpoint
@@ -512,5 +518,9 @@ class ExtensionManager(Generic[T]):
                 self._events.put(who, extra[0], value, size)
             return
         backend = self._extensions.get(sender.decode(errors="replace"))
+        if kind is Kind.SPANS:  # from one of our workers, and only where we trace
+            if isinstance(backend, Worker) and self.traces is not None:
+                self.traces.receive(backend.name, backend.process.pid if backend.process else None, body)
+            return
         if isinstance(backend, Worker) and kind in (Kind.READY, Kind.LOAD_FAILED):
             backend.on_control(kind, body, buffers)

@@ -184,7 +184,8 @@ class Worker:
                 progress=manager.config.on_progress,
             )
             # Stats at least, a metadata scan and symlinks to write at most: never on the loop.
-            runtime = await asyncio.to_thread(runtime_dir, manager.config.venv_root, config.share_torch)
+            runtime = await asyncio.to_thread(runtime_dir, manager.config.venv_root, config.share_torch,
+                                              manager.config.tracing)
             ensure_fd_headroom(self.name, manager._connecting_workers())
             if self.confinement is not None:  # a restart: the last run's groups and temp dir go
                 self.confinement.close()
@@ -231,6 +232,7 @@ class Worker:
                     "handshake_timeout": manager.config.start_timeout,
                     # The worker drops records below what the host would log for this extension.
                     "log_level": extension_logger(self.name).getEffectiveLevel(),
+                    "tracing": manager.config.tracing,
                     "limits": {
                         "max_in_flight": manager.config.max_in_flight,
                         "max_message_size": manager.config.max_message_size,

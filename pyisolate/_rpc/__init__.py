@@ -8,11 +8,15 @@ proxies that stand for remote objects, and the blocking views of them.
   ``remote``: the awaitable of one remote call and of a remote stream.
 - ``context``: the worker process's own endpoint; ``blocking``: ``pyisolate.sync()``; ``pool``: the
   threads that run plain methods.
+- ``tracing``: OpenTelemetry spans of calls and the trace context in CALL headers (imported only
+  where tracing is on: ``make_tracing``); ``spans``: the SPANS message a worker ships them in.
 
 The rest of pyisolate uses what this module names.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 from .blocking import Blocking, block, sync
 from .context import set_worker_endpoint, worker_endpoint
@@ -20,8 +24,20 @@ from .dispatch import public_methods, resolve_method
 from .endpoint import Endpoint
 from .refs import ActorProxy, HandleProxy, RefProxy
 from .remote import RemoteCall
+from .spans import span_bodies, span_record, unpack_spans
 
 __all__ = [
-    "ActorProxy", "Blocking", "Endpoint", "HandleProxy", "RefProxy", "RemoteCall", "block", "public_methods",
-    "resolve_method", "set_worker_endpoint", "sync", "worker_endpoint",
+    "ActorProxy", "Blocking", "Endpoint", "HandleProxy", "RefProxy", "RemoteCall", "block", "make_tracing",
+    "public_methods", "resolve_method", "set_worker_endpoint", "span_bodies", "span_record", "sync",
+    "unpack_spans", "worker_endpoint",
 ]  # fmt: skip
+
+
+def make_tracing(tracer: Any) -> Any:
+    """A ``tracing.Tracing`` of calls for an OpenTelemetry ``tracer`` (an Endpoint's ``tracing``).
+
+    Imports OpenTelemetry, an optional dependency: called only where tracing is on.
+    """
+    from .tracing import Tracing
+
+    return Tracing(tracer)

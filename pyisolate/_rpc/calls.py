@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pyisolate.broker.protocol import QUEUE_FULL, TOO_LARGE, Kind, pack_header, unpack_header
 
@@ -27,6 +27,9 @@ from ..errors import CallTimeoutError, MessageTooLargeError, ProtocolError, Queu
 from .flow import Acks, Slots
 from .serve import CHAIN
 from .values import Values
+
+if TYPE_CHECKING:
+    from .tracing import Tracing
 
 __all__ = ["Calls"]
 
@@ -57,6 +60,8 @@ class Calls:
         self.timeouts = 0
         self.dropped = 0
         self.open_stream: Callable[[bytes, int], Any]  # set by the Endpoint: a stream answer's consumer
+        #: Spans of the calls made (``tracing.Tracing``); None: tracing is off, nothing is done.
+        self.tracing: Tracing | None = None
 
     # -- out -------------------------------------------------------------------------------
 
@@ -94,6 +99,9 @@ class Calls:
         self._next_id += 1
         call_id = self._next_id
         try:
+            if self.tracing is not None:
+                return await self._traced(self.tracing, target, call_id, method, args, kwargs, ref_id, chain,
+                                          origin_loop, timeout)
             body, buffers = self._values.encode(target, [list(args), kwargs], origin_loop, "arguments")
             header = self._acks.call_header(target, call_id, method, ref_id, chain)
             if timeout is None:
@@ -102,6 +110,22 @@ class Calls:
         finally:
             if started:
                 self._chain_loops.pop(chain[1], None)
+
+    async def _traced(self, tracing: Tracing, target: bytes, call_id: int, method: str, args: tuple[Any, ...],
+                      kwargs: dict[str, Any], ref_id: int, chain: tuple[str, int],
+                      origin_loop: asyncio.AbstractEventLoop | None, timeout: float | None) -> Any:
+        """``call`` with its CLIENT span, whose trace context rides in the CALL header."""
+        span, field = tracing.client(target, method, ref_id)
+        try:
+            body, buffers = self._values.encode(target, [list(args), kwargs], origin_loop, "arguments")
+            header = self._acks.call_header(target, call_id, method, ref_id, chain, field)
+            result = await self._request(target, call_id, header, body, buffers,
+                                         self.default_timeout if timeout is None else timeout, method)
+        except BaseException as exc:
+            tracing.end(span, exc)
+            raise
+        tracing.end(span)
+        return result
 
     async def request_stop(self, target: bytes) -> None:
         """Ask worker ``target`` to run its stop hook and exit."""

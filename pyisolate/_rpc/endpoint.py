@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pyisolate.broker.protocol import BROKER, BROKER_ONLY, Kind, pack_header, unpack_header
 
@@ -32,6 +32,9 @@ from .refs import ExportTable
 from .serve import Server
 from .streams import Streams
 from .values import Values
+
+if TYPE_CHECKING:
+    from .tracing import Tracing
 
 __all__ = ["Endpoint"]
 
@@ -129,6 +132,15 @@ class Endpoint:
     @types.setter
     def types(self, value: TypeRegistry | None) -> None:
         self.values.types = value
+
+    @property
+    def tracing(self) -> Tracing | None:
+        """Spans of this actor's calls, made and served (None: tracing is off)."""
+        return self.calls.tracing
+
+    @tracing.setter
+    def tracing(self, value: Tracing | None) -> None:
+        self.calls.tracing = self.server.tracing = value
 
     @property
     def exports(self) -> ExportTable:

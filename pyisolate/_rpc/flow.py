@@ -100,13 +100,19 @@ class Acks:
         self._send_quiet = send_quiet
         self.owed: dict[bytes, list[str]] = {}  # released, not yet told: per sender
 
-    def call_header(self, target: bytes, call_id: int, method: str, ref_id: int, chain: tuple[str, int]) -> bytes:
-        """A CALL's header, carrying what we owe ``target`` when it fits."""
+    def call_header(self, target: bytes, call_id: int, method: str, ref_id: int, chain: tuple[str, int],
+                    trace: object = None) -> bytes:
+        """A CALL's header, carrying what we owe ``target`` when it fits, and the trace context
+        ``trace`` (a field of ``tracing.wire_field``) when the call is traced; without one the
+        header is what it would be with tracing off."""
         owed = self.owed.pop(target, None)
-        if owed is not None and len(owed) <= ACKS_PER_HEADER:
-            return pack_header(Kind.CALL, call_id, method, ref_id, chain[0], chain[1], owed)
-        if owed:
+        if owed is not None and len(owed) > ACKS_PER_HEADER:
             self.send(target, owed)
+            owed = None
+        if trace is not None:
+            return pack_header(Kind.CALL, call_id, method, ref_id, chain[0], chain[1], owed, trace)
+        if owed is not None:
+            return pack_header(Kind.CALL, call_id, method, ref_id, chain[0], chain[1], owed)
         return pack_header(Kind.CALL, call_id, method, ref_id, chain[0], chain[1])
 
     def answer_header(self, kind: Kind, sender: bytes, call_id: int, mode: str = "") -> bytes:

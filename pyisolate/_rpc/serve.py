@@ -21,7 +21,7 @@ import contextvars
 import inspect
 import traceback
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pyisolate.broker.protocol import Kind
 
@@ -34,6 +34,9 @@ from .pool import Job, Pool
 from .refs import HandleProxy, RefProxy
 from .streams import Streams
 from .values import Values
+
+if TYPE_CHECKING:
+    from .tracing import Tracing
 
 __all__ = ["CHAIN", "Server"]
 
@@ -71,6 +74,8 @@ class Server:
         #: (``workers.exits.leave``: the process exits with its code). None: answered like any error.
         self.on_system_exit: Callable[[SystemExit], None] | None = None
         self._pool = Pool(name.decode())
+        #: Spans of the calls served (``tracing.Tracing``); None: tracing is off, nothing is done.
+        self.tracing: Tracing | None = None
 
     @property
     def root(self) -> object:
@@ -93,10 +98,13 @@ class Server:
         key = (sender, call_id)
         open_now = self._open.get(sender, 0)
         acked: object = None
+        trace: object = None
         try:
-            if len(extra) == 5:  # releases riding with the call: after its body, which may name them
+            if len(extra) > 4:  # releases riding with the call (after its body, which may name them), a trace
+                if len(extra) == 6:
+                    trace = extra.pop()  # read only where tracing is on, and then validated
                 acked = extra.pop()
-                if not isinstance(acked, list):
+                if acked is not None and not isinstance(acked, list):
                     raise ProtocolError("a CALL header's fifth field must be a list of segment names")
             if key in self._serving:
                 raise ProtocolError(f"call id {call_id} of {sender.decode()!r} is already being served")
@@ -122,6 +130,18 @@ class Server:
         chain = (chain_owner, chain_id)
         if loop is None and chain_owner == self._origin:
             loop = self._chain_loops.get(chain_id)
+        if self.tracing is not None:  # the method runs in its SERVER span's context (copied from here)
+            token = self.tracing.serve(key, self.name, method, ref_id, trace)
+            try:
+                self._start(sender, call_id, key, fn, kind, loop, args, chain)
+            finally:
+                self.tracing.detach(token)
+            return
+        self._start(sender, call_id, key, fn, kind, loop, args, chain)
+
+    def _start(self, sender: bytes, call_id: int, key: tuple[bytes, int], fn: Callable[..., Any], kind: int,
+               loop: asyncio.AbstractEventLoop | None, args: list[Any], chain: tuple[str, int]) -> None:
+        """Run a checked CALL: a task on this loop, a job in the pool, or a task on ``loop``."""
         if loop is None or loop is self._loop:
             if kind == PLAIN:  # straight to the thread pool; the thread hands the result back
                 context = contextvars.copy_context()
@@ -303,6 +323,8 @@ class Server:
     def _reply(self, sender: bytes, call_id: int, result: object) -> None:
         if inspect.isasyncgen(result):
             self._closed(sender)
+            if self.tracing is not None:  # the call's span ends as its stream begins
+                self.tracing.served((sender, call_id))
             self.streams.start(sender, call_id, result)
             return
         try:
@@ -311,11 +333,15 @@ class Server:
             self.reply_error(sender, call_id, exc)
             return
         self._closed(sender)
+        if self.tracing is not None:
+            self.tracing.served((sender, call_id))
         self._send_quiet(sender, [self._acks.answer_header(Kind.RESULT, sender, call_id), body, *buffers])
 
     def reply_error(self, sender: bytes, call_id: int, exc: BaseException) -> None:
         """Answer ``sender``'s open call ``call_id`` with ``exc``."""
         self._closed(sender)
+        if self.tracing is not None:
+            self.tracing.served((sender, call_id), exc)
         self.send_error(sender, call_id, exc)
 
     def send_error(self, sender: bytes, call_id: int, exc: BaseException) -> None:
@@ -346,3 +372,5 @@ class Server:
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
         self._pool.close()
+        if self.tracing is not None:
+            self.tracing.close()

@@ -30,6 +30,7 @@ EXPECTED = {
     "types.value.dict", "types.value.dataclass", "types.call.singleton", "types.call.handle",
     "workflow.in_process", "workflow.process_floor", "workflow.isolated", "workflow.isolated.over_floor",
     "workflow.uss.host", "workflow.uss.workers",
+    "trace.call.off", "trace.call.on",
 }  # fmt: skip
 
 pytestmark = pytest.mark.venv

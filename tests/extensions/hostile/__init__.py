@@ -140,7 +140,17 @@ class Hostile(ExtensionBase):
         """Call reference ``ref_id`` of ``owner`` as if it had been given to us."""
         return await self._call_raw(owner, "", encode([[], {}])[0], ref_id)
 
-    async def _call_raw(self, dest, method, body, ref_id=0):
+    async def call_traced_by_hand(self, dest, method, acks, trace, *args):
+        """Call ``dest.method(*args)`` with a hand-made CALL header: ``acks`` as its fifth field
+        and ``trace`` (any value at all) as its sixth, the trace context."""
+        return await self._call_raw(dest, method, encode([list(args), {}])[0], 0, (acks, trace))
+
+    async def send_spans(self, body):
+        """Send the host a SPANS message with ``body`` (any bytes) as its body."""
+        _raw("host", Kind.SPANS, 0, body=body)
+        return True
+
+    async def _call_raw(self, dest, method, body, ref_id=0, extra=()):
         endpoint = _endpoint()
         calls = endpoint.calls
         calls._next_id += 1
@@ -148,7 +158,7 @@ class Hostile(ExtensionBase):
         future = asyncio.get_running_loop().create_future()
         calls.pending[call_id] = (future, dest.encode())
         calls.slots.take(dest.encode())
-        _raw(dest, Kind.CALL, call_id, method, ref_id, "hostile", call_id, body=body)
+        _raw(dest, Kind.CALL, call_id, method, ref_id, "hostile", call_id, *extra, body=body)
         return await future
 
     async def forge_notice(self, dest, kind, about, first, last):
