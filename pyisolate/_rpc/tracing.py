@@ -16,6 +16,7 @@ in ``Tracing.ignored``), and the call runs as the root of a trace of its own.
 from __future__ import annotations
 
 import contextvars
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -32,6 +33,7 @@ TRACEPARENT_LENGTH = 55
 #: The longest ``tracestate`` carried (W3C: 32 members; vendors keep it well under this).
 MAX_TRACESTATE = 512
 
+_log = logging.getLogger("pyisolate.tracing")
 _PROPAGATOR = TraceContextTextMapPropagator()
 _EMPTY = Context()
 
@@ -98,6 +100,8 @@ class Tracing:
         self._served: dict[tuple[bytes, int], Span] = {}
         #: Trace context fields from peers that were malformed and ignored.
         self.ignored = 0
+        #: Served calls whose span could not be started (the tracer raised).
+        self.failed = 0
         #: Called once a served call's span ended, before its answer leaves (a worker ships
         #: its finished spans then, so the host has them by the time the caller has its answer).
         self.on_served: Callable[[], None] | None = None
@@ -121,9 +125,23 @@ class Tracing:
     # -- the serving side ------------------------------------------------------------------
 
     def serve(self, key: tuple[bytes, int], actor: bytes, method: str, ref_id: int,
-              field: object) -> contextvars.Token[Context]:
+              field: object) -> contextvars.Token[Context] | None:
         """Start the SERVER span of call ``key`` and make it current until ``detach(token)``:
-        whatever starts the method meanwhile (a task, a pool job) runs in a copy of this context."""
+        whatever starts the method meanwhile (a task, a pool job) runs in a copy of this context.
+
+        A tracer that raises (an application's sampler or span processor) costs the call its
+        span, never its answer: None, logged once (``failed`` counts them).
+        """
+        try:
+            return self._serve(key, actor, method, ref_id, field)
+        except Exception:
+            self.failed += 1
+            if self.failed == 1:
+                _log.exception("starting a span failed; calls run on without one")
+            return None
+
+    def _serve(self, key: tuple[bytes, int], actor: bytes, method: str, ref_id: int,
+               field: object) -> contextvars.Token[Context]:
         parent = None
         if field is not None:
             parent = parent_context(field)
@@ -138,9 +156,10 @@ class Tracing:
         return otel_context.attach(trace.set_span_in_context(span))
 
     @staticmethod
-    def detach(token: contextvars.Token[Context]) -> None:
+    def detach(token: contextvars.Token[Context] | None) -> None:
         """Make current again what was before ``serve``."""
-        otel_context.detach(token)
+        if token is not None:
+            otel_context.detach(token)
 
     def served(self, key: tuple[bytes, int], exc: BaseException | None = None) -> None:
         """Call ``key`` is answered (``exc``: with that error): end its SERVER span."""

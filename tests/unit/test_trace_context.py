@@ -9,6 +9,7 @@ import msgpack
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.sampling import Sampler
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, get_current_span
 
@@ -84,6 +85,23 @@ async def test_a_traced_receiver_makes_the_server_span_a_child_of_the_callers():
     assert (server.kind, client.kind) == (SpanKind.SERVER, SpanKind.CLIENT)
     assert server.parent.span_id == client.context.span_id and server.parent.is_remote
     assert server.attributes["pyisolate.caller"] == "a" and b.tracing.ignored == 0
+    await a.aclose()
+    await b.aclose()
+
+
+async def test_a_tracer_that_raises_costs_a_served_call_its_span_not_its_answer():
+    class Broken(Sampler):
+        def should_sample(self, *args, **kwargs):
+            raise RuntimeError("an application's sampler fails")
+
+        def get_description(self):
+            return "broken"
+
+    a, b, _ = pair(asyncio.get_running_loop())
+    b.tracing = Tracing(TracerProvider(sampler=Broken()).get_tracer("test"))
+    async with asyncio.timeout(10):
+        assert await a.call(b"b", "echo", ("answered",), {}) == "answered"
+    assert b.tracing.failed == 1
     await a.aclose()
     await b.aclose()
 
