@@ -16,9 +16,11 @@ extension -> host) runs there, and recursion between processes does not deadlock
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from typing import Any
 
+from pyisolate.broker.delivery import nbytes
 from pyisolate.broker.protocol import QUEUE_FULL, TOO_LARGE, Kind, pack_header, unpack_header
 
 from .._wire import DecodeError
@@ -26,6 +28,7 @@ from .._wire import shm as _shm
 from ..errors import CallTimeoutError, MessageTooLargeError, ProtocolError, QueueFullError, UnroutableError
 from .flow import Acks, Slots
 from .serve import CHAIN
+from .stats import CallStats
 from .values import Values
 
 __all__ = ["Calls"]
@@ -56,6 +59,8 @@ class Calls:
         self.late_answers = 0  # answers that came after their caller stopped waiting
         self.timeouts = 0
         self.dropped = 0
+        #: Counters of calls to some targets (the host's, per extension): see ``stats.CallStats``.
+        self.stats: dict[bytes, CallStats] = {}
         self.open_stream: Callable[[bytes, int], Any]  # set by the Endpoint: a stream answer's consumer
 
     # -- out -------------------------------------------------------------------------------
@@ -93,15 +98,27 @@ class Calls:
             self._chain_loops[chain[1]] = origin_loop or self._loop
         self._next_id += 1
         call_id = self._next_id
+        stats = self.stats.get(target) if self.stats else None
+        began = time.perf_counter() if stats is not None else 0.0
         try:
             body, buffers = self._values.encode(target, [list(args), kwargs], origin_loop, "arguments")
             header = self._acks.call_header(target, call_id, method, ref_id, chain)
             if timeout is None:
                 timeout = self.default_timeout
-            return await self._request(target, call_id, header, body, buffers, timeout, method)
+            if stats is None:
+                return await self._request(target, call_id, header, body, buffers, timeout, method)
+            stats.bytes_out += len(body) + (nbytes(buffers) if buffers else 0)
+            result = await self._request(target, call_id, header, body, buffers, timeout, method)
+        except BaseException as exc:
+            if stats is not None:
+                stats.ended(method, time.perf_counter() - began, exc)
+            raise
         finally:
             if started:
                 self._chain_loops.pop(chain[1], None)
+        assert stats is not None
+        stats.ended(method, time.perf_counter() - began, None)
+        return result
 
     async def request_stop(self, target: bytes) -> None:
         """Ask worker ``target`` to run its stop hook and exit."""
@@ -168,6 +185,10 @@ class Calls:
             return
         del self.pending[call_id]
         self.slots.release(sender)
+        if self.stats:
+            stats = self.stats.get(sender)
+            if stats is not None:
+                stats.bytes_in += len(body) + (nbytes(buffers) if buffers else 0)
         try:
             self._answered(sender, kind, call_id, extra, body, buffers, entry[0])
         finally:

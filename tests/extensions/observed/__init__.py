@@ -1,0 +1,37 @@
+"""An extension whose methods give the host's statistics and inspection tools something to see:
+fast answers, typed failures, slow answers, and busy loops (one bounded, one endless)."""
+
+import asyncio
+import time
+
+from pyisolate import ExtensionBase
+
+
+class ObservedExtension(ExtensionBase):
+    def echo(self, value):
+        return value
+
+    def fail(self, kind):
+        raise {"value": ValueError, "key": KeyError}[kind](f"asked to fail with {kind}")
+
+    async def slow(self, seconds):
+        await asyncio.sleep(seconds)
+        return seconds
+
+    def spin_forever(self):
+        """A plain method that never returns: a stuck plugin (its worker's thread spins)."""
+        while True:
+            pass
+
+    async def block_loop_forever(self):
+        """A coroutine method that never yields: the worker's event loop is blocked."""
+        while True:
+            pass
+
+    def busy_for(self, seconds):
+        """Burn CPU in this very function for ``seconds`` (what a profile should show)."""
+        end = time.monotonic() + seconds
+        n = 0
+        while time.monotonic() < end:
+            n += 1
+        return n
