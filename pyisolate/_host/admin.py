@@ -107,6 +107,16 @@ def write_frame(conn: socket.socket, value: Any) -> None:
     conn.sendall(_HEADER.pack(len(data)) + data)
 
 
+def _drain(conn: socket.socket) -> None:
+    """End our side, then read what the client still sends (a bounded amount) until it closes:
+    a unix socket closed with unread data resets the connection, and the client would lose the
+    answer it has not read yet."""
+    conn.shutdown(socket.SHUT_WR)
+    left = MAX_REQUEST + _HEADER.size
+    while left > 0 and (chunk := conn.recv(left)):
+        left -= len(chunk)
+
+
 class AdminServer:
     """The listening socket and the thread that answers it. Owns both; ``close()`` ends them."""
 
@@ -140,6 +150,7 @@ class AdminServer:
                         continue
                     try:
                         self._answer(conn)
+                        _drain(conn)
                     except Exception:  # one bad connection must not end the endpoint
                         logger.debug("admin endpoint: a connection failed", exc_info=True)
                     finally:

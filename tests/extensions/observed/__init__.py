@@ -2,6 +2,7 @@
 fast answers, typed failures, slow answers, and busy loops (one bounded, one endless)."""
 
 import asyncio
+import os
 import time
 
 from pyisolate import ExtensionBase
@@ -35,3 +36,9 @@ class ObservedExtension(ExtensionBase):
         while time.monotonic() < end:
             n += 1
         return n
+
+    def crash(self):
+        os._exit(3)
+
+    def pid(self):
+        return os.getpid()
