@@ -10,7 +10,6 @@ import os
 import shutil
 import socket
 import struct
-import subprocess
 import sys
 import tempfile
 import textwrap
@@ -293,7 +292,7 @@ NOBODY_HOST = textwrap.dedent("""
 
 
 @linux_root
-async def test_the_endpoint_refuses_a_peer_of_another_uid(nobody_python, tmp_path):  # noqa: F811
+async def test_the_endpoint_refuses_a_peer_of_another_uid(nobody_python):  # noqa: F811
     """Root passes the directory's mode, so the peer-credentials check is what refuses it."""
     work = Path(tempfile.mkdtemp(prefix="pyisolate-admin-"))
     try:
@@ -306,8 +305,8 @@ async def test_the_endpoint_refuses_a_peer_of_another_uid(nobody_python, tmp_pat
         host = await asyncio.create_subprocess_exec(
             "setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", str(nobody_python), "-I",
             str(work / "host.py"), str(work / "venvs"), str(work / "observed"), stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env={"PATH": "/usr/bin:/bin", "HOME": str(work)},
-            cwd=work)
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            env={"PATH": "/usr/bin:/bin", "HOME": str(work)}, cwd=work)
         try:
             async with asyncio.timeout(120):
                 path = (await host.stdout.readline()).decode().strip()
