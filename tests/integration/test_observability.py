@@ -149,7 +149,8 @@ async def test_restarts_memory_and_cpu_time_of_the_worker(manager):
     await observed.busy_for(0.4)
     stats = pyisolate.stats(observed)
     assert stats["pid"] == first
-    assert stats["rss"] > 1 << 20 and stats["cpu_seconds"] >= 0.3
+    resident = await observed.resident_bytes()
+    assert abs(stats["rss"] - resident) < resident * 0.2 and stats["cpu_seconds"] >= 0.3
     if os.geteuid() == 0:  # PSS needs ptrace rights over the non-dumpable worker: root has them
         assert 0 < stats["pss"] <= stats["rss"]
     with pytest.raises(ExtensionCrashedError):
@@ -161,7 +162,7 @@ async def test_restarts_memory_and_cpu_time_of_the_worker(manager):
     assert second != first and stats["pid"] == second
     assert stats["restarts"] == 1
     assert stats["errors"] == {"ExtensionCrashedError": 1}
-    assert stats["calls"] == 4  # counts survive the restart
+    assert stats["calls"] == 5  # counts survive the restart
 
 
 async def test_shared_memory_bytes_in_and_out(manager):
