@@ -143,10 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     bench.set_defaults(run=_bench, args=[])
 
-    for name, (help_text, description, configure, run) in _cli_inspect.COMMANDS.items():
+    for name, (help_text, description, add_options, attach) in _cli_inspect.COMMANDS.items():
         sub = commands.add_parser(name, help=help_text, description=description, formatter_class=formatter)
-        configure(sub)
-        sub.set_defaults(run=run, command_parser=sub)
+        add_options(sub)
+        sub.set_defaults(run=attach, command_parser=sub)
     return parser
 
 
