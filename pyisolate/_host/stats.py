@@ -14,6 +14,7 @@ import os
 import time
 from typing import TYPE_CHECKING, Any
 
+from .._rpc import Blocking
 from .._wire import shm as _shm
 from .extension import Extension, LocalBackend
 from .procinfo import process_info
@@ -25,7 +26,7 @@ if TYPE_CHECKING:
 __all__ = ["extension_stats", "manager_stats", "stats"]
 
 
-def stats(extension: Extension) -> dict[str, Any]:
+def stats(extension: Extension | Blocking) -> dict[str, Any]:
     """What extension ``extension`` has done since it was loaded, as plain values.
 
     Keys: ``name``, ``state``, ``pid`` (its worker's, None while it has none), ``calls`` (calls
@@ -40,9 +41,13 @@ def stats(extension: Extension) -> dict[str, Any]:
     (seconds since it was loaded). Latencies are rounded up to their histogram bucket (at most
     19% high); None where no call was made.
 
+    A handle of a ``SyncExtensionManager`` works too. Safe to call from any thread.
+
     Raises:
         TypeError: ``extension`` is not an extension handle.
     """
+    if isinstance(extension, Blocking) and isinstance(extension._target, Extension):
+        extension = extension._target
     if not isinstance(extension, Extension):
         raise TypeError(f"pyisolate.stats() needs an extension handle (from load_extension), got {extension!r}")
     backend = extension._pyisolate_backend

@@ -191,6 +191,14 @@ async def test_stats_false_counts_no_calls(venv_root):
         assert stats["pid"] == await observed.pid() and stats["rss"] > 0
 
 
+def test_stats_of_a_sync_manager_and_its_handles(venv_root):
+    with pyisolate.SyncExtensionManager(ExtensionBase, ExtensionManagerConfig(venv_root_path=venv_root)) as manager:
+        observed = manager.load_extension(ExtensionConfig(name="observed", module_path=ext("observed")))
+        assert [observed.echo(i) for i in range(2)] == [0, 1]
+        assert pyisolate.stats(observed)["calls"] == 2
+        assert manager.stats()["extensions"]["observed"]["methods"]["echo"]["calls"] == 2
+
+
 def test_stats_needs_a_handle():
     with pytest.raises(TypeError, match="extension handle"):
         pyisolate.stats("observed")

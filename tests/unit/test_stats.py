@@ -65,3 +65,17 @@ def test_reloads_are_counted_by_whoever_reloads():
     stats.count_reload()
     stats.count_reload()
     assert stats.snapshot()["reloads"] == 2
+
+
+def test_top_rates_come_from_two_snapshots():
+    from pyisolate._cli.inspect import render, rows
+
+    def snapshot(at: float, calls: int, cpu: float) -> dict:
+        return {"pid": 1, "time": at, "extensions": {"a": {
+            "state": "ready", "pid": 7, "calls": calls, "errors": {"ValueError": 2, "KeyError": 1}, "p99": 0.0015,
+            "in_flight": 3, "queued": 4, "rss": 3 << 20, "pss": None, "cpu_seconds": cpu, "restarts": 1}}}
+
+    assert rows(snapshot(12.0, 30, 2.0), snapshot(10.0, 10, 1.0)) == [
+        ["a", "ready", "7", "10.0", "30", "3", "1.5ms", "3", "4", "3.0M", "-", "50", "1"]]
+    assert rows(snapshot(12.0, 30, 2.0), None)[0][3] == "-"  # no rate from one snapshot
+    assert render(snapshot(12.0, 30, 2.0), None).splitlines()[0] == "pyisolate host 1: 1 extension(s)"
