@@ -13,7 +13,7 @@ import tempfile
 from dataclasses import dataclass
 from typing import Any
 
-from .._host.admin import MAX_ANSWER, SOCKET_NAME, read_frame, write_frame
+from .._host import MAX_ANSWER, SOCKET_NAME, read_frame, write_frame
 
 __all__ = ["AttachError", "HostEndpoint", "ask", "find_host", "hosts"]
 

@@ -19,10 +19,14 @@ Host-side only: a worker never imports this package.
 
 from __future__ import annotations
 
+from .admin import MAX_ANSWER, SOCKET_NAME, read_frame, write_frame
 from .extension import Extension, method
 from .manager import ExtensionManager
 from .sandbox import offered as sandbox_offered
 from .stats import stats
 from .sync import SyncExtensionManager
 
-__all__ = ["Extension", "ExtensionManager", "SyncExtensionManager", "method", "sandbox_offered", "stats"]
+__all__ = [
+    "MAX_ANSWER", "SOCKET_NAME", "Extension", "ExtensionManager", "SyncExtensionManager", "method", "read_frame",
+    "sandbox_offered", "stats", "write_frame",
+]  # fmt: skip

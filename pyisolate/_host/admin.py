@@ -33,15 +33,12 @@ import sys
 import threading
 import traceback
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import msgpack
 
-from .stats import manager_stats
+from .stats import Observed, manager_stats
 from .worker import Worker
-
-if TYPE_CHECKING:
-    from .manager import ExtensionManager
 
 __all__ = ["AdminServer", "MAX_ANSWER", "SOCKET_NAME", "admin_handler", "peer_uid", "read_frame", "write_frame"]
 
@@ -212,7 +209,7 @@ def _checked(request: object) -> dict[str, Any]:
     return request
 
 
-def admin_handler(manager: ExtensionManager[Any]) -> Handler:
+def admin_handler(manager: Observed) -> Handler:
     """What answers the endpoint's requests for ``manager`` (runs in the endpoint's thread)."""
 
     def handle(request: dict[str, Any]) -> dict[str, Any]:
@@ -241,7 +238,7 @@ def host_stacks() -> str:
     return "\n".join(parts)
 
 
-def _worker_stacks(manager: ExtensionManager[Any], name: str) -> dict[str, Any]:
+def _worker_stacks(manager: Observed, name: str) -> dict[str, Any]:
     backend = manager._extensions.get(name)
     if not isinstance(backend, Worker):
         known = sorted(n for n, b in list(manager._extensions.items()) if isinstance(b, Worker))

@@ -10,10 +10,12 @@ loop counts (and while that loop is blocked).
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
+from .._config import ExtensionManagerConfig
 from .._rpc import Blocking
 from .._wire import shm as _shm
 from .extension import Extension, LocalBackend
@@ -21,9 +23,23 @@ from .procinfo import process_info
 from .worker import Worker
 
 if TYPE_CHECKING:
-    from .manager import ExtensionManager
+    from pyisolate.broker.router import Broker
 
-__all__ = ["extension_stats", "manager_stats", "stats"]
+    from .._rpc import Endpoint
+
+__all__ = ["Observed", "extension_stats", "manager_stats", "stats"]
+
+
+class Observed(Protocol):
+    """What a snapshot reads of the manager (``ExtensionManager`` is one)."""
+    config: ExtensionManagerConfig
+    _extensions: dict[str, Worker | LocalBackend]
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop: ...
+    @property
+    def broker(self) -> Broker: ...
+    def _host_endpoints(self) -> list[Endpoint]: ...
 
 
 def stats(extension: Extension | Blocking) -> dict[str, Any]:
@@ -55,7 +71,7 @@ def stats(extension: Extension | Blocking) -> dict[str, Any]:
     return extension_stats(manager, backend)
 
 
-def extension_stats(manager: ExtensionManager[Any] | None, backend: object) -> dict[str, Any]:
+def extension_stats(manager: Observed | None, backend: object) -> dict[str, Any]:
     """The snapshot of one extension (see ``stats``) run by ``backend`` for ``manager``."""
     if isinstance(backend, LocalBackend):  # runs in the host: no process, no calls through the broker
         return {"name": backend.name, "state": backend.status, "isolated": False, "pid": os.getpid()}
@@ -83,7 +99,7 @@ def extension_stats(manager: ExtensionManager[Any] | None, backend: object) -> d
     return snapshot
 
 
-def manager_stats(manager: ExtensionManager[Any]) -> dict[str, Any]:
+def manager_stats(manager: Observed) -> dict[str, Any]:
     """``manager.stats()``: the host's pid, whether calls are counted, and each extension's snapshot."""
     backends = list(manager._extensions.values())  # a copy: loads and stops happen on the loop
     return {
