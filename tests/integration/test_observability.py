@@ -367,6 +367,34 @@ async def test_stack_of_a_worker_whose_loop_is_blocked(admin_manager):
         stuck.cancel()
 
 
+async def test_stats_and_stack_of_a_worker_under_bwrap(venv_root, monkeypatch):
+    """Under bwrap the host holds bwrap's monitor: stats and stack reach the worker itself."""
+    from tests.integration.test_bwrap import WHY_NOT
+
+    if WHY_NOT is not None and not os.environ.get("PYISOLATE_TEST_REQUIRE_BWRAP"):
+        pytest.skip(f"no bubblewrap sandbox here: {WHY_NOT}")
+    monkeypatch.delenv("PYISOLATE_ADMIN", raising=False)
+    config = ExtensionManagerConfig(venv_root_path=venv_root, admin=True, sandbox_backends=("landlock", "bwrap"),
+                                    sandbox_mode="required", stop_timeout=1.0)  # fmt: skip
+    async with ExtensionManager(ExtensionBase, config) as manager:
+        observed = await load(manager)
+        assert await observed.pid() == 2  # as it sees itself, in its pid namespace
+        stats = pyisolate.stats(observed)
+        assert stats["pid"] != manager._extensions["observed"].process.pid  # not the monitor
+        with open(f"/proc/{stats['pid']}/status") as f:
+            nspid = next(line for line in f if line.startswith("NSpid:"))
+        assert nspid.split()[-1] == "2"  # the worker's pid in the host's namespace, and 2 in its own
+        stuck = asyncio.ensure_future(observed.spin_forever())
+        try:
+            for _ in range(10):
+                await asyncio.sleep(0)
+            code, out, err = await cli("stack", "observed", "--host", str(os.getpid()))
+            assert code == 0, err
+            assert "in spin_forever" in out and f"worker pid {stats['pid']}" in out
+        finally:
+            stuck.cancel()
+
+
 async def test_stack_of_the_host(admin_manager):
     await load(admin_manager)
     code, out, err = await cli("stack", "host", "--host", str(os.getpid()))
