@@ -7,6 +7,9 @@ way refused it), or the error that says its target left (crashed, stopped). The 
 holds (see ``flow.Slots``) is given back only when its answer arrives or its target is gone,
 so a caller that stops waiting does not let more work pile up at a slow target.
 
+Statistics: a target with a ``stats.CallStats`` in ``Calls.stats`` (the host registers one per
+extension) has each call's end, latency and bytes counted; other targets cost one dict check.
+
 Context tracking: every CALL carries the chain it belongs to (the actor that started it and a
 chain id). A call made while serving another keeps the chain; a chain started by this process
 remembers the loop it started on, so a call that comes back to this process (host ->
