@@ -291,8 +291,10 @@ NOBODY_HOST = textwrap.dedent("""
     async def main():
         config = pyisolate.ExtensionManagerConfig(venv_root_path=sys.argv[1], admin=True)
         async with pyisolate.ExtensionManager(pyisolate.ExtensionBase, config) as manager:
-            await manager.load_extension(pyisolate.ExtensionConfig(name="observed", module_path=sys.argv[2],
-                                                                   isolated=False))
+            observed = await manager.load_extension(pyisolate.ExtensionConfig(
+                name="observed", module_path=sys.argv[2], isolated=sys.argv[3] == "isolated"))
+            if sys.argv[3] == "isolated":
+                asyncio.ensure_future(observed.busy_for(60))
             print(manager.admin_path, flush=True)
             await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
 
@@ -300,9 +302,18 @@ NOBODY_HOST = textwrap.dedent("""
 """)
 
 
-@linux_root
-async def test_the_endpoint_refuses_a_peer_of_another_uid(nobody_python):  # noqa: F811
-    """Root passes the directory's mode, so the peer-credentials check is what refuses it."""
+def as_nobody(python: Path, *args: str | Path, work: Path, **options: object):
+    """Start ``python -I ARGS`` as ``nobody`` (py-spy on PATH: this tree's venv's, which any user may run)."""
+    env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "HOME": str(work),
+           "UV_CACHE_DIR": str(work / "uv-cache"), "LANG": "C.UTF-8"}  # fmt: skip
+    return asyncio.create_subprocess_exec(
+        "setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", str(python), "-I", *map(str, args),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env, cwd=work, **options)
+
+
+@pytest.fixture
+def nobody_work():
+    """A folder ``nobody`` owns, with the host script and the extension."""
     work = Path(tempfile.mkdtemp(prefix="pyisolate-admin-"))
     try:
         shutil.copytree(ext("observed"), work / "observed", ignore=shutil.ignore_patterns("__pycache__"))
@@ -311,28 +322,72 @@ async def test_the_endpoint_refuses_a_peer_of_another_uid(nobody_python):  # noq
         for item in [work, *work.rglob("*")]:
             os.chown(item, NOBODY, NOBODY)
         work.chmod(0o755)
-        host = await asyncio.create_subprocess_exec(
-            "setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", str(nobody_python), "-I",
-            str(work / "host.py"), str(work / "venvs"), str(work / "observed"), stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-            env={"PATH": "/usr/bin:/bin", "HOME": str(work)}, cwd=work)
-        try:
-            async with asyncio.timeout(120):
-                path = (await host.stdout.readline()).decode().strip()
-            assert path.endswith("/admin"), (path, await host.stderr.read(4000))
-            answer = await asyncio.to_thread(request, path, frame({"op": "stats"}))
-            assert answer == {"ok": False, "error": f"refused: uid {os.geteuid()} is not the host's user"}
-            host.stdin.close()
-            async with asyncio.timeout(60):
-                _, err = await host.communicate()
-            assert host.returncode == 0, err.decode()[-2000:]
-            assert f"refused a connection from uid {os.geteuid()}".encode() in err
-        finally:
-            if host.returncode is None:
-                host.kill()
-                await host.wait()
+        yield work
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+async def start_nobody_host(python: Path, work: Path, how: str):
+    host = await as_nobody(python, work / "host.py", work / "venvs", work / "observed", how, work=work,
+                           stdin=asyncio.subprocess.PIPE)
+    try:
+        async with asyncio.timeout(240):
+            path = (await host.stdout.readline()).decode().strip()
+    except BaseException:
+        host.kill()
+        await host.wait()
+        raise
+    if not path.endswith("/admin"):
+        host.kill()
+        _, err = await host.communicate()
+        pytest.fail(f"the host did not start: {path!r}\n{err.decode()[-3000:]}")
+    return host, path
+
+
+async def end_nobody_host(host) -> bytes:
+    host.stdin.close()
+    try:
+        async with asyncio.timeout(60):
+            _, err = await host.communicate()
+    finally:
+        if host.returncode is None:
+            host.kill()
+            await host.wait()
+    assert host.returncode == 0, err.decode()[-2000:]
+    return err
+
+
+@linux_root
+async def test_the_endpoint_refuses_a_peer_of_another_uid(nobody_python, nobody_work):  # noqa: F811
+    """Root passes the directory's mode, so the peer-credentials check is what refuses it."""
+    host, path = await start_nobody_host(nobody_python, nobody_work, "in-process")
+    answer = await asyncio.to_thread(request, path, frame({"op": "stats"}))
+    assert answer == {"ok": False, "error": f"refused: uid {os.geteuid()} is not the host's user"}
+    err = await end_nobody_host(host)
+    assert f"refused a connection from uid {os.geteuid()}".encode() in err
+
+
+@linux_root
+async def test_an_unprivileged_user_sees_its_host_but_cannot_trace_its_workers(nobody_python, nobody_work):  # noqa: F811
+    """As documented: without CAP_SYS_PTRACE the non-dumpable worker's PSS is not readable and
+    py-spy may not attach; the command says why and what to do. RSS and CPU time are there."""
+    host, _ = await start_nobody_host(nobody_python, nobody_work, "isolated")
+    try:
+        top = await as_nobody(nobody_python, "-m", "pyisolate", "top", "--json", "--host", str(host.pid),
+                              work=nobody_work)
+        async with asyncio.timeout(60):
+            out, err = await top.communicate()
+        assert top.returncode == 0, err.decode()
+        stats = json.loads(out)["extensions"]["observed"]
+        assert stats["state"] == "ready" and stats["pss"] is None and stats["rss"] > 0
+        profile = await as_nobody(nobody_python, "-m", "pyisolate", "profile", "observed", "--seconds", "1",
+                                  "--host", str(host.pid), "-o", nobody_work / "p.json", work=nobody_work)
+        async with asyncio.timeout(60):
+            out, err = await profile.communicate()
+        assert profile.returncode == 1 and not (nobody_work / "p.json").exists()
+        assert b"py-spy could not profile pid" in err and b"CAP_SYS_PTRACE" in err and b"non-dumpable" in err
+    finally:
+        await end_nobody_host(host)
 
 
 # -- `pyisolate stack` and `pyisolate profile` ---------------------------------------------
