@@ -450,6 +450,19 @@ async def test_stats_and_stack_of_a_worker_under_bwrap(venv_root, monkeypatch):
             stuck.cancel()
 
 
+async def test_stack_of_a_worker_stuck_in_c_code_holding_the_gil(admin_manager):
+    observed = await load(admin_manager)
+    stuck = asyncio.ensure_future(observed.hold_gil())
+    try:
+        for _ in range(10):
+            await asyncio.sleep(0)
+        code, out, err = await cli("stack", "observed", "--host", str(os.getpid()))
+        assert code == 0, err
+        assert "in hold_gil" in out and "Current thread" in out  # written by the C handler, GIL or not
+    finally:
+        stuck.cancel()
+
+
 async def test_stack_of_the_host(admin_manager):
     await load(admin_manager)
     code, out, err = await cli("stack", "host", "--host", str(os.getpid()))

@@ -47,3 +47,9 @@ class ObservedExtension(ExtensionBase):
         """This process's resident memory as it sees it itself."""
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    async def hold_gil(self):
+        """Stuck in C code that holds the GIL, on the worker's loop (catastrophic backtracking)."""
+        import re
+
+        return bool(re.match(r"(a+)+$", "a" * 40 + "!"))
