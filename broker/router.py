@@ -152,6 +152,12 @@ class Broker:
         """The event loop the broker runs on."""
         return self._loop
 
+    @property
+    def private_dir(self) -> str | None:
+        """The broker's own 0700 directory (its ipc socket lives there), removed when it closes;
+        None where ipc is not available (a tcp endpoint)."""
+        return self._ipc_dir
+
     def has_actor(self, name: bytes) -> bool:
         """Whether ``name`` is taken: a host-side actor, a connected worker, or one starting."""
         return name in self._local or self.registry.knows(name)

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from ._envs import ProgressDisplay, ProgressEvent, ProgressStep
     from ._limits import Limits
     from ._policy import SandboxMode, SandboxPolicy
-    from ._host import Extension, ExtensionManager, SyncExtensionManager, method
+    from ._host import Extension, ExtensionManager, SyncExtensionManager, method, stats
     from ._rpc import sync
     from ._wire import TypeRegistry, handle, shared_empty, shared_empty_array
     from ._singleton import ProxiedSingleton
@@ -78,6 +78,7 @@ __all__ = [
     "method",
     "shared_empty",
     "shared_empty_array",
+    "stats",
     "sync",
 ]
 
@@ -109,6 +110,7 @@ _LAZY = {
     "handle": "._wire",
     "shared_empty": "._wire",
     "shared_empty_array": "._wire",
+    "stats": "._host",
 }
 
 

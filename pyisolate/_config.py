@@ -166,6 +166,14 @@ class ExtensionManagerConfig:
             exports them through the application's TracerProvider. Needs the ``otel`` extra
             (``pip install 'pyisolate[otel]'``). Default False: no span, and call headers are
             byte for byte those of a host without tracing. See the tracing guide.
+        stats: Count every call the host makes to each extension (calls, errors by type,
+            latency percentiles per method, bytes), read with ``manager.stats()`` and
+            ``pyisolate.stats(ext)``: a few counter updates per call. False counts nothing per
+            call (state, in-flight calls, memory and CPU time are still reported).
+        admin: Serve the admin endpoint that ``pyisolate top``, ``stack`` and ``profile`` attach
+            to: a unix socket in the host's private 0700 directory, answering only processes of
+            the same user (checked by SO_PEERCRED). Default off; the environment variable
+            ``PYISOLATE_ADMIN=1`` also turns it on. See the observability guide.
     """
 
     venv_root_path: str | os.PathLike[str]
@@ -188,6 +196,8 @@ class ExtensionManagerConfig:
     fork_server: bool = True
     shm_pool_bytes: int | None = None
     tracing: bool = False
+    stats: bool = True
+    admin: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "types", _types_reference(self.types))
@@ -225,11 +235,19 @@ class ExtensionManagerConfig:
         object.__setattr__(self, "host_paths", _host_paths(self.host_paths, "ExtensionManagerConfig.host_paths"))
         if not isinstance(self.fork_server, bool):
             raise ConfigError(f"ExtensionManagerConfig.fork_server must be True or False, got {self.fork_server!r}")
+        for flag in ("stats", "admin"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ConfigError(f"ExtensionManagerConfig.{flag} must be True or False, got {getattr(self, flag)!r}")
 
     @property
     def uses_fork_server(self) -> bool:
         """``fork_server``, unless the environment variable ``PYISOLATE_FORK_SERVER`` is ``0``."""
         return self.fork_server and os.environ.get("PYISOLATE_FORK_SERVER", "1").strip() not in ("0", "false", "no")
+
+    @property
+    def uses_admin(self) -> bool:
+        """``admin``, or the environment variable ``PYISOLATE_ADMIN`` set to ``1``."""
+        return self.admin or os.environ.get("PYISOLATE_ADMIN", "").strip() in ("1", "true", "yes")
 
     @property
     def venv_root(self) -> Path:

@@ -239,6 +239,9 @@ def main() -> None:
         # Before any other thread (Landlock confines the calling thread and what it starts
         # later), before the runtime's imports and before any extension code.
         _confine(boot)
+    from . import stacks
+
+    stacks.install()  # the host may ask for every thread's stack, even while the loop is blocked
     threading.Thread(target=_watch_host, args=(sys.stdin.fileno(),), name="host-watch", daemon=True).start()
     sys.stdin = open(os.devnull)  # extension code must not consume the host-liveness pipe
     try:

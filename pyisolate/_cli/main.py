@@ -1,4 +1,5 @@
-"""The ``pyisolate`` command line: ``doctor``, ``env list|build|repair|prune``, ``bench``.
+"""The ``pyisolate`` command line: ``doctor``, ``env list|build|repair|prune``, ``bench``, and
+``top``, ``stack``, ``profile`` (which attach to a running host: see ``inspect``).
 
 Exit codes, for scripts: 0 everything went well; 1 problems were found or an operation
 failed; 2 the command line is wrong (unknown option, missing argument, a path that does not
@@ -18,6 +19,7 @@ from pathlib import Path
 import pyisolate
 
 from . import env as _cli_env
+from . import inspect as _cli_inspect
 from .doctor import ERROR, WARN, run_checks
 from .output import EXIT_FAILED, EXIT_OK, EXIT_USAGE, VENV_ROOT_ENV, UsageError, default_venv_root, error, print_json
 
@@ -70,6 +72,7 @@ examples:
   pyisolate env list --json              every venv: extension, dependencies, size, last use
   pyisolate env build extensions/*       build venvs ahead of time (no extension starts)
   pyisolate env prune --keep extensions  remove venvs no extension there uses
+  pyisolate top                          a running host's extensions, live (host: admin=True)
 """
 
 
@@ -139,6 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
         "suite's own options. Exit code: the suite's; 2 when pyisolate was installed without it.",
     )  # fmt: skip
     bench.set_defaults(run=_bench, args=[])
+
+    for name, (help_text, description, add_options, attach) in _cli_inspect.COMMANDS.items():
+        sub = commands.add_parser(name, help=help_text, description=description, formatter_class=formatter)
+        add_options(sub)
+        sub.set_defaults(run=attach, command_parser=sub)
     return parser
 
 

@@ -8,6 +8,9 @@
 - ``worker``: one remote extension's life: venv, launch, readiness, crash and restart. It
   needs of the manager only the ``Host`` interface.
 - ``process``: the child process, its pipes and its logs; ``events``: the host's event fan-out.
+- ``stats``: snapshots of what each extension does (``pyisolate.stats``, ``manager.stats()``),
+  with ``procinfo`` (a worker's memory and CPU time); ``admin``: the admin endpoint that
+  ``pyisolate top``/``stack``/``profile`` attach to.
 - ``sandbox``: each worker's confinement (policy, limits, the rules it applies to itself);
   ``sandbox_offered()`` says what this machine can enforce.
 
@@ -16,9 +19,14 @@ Host-side only: a worker never imports this package.
 
 from __future__ import annotations
 
+from .admin import MAX_ANSWER, SOCKET_NAME, read_frame, write_frame
 from .extension import Extension, method
 from .manager import ExtensionManager
 from .sandbox import offered as sandbox_offered
+from .stats import stats
 from .sync import SyncExtensionManager
 
-__all__ = ["Extension", "ExtensionManager", "SyncExtensionManager", "method", "sandbox_offered"]
+__all__ = [
+    "MAX_ANSWER", "SOCKET_NAME", "Extension", "ExtensionManager", "SyncExtensionManager", "method", "read_frame",
+    "sandbox_offered", "stats", "write_frame",
+]  # fmt: skip

@@ -19,18 +19,20 @@ from pyisolate.workers.loader import class_spec, load_extension
 from .._base import ExtensionBase
 from .._config import ExtensionConfig, ExtensionManagerConfig
 from .._envs import runtime_dir
-from .._rpc import ActorProxy, Endpoint
+from .._rpc import ActorProxy, CallStats, Endpoint
 from .._singleton import ProxiedSingleton, actor_name
 from .._upstream import config_from
 from .._wire import encode_exception
 from .._wire import shm as _shm
 from ..errors import ConfigError, ExtensionClosedError, LoadExtensionsError, UnroutableError
+from .admin import AdminServer, admin_handler
 from .apptypes import AppTypes, load_app_types
 from .events import Events
 from .extension import Extension, LocalBackend
 from .process import WorkerProcess
 from .sandbox import resolve
 from .traces import HostTraces
+from .stats import manager_stats
 from .worker import State, Worker, retrieve
 from .zygote import ForkServer, ForkServerError
 
@@ -88,6 +90,9 @@ class ExtensionManager(Generic[T]):
         self._zygote: asyncio.Task[ForkServer | None] | None = None  # the fork server, once asked for
         #: Spans of calls (``ExtensionManagerConfig.tracing``); None: tracing is off.
         self.traces: HostTraces | None = HostTraces() if config.tracing else None
+        #: Counters of the calls host-side actors make, per extension (shared by their endpoints).
+        self._call_stats: dict[bytes, CallStats] = {}
+        self._admin: AdminServer | None = None
 
     # -- loop-bound parts, created on first use --------------------------------------------
 
@@ -126,13 +131,39 @@ class ExtensionManager(Generic[T]):
             self._endpoint.default_timeout = config.call_timeout
             self._endpoint.answers_heartbeats = False  # ours are answers: they go to _on_control
             self._events = Events(loop)
+            if config.uses_admin:
+                self._start_admin()
         elif loop is not self._loop:
             raise RuntimeError(
                 "load_extension() must be called on the event loop the manager started on; "
                 "calls to loaded extensions work from any loop or thread"
             )
 
+    def _start_admin(self) -> None:
+        directory = self.broker.private_dir
+        if directory is None:
+            logger.warning("the admin endpoint is not served: this libzmq has no ipc, so the host has no private "
+                           "directory to put its socket in")
+            return
+        self._admin = AdminServer(directory, admin_handler(self))
+        logger.debug("admin endpoint listening on %s", self._admin.path)
+
     # -- public API ------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        """What every loaded extension has done, as plain values (JSON-ready).
+
+        Returns:
+            ``{"pid": host pid, "time": when (epoch seconds), "counting": whether calls are
+            counted (``ExtensionManagerConfig.stats``), "extensions": {name: snapshot}}``;
+            each snapshot as ``pyisolate.stats(ext)`` describes it.
+        """
+        return manager_stats(self)
+
+    @property
+    def admin_path(self) -> str | None:
+        """The admin endpoint's socket (see ``ExtensionManagerConfig.admin``), or None when not served."""
+        return self._admin.path if self._admin is not None else None
 
     @property
     def extensions(self) -> Mapping[str, Extension]:
@@ -180,6 +211,8 @@ class ExtensionManager(Generic[T]):
             task.add_done_callback(retrieve)
             backend = LocalBackend(config, task, self._forget)
         self._extensions[config.name] = backend
+        if isinstance(backend, Worker) and self.config.stats:
+            self._call_stats[backend.bname] = backend.call_stats
         handle = self._handles[config.name] = Extension(backend)
         return handle
 
@@ -317,6 +350,8 @@ class ExtensionManager(Generic[T]):
             server = (await asyncio.gather(self._zygote, return_exceptions=True))[0]
             if isinstance(server, ForkServer):
                 await server.aclose(self.config.stop_timeout)
+        if self._admin is not None:  # before the broker: its socket lives in the broker's directory
+            self._admin.close()
         self.broker.close()
         _shm.trim()
 
@@ -369,6 +404,10 @@ class ExtensionManager(Generic[T]):
         if self._loop is None:
             self._bind()
 
+    def _host_endpoints(self) -> list[Endpoint]:
+        """The endpoints of the host's actors: the host's own, then each singleton's."""
+        return [self.endpoint, *list(self._singletons.values())]
+
     def _singleton_names(self) -> list[bytes]:
         """Actor names of the shared singletons registered so far."""
         return list(self._singletons)
@@ -403,6 +442,7 @@ class ExtensionManager(Generic[T]):
         if self.traces is not None:
             endpoint.tracing = self.traces.tracing()
         endpoint.values.cuda_refusal = self._cuda_refusal
+        endpoint.calls.stats = self._call_stats
         broker.add_local(name, endpoint.on_frames)
         return endpoint
 
@@ -437,6 +477,9 @@ class ExtensionManager(Generic[T]):
         if self._extensions.get(backend.name) is backend:
             del self._extensions[backend.name]
             del self._handles[backend.name]
+            if isinstance(backend, Worker):
+                self._call_stats.pop(backend.bname, None)
+                _shm.traffic(backend.bname, forget=True)
 
     def _start_heartbeats(self) -> None:
         """Check every ready worker's liveness from now on (once per manager)."""

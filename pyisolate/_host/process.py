@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from pyisolate.workers import tree
+from pyisolate.workers import stacks, tree
 from pyisolate.workers.logs import parse_line
 
 from .._envs import LineSplitter
@@ -76,6 +76,8 @@ _FDS_PER_WORKER = 7
 #: Distinct logger names of one worker that get a host logger of their own; records of further
 #: names go to the extension's logger itself.
 _MAX_LOGGERS = 256
+#: Lines of one stack dump kept (see ``WorkerProcess.dump_stacks``); a worker's further ones are dropped.
+_DUMP_LINES_MAX = 20000
 #: Parent of every extension's logger; ``pyisolate.extension.<name>`` carries its output.
 EXTENSION_LOGGER = "pyisolate.extension"
 
@@ -178,6 +180,9 @@ class WorkerProcess:
         self._tail: collections.deque[str] = collections.deque(maxlen=_TAIL_LINES)
         self._logger = log or extension_logger(name)
         self._loggers: dict[str, logging.Logger] = {}
+        self._dump: list[str] | None = None  # the stack dump being read from stderr
+        self._dump_done: asyncio.Event | None = None
+        self._dumping = asyncio.Lock()
         assert proc.stdout is not None and proc.stderr is not None
         self._readers = (
             loop.create_task(self._follow(proc.stdout, self._on_stdout), name=f"pyisolate-stdout-{name}"),
@@ -273,6 +278,58 @@ class WorkerProcess:
     def pid(self) -> int:
         """The worker's process id; under bwrap, its monitor's (which the worker's exit ends)."""
         return self._proc.pid
+
+    def worker_pid(self) -> int | None:
+        """The pid of the worker itself (not bwrap's monitor), in the host's pid namespace; None
+        where it is gone or not found."""
+        if self._proc.returncode is not None:
+            return None
+        if self._init is None:
+            return self._proc.pid
+        worker = self._sandboxed_worker()
+        if worker is None:
+            return None
+        os.close(worker)
+        return bwrap.worker_pid(self._init[0])
+
+    async def dump_stacks(self, timeout: float) -> tuple[str, bool]:
+        """Every thread's Python stack of the worker, even while its loop is blocked.
+
+        Signals the worker (``workers.stacks``) and reads the dump faulthandler writes to its
+        stderr, up to the end marker its main thread writes next, or for ``timeout`` seconds if
+        that thread never runs Python again. One dump at a time. Returns the dump and whether
+        it ended with the marker (False: it may be cut short).
+        """
+        async with self._dumping:
+            if self._proc.returncode is not None:
+                return "", False
+            self._dump, self._dump_done = [], asyncio.Event()
+            try:
+                self.signal_worker(stacks.STACK_SIGNAL)
+                try:
+                    async with asyncio.timeout(timeout):
+                        await self._dump_done.wait()
+                    complete = True
+                except TimeoutError:
+                    complete = False
+                return "\n".join(self._dump).strip("\n") + "\n", complete
+            finally:
+                self._dump = self._dump_done = None
+
+    def signal_worker(self, sig: signal.Signals) -> None:
+        """Send ``sig`` to the worker itself (under bwrap: the sandbox's worker, not its monitor)."""
+        if self._init is None:
+            self._signal(sig)
+            return
+        worker = self._sandboxed_worker()
+        if worker is None:
+            return
+        try:
+            signal.pidfd_send_signal(worker, sig)
+        except ProcessLookupError:
+            pass
+        finally:
+            os.close(worker)
 
     @property
     def returncode(self) -> int | None:
@@ -442,6 +499,14 @@ class WorkerProcess:
         self._logger.info(line, extra={"extension": self.name, "stream": "stdout"})
 
     def _on_stderr(self, line: str) -> None:
+        if self._dump is not None and self._dump_done is not None:  # a stack dump is being read
+            if line == stacks.END:
+                self._dump_done.set()
+                return
+            if stacks.is_dump_line(line):
+                if len(self._dump) < _DUMP_LINES_MAX:
+                    self._dump.append(line)
+                return
         text, record = parse_line(line)
         if text or record is None:
             self._tail.append(text)

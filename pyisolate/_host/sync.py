@@ -70,6 +70,10 @@ class SyncExtensionManager:
         handles = self._run("extensions", snapshot())
         return MappingProxyType({name: Blocking(handle, self._loop) for name, handle in handles.items()})
 
+    def stats(self) -> dict[str, Any]:
+        """See ExtensionManager.stats (it only reads, so it does not wait for the manager's loop)."""
+        return self._manager.stats()
+
     def get_actor(self, name: str | type) -> Any:
         """A blocking handle to an extension or singleton by name."""
 

@@ -21,6 +21,7 @@ from pyisolate.workers.loader import ClassSpec, class_spec
 
 from .._config import ExtensionConfig, ExtensionManagerConfig
 from .._envs import ensure_venv, runtime_dir
+from .._rpc import CallStats
 from .._singleton import ProxiedSingleton
 from .._wire import DecodeError, decode_exception
 from .._wire import shm as _shm
@@ -107,6 +108,10 @@ class Worker:
         self._restarts: list[float] = []  # when each restart in the policy's window happened
         self._restarting: BaseException | None = None  # the crash being recovered from
         self.restart_count = 0
+        #: What the host's calls to it did (see ``pyisolate._host.stats``); counted while the
+        #: manager counts (``ExtensionManagerConfig.stats``), kept across restarts.
+        self.call_stats = CallStats()
+        self.loaded_at = time.time()
         self.start_task = manager.loop.create_task(self._start(), name=f"pyisolate-start-{self.name}")
         self.start_task.add_done_callback(retrieve)
 

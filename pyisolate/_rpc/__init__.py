@@ -6,6 +6,8 @@ proxies that stand for remote objects, and the blocking views of them.
   ``flow`` (slots and acknowledgements); ``dispatch`` holds the rules of what is callable.
 - ``refs``: exported objects and the proxies (``ActorProxy``, ``RefProxy``, ``HandleProxy``) that call them;
   ``remote``: the awaitable of one remote call and of a remote stream.
+- ``stats``: ``CallStats``, the counters of the calls one actor makes to another (the host's,
+  per extension);
 - ``context``: the worker process's own endpoint; ``blocking``: ``pyisolate.sync()``; ``pool``: the
   threads that run plain methods.
 - ``tracing``: OpenTelemetry spans of calls and the trace context in CALL headers (imported only
@@ -25,10 +27,11 @@ from .endpoint import Endpoint
 from .refs import ActorProxy, HandleProxy, RefProxy
 from .remote import RemoteCall
 from .spans import span_bodies, span_record, unpack_spans
+from .stats import CallStats
 
 __all__ = [
-    "ActorProxy", "Blocking", "Endpoint", "HandleProxy", "RefProxy", "RemoteCall", "block", "make_tracing",
-    "public_methods", "resolve_method", "set_worker_endpoint", "span_bodies", "span_record", "sync",
+    "ActorProxy", "Blocking", "CallStats", "Endpoint", "HandleProxy", "RefProxy", "RemoteCall", "block",
+    "make_tracing", "public_methods", "resolve_method", "set_worker_endpoint", "span_bodies", "span_record", "sync",
     "unpack_spans", "worker_endpoint",
 ]  # fmt: skip
 

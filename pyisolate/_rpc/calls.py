@@ -7,6 +7,9 @@ way refused it), or the error that says its target left (crashed, stopped). The 
 holds (see ``flow.Slots``) is given back only when its answer arrives or its target is gone,
 so a caller that stops waiting does not let more work pile up at a slow target.
 
+Statistics: a target with a ``stats.CallStats`` in ``Calls.stats`` (the host registers one per
+extension) has each call's end, latency and bytes counted; other targets cost one dict check.
+
 Context tracking: every CALL carries the chain it belongs to (the actor that started it and a
 chain id). A call made while serving another keeps the chain; a chain started by this process
 remembers the loop it started on, so a call that comes back to this process (host ->
@@ -16,9 +19,11 @@ extension -> host) runs there, and recursion between processes does not deadlock
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from pyisolate.broker.delivery import nbytes
 from pyisolate.broker.protocol import QUEUE_FULL, TOO_LARGE, Kind, pack_header, unpack_header
 
 from .._wire import DecodeError
@@ -26,6 +31,7 @@ from .._wire import shm as _shm
 from ..errors import CallTimeoutError, MessageTooLargeError, ProtocolError, QueueFullError, UnroutableError
 from .flow import Acks, Slots
 from .serve import CHAIN
+from .stats import CallStats
 from .values import Values
 
 if TYPE_CHECKING:
@@ -59,6 +65,8 @@ class Calls:
         self.late_answers = 0  # answers that came after their caller stopped waiting
         self.timeouts = 0
         self.dropped = 0
+        #: Counters of calls to some targets (the host's, per extension): see ``stats.CallStats``.
+        self.stats: dict[bytes, CallStats] = {}
         self.open_stream: Callable[[bytes, int], Any]  # set by the Endpoint: a stream answer's consumer
         #: Spans of the calls made (``tracing.Tracing``); None: tracing is off, nothing is done.
         self.tracing: Tracing | None = None
@@ -98,6 +106,8 @@ class Calls:
             self._chain_loops[chain[1]] = origin_loop or self._loop
         self._next_id += 1
         call_id = self._next_id
+        stats = self.stats.get(target) if self.stats else None
+        began = time.perf_counter() if stats is not None else 0.0
         try:
             if self.tracing is not None:
                 return await self._traced(self.tracing, target, call_id, method, args, kwargs, ref_id, chain,
@@ -106,10 +116,20 @@ class Calls:
             header = self._acks.call_header(target, call_id, method, ref_id, chain)
             if timeout is None:
                 timeout = self.default_timeout
-            return await self._request(target, call_id, header, body, buffers, timeout, method)
+            if stats is None:
+                return await self._request(target, call_id, header, body, buffers, timeout, method)
+            stats.bytes_out += len(body) + (nbytes(buffers) if buffers else 0)
+            result = await self._request(target, call_id, header, body, buffers, timeout, method)
+        except BaseException as exc:
+            if stats is not None:
+                stats.ended(method, time.perf_counter() - began, exc)
+            raise
         finally:
             if started:
                 self._chain_loops.pop(chain[1], None)
+        assert stats is not None
+        stats.ended(method, time.perf_counter() - began, None)
+        return result
 
     async def _traced(self, tracing: Tracing, target: bytes, call_id: int, method: str, args: tuple[Any, ...],
                       kwargs: dict[str, Any], ref_id: int, chain: tuple[str, int],
@@ -192,6 +212,10 @@ class Calls:
             return
         del self.pending[call_id]
         self.slots.release(sender)
+        if self.stats:
+            stats = self.stats.get(sender)
+            if stats is not None:
+                stats.bytes_in += len(body) + (nbytes(buffers) if buffers else 0)
         try:
             self._answered(sender, kind, call_id, extra, body, buffers, entry[0])
         finally:

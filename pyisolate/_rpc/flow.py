@@ -91,6 +91,11 @@ class Slots:
         """Calls to ``target`` open now."""
         return self._open.get(target, 0)
 
+    def waiting(self, target: bytes) -> int:
+        """Callers waiting in line for a slot to ``target`` now."""
+        waiters = self._waiters.get(target)
+        return len(waiters) if waiters is not None else 0
+
 
 class Acks:
     """Acknowledgements owed to peers for shared-memory segments they sent us."""

@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
 EXPECTED = {
     "floor.direct", "floor.bare", "floor.relay", "floor.relay.bare", "floor.pipe",
     "call.host_ext.async", "call.host_ext.plain", "call.sync_thread", "call.ext_singleton", "call.ext_ext",
+    "call.host_ext.stats_off", "stats.small_call",
     "throughput.floor.direct", "throughput.floor.relay", "throughput.host_ext", "throughput.ext_singleton",
     "throughput.ext_ext",
     "bytes.raw.1048576", "bytes.1048576",

@@ -93,8 +93,8 @@ def test_the_manager_shows_users_only_what_they_call():
     """Internal methods of ExtensionManager carry a leading underscore, so the API page lists
     only the calls an application makes."""
     public = {n for n in dir(ExtensionManager) if not n.startswith("_") and callable(getattr(ExtensionManager, n))}
-    assert public == {"aclose", "get_actor", "load_extension", "load_extensions", "on_event", "prestart", "stop_all",
-                      "stop_all_extensions"}
+    assert public == {"aclose", "get_actor", "load_extension", "load_extensions", "on_event", "prestart", "stats",
+                      "stop_all", "stop_all_extensions"}
 
 
 def test_host_paths_are_existing_folders_made_absolute(tmp_path, monkeypatch):

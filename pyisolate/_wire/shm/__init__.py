@@ -46,7 +46,7 @@ from ._segments import (
     state,
     uncache,
 )
-from ._segments import FORWARD_COPY_MAX
+from ._segments import FORWARD_COPY_MAX, shared_in, shared_out
 from ._segments import _address as _address
 
 if TYPE_CHECKING:  # the hub is host-only code: a worker never imports it
@@ -61,7 +61,7 @@ __all__ = [
     "WorkerChannel", "ack_key", "attach_worker", "cached", "class_of", "copies_forward", "configure",
     "configure_host", "configure_pool", "create", "descriptors", "drop_peer", "extent", "find", "hub",
     "is_lease", "leased", "mapped", "new_segment", "parse_size", "pin", "pinned", "pool", "pool_bound", "probe",
-    "receive", "session", "share", "stats", "sweep", "take", "trim", "uncache", "unpin", "warn_copy",
+    "receive", "session", "share", "stats", "sweep", "take", "traffic", "trim", "uncache", "unpin", "warn_copy",
 ]  # fmt: skip
 
 _hub: Hub | None = None
@@ -155,6 +155,14 @@ def trim() -> None:
     (a manager's last act: nothing of its work stays mapped)."""
     pool.trim()
     uncache()
+
+
+def traffic(peer: bytes, *, forget: bool = False) -> tuple[int, int]:
+    """Bytes of segments shared with ``peer`` and received from it, so far; ``forget``: and
+    stop counting them (the peer is gone for good)."""
+    if forget:
+        return shared_out.pop(peer, 0), shared_in.pop(peer.decode(errors="replace"), 0)
+    return shared_out.get(peer, 0), shared_in.get(peer.decode(errors="replace"), 0)
 
 
 def stats() -> dict[str, object]:

@@ -138,6 +138,10 @@ class _State:
 
 
 state = _State()
+#: Bytes of segments this process shared with each peer (by actor name), and received from each
+#: (by sender name), for statistics: counted once per message that names a segment.
+shared_out: dict[bytes, int] = {}
+shared_in: dict[str, int] = {}
 
 
 def _no_pool(mapping: _Mapping) -> bool:
@@ -329,6 +333,7 @@ def share(dest: bytes, segment: Segment) -> str:
         elif mapping.kind == RECEIVED:
             mapping.use.reshared = True  # its owner must not reuse it: a third actor maps it now
     _pins.pin(dest, segment, ack_key(segment_id))
+    shared_out[dest] = shared_out.get(dest, 0) + mapping.size
     return segment_id
 
 
@@ -407,6 +412,8 @@ def receive(segment_id: object, sender: str, needed: int, sender_in_host: bool =
     """
     if type(segment_id) is not str or not (match := _ID_RE.fullmatch(segment_id)):
         raise RefusedHandle(f"malformed segment id {segment_id!r}")
+    if needed > 0:
+        shared_in[sender] = shared_in.get(sender, 0) + needed
     owner = match[1]
     if owner == state.actor:
         return _back(segment_id, sender, needed)
