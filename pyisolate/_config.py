@@ -160,6 +160,12 @@ class ExtensionManagerConfig:
             it: under bwrap, with a venv that has its own copy of a package the fork server
             imported (torch's family, zmq, msgpack), or once the fork server has failed (with one
             warning). See the sandbox guide for how a forked worker is confined.
+        watch: Reload every isolated extension when a file in its module directory changes
+            (see ``ExtensionConfig.watch``, which overrides it per extension); needs the
+            ``watch`` extra (``pip install 'pyisolate[watch]'``). Default False.
+        reload_drain_timeout: Seconds a reload lets calls already running on the old worker
+            finish before it stops that worker (those still running then fail with
+            ``ExtensionReloadedError``).
     """
 
     venv_root_path: str | os.PathLike[str]
@@ -181,6 +187,8 @@ class ExtensionManagerConfig:
     host_paths: Sequence[str | os.PathLike[str]] = ()
     fork_server: bool = True
     shm_pool_bytes: int | None = None
+    watch: bool = False
+    reload_drain_timeout: float = 30.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "types", _types_reference(self.types))
@@ -216,6 +224,9 @@ class ExtensionManagerConfig:
         object.__setattr__(self, "host_paths", _host_paths(self.host_paths, "ExtensionManagerConfig.host_paths"))
         if not isinstance(self.fork_server, bool):
             raise ConfigError(f"ExtensionManagerConfig.fork_server must be True or False, got {self.fork_server!r}")
+        if not isinstance(self.watch, bool):
+            raise ConfigError(f"ExtensionManagerConfig.watch must be True or False, got {self.watch!r}")
+        _positive("ExtensionManagerConfig", "reload_drain_timeout", self.reload_drain_timeout)
 
     @property
     def uses_fork_server(self) -> bool:
@@ -340,6 +351,10 @@ class ExtensionConfig:
         sealed_host_ro_paths: pyisolate 0.10's name for ``host_paths`` of a sealed worker: only
             with ``execution_model="sealed_worker"``; added to ``host_paths``.
         package_manager: ``"uv"``, the only one (conda environments are not supported).
+        watch: Reload the extension (``Extension.reload()``) when a file in its module
+            directory changes, debounced; a reload that fails is logged and the old worker
+            serves on. None: the manager's ``watch``. Needs the ``watch`` extra
+            (``pip install 'pyisolate[watch]'``) and ``isolated=True``. See docs/guides/reload.md.
     """
 
     name: str
@@ -365,10 +380,13 @@ class ExtensionConfig:
     execution_model: str | None = None
     sealed_host_ro_paths: Sequence[str | os.PathLike[str]] = ()
     package_manager: str = "uv"
+    watch: bool | None = None
 
     def __post_init__(self) -> None:
         validate_extension_name(self.name)
         where = f"(extension {self.name!r})"
+        if self.watch is not None and not isinstance(self.watch, bool):
+            raise ConfigError(f"ExtensionConfig.watch {where} must be True, False or None, got {self.watch!r}")
         if self.sandbox_mode is not None:
             mode = check_mode(self.sandbox_mode, f"ExtensionConfig.sandbox_mode {where}")
             object.__setattr__(self, "sandbox_mode", mode)

@@ -56,6 +56,9 @@ class Calls:
         self.late_answers = 0  # answers that came after their caller stopped waiting
         self.timeouts = 0
         self.dropped = 0
+        #: Why an actor that is no longer connected left, where its owner knows (a worker replaced
+        #: by a reload): a call to it fails with that error instead of UnroutableError.
+        self.why_gone: Callable[[bytes], BaseException | None] | None = None
         self.open_stream: Callable[[bytes, int], Any]  # set by the Endpoint: a stream answer's consumer
 
     # -- out -------------------------------------------------------------------------------
@@ -135,6 +138,9 @@ class Calls:
             del self.pending[call_id]
             slots.release(target)
             if isinstance(exc, LookupError) and not isinstance(exc, UnroutableError):
+                why = self.why_gone(target) if self.why_gone is not None else None
+                if why is not None:
+                    raise why from exc
                 raise UnroutableError(f"no actor named {target.decode()!r} is connected") from exc
             raise
         # From here the pending entry and its slot are released by whatever ends the call: its
