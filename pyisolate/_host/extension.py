@@ -21,7 +21,10 @@ __all__ = ["Backend", "Extension", "LocalBackend", "method"]
 class Backend(Protocol):
     """What runs an extension: a worker process, or the host itself (``isolated=False``)."""
     name: str
-    config: ExtensionConfig
+
+    @property
+    def config(self) -> ExtensionConfig:
+        """The ``ExtensionConfig`` it runs with."""
 
     @property
     def status(self) -> str:

@@ -18,17 +18,14 @@ import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from .._config import ExtensionConfig
 from .._upstream import config_from
 from ..errors import ConfigError, ExtensionClosedError, ExtensionReloadedError
 from .sandbox import Resolved, resolve
 from .watch import watch_source
-from .worker import Worker, retrieve
-
-if TYPE_CHECKING:
-    from .manager import ExtensionManager
+from .worker import Host, Worker, retrieve
 
 __all__ = ["RELOAD_FAILED", "RELOAD_FINISHED", "RELOAD_STARTED", "RELOAD_SWITCHED", "RELOAD_WATCHING", "Generations",
            "drop_bytecode"]
@@ -44,11 +41,19 @@ RELOAD_FINISHED = "pyisolate.reload.finished"
 RELOAD_FAILED = "pyisolate.reload.failed"
 
 
+class ReloadHost(Host, Protocol):
+    """What Generations needs of the manager besides what a Worker does (``ExtensionManager`` is one)."""
+
+    def _serve(self, worker: Worker) -> None: ...
+    def _remember_reloaded(self, actor: bytes, reason: ExtensionReloadedError) -> None: ...
+    def _emit_own(self, extension: str, name: str, value: object) -> None: ...
+
+
 class Generations:
     """The workers of one isolated extension: the one serving (``current``) and, during a
     reload, the one starting and the one draining. Implements the handle's Backend protocol."""
 
-    def __init__(self, manager: ExtensionManager[Any], config: ExtensionConfig, resolved: Resolved,
+    def __init__(self, manager: ReloadHost, config: ExtensionConfig, resolved: Resolved,
                  *, watch: bool) -> None:
         self.name = config.name
         self._manager = manager

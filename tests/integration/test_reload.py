@@ -21,11 +21,13 @@ import pytest
 from pyisolate import (
     ConfigError,
     ExtensionBase,
+    ExtensionClosedError,
     ExtensionConfig,
     ExtensionLoadError,
     ExtensionManager,
     ExtensionManagerConfig,
     ExtensionReloadedError,
+    SyncExtensionManager,
 )
 from tests.package_index import write_wheel
 from tests.support import alive, child_pids, ext
@@ -322,8 +324,6 @@ async def test_reload_refuses_another_name_and_a_stopped_extension(manager, tmp_
     with pytest.raises(ConfigError, match="keeps its name"):
         await extension.reload(ExtensionConfig(name="other", module_path=folder))
     await extension.stop()
-    from pyisolate import ExtensionClosedError
-
     with pytest.raises(ExtensionClosedError):
         await extension.reload()
 
@@ -345,3 +345,26 @@ async def test_no_worker_is_left_after_the_manager_stops_mid_reload(venv_root, t
     assert all(isinstance(r, BaseException) for r in results), results
     assert not any(alive(pid) for pid in pids)
     assert child_pids() == set()
+
+
+async def test_an_extension_cannot_fake_reload_events(manager, tmp_path):
+    seen = Seen(manager)
+    extension = await load(manager, copy_extension(tmp_path))
+    async with asyncio.timeout(DEADLINE):
+        await extension.emit_event("pyisolate.reload.finished", {"generation": 7, "pid": 1, "drained": True})
+        await extension.emit_event("after", 1)
+        await seen.nth("after")  # one sender's events arrive in order: the first was dropped before it
+    assert seen.count("pyisolate.reload.finished") == 0
+
+
+def test_a_sync_host_reloads_through_the_blocking_handle(venv_root, tmp_path):
+    folder = copy_extension(tmp_path)
+    with SyncExtensionManager(ExtensionBase, ExtensionManagerConfig(venv_root_path=venv_root)) as manager:
+        extension = manager.load_extension(ExtensionConfig(name=NAME, module_path=folder))
+        assert extension.version() == "v1"
+        set_version(folder, "v2")
+        extension.reload()
+        assert extension.version() == "v2"
+        set_version(folder, "v3")
+        manager.get_actor(NAME).reload()
+        assert extension.version() == "v3"

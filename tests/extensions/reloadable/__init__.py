@@ -42,6 +42,9 @@ class Reloadable(ExtensionBase):
 
         return greet
 
+    def emit_event(self, name, value):
+        pyisolate.emit(name, value)
+
     async def count(self, n):
         for i in range(n):
             yield i
