@@ -87,27 +87,23 @@ class Generations:
     async def wait_ready(self) -> None:
         await self.current.wait_ready()
 
-    async def call(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any],
-                   timeout: float | None = None) -> Any:
-        worker = self.current
-        while not worker.enter():  # retired between the read and the count: the switch is done
-            worker = self.current
-        try:
-            return await worker.call(method, args, kwargs, timeout)
-        finally:
-            worker.leave()
+    def call(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None = None) -> Any:
+        # The serving worker's coroutine itself (no frame of ours on each call): it counts the
+        # call, or hands it to its successor if it was retired as the call came.
+        return self.current.call(method, args, kwargs, timeout)
 
     async def stop(self) -> None:
         loop = self._manager.loop
         if asyncio.get_running_loop() is not loop:
             return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self.stop(), loop))
         self._stopped = True
-        workers = list(self._live)  # before the reloads end: one may be draining
         tasks = [task for task in [self._watcher, *self._reloads] if task is not None]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        await asyncio.gather(*(worker.stop() for worker in [*workers, *self._live]), return_exceptions=True)
+        # Every worker a reload left behind too: one starting, one draining (a reload leaves a
+        # worker out of _live only once it has stopped it).
+        await asyncio.gather(*(worker.stop() for worker in list(self._live)), return_exceptions=True)
         self._live.clear()
 
     # -- reload --------------------------------------------------------------------------
@@ -158,7 +154,8 @@ class Generations:
             except BaseException as exc:
                 await new.stop()
                 self._live.discard(new)
-                manager._emit_own(self.name, RELOAD_FAILED, {"generation": generation, "error": str(exc)})
+                if not isinstance(exc, asyncio.CancelledError):  # cancelled: the extension is stopping
+                    manager._emit_own(self.name, RELOAD_FAILED, {"generation": generation, "error": str(exc)})
                 raise
             reason = ExtensionReloadedError(
                 f"extension {self.name!r} was reloaded: the worker of generation {old.generation} that owned this "
@@ -166,7 +163,7 @@ class Generations:
                 extension=self.name, generation=generation)
             self.current = new  # from here new calls go to the new worker
             manager._serve(new)
-            old.retire(reason)
+            old.retire(reason, new)
             manager._remember_reloaded(old.bname, reason)
             pid = new.process.pid if new.process is not None else None
             manager._emit_own(self.name, RELOAD_SWITCHED, {"generation": generation, "pid": pid})

@@ -123,11 +123,12 @@ class Worker:
         self._restarts: list[float] = []  # when each restart in the policy's window happened
         self._restarting: BaseException | None = None  # the crash being recovered from
         self.restart_count = 0
-        # Reload: calls the handle has sent (or is about to send) here, counted so that a retired
-        # worker is stopped only once they are done; ``retired`` is why it was (set once).
+        # Reload: calls sent (or about to be sent) here, counted so that a retired worker is
+        # stopped only once they are done; ``retired`` is why it was, ``successor`` who took over.
         self.open_calls = 0
         self._calls_lock = threading.Lock()  # callers on other loops count too
         self.retired: ExtensionReloadedError | None = None
+        self.successor: Worker | None = None
         self._drained: asyncio.Event | None = None
         self.start_task = manager.loop.create_task(self._start(), name=f"pyisolate-start-{self.name}")
         self.start_task.add_done_callback(retrieve)
@@ -150,6 +151,16 @@ class Worker:
 
     async def call(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any],
                    timeout: float | None = None) -> Any:
+        if not self.enter():  # retired as this call came (from another thread): its successor serves it
+            assert self.successor is not None
+            return await self.successor.call(method, args, kwargs, timeout)
+        try:
+            return await self._call(method, args, kwargs, timeout)
+        finally:
+            self.leave()
+
+    async def _call(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any],
+                    timeout: float | None) -> Any:
         retried = False
         while True:
             if self.state is not State.READY:
@@ -189,11 +200,12 @@ class Worker:
             assert self._drained is not None
             self._manager.loop.call_soon_threadsafe(self._drained.set)
 
-    def retire(self, reason: ExtensionReloadedError) -> None:
-        """Take no new calls (the handle sends them to its successor) and never restart; on the
-        manager's loop, once the successor serves. What it owned ends with ``reason``."""
+    def retire(self, reason: ExtensionReloadedError, successor: Worker) -> None:
+        """Take no new calls (they go to ``successor``) and never restart; on the manager's loop,
+        once the successor serves. What it owned ends with ``reason``."""
         self._drained = asyncio.Event()
-        self.retired = reason
+        self.successor = successor
+        self.retired = reason  # last: enter() reads it, then the successor
 
     async def drain(self, timeout: float) -> bool:
         """Wait until the calls counted here have ended, for at most ``timeout`` seconds; say if they did."""

@@ -368,3 +368,32 @@ def test_a_sync_host_reloads_through_the_blocking_handle(venv_root, tmp_path):
         set_version(folder, "v3")
         manager.get_actor(NAME).reload()
         assert extension.version() == "v3"
+
+
+async def test_a_share_torch_extension_reloads_forked_from_the_fork_server(venv_root):
+    async with ExtensionManager(ExtensionBase, ExtensionManagerConfig(venv_root_path=venv_root)) as manager:
+        probe = ExtensionConfig(name="zprobe", module_path=ext("zygote_probe"), share_torch=True)
+        async with asyncio.timeout(DEADLINE):
+            extension = await manager.load_extension(probe)
+            assert manager._zygote is not None
+            server = await manager._zygote
+            assert server is not None, "the fork server failed to start"
+            first = await extension.where()
+            assert first["ppid"] == server.process.pid
+            await extension.reload()
+            second = await extension.where()
+        assert second["ppid"] == server.process.pid  # forked too, not spawned
+        assert second["pid"] != first["pid"] and not alive(first["pid"])
+
+
+async def test_a_call_that_reaches_the_old_worker_after_the_switch_goes_to_the_new_one(manager, tmp_path):
+    """A caller on another thread can read the old worker just before the switch and start its
+    call just after; that moment, made deterministic: the backend's coroutine is made before the
+    reload (bound to the old worker) and started after it."""
+    folder = copy_extension(tmp_path)
+    extension = await load(manager, folder)
+    late = extension._pyisolate_backend.call("version", (), {})
+    set_version(folder, "v2")
+    async with asyncio.timeout(DEADLINE):
+        await extension.reload()  # the old worker is gone
+        assert await late == "v2"
