@@ -79,17 +79,12 @@ class Generations:
     def status(self) -> str:
         return self.current.status
 
-    @property
-    def generation(self) -> int:
-        """The generation serving now: 0 until the first reload succeeds."""
-        return self.current.generation
-
     async def wait_ready(self) -> None:
         await self.current.wait_ready()
 
     def call(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None = None) -> Any:
         # The serving worker's coroutine itself (no frame of ours on each call): it counts the
-        # call, or hands it to its successor if it was retired as the call came.
+        # call (Worker.calls), or hands it to its successor if it was retired as the call came.
         return self.current.call(method, args, kwargs, timeout)
 
     async def stop(self) -> None:
@@ -167,11 +162,11 @@ class Generations:
             manager._remember_reloaded(old.bname, reason)
             pid = new.process.pid if new.process is not None else None
             manager._emit_own(self.name, RELOAD_SWITCHED, {"generation": generation, "pid": pid})
-            drained = await old.drain(manager.config.reload_drain_timeout)
+            drained = await old.calls.drain(manager.config.reload_drain_timeout)
             if not drained:
                 logger.warning("extension %r: %d call(s) still running on the old worker after %.1f s "
                                "(reload_drain_timeout) end with ExtensionReloadedError", self.name,
-                               old.open_calls, manager.config.reload_drain_timeout)
+                               old.calls.open, manager.config.reload_drain_timeout)
             await old.stop()
             self._live.discard(old)
             logger.info("extension %r reloaded (generation %d, pid %s)", self.name, generation, pid)

@@ -10,7 +10,6 @@ import re
 import secrets
 import signal
 import sys
-import threading
 import time
 from collections.abc import Awaitable
 from pathlib import Path
@@ -34,6 +33,7 @@ from ..errors import (
     UnroutableError,
 )
 from .apptypes import AppTypes
+from .drain import CallCount
 from .process import WorkerProcess, ensure_fd_headroom, extension_logger
 from .sandbox import Confinement, Resolved, prepare
 
@@ -125,11 +125,9 @@ class Worker:
         self.restart_count = 0
         # Reload: calls sent (or about to be sent) here, counted so that a retired worker is
         # stopped only once they are done; ``retired`` is why it was, ``successor`` who took over.
-        self.open_calls = 0
-        self._calls_lock = threading.Lock()  # callers on other loops count too
+        self.calls = CallCount(manager.loop)
         self.retired: ExtensionReloadedError | None = None
         self.successor: Worker | None = None
-        self._drained: asyncio.Event | None = None
         self.start_task = manager.loop.create_task(self._start(), name=f"pyisolate-start-{self.name}")
         self.start_task.add_done_callback(retrieve)
 
@@ -151,13 +149,13 @@ class Worker:
 
     async def call(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any],
                    timeout: float | None = None) -> Any:
-        if not self.enter():  # retired as this call came (from another thread): its successor serves it
+        if not self.calls.enter():  # retired as this call came (from another thread): its successor serves it
             assert self.successor is not None
             return await self.successor.call(method, args, kwargs, timeout)
         try:
             return await self._call(method, args, kwargs, timeout)
         finally:
-            self.leave()
+            self.calls.leave()
 
     async def _call(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any],
                     timeout: float | None) -> Any:
@@ -180,47 +178,12 @@ class Worker:
             retried = True
             await self._wait_down()
 
-    # -- reload: counting calls, retiring, draining ----------------------------------------
-
-    def enter(self) -> bool:
-        """Count a call about to go here; False (and not counted) if this worker is retired."""
-        with self._calls_lock:
-            self.open_calls += 1
-        if self.retired is not None:  # read after the count: a drain that saw 0 set it first
-            self.leave()
-            return False
-        return True
-
-    def leave(self) -> None:
-        """A call counted by ``enter`` has ended."""
-        with self._calls_lock:
-            self.open_calls -= 1
-            idle = self.open_calls == 0 and self._drained is not None
-        if idle:
-            assert self._drained is not None
-            self._manager.loop.call_soon_threadsafe(self._drained.set)
-
     def retire(self, reason: ExtensionReloadedError, successor: Worker) -> None:
         """Take no new calls (they go to ``successor``) and never restart; on the manager's loop,
         once the successor serves. What it owned ends with ``reason``."""
-        self._drained = asyncio.Event()
         self.successor = successor
-        self.retired = reason  # last: enter() reads it, then the successor
-
-    async def drain(self, timeout: float) -> bool:
-        """Wait until the calls counted here have ended, for at most ``timeout`` seconds; say if they did."""
-        assert self._drained is not None, "retire() first"
-        with self._calls_lock:
-            if self.open_calls == 0:
-                return True
-        try:
-            async with asyncio.timeout(timeout):
-                while self.open_calls:
-                    self._drained.clear()
-                    await self._drained.wait()
-        except TimeoutError:
-            return False
-        return True
+        self.retired = reason
+        self.calls.retire()  # last: a call refused by the count goes to the successor
 
     async def _wait_down(self) -> None:
         """Return once the exit of the current worker process has been processed."""

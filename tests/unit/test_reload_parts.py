@@ -60,3 +60,49 @@ def test_only_the_extensions_own_compiled_files_are_removed(tmp_path: Path) -> N
 def test_the_reloaded_error_is_a_closed_error_with_its_fields() -> None:
     error = ExtensionReloadedError("extension 'a' was reloaded", extension="a", generation=3)
     assert isinstance(error, ExtensionClosedError) and error.extension == "a" and error.generation == 3
+
+
+async def test_the_call_count_drains_and_refuses_once_retired() -> None:
+    import asyncio
+    import threading
+
+    from pyisolate._host.drain import CallCount
+
+    count = CallCount(asyncio.get_running_loop())
+    assert count.enter() and count.enter() and count.open == 2
+    count.leave()
+    count.retire()
+    assert not count.enter() and count.open == 1  # refused, not counted
+    assert await count.drain(0.05) is False  # one still open: the bound holds
+    waiting = asyncio.ensure_future(count.drain(30))
+    await asyncio.sleep(0)
+    assert not waiting.done()
+    threading.Thread(target=count.leave).start()  # the last call ends on another thread
+    async with asyncio.timeout(30):
+        assert await waiting is True
+    assert count.open == 0
+
+
+def test_the_call_count_is_exact_under_threads() -> None:
+    import asyncio
+    import threading
+
+    from pyisolate._host.drain import CallCount
+
+    loop = asyncio.new_event_loop()
+    try:
+        count = CallCount(loop)
+
+        def churn() -> None:
+            for _ in range(20_000):
+                assert count.enter()
+                count.leave()
+
+        threads = [threading.Thread(target=churn) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        assert count.open == 0
+    finally:
+        loop.close()
