@@ -174,6 +174,12 @@ class ExtensionManagerConfig:
             to: a unix socket in the host's private 0700 directory, answering only processes of
             the same user (checked by SO_PEERCRED). Default off; the environment variable
             ``PYISOLATE_ADMIN=1`` also turns it on. See the observability guide.
+        watch: Reload every isolated extension when a file in its module directory changes
+            (see ``ExtensionConfig.watch``, which overrides it per extension); needs the
+            ``watch`` extra (``pip install 'pyisolate[watch]'``). Default False.
+        reload_drain_timeout: Seconds a reload lets calls already running on the old worker
+            finish before it stops that worker (those still running then fail with
+            ``ExtensionReloadedError``).
     """
 
     venv_root_path: str | os.PathLike[str]
@@ -198,6 +204,8 @@ class ExtensionManagerConfig:
     tracing: bool = False
     stats: bool = True
     admin: bool = False
+    watch: bool = False
+    reload_drain_timeout: float = 30.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "types", _types_reference(self.types))
@@ -238,6 +246,9 @@ class ExtensionManagerConfig:
         for flag in ("stats", "admin"):
             if not isinstance(getattr(self, flag), bool):
                 raise ConfigError(f"ExtensionManagerConfig.{flag} must be True or False, got {getattr(self, flag)!r}")
+        if not isinstance(self.watch, bool):
+            raise ConfigError(f"ExtensionManagerConfig.watch must be True or False, got {self.watch!r}")
+        _positive("ExtensionManagerConfig", "reload_drain_timeout", self.reload_drain_timeout)
 
     @property
     def uses_fork_server(self) -> bool:
@@ -367,6 +378,10 @@ class ExtensionConfig:
         sealed_host_ro_paths: pyisolate 0.10's name for ``host_paths`` of a sealed worker: only
             with ``execution_model="sealed_worker"``; added to ``host_paths``.
         package_manager: ``"uv"``, the only one (conda environments are not supported).
+        watch: Reload the extension (``Extension.reload()``) when a file in its module
+            directory changes, debounced; a reload that fails is logged and the old worker
+            serves on. None: the manager's ``watch``. Needs the ``watch`` extra
+            (``pip install 'pyisolate[watch]'``) and ``isolated=True``. See docs/guides/reload.md.
     """
 
     name: str
@@ -392,10 +407,13 @@ class ExtensionConfig:
     execution_model: str | None = None
     sealed_host_ro_paths: Sequence[str | os.PathLike[str]] = ()
     package_manager: str = "uv"
+    watch: bool | None = None
 
     def __post_init__(self) -> None:
         validate_extension_name(self.name)
         where = f"(extension {self.name!r})"
+        if self.watch is not None and not isinstance(self.watch, bool):
+            raise ConfigError(f"ExtensionConfig.watch {where} must be True, False or None, got {self.watch!r}")
         if self.sandbox_mode is not None:
             mode = check_mode(self.sandbox_mode, f"ExtensionConfig.sandbox_mode {where}")
             object.__setattr__(self, "sandbox_mode", mode)

@@ -9,6 +9,7 @@ The tree:
     ├── ExtensionLoadError                  the extension failed to import or start
     ├── ExtensionCrashedError               the worker process died (exit code, stderr tail)
     ├── ExtensionClosedError                you stopped it; calls after stop() land here
+    │   └── ExtensionReloadedError          its worker was replaced by reload(); names the reload
     ├── CallTimeoutError (TimeoutError)     a call had no answer within its timeout
     ├── RemoteError                         a remote exception that could not be rebuilt locally
     ├── ProtocolError                       a peer broke the wire protocol (version, framing)
@@ -36,6 +37,7 @@ __all__ = [
     "ExtensionClosedError",
     "ExtensionCrashedError",
     "ExtensionLoadError",
+    "ExtensionReloadedError",
     "LoadExtensionsError",
     "MessageTooLargeError",
     "ProtocolError",
@@ -115,6 +117,23 @@ class ExtensionCrashedError(PyisolateError):
 
 class ExtensionClosedError(PyisolateError):
     """The extension (or its manager) was stopped; it takes no more calls."""
+
+
+class ExtensionReloadedError(ExtensionClosedError):
+    """The worker that owned this object, stream or call was replaced by ``reload()``.
+
+    Raised by a proxy, callback or stream of an object the old worker gave out, once that
+    worker is gone (and by a call still running on it when its drain timed out). The
+    extension itself serves on: call it again through its handle. ``generation`` is the
+    generation that replaced the old one (1 for the first reload).
+    """
+
+    _pyisolate_fields = ("extension", "generation")
+
+    def __init__(self, message: str, *, extension: str, generation: int) -> None:
+        super().__init__(message)
+        self.extension = extension
+        self.generation = generation
 
 
 class CallTimeoutError(PyisolateError, TimeoutError):

@@ -1,19 +1,19 @@
 """Extension: the host's handle on one loaded extension; its attributes are remote methods,
-but for ``name``, ``config``, ``state`` and ``stop`` (``method()`` reaches an extension's own)."""
+but for ``name``, ``config``, ``state``, ``stop`` and ``reload`` (``method()`` reaches an extension's own)."""
 
 from __future__ import annotations
 
 import asyncio
 import functools
 import inspect
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Mapping
 from typing import Any, Protocol
 
 from .._base import ExtensionBase
 from .._config import ExtensionConfig
 from .._rpc import Blocking, RemoteCall, resolve_method
 from .._wire import Handle
-from ..errors import CallTimeoutError, ExtensionClosedError
+from ..errors import CallTimeoutError, ConfigError, ExtensionClosedError
 
 __all__ = ["Backend", "Extension", "LocalBackend", "method"]
 
@@ -21,7 +21,10 @@ __all__ = ["Backend", "Extension", "LocalBackend", "method"]
 class Backend(Protocol):
     """What runs an extension: a worker process, or the host itself (``isolated=False``)."""
     name: str
-    config: ExtensionConfig
+
+    @property
+    def config(self) -> ExtensionConfig:
+        """The ``ExtensionConfig`` it runs with."""
 
     @property
     def status(self) -> str:
@@ -57,8 +60,8 @@ class Extension:
     The handle is awaitable: ``await ext`` waits until the extension is ready and returns
     it, so ``await manager.load_extension(cfg)`` and the un-awaited form both work.
     Framework attributes carry a ``_pyisolate_`` prefix so they cannot hide a method,
-    except ``name``, ``config``, ``state`` and ``stop()``: an extension's own method of one
-    of those names is called with ``pyisolate.method(ext, "name")(...)``.
+    except ``name``, ``config``, ``state``, ``stop()`` and ``reload()``: an extension's own
+    method of one of those names is called with ``pyisolate.method(ext, "name")(...)``.
     """
 
     def __init__(self, backend: Backend) -> None:
@@ -102,6 +105,34 @@ class Extension:
         """Stop the extension: its ``stop()`` hook runs, then its process exits. Idempotent."""
         await self._pyisolate_backend.stop()
 
+    async def reload(self, config: ExtensionConfig | Mapping[str, Any] | None = None) -> None:
+        """Replace the extension's worker with a new one running its current code, dropping no call.
+
+        Blue-green: a new worker starts beside the old one (its venv is rebuilt only if
+        ``config`` changes the dependencies); once it is ready, new calls go to it; calls
+        already running on the old worker finish there (for at most
+        ``ExtensionManagerConfig.reload_drain_timeout``), then the old worker stops. Objects,
+        callbacks and streams the old worker gave out fail from then on with
+        ``ExtensionReloadedError``. Returns once the old worker is gone.
+
+        Args:
+            config: A new ``ExtensionConfig`` (or mapping) of the same name, e.g. with other
+                dependencies; None keeps the current one.
+
+        Raises:
+            ExtensionLoadError: the new worker failed to load (import error, syntax error, a
+                failing hook), with the remote traceback; the old worker serves on.
+            EnvironmentBuildError: changed dependencies could not be installed; the old serves on.
+            ConfigError: ``config`` is invalid, names another extension, or the extension is
+                ``isolated=False`` (it runs in the host and cannot be reloaded).
+            ExtensionClosedError: the extension is stopped.
+        """
+        reload = getattr(self._pyisolate_backend, "reload", None)
+        if reload is None:
+            raise ConfigError(f"extension {self.name!r} is isolated=False: it runs inside the host and cannot be "
+                              "reloaded; load it with isolated=True to reload it")
+        await reload(config)
+
     @property
     def _pyisolate_name(self) -> str:
         return self._pyisolate_backend.name
@@ -121,7 +152,7 @@ class Extension:
 def method(extension: Extension | Blocking, name: str) -> Callable[..., Any]:
     """The extension's own method ``name``, even where the handle has an attribute of that name.
 
-    ``ext.name``, ``ext.config``, ``ext.state`` and ``ext.stop()`` belong to the handle; an
+    ``ext.name``, ``ext.config``, ``ext.state``, ``ext.stop()`` and ``ext.reload()`` belong to the handle; an
     extension that defines a method so named is called with ``pyisolate.method(ext, "name")()``
     (awaited like any call; of a ``SyncExtensionManager``'s handle, it blocks and returns the
     result). Any other public method works too.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 import warnings
@@ -24,15 +25,17 @@ from .._singleton import ProxiedSingleton, actor_name
 from .._upstream import config_from
 from .._wire import encode_exception
 from .._wire import shm as _shm
-from ..errors import ConfigError, ExtensionClosedError, LoadExtensionsError, UnroutableError
+from ..errors import ConfigError, ExtensionClosedError, ExtensionReloadedError, LoadExtensionsError, UnroutableError
 from .admin import AdminServer, admin_handler
 from .apptypes import AppTypes, load_app_types
 from .events import Events
 from .extension import Extension, LocalBackend
+from .generations import Generations
 from .process import WorkerProcess
 from .sandbox import resolve
-from .traces import HostTraces
 from .stats import manager_stats
+from .traces import HostTraces
+from .watch import require_watchfiles
 from .worker import State, Worker, retrieve
 from .zygote import ForkServer, ForkServerError
 
@@ -42,6 +45,10 @@ logger = logging.getLogger("pyisolate")
 
 #: How long a worker whose connection closed may take to exit before it counts as cut off.
 _CUT_OFF_GRACE = 2.0
+#: Workers replaced by a reload that the host still names in ExtensionReloadedError (the oldest go first).
+_REMEMBERED_RELOADS = 1024
+#: Event names the manager itself sends (reload); refused from extensions, which cannot forge them.
+_OWN_EVENTS = "pyisolate."
 
 T = TypeVar("T", bound=ExtensionBase)
 
@@ -83,7 +90,9 @@ class ExtensionManager(Generic[T]):
         self._chain_loops: dict[int, asyncio.AbstractEventLoop] = {}
         self._events: Events | None = None
         self._heartbeats: asyncio.Task[None] | None = None
-        self._extensions: dict[str, Worker | LocalBackend] = {}
+        self._extensions: dict[str, Worker | LocalBackend] = {}  # the backend serving each extension now
+        self._actors: dict[bytes, Worker] = {}  # every worker process by actor name (two per reload)
+        self._reloaded: collections.OrderedDict[bytes, ExtensionReloadedError] = collections.OrderedDict()
         self._handles: dict[str, Extension] = {}  # one handle per loaded extension
         self._leaving: set[asyncio.Task[None]] = set()  # checks of workers whose connection closed
         self._closing = False
@@ -130,6 +139,7 @@ class ExtensionManager(Generic[T]):
             self._endpoint = self._host_actor(HOST, None, self._on_control)
             self._endpoint.default_timeout = config.call_timeout
             self._endpoint.answers_heartbeats = False  # ours are answers: they go to _on_control
+            self._endpoint.calls.why_gone = self._why_gone
             self._events = Events(loop)
             if config.uses_admin:
                 self._start_admin()
@@ -199,21 +209,26 @@ class ExtensionManager(Generic[T]):
                 f"extension {config.name!r} has isolated=False, so it runs inside the host and cannot be confined, "
                 "but its sandbox_mode is 'required'; set isolated=True, or sandbox_mode='preferred'"
             )
+        watch = config.isolated and (self.config.watch if config.watch is None else config.watch)
+        if watch:
+            require_watchfiles(config.name)
         self._bind()
         self._check_name(config.name)
         for api in config.apis:
             self._add_singleton(api)
         backend: Worker | LocalBackend
+        front: Generations | LocalBackend
         if config.isolated:
-            backend = Worker(self, config, resolved)
+            front = Generations(self, config, resolved, watch=watch)
+            backend = front.current
         else:
             task = self.loop.create_task(load_extension(Path(config.module_path), self.extension_type))
             task.add_done_callback(retrieve)
-            backend = LocalBackend(config, task, self._forget)
+            backend = front = LocalBackend(config, task, self._forget)
         self._extensions[config.name] = backend
         if isinstance(backend, Worker) and self.config.stats:
             self._call_stats[backend.bname] = backend.call_stats
-        handle = self._handles[config.name] = Extension(backend)
+        handle = self._handles[config.name] = Extension(front)
         return handle
 
     async def load_extensions(self, configs: Iterable[ExtensionConfig | Mapping[str, Any]]) -> dict[str, Extension]:
@@ -332,8 +347,8 @@ class ExtensionManager(Generic[T]):
         self._closing = True
         if self._loop is None:
             return
-        backends = list(self._extensions.values())
-        await asyncio.gather(*(b.stop() for b in backends), return_exceptions=True)
+        handles = list(self._handles.values())  # each stops every worker of its extension
+        await asyncio.gather(*(h.stop() for h in handles), return_exceptions=True)
         self._extensions.clear()
         self._handles.clear()
         assert self._events is not None
@@ -457,29 +472,61 @@ class ExtensionManager(Generic[T]):
             raise ConfigError(f"the singleton name {name.decode()!r} is taken by an extension (or the host): actor "
                               "names are one namespace; rename the class or the extension")
         self._singletons[name] = self._host_actor(name, api())
+        self._singletons[name].calls.why_gone = self._why_gone
 
     def _cuda_refusal(self, peer: bytes) -> str | None:
         """Why CUDA tensors may not travel between the host's actors and ``peer`` (None: they may)."""
-        backend = self._extensions.get(peer.decode(errors="replace"))
-        if isinstance(backend, Worker) and not backend.cuda_ipc:
+        backend = self._actors.get(peer)
+        if backend is not None and not backend.cuda_ipc:
             return (f"extension {backend.name!r} does not share CUDA tensors (share_cuda_ipc is off); load it with "
                     "share_torch=True and share_cuda_ipc=True to share them")
         return None
 
     def _connecting_workers(self) -> int:
         """Workers spawned that have not said READY yet: each may still open a connection."""
-        return sum(
-            1 for b in self._extensions.values()
-            if isinstance(b, Worker) and b.state is State.STARTING and b.process is not None
-        )
+        return sum(1 for b in self._actors.values() if b.state is State.STARTING and b.process is not None)
+
+    def _adopt(self, worker: Worker) -> None:
+        """Route READY, heartbeats and events of ``worker``'s actor to it until it is forgotten."""
+        self._actors[worker.bname] = worker
+
+    def _serve(self, worker: Worker, previous: Worker) -> None:
+        """``worker`` serves its extension from now on in place of ``previous`` (a reload's
+        switch): the extension's call counters go on with it, one reload more."""
+        self._extensions[worker.name] = worker
+        worker.call_stats = previous.call_stats
+        worker.call_stats.count_reload()
+        if self.config.stats:
+            self._call_stats[worker.bname] = worker.call_stats
 
     def _forget(self, backend: Worker | LocalBackend) -> None:
+        """``backend`` is released; if it served its extension, the name is free again (not when it
+        is a reload's new worker that failed, or an old one retired: the handle serves on)."""
+        if isinstance(backend, Worker):
+            if self._actors.get(backend.bname) is backend:
+                del self._actors[backend.bname]
+            self._call_stats.pop(backend.bname, None)  # each generation has an actor name of its own
+            _shm.traffic(backend.bname, forget=True)
         if self._extensions.get(backend.name) is backend:
             del self._extensions[backend.name]
             del self._handles[backend.name]
-            if isinstance(backend, Worker):
-                self._call_stats.pop(backend.bname, None)
-                _shm.traffic(backend.bname, forget=True)
+
+    def _remember_reloaded(self, actor: bytes, reason: ExtensionReloadedError) -> None:
+        """Calls to ``actor`` (a retired worker) fail with ``reason`` once it is gone."""
+        self._reloaded[actor] = reason
+        while len(self._reloaded) > _REMEMBERED_RELOADS:
+            self._reloaded.popitem(last=False)
+
+    def _why_gone(self, actor: bytes) -> BaseException | None:
+        reason = self._reloaded.get(actor)
+        if reason is None:
+            return None
+        return ExtensionReloadedError(str(reason), extension=reason.extension, generation=reason.generation)
+
+    def _emit_own(self, extension: str, name: str, value: object) -> None:
+        """Deliver the manager's own event ``name`` about ``extension`` to ``on_event`` handlers."""
+        if self._events is not None and not self._closing:
+            self._events.put(extension, name, value)
 
     def _start_heartbeats(self) -> None:
         """Check every ready worker's liveness from now on (once per manager)."""
@@ -505,8 +552,8 @@ class ExtensionManager(Generic[T]):
     def _beat_once(self, now: float) -> None:
         limit = self.config.heartbeat_timeout
         ping = [pack_header(Kind.HEARTBEAT, 0), b""]
-        for backend in list(self._extensions.values()):
-            if not isinstance(backend, Worker) or backend.state is not State.READY or backend.process is None:
+        for backend in list(self._actors.values()):
+            if backend.state is not State.READY or backend.process is None:
                 continue
             if backend.ping_since is None:
                 backend.ping_since = now
@@ -525,8 +572,8 @@ class ExtensionManager(Generic[T]):
         """The broker found ``name``'s connection gone. A worker that dies closes it on its way
         out, and is reported as the crash it is; one still running after ``_CUT_OFF_GRACE`` was
         cut off (a frame over max_message_size, or it closed its socket) and cannot serve: end it."""
-        backend = self._extensions.get(name.decode(errors="replace"))
-        if isinstance(backend, Worker) and backend.state is State.READY and backend.process is not None:
+        backend = self._actors.get(name)
+        if backend is not None and backend.state is State.READY and backend.process is not None:
             task = self.loop.create_task(self._end_if_cut_off(backend, backend.process))
             self._leaving.add(task)
             task.add_done_callback(self._leaving.discard)
@@ -544,13 +591,19 @@ class ExtensionManager(Generic[T]):
     def _on_control(self, sender: bytes, kind: Kind, call_id: int, extra: list[object], body: bytes,
                     buffers: list[bytes]) -> None:
         if kind is Kind.HEARTBEAT:
-            beating = self._extensions.get(sender.decode(errors="replace"))
-            if isinstance(beating, Worker):
+            beating = self._actors.get(sender)
+            if beating is not None:
                 beating.ping_since = None
             return
         if kind is Kind.EVENT:
             if extra and isinstance(extra[0], str) and self._events is not None:
-                who, size = sender.decode(errors="replace"), len(body) + nbytes(buffers)
+                if extra[0].startswith(_OWN_EVENTS):
+                    logger.debug("event %r from %r refused: names starting with %r are the manager's own",
+                                   extra[0], sender, _OWN_EVENTS)
+                    return
+                worker = self._actors.get(sender)  # any generation of an extension emits under its name
+                who = worker.name if worker is not None else sender.decode(errors="replace")
+                size = len(body) + nbytes(buffers)
                 if not self._events.admit(who, size):
                     return  # counted and logged by Events; not even decoded
                 try:
@@ -560,10 +613,10 @@ class ExtensionManager(Generic[T]):
                     return
                 self._events.put(who, extra[0], value, size)
             return
-        backend = self._extensions.get(sender.decode(errors="replace"))
+        backend = self._actors.get(sender)
         if kind is Kind.SPANS:  # from one of our workers, and only where we trace
-            if isinstance(backend, Worker) and self.traces is not None:
+            if backend is not None and self.traces is not None:
                 self.traces.receive(backend.name, backend.process.pid if backend.process else None, body)
             return
-        if isinstance(backend, Worker) and kind in (Kind.READY, Kind.LOAD_FAILED):
+        if backend is not None and kind in (Kind.READY, Kind.LOAD_FAILED):
             backend.on_control(kind, body, buffers)

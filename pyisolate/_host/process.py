@@ -193,7 +193,8 @@ class WorkerProcess:
     async def spawn(cls, *, name: str, python: Path, runtime: Path, boot: dict[str, Any],
                     pass_env: tuple[str, ...] = (), env: dict[str, str] | None = None,
                     before_boot: Callable[[int], None] | None = None,
-                    sandbox: Sequence[str] | None = None, fork_server: Forker | None = None) -> WorkerProcess:
+                    sandbox: Sequence[str] | None = None, fork_server: Forker | None = None,
+                    log: logging.Logger | None = None) -> WorkerProcess:
         """Start ``python`` as a worker and hand it ``boot`` on its private control channel.
 
         ``before_boot(pid)`` runs once the process exists and before it is sent ``boot``, while
@@ -259,7 +260,7 @@ class WorkerProcess:
                 channel = _shm.attach_worker(name, ours, asyncio.get_running_loop(), json.dumps(boot).encode())
             except BaseException as exc:
                 ours.close()
-                failed = cls(name, proc, sandboxed=launch is not None, init=init)
+                failed = cls(name, proc, sandboxed=launch is not None, init=init, log=log)
                 await failed.aclose()  # it would wait for a bootstrap that never comes
                 if isinstance(exc, SandboxFailed):
                     raise ExtensionLoadError(
@@ -272,7 +273,7 @@ class WorkerProcess:
                 launch.close()
         how = ", under bwrap" if launch is not None else ", forked" if isinstance(proc, ForkedProcess) else ""
         logger.debug("started worker %r (pid %d%s)", name, proc.pid, how)
-        return cls(name, proc, channel, sandboxed=launch is not None, init=init)
+        return cls(name, proc, channel, sandboxed=launch is not None, init=init, log=log)
 
     @property
     def pid(self) -> int:

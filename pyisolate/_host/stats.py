@@ -67,6 +67,7 @@ def stats(extension: Extension | Blocking) -> dict[str, Any]:
     if not isinstance(extension, Extension):
         raise TypeError(f"pyisolate.stats() needs an extension handle (from load_extension), got {extension!r}")
     backend = extension._pyisolate_backend
+    backend = getattr(backend, "current", backend)  # an isolated extension's worker serving now
     manager = getattr(backend, "_manager", None)
     return extension_stats(manager, backend)
 

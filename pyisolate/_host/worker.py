@@ -25,8 +25,16 @@ from .._rpc import CallStats
 from .._singleton import ProxiedSingleton
 from .._wire import DecodeError, decode_exception
 from .._wire import shm as _shm
-from ..errors import ExtensionClosedError, ExtensionCrashedError, ExtensionLoadError, PyisolateError, UnroutableError
+from ..errors import (
+    ExtensionClosedError,
+    ExtensionCrashedError,
+    ExtensionLoadError,
+    ExtensionReloadedError,
+    PyisolateError,
+    UnroutableError,
+)
 from .apptypes import AppTypes
+from .drain import CallCount
 from .process import WorkerProcess, ensure_fd_headroom, extension_logger
 from .sandbox import Confinement, Resolved, prepare
 
@@ -80,16 +88,24 @@ class Host(Protocol):
     def _start_heartbeats(self) -> None: ...
     def _fail_peer(self, name: bytes, exc: BaseException, *, forget: bool = True) -> None: ...
     def _forget(self, backend: Worker) -> None: ...
+    def _adopt(self, backend: Worker) -> None: ...
     async def _fork_server(self, python: Path) -> ForkServer | None: ...
     def _warm_fork_server(self) -> None: ...
 
 
 class Worker:
-    """A remote extension as the manager sees it: its process, its state, its readiness."""
+    """A remote extension as the manager sees it: its process, its state, its readiness.
 
-    def __init__(self, manager: Host, config: ExtensionConfig, resolved: Resolved) -> None:
+    ``generation``: 0 for the worker a load starts, n for the one the n-th reload attempt
+    starts (see ``generations.Generations``). Its actor name on the broker is the extension's
+    name for generation 0 and ``<name>@<n>`` after, so that two generations run side by side.
+    """
+
+    def __init__(self, manager: Host, config: ExtensionConfig, resolved: Resolved, *, generation: int = 0) -> None:
         self.name = config.name
-        self.bname = config.name.encode()
+        self.generation = generation
+        self.actor = config.name if generation == 0 else f"{config.name}@{generation}"
+        self.bname = self.actor.encode()
         self.config = config
         self.resolved = resolved  # the policy it runs under
         # CUDA tensors travel to and from it (unset: where it shares the host's torch).
@@ -112,6 +128,11 @@ class Worker:
         #: manager counts (``ExtensionManagerConfig.stats``), kept across restarts.
         self.call_stats = CallStats()
         self.loaded_at = time.time()
+        # Reload: calls sent (or about to be sent) here, counted so that a retired worker is
+        # stopped only once they are done; ``retired`` is why it was, ``successor`` who took over.
+        self.calls = CallCount(manager.loop)
+        self.retired: ExtensionReloadedError | None = None
+        self.successor: Worker | None = None
         self.start_task = manager.loop.create_task(self._start(), name=f"pyisolate-start-{self.name}")
         self.start_task.add_done_callback(retrieve)
 
@@ -133,6 +154,16 @@ class Worker:
 
     async def call(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any],
                    timeout: float | None = None) -> Any:
+        if not self.calls.enter():  # retired as this call came (from another thread): its successor serves it
+            assert self.successor is not None
+            return await self.successor.call(method, args, kwargs, timeout)
+        try:
+            return await self._call(method, args, kwargs, timeout)
+        finally:
+            self.calls.leave()
+
+    async def _call(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any],
+                    timeout: float | None) -> Any:
         retried = False
         while True:
             if self.state is not State.READY:
@@ -151,6 +182,13 @@ class Worker:
             # restart policy like any call made during a restart (waits, or fails with the crash).
             retried = True
             await self._wait_down()
+
+    def retire(self, reason: ExtensionReloadedError, successor: Worker) -> None:
+        """Take no new calls (they go to ``successor``) and never restart; on the manager's loop,
+        once the successor serves. What it owned ends with ``reason``."""
+        self.successor = successor
+        self.retired = reason
+        self.calls.retire()  # last: a call refused by the count goes to the successor
 
     async def _wait_down(self) -> None:
         """Return once the exit of the current worker process has been processed."""
@@ -213,7 +251,8 @@ class Worker:
             manager.broker.expect(self.bname, secret)
             started = time.monotonic()
             self.process = await WorkerProcess.spawn(
-                name=self.name,
+                name=self.actor,
+                log=extension_logger(self.name),
                 python=python,
                 runtime=runtime,
                 before_boot=confinement.attach,
@@ -221,7 +260,7 @@ class Worker:
                 fork_server=fork_server,
                 boot={
                     **confinement.boot(),
-                    "name": self.name,
+                    "name": self.actor,
                     "endpoint": manager.broker.endpoint,
                     "secret": secret.hex(),
                     "module_path": str(config.module_path),
@@ -337,13 +376,13 @@ class Worker:
                 self._begin_restart(crash, delay)
         # The segments it shared, held until now: an answer it sent just before it died could
         # still be decoded; its calls have ended now, and its callers resume only after this.
-        _shm.sweep(self.name)
+        _shm.sweep(self.actor)
         await process.aclose()
 
     def _restart_delay(self) -> float | None:
         """Seconds to wait before restarting, or None if the policy says no (more) restarts."""
         policy = self.config.restart
-        if policy is None or self._manager._closing:
+        if policy is None or self._manager._closing or self.retired is not None:  # a retired one has a successor
             return None
         now = time.monotonic()
         self._restarts = [t for t in self._restarts if now - t < policy.within]
@@ -381,7 +420,7 @@ class Worker:
             await asyncio.gather(self.start_task, return_exceptions=True)
         was_ready = self.state is State.READY
         self.state = State.STOPPING
-        closed = ExtensionClosedError(f"extension {self.name!r} was stopped")
+        closed = self.retired or ExtensionClosedError(f"extension {self.name!r} was stopped")
         self._manager._fail_peer(self.bname, closed, forget=False)  # it still takes STOP
         if was_ready and self.process is not None and self.process.returncode is None:
             try:
@@ -428,7 +467,7 @@ class Worker:
             self._watch.cancel()
         if self.process is not None:
             await self.process.aclose()
-            _shm.sweep(self.name)  # descriptors held for it (its memory goes with its mappings)
+            _shm.sweep(self.actor)  # descriptors held for it (its memory goes with its mappings)
         if self.confinement is not None:  # after its process: a cgroup with processes in it stays
             self.confinement.close()
         if self._watch is not None:

@@ -67,6 +67,9 @@ class Calls:
         self.dropped = 0
         #: Counters of calls to some targets (the host's, per extension): see ``stats.CallStats``.
         self.stats: dict[bytes, CallStats] = {}
+        #: Why an actor that is no longer connected left, where its owner knows (a worker replaced
+        #: by a reload): a call to it fails with that error instead of UnroutableError.
+        self.why_gone: Callable[[bytes], BaseException | None] | None = None
         self.open_stream: Callable[[bytes, int], Any]  # set by the Endpoint: a stream answer's consumer
         #: Spans of the calls made (``tracing.Tracing``); None: tracing is off, nothing is done.
         self.tracing: Tracing | None = None
@@ -179,6 +182,9 @@ class Calls:
             del self.pending[call_id]
             slots.release(target)
             if isinstance(exc, LookupError) and not isinstance(exc, UnroutableError):
+                why = self.why_gone(target) if self.why_gone is not None else None
+                if why is not None:
+                    raise why from exc
                 raise UnroutableError(f"no actor named {target.decode()!r} is connected") from exc
             raise
         # From here the pending entry and its slot are released by whatever ends the call: its
