@@ -36,6 +36,7 @@ __all__ = [
     "kill_group",
     "open_pidfd",
     "parent_of",
+    "stat_fields",
     "wait_exited",
 ]
 
@@ -196,13 +197,18 @@ def _kill_child(pid: int, parent: int) -> int | None:
     return fd
 
 
-def parent_of(pid: int) -> int | None:
-    """The parent of process ``pid`` in this process's numbering, or None if it is gone."""
+def stat_fields(pid: int) -> list[bytes] | None:
+    """The fields of ``/proc/PID/stat`` from ``state`` on (field 3 is index 0), or None if it is gone."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             stat = f.read()
     except OSError:
         return None
     # "pid (comm) state ppid ...": comm may hold spaces and parentheses; split after the last ")".
-    fields = stat[stat.rfind(b")") + 1:].split()
-    return int(fields[1]) if len(fields) > 1 else None
+    return stat[stat.rfind(b")") + 1:].split()
+
+
+def parent_of(pid: int) -> int | None:
+    """The parent of process ``pid`` in this process's numbering, or None if it is gone."""
+    fields = stat_fields(pid)
+    return int(fields[1]) if fields is not None and len(fields) > 1 else None

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 
+from pyisolate.workers.tree import stat_fields
+
 __all__ = ["process_info"]
 
 _TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
@@ -21,13 +23,9 @@ def process_info(pid: int) -> dict[str, float | int | None]:
     """``rss`` and ``pss`` (bytes; pss None where unreadable) and ``cpu_seconds`` (user + system)
     of process ``pid``; all None if it is gone or /proc cannot tell."""
     info: dict[str, float | int | None] = {"rss": None, "pss": None, "cpu_seconds": None}
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
+    fields = stat_fields(pid)
+    if fields is None:
         return info
-    # The command name (field 2) may hold spaces and parentheses: fields follow its last ')'.
-    fields = stat[stat.rfind(b")") + 2:].split()
     try:
         info["cpu_seconds"] = (int(fields[11]) + int(fields[12])) / _TICKS  # utime, stime
         info["rss"] = int(fields[21]) * _PAGE

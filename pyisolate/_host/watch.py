@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import importlib
 import logging
+import os
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,8 @@ logger = logging.getLogger("pyisolate")
 QUIET_MS = 100
 #: Milliseconds at most that one batch gathers changes over (watchfiles' debounce).
 DEBOUNCE_MS = 1600
+#: Seconds a stopped watch waits for its native thread to let go of its descriptors.
+RELEASE_WAIT = 5.0
 
 
 def require_watchfiles(name: str) -> Any:
@@ -58,12 +62,15 @@ async def watch_source(name: str, module_path: Path, on_change: Callable[[], Awa
         return bool(default(change, path)) and (only is None or path == only)
 
     stop = asyncio.Event()
+    others = _watch_threads()
     batches = watchfiles.awatch(root, watch_filter=wanted, debounce=DEBOUNCE_MS, step=QUIET_MS, stop_event=stop)
     batch: asyncio.Future[Any] = asyncio.ensure_future(anext(batches))
+    ours: set[str] = set()
     try:
         # awatch sets up its watches (inotify) in its first step, before it first waits; that
         # step runs before this task resumes (the loop runs ready callbacks in order).
         await asyncio.sleep(0)
+        ours = _watch_threads() - others
         on_watching()
         while True:
             changes = await batch
@@ -75,3 +82,31 @@ async def watch_source(name: str, module_path: Path, on_change: Callable[[], Awa
         batch.cancel()
         await asyncio.gather(batch, return_exceptions=True)
         await batches.aclose()
+        if ours:
+            await asyncio.to_thread(_wait_gone, ours, RELEASE_WAIT)
+
+
+def _watch_threads() -> set[str]:
+    """Ids of this process's threads that the native watcher (notify, under watchfiles) runs."""
+    found: set[str] = set()
+    try:
+        tids = os.listdir("/proc/self/task")
+    except OSError:  # no /proc: nothing to wait for
+        return found
+    for tid in tids:
+        try:
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                if f.read().startswith("notify-rs"):
+                    found.add(tid)
+        except OSError:
+            continue
+    return found
+
+
+def _wait_gone(threads: set[str], timeout: float) -> None:
+    """Wait until ``threads`` have exited (or ``timeout``): closing a watch only tells notify's
+    thread to stop, and that thread closes its epoll and eventfd descriptors as it exits; there
+    is no handle to join, so its ``/proc`` entry is watched."""
+    deadline = time.monotonic() + timeout
+    while threads & _watch_threads() and time.monotonic() < deadline:
+        time.sleep(0.005)

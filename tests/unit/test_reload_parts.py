@@ -106,3 +106,35 @@ def test_the_call_count_is_exact_under_threads() -> None:
         assert count.open == 0
     finally:
         loop.close()
+
+
+async def test_a_stopped_watch_has_let_go_of_its_thread_and_descriptors(tmp_path: Path) -> None:
+    """The watch's native thread closes its descriptors as it exits: stopping waits for that."""
+    import asyncio
+    import os
+
+    from pyisolate._host.watch import _watch_threads, watch_source
+
+    def fds() -> set[str]:
+        found = set()
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                found.add(os.readlink(f"/proc/self/fd/{fd}"))
+            except OSError:
+                continue
+        return found
+
+    before_fds, before_threads = fds(), _watch_threads()
+    watching = asyncio.Event()
+
+    async def never() -> None:
+        raise AssertionError("nothing changed")
+
+    task = asyncio.ensure_future(watch_source("m", tmp_path, never, watching.set))
+    async with asyncio.timeout(30):
+        await watching.wait()
+    assert _watch_threads() - before_threads, "the watch runs a thread of its own"
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    assert _watch_threads() == before_threads
+    assert fds() <= before_fds
