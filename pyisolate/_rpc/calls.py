@@ -111,43 +111,34 @@ class Calls:
         call_id = self._next_id
         stats = self.stats.get(target) if self.stats else None
         began = time.perf_counter() if stats is not None else 0.0
+        tracing = self.tracing
+        span: Any = None
+        field: object = None
+        if tracing is not None:  # a CLIENT span, whose trace context rides in the CALL header
+            span, field = tracing.client(target, method, ref_id)
         try:
-            if self.tracing is not None:
-                return await self._traced(self.tracing, target, call_id, method, args, kwargs, ref_id, chain,
-                                          origin_loop, timeout)
             body, buffers = self._values.encode(target, [list(args), kwargs], origin_loop, "arguments")
-            header = self._acks.call_header(target, call_id, method, ref_id, chain)
+            header = self._acks.call_header(target, call_id, method, ref_id, chain, field)
             if timeout is None:
                 timeout = self.default_timeout
-            if stats is None:
+            if stats is None and span is None:
                 return await self._request(target, call_id, header, body, buffers, timeout, method)
-            stats.bytes_out += len(body) + (nbytes(buffers) if buffers else 0)
+            if stats is not None:
+                stats.bytes_out += len(body) + (nbytes(buffers) if buffers else 0)
             result = await self._request(target, call_id, header, body, buffers, timeout, method)
         except BaseException as exc:
             if stats is not None:
                 stats.ended(method, time.perf_counter() - began, exc)
+            if tracing is not None:
+                tracing.end(span, exc)
             raise
         finally:
             if started:
                 self._chain_loops.pop(chain[1], None)
-        assert stats is not None
-        stats.ended(method, time.perf_counter() - began, None)
-        return result
-
-    async def _traced(self, tracing: Tracing, target: bytes, call_id: int, method: str, args: tuple[Any, ...],
-                      kwargs: dict[str, Any], ref_id: int, chain: tuple[str, int],
-                      origin_loop: asyncio.AbstractEventLoop | None, timeout: float | None) -> Any:
-        """``call`` with its CLIENT span, whose trace context rides in the CALL header."""
-        span, field = tracing.client(target, method, ref_id)
-        try:
-            body, buffers = self._values.encode(target, [list(args), kwargs], origin_loop, "arguments")
-            header = self._acks.call_header(target, call_id, method, ref_id, chain, field)
-            result = await self._request(target, call_id, header, body, buffers,
-                                         self.default_timeout if timeout is None else timeout, method)
-        except BaseException as exc:
-            tracing.end(span, exc)
-            raise
-        tracing.end(span)
+        if stats is not None:
+            stats.ended(method, time.perf_counter() - began, None)
+        if tracing is not None:
+            tracing.end(span)
         return result
 
     async def request_stop(self, target: bytes) -> None:

@@ -16,6 +16,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 from shared_api import DatabaseAPI, SlowService
 from trace_api import Relay
 
+import pyisolate
 from pyisolate import ExtensionBase, ExtensionConfig, ExtensionManager, ExtensionManagerConfig
 from pyisolate._rpc.spans import pack_spans
 from tests.support import ext
@@ -91,6 +92,9 @@ async def test_one_trace_from_the_host_through_a_singleton_to_another_extension(
     assert chain[4].attributes["pyisolate.caller"] == "a"  # stamped by the broker
     assert chain[2].attributes["rpc.method"] == "call_actor" and chain[2].attributes["rpc.system"] == "pyisolate"
     assert all(span.status.status_code is StatusCode.UNSET for span in chain)
+    # Traced calls are counted as any other: the host's call to a, with its bytes.
+    counted = pyisolate.stats(a)
+    assert counted["methods"]["call_actor"]["calls"] == 1 and counted["bytes_out"] > 0
 
 
 async def test_extension_to_extension_and_callbacks_are_spans_of_the_same_trace(traced):
