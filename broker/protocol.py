@@ -44,7 +44,7 @@ __all__ = [
 ]
 
 #: Bumped on any incompatible change to frames, kinds or header fields.
-PROTOCOL_VERSION: Final = 4
+PROTOCOL_VERSION: Final = 5
 
 #: Routing name of the broker itself.
 BROKER: Final = b""
@@ -64,7 +64,7 @@ class Kind(enum.IntEnum):
     kind         extra header fields                         body
     ===========  ==========================================  ===============================
     HELLO        protocol_version                            {name, secret, pid}
-    WELCOME      protocol_version                            empty
+    WELCOME      protocol_version, moves {public: actor}     empty
     REFUSED      reason (str)                                empty
     READY        (none)                                      {methods: [str, ...]}
     LOAD_FAILED  (none)                                      encoded exception
@@ -91,6 +91,11 @@ class Kind(enum.IntEnum):
     GONE         actor (str)                                 encoded exception: why it left
     SPANS        (none)                                      finished trace spans, worker -> host
                                                              (see ``pyisolate._rpc.tracing``)
+    MOVED        public name (str), actor (str)              empty; broker -> worker: calls by
+                                                             the public name go to actor now
+                                                             (actor == public: as named again);
+                                                             worker -> broker: the same fields,
+                                                             acknowledged
     ===========  ==========================================  ===============================
     """
 
@@ -117,6 +122,7 @@ class Kind(enum.IntEnum):
     LOST = 21
     GONE = 22
     SPANS = 23
+    MOVED = 24
 
 
 #: Why a message was not delivered (UNROUTABLE's third field): no such actor (or it left), a
@@ -127,7 +133,7 @@ TOO_LARGE: Final = "too_large"
 UNDELIVERED_CODES: Final = frozenset({NO_ACTOR, QUEUE_FULL, TOO_LARGE})
 
 #: Kinds only the broker sends (with the sender ``b""``); from anyone else they are dropped.
-BROKER_ONLY: Final = frozenset({Kind.WELCOME, Kind.REFUSED, Kind.UNROUTABLE, Kind.LOST, Kind.GONE})
+BROKER_ONLY: Final = frozenset({Kind.WELCOME, Kind.REFUSED, Kind.UNROUTABLE, Kind.LOST, Kind.GONE, Kind.MOVED})
 #: Kinds that ask for new work; the others answer or steer work already asked for.
 REQUESTS: Final = frozenset({Kind.CALL, Kind.STOP, Kind.EVENT})
 

@@ -7,7 +7,7 @@ place, with no socket hop. A worker is sent only as much as it has room to read 
 see ``delivery``); the rest waits in a bounded backlog. A message that cannot be delivered
 is answered with UNROUTABLE to its sender (or LOST to the caller, for an answer), never
 dropped silently. The only messages the broker decodes are those addressed to itself (HELLO,
-CONSUMED); it peeks at a header's kind byte only to word a refusal.
+CONSUMED, MOVED); it peeks at a header's kind byte only to word a refusal.
 """
 
 from __future__ import annotations
@@ -116,6 +116,11 @@ class Broker:
         self._on_leave: LeaveHandler | None = None
         self._clock = clock
         self._refusals: list[float] = []
+        #: Public names whose calls go to another actor: a reloaded extension's name -> the actor of
+        #: its serving generation. Workers hold a copy (WELCOME, then MOVED) and resolve by it.
+        self.moves: dict[bytes, bytes] = {}
+        # Per public name: the workers yet to acknowledge its latest MOVED, and what waits for them.
+        self._unsettled: dict[bytes, tuple[set[bytes], asyncio.Future[None]]] = {}
         self.refused_joins = 0
         self.dropped = 0
         self.refused = 0
@@ -177,6 +182,7 @@ class Broker:
     def forget(self, name: bytes) -> None:
         """``name`` left (or will not join): unbind it and drop what waits for it; idempotent."""
         self.registry.forget(name)
+        self._settle_left(name)
         outbox = self._outboxes.pop(name, None)
         if outbox is not None:
             outbox.close()
@@ -236,6 +242,48 @@ class Broker:
             self._notice(dest, Kind.LOST, frames[0], sender.decode(errors="replace"), refusal, code)
         logger.debug("refused a message from %r to %r: %s", sender, dest, refusal)
 
+    def move(self, public: bytes, actor: bytes) -> asyncio.Future[None]:
+        """Calls that workers make by ``public`` go to ``actor`` from now on (a reload's switch);
+        ``actor == public`` undoes the move (the extension is gone).
+
+        Every joined worker is told with MOVED and acknowledges it; a worker that joins later
+        gets the moves in its WELCOME. The future is done once every worker told has
+        acknowledged or left: from then on none of them sends a new call to the name's old
+        holder, whose open calls can be waited for and which can then stop.
+        """
+        if actor == public:
+            self.moves.pop(public, None)
+        else:
+            self.moves[public] = actor
+        previous = self._unsettled.pop(public, None)
+        if previous is not None and not previous[1].done():  # superseded: the newer move is the one to wait for
+            previous[1].set_result(None)
+        future: asyncio.Future[None] = self._loop.create_future()
+        outboxes = list(self._outboxes.values())
+        if not outboxes:
+            future.set_result(None)
+            return future
+        self._unsettled[public] = ({outbox.name for outbox in outboxes}, future)
+        header = pack_header(Kind.MOVED, 0, public.decode(), actor.decode())
+        for outbox in outboxes:
+            self._urgent(outbox, [outbox.rid, BROKER, header, b""])
+        return future
+
+    def _settle(self, public: bytes, worker: bytes) -> None:
+        entry = self._unsettled.get(public)
+        if entry is None:
+            return
+        entry[0].discard(worker)
+        if not entry[0]:
+            del self._unsettled[public]
+            if not entry[1].done():
+                entry[1].set_result(None)
+
+    def _settle_left(self, worker: bytes) -> None:
+        """``worker`` is gone: no move waits for it any longer."""
+        for public in list(self._unsettled):
+            self._settle(public, worker)
+
     def announce_gone(self, name: bytes, body: bytes) -> None:
         """Tell every worker that ``name`` left, with ``body`` (an encoded exception) saying why."""
         header = pack_header(Kind.GONE, 0, name.decode(errors="replace"))
@@ -254,6 +302,10 @@ class Broker:
         for outbox in self._outboxes.values():
             outbox.close()
         self._outboxes.clear()
+        for _, future in self._unsettled.values():
+            if not future.done():
+                future.set_result(None)
+        self._unsettled.clear()
         self._finalizer()
 
     def __del__(self, _warn: Any = warnings.warn) -> None:
@@ -306,7 +358,8 @@ class Broker:
             self._refuse_message(sender, dest, frames, refusal, QUEUE_FULL)
 
     def _on_own(self, sender: bytes, header: bytes) -> None:
-        """A message from a joined worker to the broker itself: CONSUMED, its read totals."""
+        """A message from a joined worker to the broker itself: CONSUMED, its read totals; MOVED,
+        its acknowledgement of a move."""
         try:
             kind, _, extra = unpack_header(header)
         except ValueError as exc:
@@ -318,6 +371,10 @@ class Broker:
                 outbox.credit(extra[0], extra[1])
             except LookupError:
                 self._lost(sender)
+        elif kind is Kind.MOVED and len(extra) == 2 and isinstance(extra[0], str) and isinstance(extra[1], str):
+            public = extra[0].encode()
+            if self.moves.get(public, public) == extra[1].encode():  # an acknowledgement of the latest move
+                self._settle(public, sender)
         else:
             self._drop("%s from %r to the broker", kind.name, sender)
 
@@ -377,6 +434,7 @@ class Broker:
         if self._outboxes.pop(name, None) is None:
             return
         self.registry.forget(name)
+        self._settle_left(name)
         logger.debug("actor %r lost its connection to the broker", name.decode(errors="replace"))
         if self._on_leave is not None:
             self._loop.call_soon(self._on_leave, name)
@@ -409,7 +467,8 @@ class Broker:
             self._refuse(rid, admission.reason)
             return
         try:
-            self._pump.send([rid, BROKER, pack_header(Kind.WELCOME, 0, PROTOCOL_VERSION), b""])
+            moves = {public.decode(): actor.decode() for public, actor in self.moves.items()}
+            self._pump.send([rid, BROKER, pack_header(Kind.WELCOME, 0, PROTOCOL_VERSION, moves), b""])
         except zmq.ZMQError:
             self.registry.forget(bname)
             return

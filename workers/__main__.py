@@ -30,6 +30,8 @@ from .exits import EXIT_CONFINE, EXIT_HANDSHAKE, EXIT_HOST_GONE, EXIT_LOAD_FAILE
 
 #: The host sends the bootstrap right after it starts us; past this it is gone or stuck.
 _BOOT_TIMEOUT = 60.0
+#: The longest a STOP may ask the calls being served to finish before the stop hook runs.
+_MAX_DRAIN = 3600.0
 
 logger = logging.getLogger("pyisolate.workers")
 
@@ -83,11 +85,14 @@ async def _serve(boot: dict[str, Any], channel: shm.WorkerChannel) -> int:
     def on_control(sender: bytes, kind: Kind, call_id: int, extra: list[object], body: bytes,
                    buffers: list[bytes]) -> None:
         if kind is Kind.STOP and sender == HOST and not stop_tasks:
-            task = loop.create_task(_stop(call_id))
+            drain = float(extra[0]) if extra and isinstance(extra[0], (int, float)) else 0.0
+            task = loop.create_task(_stop(call_id, min(drain, _MAX_DRAIN) if drain > 0 else 0.0))
             stop_tasks.add(task)
 
-    async def _stop(call_id: int) -> None:
+    async def _stop(call_id: int, drain: float) -> None:
         try:
+            if drain:  # replaced by a reload: calls that reached this worker finish first
+                await endpoint.server.idle(drain)
             instance = endpoint.root
             result = instance.stop() if isinstance(instance, ExtensionBase) else None
             if inspect.isawaitable(result):
@@ -123,7 +128,8 @@ async def _serve(boot: dict[str, Any], channel: shm.WorkerChannel) -> int:
         import torch  # noqa: F401
     try:
         try:
-            conn.handshake(name, bytes.fromhex(boot["secret"]), timeout=float(boot["handshake_timeout"]))
+            endpoint.calls.moved.update(
+                conn.handshake(name, bytes.fromhex(boot["secret"]), timeout=float(boot["handshake_timeout"])))
         except HandshakeError as exc:
             logger.error("%s", exc)
             return EXIT_HANDSHAKE

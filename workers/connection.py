@@ -70,8 +70,9 @@ class Connection:
         self._reported = [0, 0]
         self.closed = False
 
-    def handshake(self, name: str, secret: bytes, timeout: float) -> None:
-        """Introduce ourselves to the broker and wait for WELCOME (blocking: nothing else runs yet).
+    def handshake(self, name: str, secret: bytes, timeout: float) -> dict[bytes, bytes]:
+        """Introduce ourselves to the broker and wait for WELCOME (blocking: nothing else runs yet);
+        return the moved names it carries (public name -> the actor serving it, see ``Broker.move``).
 
         Raises:
             HandshakeError: refused, wrong protocol, or no answer within ``timeout`` seconds.
@@ -88,6 +89,10 @@ class Connection:
             raise HandshakeError(f"the broker refused this worker: {extra[0] if extra else '?'}")
         if kind is not Kind.WELCOME or not extra or extra[0] != PROTOCOL_VERSION:
             raise HandshakeError(f"the host speaks protocol {extra[:1]}, this worker {PROTOCOL_VERSION}")
+        moves = extra[1] if len(extra) > 1 else {}
+        if not isinstance(moves, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in moves.items()):
+            raise HandshakeError("the broker's WELCOME carries malformed moves")
+        return {k.encode(): v.encode() for k, v in moves.items()}
 
     def start(self, loop: asyncio.AbstractEventLoop, on_message: Callable[[list[bytes]], None]) -> None:
         """Start delivering incoming messages to ``on_message`` on ``loop``."""

@@ -159,14 +159,26 @@ class Generations:
             self.current = new  # from here new calls go to the new worker
             manager._serve(new, old)
             old.retire(reason, new)
+            # Other extensions calling it by name: each is told to call the new worker, and says so.
+            moved = manager.broker.move(self.name.encode(), new.bname)
             manager._remember_reloaded(old.bname, reason)
             pid = new.process.pid if new.process is not None else None
             manager._emit_own(self.name, RELOAD_SWITCHED, {"generation": generation, "pid": pid})
-            drained = await old.calls.drain(manager.config.reload_drain_timeout)
-            if not drained:
+            limit = manager.config.reload_drain_timeout
+            deadline = manager.loop.time() + limit
+            drained = await old.calls.drain(limit)
+            if drained:
+                try:
+                    async with asyncio.timeout(max(deadline - manager.loop.time(), 0.0)):
+                        await asyncio.shield(moved)
+                except TimeoutError:
+                    drained = False
+            if drained:  # what other extensions sent it before they were told finishes there, in what is left
+                old.peer_drain = max(deadline - manager.loop.time(), 1e-3)
+            else:
                 logger.warning("extension %r: %d call(s) still running on the old worker after %.1f s "
                                "(reload_drain_timeout) end with ExtensionReloadedError", self.name,
-                               old.calls.open, manager.config.reload_drain_timeout)
+                               old.calls.open, limit)
             await old.stop()
             self._live.discard(old)
             logger.info("extension %r reloaded (generation %d, pid %s)", self.name, generation, pid)

@@ -510,6 +510,9 @@ class ExtensionManager(Generic[T]):
         if self._extensions.get(backend.name) is backend:
             del self._extensions[backend.name]
             del self._handles[backend.name]
+            public = backend.name.encode()
+            if public in self.broker.moves:  # a reloaded extension is gone: its name is free again
+                self.broker.move(public, public)
 
     def _remember_reloaded(self, actor: bytes, reason: ExtensionReloadedError) -> None:
         """Calls to ``actor`` (a retired worker) fail with ``reason`` once it is gone."""

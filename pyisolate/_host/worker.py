@@ -133,6 +133,7 @@ class Worker:
         self.calls = CallCount(manager.loop)
         self.retired: ExtensionReloadedError | None = None
         self.successor: Worker | None = None
+        self.peer_drain = 0.0  # retired: seconds its STOP lets the calls it serves finish (set by the reload)
         self.start_task = manager.loop.create_task(self._start(), name=f"pyisolate-start-{self.name}")
         self.start_task.add_done_callback(retrieve)
 
@@ -421,11 +422,13 @@ class Worker:
         was_ready = self.state is State.READY
         self.state = State.STOPPING
         closed = self.retired or ExtensionClosedError(f"extension {self.name!r} was stopped")
-        self._manager._fail_peer(self.bname, closed, forget=False)  # it still takes STOP
+        drain = self.peer_drain if self.retired is not None else 0.0
+        if not drain:
+            self._manager._fail_peer(self.bname, closed, forget=False)  # it still takes STOP
         if was_ready and self.process is not None and self.process.returncode is None:
             try:
-                async with asyncio.timeout(self._manager.config.stop_timeout):
-                    await self._answer_or_exit(self._manager.endpoint.request_stop(self.bname), self.process)
+                async with asyncio.timeout(self._manager.config.stop_timeout + drain):
+                    await self._answer_or_exit(self._manager.endpoint.request_stop(self.bname, drain), self.process)
             except TimeoutError:
                 logger.warning("extension %r did not finish stop() within %.1f s", self.name,
                                self._manager.config.stop_timeout)
@@ -433,6 +436,8 @@ class Worker:
                 logger.warning("extension %r: stop failed: %s", self.name, exc)
             except Exception as exc:  # the extension's own stop() raised; it still goes away
                 logger.warning("extension %r: stop() raised %r", self.name, exc)
+        if drain:  # a reload's old worker: the calls other extensions made on it were answered first
+            self._manager._fail_peer(self.bname, closed, forget=False)
         if self.process is not None:
             await self.process.stop(self._manager.config.stop_timeout)
         await self._release(closed)

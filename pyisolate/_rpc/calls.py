@@ -73,6 +73,9 @@ class Calls:
         self.open_stream: Callable[[bytes, int], Any]  # set by the Endpoint: a stream answer's consumer
         #: Spans of the calls made (``tracing.Tracing``); None: tracing is off, nothing is done.
         self.tracing: Tracing | None = None
+        #: Public names served by another actor (a reloaded extension's current worker), as the
+        #: broker said (WELCOME, MOVED): a call by such a name goes to that actor.
+        self.moved: dict[bytes, bytes] = {}
 
     # -- out -------------------------------------------------------------------------------
 
@@ -101,6 +104,8 @@ class Calls:
                    ref_id: int = 0, *, origin_loop: asyncio.AbstractEventLoop | None = None,
                    timeout: float | None = None) -> Any:
         """Call ``method`` of ``target`` (or its exported callable ``ref_id``); on this actor's loop."""
+        if self.moved and not ref_id:  # an object given out belongs to the worker that gave it, moved or not
+            target = self.moved.get(target, target)
         chain = CHAIN.get()
         started = chain is None
         if chain is None:
@@ -141,10 +146,12 @@ class Calls:
             tracing.end(span)
         return result
 
-    async def request_stop(self, target: bytes) -> None:
-        """Ask worker ``target`` to run its stop hook and exit."""
+    async def request_stop(self, target: bytes, drain: float = 0.0) -> None:
+        """Ask worker ``target`` to run its stop hook and exit; with ``drain``, once the calls it
+        serves have ended (waiting at most that many seconds)."""
         self._next_id += 1
-        await self._request(target, self._next_id, pack_header(Kind.STOP, self._next_id), b"", [], slot=False)
+        header = pack_header(Kind.STOP, self._next_id, drain) if drain else pack_header(Kind.STOP, self._next_id)
+        await self._request(target, self._next_id, header, b"", [], slot=False)
 
     async def _request(self, target: bytes, call_id: int, header: bytes, body: bytes, buffers: list[Any],
                        timeout: float | None = None, method: str = "", *, slot: bool = True) -> Any:

@@ -168,9 +168,10 @@ class Endpoint:
         """Call ``method`` of ``target``, on this actor's loop."""
         return await self.calls.call(target, method, args, kwargs, ref_id, timeout=timeout)
 
-    async def request_stop(self, target: bytes) -> None:
-        """Ask worker ``target`` to run its stop hook and exit."""
-        await self.calls.request_stop(target)
+    async def request_stop(self, target: bytes, drain: float = 0.0) -> None:
+        """Ask worker ``target`` to run its stop hook and exit (first letting the calls it serves
+        end, for at most ``drain`` seconds)."""
+        await self.calls.request_stop(target, drain)
 
     def emit(self, dest: bytes, name: str, value: object) -> None:
         """Send event ``name`` to ``dest`` without waiting; callable from any thread."""
@@ -259,6 +260,8 @@ class Endpoint:
                 self.calls.on_undelivered(kind, extra, body)
             case Kind.GONE:
                 self._on_gone(extra, body, buffers)
+            case Kind.MOVED:
+                self._on_moved(extra)
             case _ if self._on_control is not None:
                 self._on_control(sender, kind, call_id, extra, body, buffers)
             case _:
@@ -273,6 +276,19 @@ class Endpoint:
         except DecodeError as exc:
             reason = PyisolateError(f"actor {extra[0]!r} left ({exc})")
         self.fail_peer(extra[0].encode(), reason)
+
+    def _on_moved(self, extra: list[object]) -> None:
+        """MOVED from the broker: calls by a public name go to another actor (a reload's new
+        worker) from now on; acknowledged, so the old one may stop once no caller addresses it."""
+        if len(extra) != 2 or type(extra[0]) is not str or type(extra[1]) is not str:
+            self._drop(BROKER, "malformed MOVED")
+            return
+        public, actor = extra[0].encode(), extra[1].encode()
+        if actor == public:
+            self.calls.moved.pop(public, None)
+        else:
+            self.calls.moved[public] = actor
+        self.send_quiet(BROKER, [pack_header(Kind.MOVED, 0, extra[0], extra[1]), b""])
 
     def _drop(self, sender: bytes, why: str) -> None:
         self.dropped += 1

@@ -69,6 +69,7 @@ class Server:
         self._serving: dict[tuple[bytes, int], asyncio.Task[Any] | concurrent.futures.Future[Any] | Job] = {}
         self._elsewhere: set[tuple[bytes, int]] = set()  # served on another loop of this process
         self._open: dict[bytes, int] = {}  # calls open per sender, from receipt to answer
+        self._idle: asyncio.Event | None = None  # while someone waits in idle(): set when none is open
         self.refused = 0
         #: In a worker: what a SystemExit raised by a served method does instead of being answered
         #: (``workers.exits.leave``: the process exits with its code). None: answered like any error.
@@ -90,6 +91,19 @@ class Server:
     def open_calls(self, sender: bytes | None = None) -> int:
         """Calls being served: from ``sender``, or from everyone."""
         return self._open.get(sender, 0) if sender is not None else sum(self._open.values())
+
+    async def idle(self, timeout: float) -> bool:
+        """Wait until no call is open, at most ``timeout`` seconds; say whether none is."""
+        try:
+            async with asyncio.timeout(timeout):
+                while self._open:
+                    self._idle = asyncio.Event()
+                    await self._idle.wait()
+        except TimeoutError:
+            return False
+        finally:
+            self._idle = None
+        return True
 
     # -- in --------------------------------------------------------------------------------
 
@@ -359,10 +373,14 @@ class Server:
             self._open[sender] = n - 1
         elif n == 1:
             del self._open[sender]
+            if self._idle is not None and not self._open:
+                self._idle.set()
 
     def drop_peer(self, peer: bytes) -> None:
         """``peer`` is gone: what runs for it runs on, but is not counted against anyone."""
         self._open.pop(peer, None)
+        if self._idle is not None and not self._open:
+            self._idle.set()
 
     async def aclose(self) -> None:
         """Cancel what is still being served and release the thread pool; idempotent."""

@@ -191,3 +191,37 @@ async def test_refused_joins_are_logged_with_a_rate_limit(ctx, caplog):
     finally:
         peer.close()
         broker.close()
+
+
+async def test_a_move_is_settled_once_every_worker_acknowledged_or_left(broker, peers):
+    a, b = peers(), peers()
+    await join(broker, a, "a")
+    await join(broker, b, "b")
+    settled = broker.move(b"ext", b"ext@1")
+    for peer in (a, b):
+        frames = await peer.recv()
+        assert frames[0] == BROKER and unpack_header(frames[1]) == (Kind.MOVED, 0, ["ext", "ext@1"])
+    await a.sock.send_multipart([BROKER, pack_header(Kind.MOVED, 0, "ext", "ext@1"), b""])
+    await b.sock.send_multipart([BROKER, pack_header(Kind.MOVED, 0, "ext", "elsewhere"), b""])  # not this move
+    await b.sock.send_multipart([b"a", pack_header(Kind.CALL, 1, "m"), b""])  # behind b's acknowledgement
+    await a.recv()  # so the broker has read both acknowledgements
+    assert not settled.done()  # b acknowledged another move, not this one
+    await b.sock.send_multipart([BROKER, pack_header(Kind.MOVED, 0, "ext", "ext@1"), b""])
+    async with asyncio.timeout(10):
+        await settled
+    # A worker that leaves without acknowledging does not hold a move up.
+    again = broker.move(b"ext", b"ext@2")
+    await a.sock.send_multipart([BROKER, pack_header(Kind.MOVED, 0, "ext", "ext@2"), b""])
+    await a.sock.send_multipart([b"b", pack_header(Kind.CALL, 2, "m"), b""])
+    assert unpack_header((await b.recv())[1])[0] is Kind.MOVED
+    await b.recv()
+    assert not again.done()
+    broker.forget(b"b")
+    assert again.done()
+    # A worker joining now is told in its WELCOME.
+    d = peers()
+    broker.registry.expect(b"d", b"s" * 32)
+    kind, extra = await d.hello("d", b"s" * 32)
+    assert kind is Kind.WELCOME and extra == [PROTOCOL_VERSION, {"ext": "ext@2"}]
+    broker.move(b"ext", b"ext")  # undone: the name is its own again
+    assert broker.moves == {}

@@ -41,6 +41,21 @@ def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+async def test_a_forged_move_cannot_redirect_another_extensions_calls(manager):
+    """MOVED (calls by a name go to another actor: a reload's switch) counts only from the
+    broker: a plugin telling a victim that "gated" now lives at itself gets nothing of its calls."""
+    async with asyncio.timeout(120):
+        gated, victim, bad = await asyncio.gather(
+            manager.load_extension(fanin("gated")), manager.load_extension(fanin("victim")),
+            manager.load_extension(hostile()))
+    async with asyncio.timeout(60):
+        assert await bad.raw("victim", int(Kind.MOVED), 0, "gated", "hostile")
+        assert await bad.raw("host", int(Kind.MOVED), 0, "gated", "hostile")
+        assert await victim.echo("after the forgery") == "after the forgery"  # read by now: one pipe, in order
+        # Served by gated itself: redirected to the forger, a method it lacks would fail.
+        assert type(await victim.call("gated", "refused")) is int
+
+
 @pytest.mark.parametrize("kind", [Kind.UNROUTABLE, Kind.LOST, Kind.GONE])
 async def test_broker_only_notices_from_an_actor_are_dropped(manager, kind):
     """UNROUTABLE, LOST and GONE count only from the broker: a plugin sending them to fail

@@ -403,3 +403,81 @@ async def test_a_call_that_reaches_the_old_worker_after_the_switch_goes_to_the_n
     async with asyncio.timeout(DEADLINE):
         await extension.reload()  # the old worker is gone
         assert await late == "v2"
+
+
+# -- other extensions calling it by name ----------------------------------------------------
+
+
+async def load_peer(manager: ExtensionManager[Any]) -> Any:
+    async with asyncio.timeout(DEADLINE):
+        return await manager.load_extension(ExtensionConfig(name="peer_load", module_path=ext("peer_load")))
+
+
+async def test_calls_by_name_from_another_extension_follow_reloads_with_none_failing(manager, tmp_path):
+    folder = copy_extension(tmp_path)
+    extension = await load(manager, folder)
+    peer = await load_peer(manager)
+    first_pid = await extension.pid()
+    assert await peer.call(NAME, "version") == "v1"
+    reloads, rate = 5, 100
+    async with asyncio.timeout(300):
+        await peer.start(NAME, "version", rate)
+        for generation in range(1, reloads + 1):
+            set_version(folder, f"v{generation + 1}")
+            await extension.reload()
+        report = await peer.finish()
+    assert report["failed"] == 0, f"{report['failed']} of {report['sent']} calls by name failed: {report['failures']}"
+    assert report["answered"] == report["sent"]
+    assert len(report["answers"]) >= 3  # the load ran through the reloads, answered by several generations
+    assert f"v{reloads + 1}" in report["answers"]  # and reached the newest code by name
+    assert not alive(first_pid)  # generation 0, whose actor held the name itself, is gone
+    assert await peer.call(NAME, "version") == f"v{reloads + 1}"
+
+
+async def test_an_extension_loaded_after_a_reload_reaches_the_new_worker_by_name(manager, tmp_path):
+    folder = copy_extension(tmp_path)
+    extension = await load(manager, folder)
+    set_version(folder, "v2")
+    async with asyncio.timeout(DEADLINE):
+        await extension.reload()  # generation 0 is gone: the name is served by "reloadable@1"
+    peer = await load_peer(manager)  # it learns where the name points as it joins
+    assert await peer.call(NAME, "version") == "v2"
+    assert await peer.call(NAME, "pid") == await extension.pid()
+
+
+async def test_a_call_by_name_running_on_the_old_worker_finishes_there(manager, tmp_path):
+    folder = copy_extension(tmp_path)
+    seen = Seen(manager)
+    extension = await load(manager, folder)
+    peer = await load_peer(manager)
+    gate = await extension.gate()
+    async with asyncio.timeout(DEADLINE):
+        held = asyncio.ensure_future(peer.call(NAME, "hold"))  # another extension's call, by name
+        old_pid = await seen.nth("holding")
+        set_version(folder, "v2")
+        reloading = asyncio.ensure_future(extension.reload())
+        await seen.nth("pyisolate.reload.switched")
+        assert await peer.call(NAME, "version") == "v2"  # its new calls: the new worker
+        assert not held.done() and not reloading.done()  # the old worker still serves the held one
+        assert await gate.open() == "v1"
+        assert await held == "v1"
+        await reloading
+    assert not alive(old_pid)
+    assert (await seen.nth("pyisolate.reload.finished"))["drained"] is True
+
+
+async def test_a_reloaded_extension_that_is_stopped_frees_its_name(manager, tmp_path):
+    folder = copy_extension(tmp_path)
+    extension = await load(manager, folder)
+    peer = await load_peer(manager)
+    set_version(folder, "v2")
+    async with asyncio.timeout(DEADLINE):
+        await extension.reload()
+        assert await peer.call(NAME, "version") == "v2"
+        await extension.stop()
+        with pytest.raises(pyisolate.UnroutableError, match=f"'{NAME}'"):
+            await peer.call(NAME, "version")
+        set_version(folder, "v3, fresh")  # another size: a fresh load keeps compiled files it can trust
+        again = await load(manager, folder)  # a fresh extension under the name: generation 0 again
+        assert await peer.call(NAME, "version") == "v3, fresh"
+        assert await peer.call(NAME, "pid") == await again.pid()
