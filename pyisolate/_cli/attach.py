@@ -58,24 +58,39 @@ def hosts() -> list[HostEndpoint]:
     return sorted(found, key=lambda host: host.pid)
 
 
-def find_host(pid: int | None) -> HostEndpoint:
-    """The one host to attach to: the one with pid ``pid``, or the only one running.
+def find_host(which: int | str | None) -> HostEndpoint:
+    """The one host to attach to: by pid, by the path of its admin socket, or the only one running.
+
+    A process may run several managers with the endpoint: its pid alone then names none of
+    them, and the path (``manager.admin_path``) picks one.
 
     Raises:
-        AttachError: none, not that one, or several (name one with --host PID).
+        AttachError: none, not that one, or several (name one with --host PID or --host PATH).
     """
     running = hosts()
-    if pid is not None:
+    if isinstance(which, str) and not which.isdigit():
+        path = os.path.abspath(which)
         for host in running:
-            if host.pid == pid:
+            if os.path.abspath(host.path) == path:
                 return host
+        raise AttachError(f"no running host serves an admin endpoint at {which}; {_HOW}")
+    if which is not None:
+        pid = int(which)
+        mine = [host for host in running if host.pid == pid]
+        if len(mine) == 1:
+            return mine[0]
+        if mine:
+            raise AttachError(f"host {pid} runs {len(mine)} managers with an admin endpoint ("
+                              f"{', '.join(h.path for h in mine)}): choose one with --host PATH "
+                              "(its manager.admin_path)")
         raise AttachError(f"no host with pid {pid} serves an admin endpoint here ({tempfile.gettempdir()}); {_HOW}")
     if not running:
         raise AttachError(f"no running pyisolate host with an admin endpoint found in {tempfile.gettempdir()}; "
                           f"{_HOW}")
     if len(running) > 1:
-        raise AttachError(f"{len(running)} hosts serve an admin endpoint (pids "
-                          f"{', '.join(str(h.pid) for h in running)}): choose one with --host PID")
+        raise AttachError(f"{len(running)} admin endpoints are served ("
+                          f"{', '.join(f'pid {h.pid}: {h.path}' for h in running)}): choose one with --host PID "
+                          "or --host PATH")
     return running[0]
 
 

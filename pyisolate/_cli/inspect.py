@@ -27,8 +27,9 @@ _COLUMNS = ("NAME", "STATE", "PID", "CALLS/S", "CALLS", "ERRORS", "P99", "INFLIG
 
 
 def _host_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--host", type=int, default=None, metavar="PID",
-                        help="the host process to attach to (default: the only one running)")
+    parser.add_argument("--host", default=None, metavar="PID|PATH",
+                        help="the host process to attach to, or the admin socket of one of its managers "
+                             "(manager.admin_path; default: the only one running)")
 
 
 def _positive(text: str) -> float:

@@ -495,7 +495,7 @@ class ExtensionManager(Generic[T]):
         switch): the extension's call counters go on with it, one reload more."""
         self._extensions[worker.name] = worker
         worker.call_stats = previous.call_stats
-        worker.call_stats.count_reload()
+        worker.call_stats.count_reload(previous.restart_count)
         if self.config.stats:
             self._call_stats[worker.bname] = worker.call_stats
 

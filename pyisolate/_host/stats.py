@@ -93,7 +93,7 @@ def extension_stats(manager: Observed | None, backend: object) -> dict[str, Any]
         "backlog": manager.broker.queued(bname),
         "shm_bytes_out": shm_out,
         "shm_bytes_in": shm_in,
-        "restarts": backend.restart_count,
+        "restarts": backend.restart_count + backend.call_stats.restarts_before,
         "uptime": time.time() - backend.loaded_at,
     })
     snapshot.update(process_info(pid) if pid is not None else {"rss": None, "pss": None, "cpu_seconds": None})

@@ -102,7 +102,7 @@ class CallStats:
     ``count_reload()`` once per completed reload.
     """
 
-    __slots__ = ("calls", "errors", "bytes_out", "bytes_in", "methods", "reloads")
+    __slots__ = ("calls", "errors", "bytes_out", "bytes_in", "methods", "reloads", "restarts_before")
 
     def __init__(self) -> None:
         self.calls = 0
@@ -111,6 +111,7 @@ class CallStats:
         self.bytes_in = 0
         self.methods: dict[str, MethodStats] = {}
         self.reloads = 0
+        self.restarts_before = 0  # restarts of the workers reloads replaced
 
     def method(self, name: str) -> MethodStats:
         """The counters of method ``name`` (of ``OTHER_METHODS`` past ``MAX_METHODS`` names)."""
@@ -134,9 +135,11 @@ class CallStats:
             kind = type(error).__name__
             self.errors[kind] = self.errors.get(kind, 0) + 1
 
-    def count_reload(self) -> None:
-        """Count one completed reload of the extension (for the code that reloads it)."""
+    def count_reload(self, restarts: int = 0) -> None:
+        """Count one completed reload of the extension (for the code that reloads it), and the
+        ``restarts`` of the worker it replaced, so the extension's count goes on."""
         self.reloads += 1
+        self.restarts_before += restarts
 
     def snapshot(self) -> dict[str, Any]:
         """The counters as plain values (safe to read from another thread than the one counting)."""

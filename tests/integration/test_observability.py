@@ -163,6 +163,11 @@ async def test_restarts_memory_and_cpu_time_of_the_worker(manager):
     assert stats["restarts"] == 1
     assert stats["errors"] == {"ExtensionCrashedError": 1}
     assert stats["calls"] == 5  # counts survive the restart
+    async with asyncio.timeout(60):
+        await observed.reload()
+    stats = pyisolate.stats(observed)
+    assert stats["reloads"] == 1 and stats["pid"] != second
+    assert stats["restarts"] == 1  # the extension's restarts, not only its new worker's
 
 
 async def test_shared_memory_bytes_in_and_out(manager):
@@ -224,6 +229,21 @@ async def test_top_json_and_table_of_a_live_host(admin_manager):
     assert heading == f"pyisolate host {os.getpid()}: 1 extension(s)"
     assert columns.split()[:3] == ["NAME", "STATE", "PID"]
     assert row.split()[:5] == ["observed", "ready", str(await observed.pid()), "0.0", "4"]
+
+
+async def test_a_host_with_two_managers_is_attached_to_by_the_path_of_one(admin_manager, venv_root):
+    observed = await load(admin_manager)
+    await observed.echo(1)
+    config = ExtensionManagerConfig(venv_root_path=venv_root, admin=True, stop_timeout=1.0)
+    async with ExtensionManager(ExtensionBase, config) as other:
+        await load(other)  # the same extension in the second manager, not called
+        code, _, err = await cli("top", "--json", "--host", str(os.getpid()))
+        assert code == 1 and "2 managers" in err and "--host PATH" in err  # the pid alone names neither
+        assert admin_manager.admin_path in err and other.admin_path in err
+        for manager, calls in ((admin_manager, 1), (other, 0)):
+            code, out, err = await cli("top", "--json", "--host", manager.admin_path)
+            assert code == 0, err
+            assert json.loads(out)["extensions"]["observed"]["calls"] == calls
 
 
 async def test_admin_endpoint_is_off_unless_enabled(manager, monkeypatch):
