@@ -206,6 +206,10 @@ def _touch(target: Path) -> None:
         pass  # a read-only venv root still works
 
 
+#: Where venvs are built before they replace the one in use: ``<root>/.build/<name>@<random>``.
+_BUILDS = ".build"
+
+
 def _remove_tree(path: Path) -> None:
     if path.is_symlink() or path.is_file():
         path.unlink()
@@ -332,40 +336,69 @@ async def _build(
 
     Up to three install passes: the requirements with their dependencies (from ``sources``'
     indexes and wheel folders); the CUDA wheels chosen for the host's torch; the requirements
-    installed without their dependencies. On any failure or cancellation, remove what was built.
+    installed without their dependencies.
+
+    The build happens beside the venv in use (``<root>/.build/<name>@<random>``, a relocatable
+    venv) and replaces it only once complete: a worker still running from the old venv (a
+    reload with changed dependencies) keeps it while uv works, and keeps it for good if the
+    build fails. On any failure or cancellation, what was built is removed.
     """
+    staging = await asyncio.to_thread(_staging_dir, target)
     try:
-        if await asyncio.to_thread(os.path.lexists, target):
-            _log.debug("removing stale or half-built venv %s", target)
-            await asyncio.to_thread(_remove_tree, target)
         step = time.monotonic()
         # Always the host's own interpreter: the child shares the host's compiled pyzmq.
         uv = await asyncio.to_thread(uv_binary)  # found once per process, with a few dozen stats
-        create = [uv, "venv", "--python", sys.executable, "--no-config", "--quiet", "--color", "never"]
-        await run_uv([*create, str(target)], name=name, deps=(), on_start=lambda: emit(ProgressStep.CREATING))
+        create = [uv, "venv", "--python", sys.executable, "--relocatable", "--no-config", "--quiet", "--color", "never"]
+        await run_uv([*create, str(staging)], name=name, deps=(), on_start=lambda: emit(ProgressStep.CREATING))
         _log.debug("created venv of %s in %.2fs", name, time.monotonic() - step)
         main, wheels, loose, later = _passes(deps, sources)
         shared = _SHARED_TORCH_PACKAGES if share_torch else ()
         options = sources.uv_options()
         installed = 0
         if main:
-            excludes = await asyncio.to_thread(_excludes, target, "main", [*shared, *later])
-            installed += await _install(target, name, main, excludes, options, emit)
+            excludes = await asyncio.to_thread(_excludes, staging, "main", [*shared, *later])
+            installed += await _install(staging, name, main, excludes, options, emit)
         if wheels:
             assert sources.cuda_wheels is not None
             emit(ProgressStep.RESOLVING, "choosing CUDA wheels for " + " ".join(wheels))
             chosen = await cuda_requirements(wheels, sources.cuda_wheels, extension=name)
-            installed += await _install(target, name, [requirement for requirement, _ in chosen], None, (), emit,
+            installed += await _install(staging, name, [requirement for requirement, _ in chosen], None, (), emit,
                                         no_deps=True, at_fault=wheels, detail=" ".join(f for _, f in chosen))
         if loose:
-            excludes = await asyncio.to_thread(_excludes, target, "no-deps", shared)
-            installed += await _install(target, name, loose, excludes, options, emit, no_deps=True)
-        await asyncio.to_thread(_write_marker, target, fingerprint, deps, share_torch, sources)
+            excludes = await asyncio.to_thread(_excludes, staging, "no-deps", shared)
+            installed += await _install(staging, name, loose, excludes, options, emit, no_deps=True)
+        await asyncio.to_thread(_write_marker, staging, fingerprint, deps, share_torch, sources)
+        await asyncio.shield(asyncio.to_thread(_swap_in, staging, target))
     except BaseException:
         # In a thread that runs to its end even if this task is cancelled again meanwhile.
-        await asyncio.shield(asyncio.to_thread(_remove_tree, target))
+        await asyncio.shield(asyncio.to_thread(_remove_tree, staging))
         raise
     return installed
+
+
+def _staging_dir(target: Path) -> Path:
+    """A fresh folder to build ``target``'s venv in, beside it (same file system: it is renamed
+    into place); the leftovers of builds of the same venv that were killed are removed first.
+    Called under the venv's lock, so no other build of it runs."""
+    folder = target.parent / _BUILDS
+    folder.mkdir(mode=0o700, exist_ok=True)
+    for entry in folder.iterdir():
+        if entry.name.startswith(f"{target.name}@"):  # "@" is in no extension name
+            _remove_tree(entry)
+    return folder / f"{target.name}@{os.urandom(6).hex()}"
+
+
+def _swap_in(staging: Path, target: Path) -> None:
+    """Put the built venv in ``target``'s place; the one it replaces (a stale or half-built one,
+    or the one a reloaded worker ran from) goes. A reader sees the old venv, then the new one,
+    with no venv for the moment between two renames."""
+    old = None
+    if os.path.lexists(target):
+        old = staging.with_name(staging.name + "-old")
+        os.rename(target, old)
+    os.rename(staging, target)
+    if old is not None:
+        _remove_tree(old)
 
 
 def _excludes(target: Path, stem: str, names: Sequence[str]) -> Path | None:

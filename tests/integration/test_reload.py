@@ -324,6 +324,30 @@ async def test_the_venv_is_rebuilt_only_when_the_dependencies_change(venv_root, 
             assert await extension.tiny() == "pyi_tiny"
 
 
+async def test_a_reload_whose_build_fails_leaves_the_old_worker_its_venv(venv_root, tmp_path):
+    """The new venv is built beside the one in use: a failed build takes nothing from the old
+    worker, which still imports from its venv afterwards (a lazy import, made only now)."""
+    venvs = tmp_path / "venvs"
+    write_wheel(tmp_path / "wheels", "pyi-tiny", "1.2.3")
+    empty = tmp_path / "empty-index"
+    empty.mkdir()
+    folder = copy_extension(tmp_path)
+    append(folder, "def tiny(self):\n    import pyi_tiny\n    return pyi_tiny.VERSION\nReloadable.tiny = tiny\n")
+    async with ExtensionManager(ExtensionBase, ExtensionManagerConfig(venv_root_path=venvs)) as manager:
+        extension = await load(manager, folder, dependencies=["pyi-tiny==1.2.3"], index_url=empty.as_uri(),
+                               find_links=[tmp_path / "wheels"])
+        pid = await extension.pid()
+        async with asyncio.timeout(DEADLINE):
+            with pytest.raises(pyisolate.EnvironmentBuildError, match="pyi-tiny"):
+                await extension.reload(replace(extension.config, dependencies=["pyi-tiny==9.9.9"]))
+            assert await extension.pid() == pid  # the old worker serves on
+            assert await extension.tiny() == "1.2.3"  # from its venv, still whole
+            write_wheel(tmp_path / "wheels", "pyi-tiny", "2.0.0")
+            await extension.reload(replace(extension.config, dependencies=["pyi-tiny==2.0.0"]))
+            assert await extension.tiny() == "2.0.0"
+        assert list((venvs / ".build").iterdir()) == []  # no build left behind, failed or finished
+
+
 async def test_reload_refuses_another_name_and_a_stopped_extension(manager, tmp_path):
     folder = copy_extension(tmp_path)
     extension = await load(manager, folder)
