@@ -6,12 +6,13 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
+import time
 from collections.abc import Callable, Generator, Mapping
 from typing import Any, Protocol
 
 from .._base import ExtensionBase
 from .._config import ExtensionConfig
-from .._rpc import Blocking, RemoteCall, resolve_method
+from .._rpc import Blocking, CallStats, RemoteCall, resolve_method
 from .._wire import Handle
 from ..errors import CallTimeoutError, ConfigError, ExtensionClosedError
 
@@ -185,6 +186,10 @@ class LocalBackend:
         self._load = load
         self._on_stopped = on_stopped
         self._stopped = False
+        #: Counters of its calls, as for a worker (None: ExtensionManagerConfig.stats is off).
+        self.call_stats: CallStats | None = None
+        #: The host's ``Tracing`` (tracing on): each call is a span, current while it runs.
+        self.tracing: Any = None
 
     @property
     def status(self) -> str:
@@ -206,6 +211,24 @@ class LocalBackend:
             except TimeoutError:
                 raise CallTimeoutError(f"{self.name}.{method}() took longer than {timeout} s") from None
 
+        if self.call_stats is None and self.tracing is None:
+            return await self._call(method, args, kwargs)
+        stats, began = self.call_stats, time.perf_counter()
+        try:
+            if self.tracing is not None:
+                with self.tracing.local(self.name, method):
+                    result = await self._call(method, args, kwargs)
+            else:
+                result = await self._call(method, args, kwargs)
+        except BaseException as exc:
+            if stats is not None:
+                stats.ended(method, time.perf_counter() - began, exc)
+            raise
+        if stats is not None:
+            stats.ended(method, time.perf_counter() - began, None)
+        return result
+
+    async def _call(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if self._stopped:
             raise ExtensionClosedError(f"extension {self.name!r} is stopped")
         instance = await asyncio.shield(self._load)

@@ -225,6 +225,8 @@ class ExtensionManager(Generic[T]):
             task = self.loop.create_task(load_extension(Path(config.module_path), self.extension_type))
             task.add_done_callback(retrieve)
             backend = front = LocalBackend(config, task, self._forget)
+            backend.call_stats = CallStats() if self.config.stats else None
+            backend.tracing = self.traces.tracing() if self.traces is not None else None
         self._extensions[config.name] = backend
         if isinstance(backend, Worker) and self.config.stats:
             self._call_stats[backend.bname] = backend.call_stats

@@ -16,7 +16,7 @@ import time
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .._config import ExtensionManagerConfig
-from .._rpc import Blocking
+from .._rpc import Blocking, CallStats
 from .._wire import shm as _shm
 from .extension import Extension, LocalBackend
 from .procinfo import process_info
@@ -75,7 +75,8 @@ def stats(extension: Extension | Blocking) -> dict[str, Any]:
 def extension_stats(manager: Observed | None, backend: object) -> dict[str, Any]:
     """The snapshot of one extension (see ``stats``) run by ``backend`` for ``manager``."""
     if isinstance(backend, LocalBackend):  # runs in the host: no process, no calls through the broker
-        return {"name": backend.name, "state": backend.status, "isolated": False, "pid": os.getpid()}
+        local = {"name": backend.name, "state": backend.status, "isolated": False, "pid": os.getpid()}
+        return local | (backend.call_stats or CallStats()).snapshot()
     assert isinstance(backend, Worker) and manager is not None
     bname = backend.bname
     process = backend.process

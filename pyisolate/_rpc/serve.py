@@ -135,6 +135,10 @@ class Server:
                     and type(args[1]) is dict and all(type(k) is str for k in args[1])):
                 raise DecodeError("call body must be [args, kwargs]")
         except Exception as exc:
+            if self.tracing is not None:  # its SERVER span says why, like a call that ran
+                method = extra[0] if extra and type(extra[0]) is str else ""
+                ref = extra[1] if len(extra) > 1 and type(extra[1]) is int else 0
+                self.tracing.refused(key, self.name, method, ref, trace, exc)
             self.send_error(sender, call_id, exc)  # refused before it counted
             return
         finally:

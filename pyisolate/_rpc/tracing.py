@@ -115,6 +115,12 @@ class Tracing:
                                        attributes=_attributes(actor, method, ref_id))
         return span, wire_field(trace.set_span_in_context(span))
 
+    def local(self, actor: str, method: str) -> Any:
+        """A span for a call served in this process (an ``isolated=False`` extension), current
+        while the method runs: a context manager; an exception marks it failed."""
+        return self._tracer.start_as_current_span(_span_name(actor, method, 0), kind=SpanKind.INTERNAL,
+                                                  attributes=_attributes(actor, method, 0))
+
     @staticmethod
     def end(span: Span, exc: BaseException | None = None) -> None:
         """End a CLIENT span; an exception marks it failed."""
@@ -154,6 +160,16 @@ class Tracing:
                                        kind=SpanKind.SERVER, attributes=attributes)
         self._served[key] = span
         return otel_context.attach(trace.set_span_in_context(span))
+
+    def refused(self, key: tuple[bytes, int], actor: bytes, method: str, ref_id: int, field: object,
+                exc: BaseException) -> None:
+        """Call ``key`` was refused before it ran (an unknown method, too many open, an undecodable
+        body): a SERVER span that ends at once, failed with ``exc``."""
+        if key in self._served:  # a second call under the id of one running: that one keeps its span
+            return
+        token = self.serve(key, actor, method, ref_id, field)
+        self.detach(token)
+        self.served(key, exc)
 
     @staticmethod
     def detach(token: contextvars.Token[Context] | None) -> None:

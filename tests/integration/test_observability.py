@@ -143,6 +143,19 @@ async def test_in_flight_and_queued_calls_are_seen_while_they_wait(venv_root):
         assert stats["errors"] == {"CancelledError": 3} and stats["calls"] == 3
 
 
+async def test_an_in_process_extension_counts_its_calls(manager):
+    local = await load(manager, "local", isolated=False)
+    assert await local.echo(b"x") == b"x"
+    assert await local.echo(b"y") == b"y"
+    with pytest.raises(ValueError):
+        await local.fail("value")
+    stats = pyisolate.stats(local)
+    assert stats["isolated"] is False and stats["pid"] == os.getpid() and stats["state"] == "ready"
+    assert stats["calls"] == 3 and stats["errors"] == {"ValueError": 1}
+    assert stats["methods"]["echo"]["calls"] == 2 and stats["methods"]["fail"]["errors"] == 1
+    assert manager.stats()["extensions"]["local"]["calls"] == 3
+
+
 async def test_restarts_memory_and_cpu_time_of_the_worker(manager):
     observed = await load(manager, restart=RestartPolicy(max_restarts=2, within=600, backoff=0.01))
     first = await observed.pid()

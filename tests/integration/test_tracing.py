@@ -163,6 +163,12 @@ async def test_hostile_trace_fields_and_span_messages_are_ignored(traced):
         await bad.call_traced_by_hand("Relay", "forward", [], good, "echo")
     server = one(spans_by_name(), "Relay/forward", SpanKind.SERVER)
     assert server.parent.span_id == 0xCDCDCDCDCDCDCDCD and server.context.trace_id == int("ab" * 16, 16)
+    # A call refused before it runs (no such method) has its SERVER span too, failed, in the trace.
+    EXPORTER.clear()
+    with pytest.raises(AttributeError):
+        await bad.call_traced_by_hand("Relay", "no_such_method", [], good, "echo")
+    refused = one(spans_by_name(), "Relay/no_such_method", SpanKind.SERVER)
+    assert refused.parent.span_id == 0xCDCDCDCDCDCDCDCD and refused.status.status_code is StatusCode.ERROR
     # SPANS bodies that are garbage, oversized or malformed record by record are refused and counted.
     traces = traced.traces
     refused = traces.refused
@@ -194,3 +200,21 @@ def test_tracing_without_opentelemetry_says_what_to_install(tmp_path):
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert "pip install 'pyisolate[otel]'" in done.stdout
+
+
+async def test_an_in_process_extension_call_is_a_span_current_while_it_runs(traced):
+    local = await traced.load_extension(ExtensionConfig(name="local", module_path=ext("actors"), isolated=False,
+                                                        apis=[DatabaseAPI, SlowService, Relay]))
+
+    async def inner(x):
+        with TRACER.start_as_current_span("inner"):
+            return x * 2
+
+    EXPORTER.clear()
+    with TRACER.start_as_current_span("request") as root:
+        assert await local.call_back(inner, 21) == 42
+    found = spans_by_name()
+    call = one(found, "local/call_back", SpanKind.INTERNAL)
+    assert call.parent.span_id == root.get_span_context().span_id
+    assert one(found, "inner", SpanKind.INTERNAL).parent.span_id == call.context.span_id  # made while it ran
+    assert call.attributes["rpc.method"] == "call_back"
