@@ -66,6 +66,7 @@ class SocketPump:
 
     ``after_drain`` runs after each batch of received messages, and whenever the socket's
     descriptor fires (which it also does when a full outgoing pipe gets room again).
+    ``receive`` reads one whole message (a socket that needs a frame's metadata has its own).
 
     The pump does not own the socket; whoever created the socket closes it after
     ``close()``ing the pump.
@@ -77,8 +78,10 @@ class SocketPump:
         loop: asyncio.AbstractEventLoop,
         on_message: Callable[[list[bytes]], None],
         after_drain: Callable[[], None] | None = None,
+        receive: Callable[[zmq.Socket[Any]], list[bytes]] = _recv_frames,
     ) -> None:
         self._sock = sock
+        self._receive = receive
         self._loop = loop
         self._on_message = on_message
         self._after_drain = after_drain
@@ -137,7 +140,7 @@ class SocketPump:
             try:
                 if not _get(sock, _EVENTS) & _POLLIN:
                     return
-                frames = _recv_frames(sock)
+                frames = self._receive(sock)
             except zmq.ZMQError as exc:
                 if self._closed or exc.errno in (zmq.ENOTSOCK, zmq.EAGAIN):
                     return

@@ -54,13 +54,21 @@ class Connection:
         endpoint: The broker's endpoint.
         max_message_size: Largest frame accepted from the broker (ZMQ_MAXMSGSIZE).
         max_queued_bytes: Bytes that may wait to be sent while the host is not reading.
+        curve: For a remote worker: (the host's public key, ours, our secret key), z85; the
+            connection is then a CURVE client (see ``pyisolate.broker.remote``).
     """
 
-    def __init__(self, endpoint: str, *, max_message_size: int = -1, max_queued_bytes: int = 1 << 30) -> None:
+    def __init__(self, endpoint: str, *, max_message_size: int = -1, max_queued_bytes: int = 1 << 30,
+                 curve: tuple[bytes, bytes, bytes] | None = None) -> None:
         self._ctx: zmq.Context[Any] = zmq.Context()
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.MAXMSGSIZE, max_message_size)
+        if curve is not None:
+            self._sock.curve_serverkey, self._sock.curve_publickey, self._sock.curve_secretkey = curve
+            # ZMTP pings: a dead tcp peer is noticed by the socket, not only by our heartbeats.
+            self._sock.setsockopt(zmq.HEARTBEAT_IVL, 1000)
+            self._sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 5000)
         self._sock.connect(endpoint)
         self._pump: SocketPump | None = None
         self._backlog: collections.deque[tuple[Sequence[Any], int]] = collections.deque()
@@ -70,8 +78,10 @@ class Connection:
         self._reported = [0, 0]
         self.closed = False
 
-    def handshake(self, name: str, secret: bytes, timeout: float) -> None:
+    def handshake(self, name: str, secret: bytes, timeout: float) -> bytes:
         """Introduce ourselves to the broker and wait for WELCOME (blocking: nothing else runs yet).
+
+        Returns WELCOME's body: empty, or a remote worker's bootstrap.
 
         Raises:
             HandshakeError: refused, wrong protocol, or no answer within ``timeout`` seconds.
@@ -88,6 +98,11 @@ class Connection:
             raise HandshakeError(f"the broker refused this worker: {extra[0] if extra else '?'}")
         if kind is not Kind.WELCOME or not extra or extra[0] != PROTOCOL_VERSION:
             raise HandshakeError(f"the host speaks protocol {extra[:1]}, this worker {PROTOCOL_VERSION}")
+        return frames[2] if len(frames) > 2 else b""
+
+    def read_count(self) -> int:
+        """Messages read since the handshake (a remote worker's sign that the host is still there)."""
+        return self._read[0]
 
     def start(self, loop: asyncio.AbstractEventLoop, on_message: Callable[[list[bytes]], None]) -> None:
         """Start delivering incoming messages to ``on_message`` on ``loop``."""

@@ -50,6 +50,9 @@ def encode_tensor(t: Any, dest: bytes, cuda_refused: str | None = None) -> list[
 
     meta = [str(t.dtype).removeprefix("torch."), list(t.shape), list(t.stride()), t.storage_offset(),
             bool(t.requires_grad)]
+    apart = not _shm.shares_with(dest)
+    if t.is_cuda and apart:  # another machine: through host memory, arriving as a CPU tensor
+        t = t.detach().cpu()
     if t.is_cuda:
         if cuda_refused is not None:
             raise EncodeError(f"a CUDA tensor cannot be sent to {dest.decode(errors='replace')!r}: {cuda_refused}; "
@@ -67,6 +70,9 @@ def encode_tensor(t: Any, dest: bytes, cuda_refused: str | None = None) -> list[
         meta[2], meta[3] = list(t.stride()), 0
         storage = t.untyped_storage()
         nbytes = storage.nbytes()
+    if apart:
+        return ["cpu", *meta[:2], list(t.stride()) if t.is_contiguous() else _dense_strides(t), 0, meta[4],
+                _to_buffer(_frame_of(t))]
     try:
         segment = _shm.find(storage.data_ptr())
         if segment is None or _shm.copies_forward(segment, dest):
@@ -80,6 +86,29 @@ def encode_tensor(t: Any, dest: bytes, cuda_refused: str | None = None) -> list[
         torch.frombuffer(data, dtype=torch.uint8).copy_(dense.reshape(-1).view(torch.uint8))
     meta[2], meta[3] = list(dense.stride()), 0
     return ["cpu", *meta, _to_buffer(memoryview(data))]
+
+
+def _dense_strides(t: Any) -> list[int]:
+    strides, step = [], 1
+    for n in reversed(t.shape):
+        strides.append(step)
+        step *= max(n, 1)
+    return strides[::-1]
+
+
+def _frame_of(t: Any) -> memoryview:
+    """The bytes of ``t`` for a buffer frame: its own memory where it is dense (zero-copy), else a
+    dense copy."""
+    import torch
+
+    dense = t.detach().contiguous()
+    try:
+        return memoryview(dense.reshape(-1).view(torch.uint8).numpy())  # the array keeps the tensor alive
+    except (RuntimeError, TypeError):  # torch without numpy: a copy
+        data = bytearray(dense.numel() * dense.element_size())
+        if data:
+            torch.frombuffer(data, dtype=torch.uint8).copy_(dense.reshape(-1).view(torch.uint8))
+        return memoryview(data)
 
 
 def _move_to_shm(t: Any, storage: Any, nbytes: int, torch: Any, dest: bytes) -> _shm.Segment:
