@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import zmq
+import zmq.auth
 
 from ._validate import validate_extension_name
 from .errors import ConfigError
