@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -38,6 +39,8 @@ _ZAP_VERSION = b"1.0"
 #: is dropped and a DEALER reconnects without waiting for the kernel's tcp timeout.
 _ZMTP_HEARTBEAT_MS = 1000
 _ZMTP_TIMEOUT_MS = 5000
+#: Refused connections are logged once per this many seconds (the rest only counted).
+_LOG_WINDOW = 10.0
 
 _recv = zmq.backend.Socket.recv
 _LAST = int(zmq.NOBLOCK)
@@ -69,6 +72,7 @@ class CurveListener:
         self._on_message = on_message
         self.authenticated = 0  # CURVE handshakes our ZAP handler let through
         self.denied = 0  # and those it refused (unknown key, wrong mechanism or domain)
+        self._logged_at = -_LOG_WINDOW
         self.closed = False
         # The handler first: a CURVE server with no ZAP handler bound lets every key in.
         self._zap = ctx.socket(zmq.REP)
@@ -146,8 +150,12 @@ class CurveListener:
                 name = self._allowed.get(zmq.utils.z85.encode(key))
         if name is None:
             self.denied += 1
-            logger.warning("refused a remote connection from %s: its CURVE key is not on the allowlist",
-                           _address.decode(errors="replace"))
+            now = time.monotonic()
+            if now - self._logged_at > _LOG_WINDOW:  # a peer retries every 100 ms: log once per window
+                self._logged_at = now
+                logger.warning("refused a remote connection from %s: its CURVE key is not on the allowlist "
+                               "(further refusals in the next %.0f s are only counted: listener.denied)",
+                               _address.decode(errors="replace"), _LOG_WINDOW)
             self._zap_pump.send([_ZAP_VERSION, request_id, b"400", b"key not allowed", b"", b""])
             return
         self.authenticated += 1

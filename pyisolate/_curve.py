@@ -43,13 +43,21 @@ def _z85(value: str, what: str) -> bytes:
     return raw
 
 
+def _looks_z85(text: str) -> bool:
+    try:
+        _z85(text, "")
+    except ValueError:
+        return False
+    return True
+
+
 def _load(value: str | os.PathLike[str], what: str, *, secret: bool) -> tuple[bytes, bytes | None]:
     """(public, secret or None) from Z85 text or a certificate file."""
     text = os.fspath(value)
-    if isinstance(value, os.PathLike) or os.sep in text or text.endswith((".key", ".key_secret")):
+    if isinstance(value, os.PathLike) or not _looks_z85(text):  # Z85 has '/' and '.': its shape decides
         path = Path(text).expanduser()
         if not path.is_file():
-            raise ValueError(f"{what}: no key file at {str(path)!r}")
+            raise ValueError(f"{what} is neither a key (40 characters of Z85) nor a key file: no file at {str(path)!r}")
         try:
             public, private = zmq.auth.load_certificate(path)
         except (ValueError, OSError) as exc:

@@ -112,7 +112,7 @@ def _worker(args: argparse.Namespace) -> int:
 
 async def _supervise(config: ExtensionConfig, root: Path, remote: dict[str, Any], join_timeout: float) -> int:
     """Build the venv, then run workers until the host stops the extension (see the module doc)."""
-    from .._host.process import WorkerProcess, extension_logger
+    from .._host import WorkerProcess, extension_logger
 
     with ProgressDisplay() as display:
         python = await ensure_venv(

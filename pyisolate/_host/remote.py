@@ -28,8 +28,10 @@ from .._curve import worker_command
 from ..errors import ConfigError
 
 if TYPE_CHECKING:
+    from pyisolate.workers.loader import ClassSpec
+
     from .._config import ExtensionConfig, ExtensionManagerConfig
-    from .worker import Host, Worker
+    from .apptypes import AppTypes
 
 __all__ = ["LOST", "STOPPED", "RemoteProcess", "check_remote", "remote_boot", "remote_worker_command"]
 
@@ -126,7 +128,8 @@ def check_remote(config: ExtensionConfig, manager: ExtensionManagerConfig) -> No
                           f"make one with `pyisolate keys {config.name}` and add its public key under that name")
 
 
-def remote_boot(manager: Host, worker: Worker) -> bytes:
+def remote_boot(mconfig: ExtensionManagerConfig, config: ExtensionConfig, *, extension_spec: ClassSpec | None,
+                app_types: AppTypes | None, singletons: list[bytes]) -> bytes:
     """The bootstrap a remote worker gets in its WELCOME (msgpack), once its key was checked.
 
     What a local worker's bootstrap holds, less what has no meaning on another machine: no
@@ -137,17 +140,15 @@ def remote_boot(manager: Host, worker: Worker) -> bytes:
     """
     from .process import extension_logger
 
-    config, mconfig = worker.config, manager.config
-    app_types = manager.app_types
     boot: dict[str, Any] = {
         "cuda_ipc": False,
-        "extension_class": manager.extension_spec,
+        "extension_class": extension_spec,
         "apis": [class_spec(api) for api in config.apis],
         "types": app_types.reference if app_types else None,
-        "host_actors": ["host", *(n.decode() for n in manager._singleton_names())],
+        "host_actors": ["host", *(n.decode() for n in singletons)],
         "handshake_timeout": mconfig.start_timeout,
         "heartbeat_timeout": mconfig.heartbeat_timeout,
-        "log_level": extension_logger(worker.name).getEffectiveLevel(),
+        "log_level": extension_logger(config.name).getEffectiveLevel(),
         "tracing": mconfig.tracing,
         "limits": {
             "max_in_flight": mconfig.max_in_flight,

@@ -315,7 +315,9 @@ class Worker:
         timeout = manager.config.start_timeout
         try:
             self.process = process = RemoteProcess(self.actor, manager.loop)
-            manager.broker.expect(self.bname, b"", remote=True, welcome=remote_boot(manager, self))
+            manager.broker.expect(self.bname, b"", remote=True, welcome=remote_boot(
+                manager.config, self.config, extension_spec=manager.extension_spec, app_types=manager.app_types,
+                singletons=manager._singleton_names()))
             _shm.apart.add(self.bname)  # nothing of ours is shared with it: values go as frames
             self._watch = manager.loop.create_task(self._watch_exit(process))
             try:

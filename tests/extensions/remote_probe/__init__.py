@@ -37,3 +37,9 @@ class RemoteProbe(ExtensionBase):
         """Write ``path`` (on this worker's machine) as proof it ran."""
         with open(path, "w") as handle:
             handle.write("ran")
+
+    async def hang(self):
+        """Never answers (until the worker goes)."""
+        import asyncio
+
+        await asyncio.Event().wait()
