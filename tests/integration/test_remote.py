@@ -195,6 +195,20 @@ async def test_an_allowed_key_joins_only_as_its_own_extension(venv_root: Path, k
             kind, _, extra = unpack_header(frames[1])
             assert kind is Kind.REFUSED, name
             assert f"allowed to join as {NAME!r} only" in str(extra[0])
+        # Nor can a process on the host's own ipc socket take a remote extension's name.
+        ctx = zmq.Context()
+        sock = ctx.socket(zmq.DEALER)
+        try:
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(manager.broker.endpoint)
+            hello = msgpack.packb({"name": "other", "secret": b"", "pid": 1})
+            sock.send_multipart([BROKER, pack_header(Kind.HELLO, 0, PROTOCOL_VERSION), hello])
+            assert await asyncio.to_thread(sock.poll, 10_000)
+            kind, _, extra = unpack_header(sock.recv_multipart()[1])
+        finally:
+            sock.close(linger=0)
+            ctx.term()
+        assert kind is Kind.REFUSED and "only as a remote worker" in str(extra[0])
         assert broker_has_no(manager, "other") and other.state == "starting"
         assert await local.echo(1) == 1
 
