@@ -22,7 +22,7 @@ from typing import Any
 
 import zmq
 
-__all__ = ["SocketPump"]
+__all__ = ["SocketPump", "recv_frames_keeping_large"]
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +59,18 @@ def _recv_frames(sock: zmq.Socket[Any]) -> list[bytes]:
         frame = _recv(sock, _LAST, False, False)
         parts.append(frame.bytes)
     return parts
+
+
+def recv_frames_keeping_large(sock: zmq.Socket[Any]) -> list[Any]:
+    """``_recv_frames``, but a frame of ``COPY_THRESHOLD`` bytes or more stays in libzmq's
+    buffer, handed on as a read-only memoryview (no copy): for a tcp connection, where large
+    values arrive as buffer frames instead of shared memory."""
+    parts: list[Any] = []
+    while True:
+        frame = _recv(sock, _LAST, False, False)
+        parts.append(frame.buffer if len(frame) >= _COPY_BELOW else frame.bytes)
+        if not frame.more:
+            return parts
 
 
 class SocketPump:

@@ -44,6 +44,7 @@ _LOG_WINDOW = 10.0
 
 _recv = zmq.backend.Socket.recv
 _LAST = int(zmq.NOBLOCK)
+_COPY_BELOW = zmq.COPY_THRESHOLD
 
 #: Called with ([tagged rid, dest, header, body, *buffers], the extension its key is bound to).
 RemoteHandler = Callable[[list[bytes], "str | None"], None]
@@ -119,7 +120,7 @@ class CurveListener:
     def _receive(self, sock: zmq.Socket[Any]) -> list[bytes]:
         """Receive one message, keeping the User-Id our ZAP handler gave its connection."""
         frame = _recv(sock, _LAST, False, False)
-        parts = [frame.bytes]
+        parts: list[Any] = [frame.bytes]
         user: str | None = None
         while frame.more:
             frame = _recv(sock, _LAST, False, False)
@@ -128,7 +129,8 @@ class CurveListener:
                     user = frame.get("User-Id")
                 except zmq.ZMQError:
                     user = ""
-            parts.append(frame.bytes)
+            # Large frames (values sent as buffer frames) stay in libzmq's buffer: no copy.
+            parts.append(frame.buffer if len(frame) >= _COPY_BELOW else frame.bytes)
         self._user = user or None
         return parts
 

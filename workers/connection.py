@@ -31,7 +31,7 @@ from pyisolate.broker.protocol import (
     pack_header,
     unpack_header,
 )
-from pyisolate.broker.pump import SocketPump
+from pyisolate.broker.pump import SocketPump, recv_frames_keeping_large
 
 from pyisolate.errors import QueueFullError
 
@@ -64,6 +64,7 @@ class Connection:
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.MAXMSGSIZE, max_message_size)
+        self._remote = curve is not None  # shares no memory with the host: large values come as frames
         if curve is not None:
             self._sock.curve_serverkey, self._sock.curve_publickey, self._sock.curve_secretkey = curve
             # ZMTP pings: a dead tcp peer is noticed by the socket, not only by our heartbeats.
@@ -113,7 +114,8 @@ class Connection:
             read[1] += nbytes(frames)
             on_message(frames)
 
-        self._pump = SocketPump(self._sock, loop, counted, after_drain=self._after_drain)
+        self._pump = SocketPump(self._sock, loop, counted, after_drain=self._after_drain,
+                                **({"receive": recv_frames_keeping_large} if self._remote else {}))
 
     def send(self, frames: Sequence[Any]) -> None:
         """Send ``[destination, header, body, *buffers]``, or queue it while the pipe is full.
