@@ -172,7 +172,8 @@ def decode_tensor(fields: list[Any], sender: str, sender_in_host: bool, owe: _sh
 
 def _from_frame(torch: Any, take: Callable[[object], Buffer] | None, index: int, dtype: Any,
                 shape: list[int], stride: list[int], offset: int) -> Any:
-    """A tensor whose data came as a copy in a buffer frame (shared memory had no room)."""
+    """A tensor whose data came in a buffer frame (shared memory had no room, or the sender
+    shares none with us)."""
     if take is None:
         raise DecodeError("a tensor in a buffer frame is not accepted here")
     numel, dense = 1, [0] * len(shape)
@@ -185,8 +186,11 @@ def _from_frame(torch: Any, take: Callable[[object], Buffer] | None, index: int,
     if memoryview(frame).nbytes != numel * dtype.itemsize:
         raise DecodeError(f"a tensor of shape {shape} and dtype {dtype} needs {numel * dtype.itemsize} bytes, "
                           f"its frame holds {memoryview(frame).nbytes}")
-    data = bytearray(frame)  # ours and writable, as a received tensor is
-    if not data:
+    view = memoryview(frame)
+    # Ours and writable, as a received tensor is: a frame received from a tcp peer, kept in
+    # libzmq's buffer (writable, held by nothing else), is used in place; bytes are copied.
+    data = view if not view.readonly else bytearray(frame)
+    if not view.nbytes:
         return torch.empty(shape, dtype=dtype)
     return torch.frombuffer(data, dtype=torch.uint8).view(dtype).reshape(shape)
 
