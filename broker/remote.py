@@ -22,6 +22,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import zmq
+from zmq.utils import z85
 
 from .pump import SocketPump
 
@@ -126,9 +127,10 @@ class CurveListener:
             frame = _recv(sock, _LAST, False, False)
             if user is None:
                 try:
-                    user = frame.get("User-Id")
+                    got = frame.get("User-Id")
                 except zmq.ZMQError:
-                    user = ""
+                    got = ""
+                user = got if isinstance(got, str) else ""
             # Large frames (values sent as buffer frames) stay in libzmq's buffer: no copy.
             parts.append(frame.buffer if len(frame) >= _COPY_BELOW else frame.bytes)
         self._user = user or None
@@ -149,7 +151,7 @@ class CurveListener:
         if version == _ZAP_VERSION and domain == ZAP_DOMAIN.encode() and mechanism == b"CURVE" and credentials:
             key = credentials[0]
             if len(key) == 32:
-                name = self._allowed.get(zmq.utils.z85.encode(key))
+                name = self._allowed.get(z85.encode(key))
         if name is None:
             self.denied += 1
             now = time.monotonic()

@@ -142,7 +142,7 @@ class Broker:
             else:
                 sock.bind("tcp://127.0.0.1:*")
         except BaseException:
-            _cleanup(self._ctx, sock, self._ipc_dir)
+            _cleanup(self._ctx, sock, self._ipc_dir, [])
             raise
         self.endpoint: str = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self._listeners: list[CurveListener] = []  # the tcp + CURVE one, once listen() made it

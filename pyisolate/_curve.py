@@ -15,6 +15,7 @@ from typing import Any
 
 import zmq
 import zmq.auth
+from zmq.utils import z85
 
 from ._validate import validate_extension_name
 from .errors import ConfigError
@@ -37,7 +38,7 @@ def _z85(value: str, what: str) -> bytes:
     if len(raw) != _Z85_LEN:
         raise ValueError(f"{what} must be 40 characters of Z85 (or a key file), got {len(raw)} characters")
     try:
-        zmq.utils.z85.decode(raw)
+        z85.decode(raw)
     except (ValueError, KeyError) as exc:
         raise ValueError(f"{what} is not valid Z85: {exc}") from None
     return raw

@@ -19,6 +19,7 @@ from pyisolate.workers.loader import class_spec, load_extension
 
 from .._base import ExtensionBase
 from .._config import ExtensionConfig, ExtensionManagerConfig
+from .._curve import CurveConfig
 from .._envs import runtime_dir
 from .._rpc import ActorProxy, CallStats, Endpoint
 from .._singleton import ProxiedSingleton, actor_name
@@ -32,7 +33,7 @@ from .events import Events
 from .extension import Extension, LocalBackend
 from .generations import Generations
 from .process import WorkerProcess
-from .remote import check_remote
+from .remote import RemoteProcess, check_remote
 from .sandbox import resolve
 from .stats import manager_stats
 from .traces import HostTraces
@@ -140,7 +141,7 @@ class ExtensionManager(Generic[T]):
                                   max_queued_bytes=config.max_queued_bytes, max_in_flight=config.max_in_flight)
             self._broker.on_leave(self._on_leave)
             if config.listen is not None:  # remote workers: tcp + CURVE (see docs/guides/remote.md)
-                assert config.curve is not None
+                assert isinstance(config.curve, CurveConfig)
                 self.listen_endpoint = self._broker.listen(
                     config.listen, server_secret=config.curve.server.secret.encode(), allowed=config.curve.allowed)
             self._endpoint = self._host_actor(HOST, None, self._on_control)
@@ -587,7 +588,7 @@ class ExtensionManager(Generic[T]):
             self._leaving.add(task)
             task.add_done_callback(self._leaving.discard)
 
-    async def _end_if_cut_off(self, backend: Worker, process: WorkerProcess) -> None:
+    async def _end_if_cut_off(self, backend: Worker, process: WorkerProcess | RemoteProcess) -> None:
         try:
             async with asyncio.timeout(_CUT_OFF_GRACE):
                 await asyncio.shield(process.wait())

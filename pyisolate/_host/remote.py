@@ -23,7 +23,7 @@ import msgpack
 
 from pyisolate.workers.loader import class_spec
 
-from .._curve import worker_command
+from .._curve import CurveConfig, worker_command
 
 from ..errors import ConfigError
 
@@ -106,7 +106,7 @@ def remote_worker_command(config: ExtensionManagerConfig, name: str, *, connect:
         ValueError: the manager has no ``curve``, or ``name`` is not on its allowlist.
     """
     curve = config.curve
-    if curve is None or not hasattr(curve, "server"):
+    if not isinstance(curve, CurveConfig):
         raise ValueError("the manager has no CURVE keys (ExtensionManagerConfig.curve): no worker can join it remotely")
     if name not in curve.workers:
         raise ValueError(f"{name!r} is not on the manager's allowlist (CurveConfig.workers)")
@@ -120,7 +120,7 @@ def check_remote(config: ExtensionConfig, manager: ExtensionManagerConfig) -> No
     Raises:
         ConfigError: no ``listen``, or ``curve`` allows no key for this name.
     """
-    if manager.listen is None or manager.curve is None:
+    if manager.listen is None or not isinstance(manager.curve, CurveConfig):
         raise ConfigError(f"extension {config.name!r} has remote=True, but the manager does not listen for remote "
                           "workers; set ExtensionManagerConfig(listen='tcp://0.0.0.0:5555', curve=CurveConfig(...))")
     if config.name not in manager.curve.workers:

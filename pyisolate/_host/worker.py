@@ -20,6 +20,7 @@ from pyisolate.workers.exits import EXIT_CONFINE
 from pyisolate.workers.loader import ClassSpec, class_spec
 
 from .._config import ExtensionConfig, ExtensionManagerConfig
+from .._curve import CurveConfig
 from .._envs import ensure_venv, runtime_dir
 from .._rpc import CallStats
 from .._singleton import ProxiedSingleton
@@ -472,7 +473,7 @@ class Worker:
         self.state = State.STOPPED
 
     @staticmethod
-    async def _answer_or_exit(request: Awaitable[object], process: WorkerProcess) -> None:
+    async def _answer_or_exit(request: Awaitable[object], process: WorkerProcess | RemoteProcess) -> None:
         """Wait for the answer to STOP, or for the worker's exit, whichever comes first.
 
         A worker exits once it has answered STOP, and its answer can be lost on the way: when
@@ -564,4 +565,4 @@ def _port(broker: Broker) -> str:
 
 def _server_key(manager: Host) -> str:
     curve = manager.config.curve
-    return curve.server.public if curve is not None else "HOST_PUBLIC_KEY"
+    return curve.server.public if isinstance(curve, CurveConfig) else "HOST_PUBLIC_KEY"
