@@ -180,6 +180,10 @@ async def _serve(boot: dict[str, Any], channel: shm.WorkerChannel) -> int:
         conn.close()
 
 
+#: Refusals of a remote worker's HELLO that end by themselves (see ``broker.registry``).
+_TRANSIENT = ("is starting", "is taken")
+
+
 def _join_remote(remote: dict[str, Any], connection: Any) -> tuple[Any, dict[str, Any]]:
     """Join the host over tcp + CURVE; return the connection and the bootstrap its WELCOME carried.
 
@@ -191,10 +195,22 @@ def _join_remote(remote: dict[str, Any], connection: Any) -> tuple[Any, dict[str
 
     from .connection import HandshakeError
 
+    import time
+
     conn = connection(remote["endpoint"], curve=(remote["server_key"].encode(), remote["public_key"].encode(),
                                                   remote["secret_key"].encode()))
+    deadline = time.monotonic() + float(remote["join_timeout"])
     try:
-        body = conn.handshake(remote["name"], b"", timeout=float(remote["join_timeout"]))
+        while True:
+            try:
+                body = conn.handshake(remote["name"], b"", timeout=max(0.1, deadline - time.monotonic()))
+                break
+            except HandshakeError as exc:
+                # The host is not expecting us yet (a restart's backoff) or still holds our last
+                # connection: ask again on this connection, rather than start a new process.
+                if not any(word in str(exc) for word in _TRANSIENT) or time.monotonic() > deadline - 0.25:
+                    raise
+                time.sleep(0.2)  # the pause between two HELLOs (nothing else runs yet)
         try:
             boot = msgpack.unpackb(body, raw=False) if body else None
         except (ValueError, msgpack.UnpackException) as exc:

@@ -33,7 +33,7 @@ __all__ = ["COMMANDS"]
 logger = logging.getLogger("pyisolate.worker")
 
 #: One join attempt's wait for the broker's answer (a key the host does not allow gets none).
-_ATTEMPT_SECONDS = 5.0
+_ATTEMPT_SECONDS = 30.0
 _BACKOFF_FIRST, _BACKOFF_MAX = 0.25, 5.0
 
 

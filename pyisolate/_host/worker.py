@@ -387,6 +387,8 @@ class Worker:
                    "machine or process is gone")
         elif self.hung_for is not None:
             how = f"stopped answering heartbeats for {self.hung_for:.1f} s and was killed ({how})"
+        elif self.lost_connection and isinstance(process, RemoteProcess):
+            how = "(remote) lost its connection to the broker: a network partition, or its process is gone"
         elif self.lost_connection:
             how = (f"lost its connection to the broker and was killed ({how}); a worker is cut off when it "
                    "sends a frame larger than max_message_size or closes its socket")

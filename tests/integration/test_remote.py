@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -332,4 +333,24 @@ async def test_a_partition_fails_calls_typed_and_the_worker_rejoins(venv_root: P
                 assert await waiting == "after"
             assert await probe.pid() != first_pid  # a new worker process joined
             assert torch.equal(await probe.double(tensor), tensor * 2)
+            await probe.stop()
+
+
+async def test_a_remote_worker_that_dies_is_a_crash_and_its_restart_is_a_rejoin(venv_root: Path, keys: Keys) -> None:
+    cfg = config(venv_root, keys, heartbeat_interval=0.25, heartbeat_timeout=5.0)
+    async with ExtensionManager(ExtensionBase, cfg) as manager:
+        probe = await load_remote(manager, restart=RestartPolicy(max_restarts=3, within=120, backoff=0.1))
+        assert manager.listen_endpoint is not None
+        async with RemoteWorker(manager.listen_endpoint, keys, venv_root):
+            async with asyncio.timeout(120):
+                await probe
+            pid = await probe.pid()
+            held = asyncio.ensure_future(probe.hang())
+            await probe.echo(0)
+            os.kill(pid, signal.SIGKILL)  # its machine's process dies; `pyisolate worker` starts another
+            with pytest.raises(ExtensionCrashedError, match="remote"):
+                async with asyncio.timeout(15):
+                    await held
+            async with asyncio.timeout(60):
+                assert await probe.pid() not in (pid, 0)
             await probe.stop()
