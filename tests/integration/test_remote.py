@@ -101,6 +101,8 @@ async def test_a_remote_worker_joins_and_serves_calls_both_ways_with_frames(venv
             async with asyncio.timeout(120):
                 await probe
             assert await probe.echo({"t": (1, b"x"), 2: {3}}) == {"t": (1, b"x"), 2: {3}}
+            big = {"bytes": b"\x01" * (1 << 20), "text": "y" * (1 << 18)}  # bodies past the copy threshold
+            assert await probe.echo(big) == big
 
             async def plus_one(x: int) -> int:  # runs here, called by the remote worker
                 return x + 1
