@@ -33,6 +33,7 @@ import common  # noqa: E402
 import host_types  # noqa: E402
 import tracing  # noqa: E402
 import measures  # noqa: E402
+import remote  # noqa: E402
 import sandbox  # noqa: E402
 import startup  # noqa: E402
 import workflow  # noqa: E402
@@ -77,6 +78,8 @@ async def run_suite(work: Path, quick: bool, with_torch: bool) -> list[Result]:
         results += await measures.fresh_tensors(work, [4 << 20, 64 << 20] + ([] if quick else [1 << 30]), reps)
         _progress("node-pack workflow")
         results += await workflow.measure(work, quick)
+        _progress("remote workers (tcp + CURVE)")
+        results += await remote.measure(work, quick)
     _progress("host types")
     results += await host_types.measure(work, quick)
     _progress("tracing")

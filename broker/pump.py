@@ -22,7 +22,7 @@ from typing import Any
 
 import zmq
 
-__all__ = ["SocketPump"]
+__all__ = ["SocketPump", "recv_frames_keeping_large"]
 
 logger = logging.getLogger(__name__)
 
@@ -61,11 +61,24 @@ def _recv_frames(sock: zmq.Socket[Any]) -> list[bytes]:
     return parts
 
 
+def recv_frames_keeping_large(sock: zmq.Socket[Any]) -> list[Any]:
+    """``_recv_frames``, but a frame of ``COPY_THRESHOLD`` bytes or more stays in libzmq's
+    buffer, handed on as a read-only memoryview (no copy): for a tcp connection, where large
+    values arrive as buffer frames instead of shared memory."""
+    parts: list[Any] = []
+    while True:
+        frame = _recv(sock, _LAST, False, False)
+        parts.append(frame.buffer if len(frame) >= _COPY_BELOW else frame.bytes)
+        if not frame.more:
+            return parts
+
+
 class SocketPump:
     """Feed messages from ``sock`` to ``on_message`` on ``loop``; send without blocking.
 
     ``after_drain`` runs after each batch of received messages, and whenever the socket's
     descriptor fires (which it also does when a full outgoing pipe gets room again).
+    ``receive`` reads one whole message (a socket that needs a frame's metadata has its own).
 
     The pump does not own the socket; whoever created the socket closes it after
     ``close()``ing the pump.
@@ -77,8 +90,10 @@ class SocketPump:
         loop: asyncio.AbstractEventLoop,
         on_message: Callable[[list[bytes]], None],
         after_drain: Callable[[], None] | None = None,
+        receive: Callable[[zmq.Socket[Any]], list[bytes]] = _recv_frames,
     ) -> None:
         self._sock = sock
+        self._receive = receive
         self._loop = loop
         self._on_message = on_message
         self._after_drain = after_drain
@@ -137,7 +152,7 @@ class SocketPump:
             try:
                 if not _get(sock, _EVENTS) & _POLLIN:
                     return
-                frames = _recv_frames(sock)
+                frames = self._receive(sock)
             except zmq.ZMQError as exc:
                 if self._closed or exc.errno in (zmq.ENOTSOCK, zmq.EAGAIN):
                     return

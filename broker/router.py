@@ -44,6 +44,7 @@ from .protocol import (
 )
 from .pump import SocketPump
 from .registry import Registry
+from .remote import REMOTE_TAG, CurveListener
 from .watchdog import LoopWatchdog
 
 __all__ = ["Broker", "LocalHandler"]
@@ -63,7 +64,10 @@ _REFUSALS_LOGGED = 5
 _REFUSAL_WINDOW = 10.0
 
 
-def _cleanup(ctx: zmq.Context[Any], sock: zmq.Socket[Any], ipc_dir: str | None) -> None:
+def _cleanup(ctx: zmq.Context[Any], sock: zmq.Socket[Any], ipc_dir: str | None,
+             listeners: list[CurveListener]) -> None:
+    for listener in listeners:
+        listener.close()
     sock.close(linger=0)
     ctx.term()
     if ipc_dir is not None:
@@ -143,10 +147,12 @@ class Broker:
             else:
                 sock.bind("tcp://127.0.0.1:*")
         except BaseException:
-            _cleanup(self._ctx, sock, self._ipc_dir)
+            _cleanup(self._ctx, sock, self._ipc_dir, [])
             raise
         self.endpoint: str = sock.getsockopt_string(zmq.LAST_ENDPOINT)
-        self._finalizer = weakref.finalize(self, _cleanup, self._ctx, sock, self._ipc_dir)
+        self._listeners: list[CurveListener] = []  # the tcp + CURVE one, once listen() made it
+        self._welcome: dict[bytes, bytes] = {}  # a remote worker's WELCOME body (its bootstrap)
+        self._finalizer = weakref.finalize(self, _cleanup, self._ctx, sock, self._ipc_dir, self._listeners)
         self._pump = SocketPump(sock, self._loop, self._on_frames, after_drain=self._retry_blocked)
         self._watchdog = LoopWatchdog(self._loop, block_warning) if block_warning else None
         self.closed = False
@@ -173,16 +179,43 @@ class Broker:
             raise ValueError(f"actor name {name.decode()!r} is taken")
         self._local[name] = handler
 
-    def expect(self, name: bytes, secret: bytes) -> None:
-        """Let a worker join as ``name`` once, with ``secret`` (one namespace with host actors)."""
+    def expect(self, name: bytes, secret: bytes, *, remote: bool = False, welcome: bytes = b"") -> None:
+        """Let a worker join as ``name`` once, with ``secret`` (one namespace with host actors).
+
+        ``remote``: it joins through the CURVE listener instead, with a key the allowlist binds to
+        ``name`` (no secret), and its WELCOME carries ``welcome`` (its bootstrap).
+        """
         if name in self._local or name == BROKER:
             raise ValueError(f"actor name {name.decode()!r} is taken by an actor of the host")
-        self.registry.expect(name, secret)
+        if remote and not self._listeners:
+            raise ValueError("no remote worker can join: the broker has no tcp listener "
+                             "(ExtensionManagerConfig.listen)")
+        self.registry.expect(name, secret, remote=remote)
+        if remote:
+            self._welcome[name] = welcome
+
+    def listen(self, endpoint: str, *, server_secret: bytes, allowed: dict[bytes, str]) -> str:
+        """Also accept workers on ``endpoint`` (tcp), authenticated with CURVE; see ``remote``.
+
+        ``allowed`` maps each worker public key (z85) to the one extension name it may join as.
+        Returns the bound endpoint (with the port chosen, for port ``*``).
+        """
+        listener = CurveListener(self._ctx, self._loop, endpoint, server_secret=server_secret, allowed=allowed,
+                                 on_message=self._on_remote_frames, max_message_size=self.max_message_size,
+                                 sndhwm=2 * WINDOW_MESSAGES)
+        self._listeners.append(listener)
+        return listener.endpoint
+
+    @property
+    def listener(self) -> CurveListener | None:
+        """The tcp + CURVE listener, if ``listen`` made one (its counters: ``authenticated``, ``denied``)."""
+        return self._listeners[0] if self._listeners else None
 
     def forget(self, name: bytes) -> None:
         """``name`` left (or will not join): unbind it and drop what waits for it; idempotent."""
         self.registry.forget(name)
         self._settle_left(name)
+        self._welcome.pop(name, None)
         outbox = self._outboxes.pop(name, None)
         if outbox is not None:
             outbox.close()
@@ -306,7 +339,7 @@ class Broker:
             if not future.done():
                 future.set_result(None)
         self._unsettled.clear()
-        self._finalizer()
+        self._finalizer()  # closes the listener too
 
     def __del__(self, _warn: Any = warnings.warn) -> None:
         if not getattr(self, "closed", True):
@@ -356,6 +389,23 @@ class Broker:
             return
         if refusal is not None:
             self._refuse_message(sender, dest, frames, refusal, QUEUE_FULL)
+
+    def _on_remote_frames(self, frames: list[bytes], user: str | None) -> None:
+        """A message through the CURVE listener (its rid tagged); a HELLO carries the
+        extension name the peer's key is bound to."""
+        if len(frames) >= 4 and frames[1] == BROKER and self.registry.name_of(frames[0]) is None:
+            self._on_hello(frames[0], frames[2], frames[3], user=user or "")
+            return
+        self._on_frames(frames)
+
+    def _via(self, rid: bytes) -> Callable[[list[Any]], None]:
+        """What sends to connection ``rid`` (the ipc socket, or the listener for a tagged rid), and the
+        rid that socket knows."""
+        if rid.startswith(REMOTE_TAG) and self._listeners:
+            send = self._listeners[0].send
+            raw = rid[len(REMOTE_TAG):]
+            return lambda frames: send([raw, *frames[1:]])
+        return self._pump.send
 
     def _on_own(self, sender: bytes, header: bytes) -> None:
         """A message from a joined worker to the broker itself: CONSUMED, its read totals; MOVED,
@@ -439,7 +489,9 @@ class Broker:
         if self._on_leave is not None:
             self._loop.call_soon(self._on_leave, name)
 
-    def _on_hello(self, rid: bytes, header: bytes, body: bytes) -> None:
+    def _on_hello(self, rid: bytes, header: bytes, body: bytes, *, user: str | None = None) -> None:
+        """A join request. ``user``: for a connection through the listener, the extension its key is
+        bound to (None: the ipc socket)."""
         try:
             kind, _, extra = unpack_header(header)
             if len(body) > MAX_HEADER_BYTES:
@@ -462,25 +514,38 @@ class Broker:
         if bname in self._local or bname == BROKER:
             self._refuse(rid, f"the name {name!r} belongs to an actor of the host")
             return
-        admission = self.registry.admit(rid, bname, secret)
+        remote = user is not None
+        if remote and name != user:
+            self._refuse(rid, f"this worker's key is allowed to join as {user!r} only, not as {name!r}")
+            return
+        admission = self.registry.admit(rid, bname, secret, remote=remote)
         if not admission.ok:
             self._refuse(rid, admission.reason)
             return
+        via = self._via(rid)
         try:
             moves = {public.decode(): actor.decode() for public, actor in self.moves.items()}
-            self._pump.send([rid, BROKER, pack_header(Kind.WELCOME, 0, PROTOCOL_VERSION, moves), b""])
+            via([rid, BROKER, pack_header(Kind.WELCOME, 0, PROTOCOL_VERSION, moves), self._welcome.pop(bname, b"")])
         except zmq.ZMQError:
             self.registry.forget(bname)
             return
-        self._outboxes[bname] = Outbox(bname, rid, self._send_frames, self._budget, self._per_sender)
+        if remote:
+            outbox = Outbox(bname, rid[len(REMOTE_TAG):], self._send_remote, self._budget, self._per_sender)
+        else:
+            outbox = Outbox(bname, rid, self._send_frames, self._budget, self._per_sender)
+        self._outboxes[bname] = outbox
         logger.debug("actor %r joined (pid %d)", name, pid)
         if self._on_join is not None:
             self._on_join(bname, pid)
 
-    def _send_frames(self, frames: list[Any]) -> None:
+    def _send_remote(self, frames: list[Any]) -> None:
+        """``_send_frames`` for a worker joined through the listener."""
+        self._send_frames(frames, self._listeners[0].send)
+
+    def _send_frames(self, frames: list[Any], send: Callable[[list[Any]], None] | None = None) -> None:
         """Send to a worker; zmq.Again when its pipe is full, LookupError when it is gone."""
         try:
-            self._pump.send(frames)
+            (send or self._pump.send)(frames)
         except zmq.Again:
             raise
         except zmq.ZMQError as exc:
@@ -500,7 +565,7 @@ class Broker:
                 logger.warning("refused a connection to the broker: %s; further refusals in the next %.0f s "
                                "are only counted", reason, _REFUSAL_WINDOW)
         try:
-            self._pump.send([rid, BROKER, pack_header(Kind.REFUSED, 0, reason), b""])
+            self._via(rid)([rid, BROKER, pack_header(Kind.REFUSED, 0, reason), b""])
         except zmq.ZMQError:
             pass
 

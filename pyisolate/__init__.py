@@ -32,11 +32,12 @@ from .errors import (
 if TYPE_CHECKING:
     from ._actors import emit, get_actor
     from ._config import ExtensionConfig, ExtensionManagerConfig, RestartPolicy
+    from ._curve import CurveConfig
     from ._discovery import discover
     from ._envs import ProgressDisplay, ProgressEvent, ProgressStep
     from ._limits import Limits
     from ._policy import SandboxMode, SandboxPolicy
-    from ._host import Extension, ExtensionManager, SyncExtensionManager, method, stats
+    from ._host import Extension, ExtensionManager, SyncExtensionManager, method, remote_worker_command, stats
     from ._rpc import sync
     from ._wire import TypeRegistry, handle, shared_empty, shared_empty_array
     from ._singleton import ProxiedSingleton
@@ -44,6 +45,7 @@ if TYPE_CHECKING:
 __all__ = [
     "CallTimeoutError",
     "ConfigError",
+    "CurveConfig",
     "DiscoveryError",
     "EncodeError",
     "EnvironmentBuildError",
@@ -78,6 +80,7 @@ __all__ = [
     "get_actor",
     "handle",
     "method",
+    "remote_worker_command",
     "shared_empty",
     "shared_empty_array",
     "stats",
@@ -93,6 +96,8 @@ _LAZY = {
     "ExtensionConfig": "._config",
     "ExtensionManagerConfig": "._config",
     "RestartPolicy": "._config",
+    "CurveConfig": "._curve",
+    "remote_worker_command": "._host",
     "Limits": "._limits",
     "SandboxMode": "._policy",
     "SandboxPolicy": "._policy",

@@ -15,6 +15,7 @@ from ._limits import Limits
 from ._policy import SandboxMode, SandboxPolicy, check_mode
 from ._singleton import ProxiedSingleton
 from ._upstream import check_upstream_keys
+from ._curve import CurveConfig
 from ._sources import CudaWheels, PackageSources, Where, check_find_links, check_listed, check_names, check_url
 from ._validate import validate_dependencies, validate_extension_name
 from .errors import ConfigError
@@ -180,6 +181,12 @@ class ExtensionManagerConfig:
         reload_drain_timeout: Seconds a reload lets calls already running on the old worker
             finish before it stops that worker (those still running then fail with
             ``ExtensionReloadedError``).
+        listen: Also accept remote workers (``ExtensionConfig.remote``) on this tcp endpoint,
+            e.g. ``"tcp://0.0.0.0:5555"`` (port ``*``: any free one, see
+            ``manager.listen_endpoint``). Needs ``curve``: there is no unauthenticated tcp.
+        curve: The host's CURVE key pair and the allowlist of worker public keys, each bound to
+            one extension name (``CurveConfig`` or a mapping of its fields). See
+            docs/guides/remote.md.
     """
 
     venv_root_path: str | os.PathLike[str]
@@ -206,9 +213,12 @@ class ExtensionManagerConfig:
     admin: bool = False
     watch: bool = False
     reload_drain_timeout: float = 30.0
+    listen: str | None = None
+    curve: CurveConfig | Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "types", _types_reference(self.types))
+        _check_listen(self)
         if not isinstance(self.tracing, bool):
             raise ConfigError(f"ExtensionManagerConfig.tracing must be True or False, got {self.tracing!r}")
         root = self.venv_root_path
@@ -382,6 +392,12 @@ class ExtensionConfig:
             directory changes, debounced; a reload that fails is logged and the old worker
             serves on. None: the manager's ``watch``. Needs the ``watch`` extra
             (``pip install 'pyisolate[watch]'``) and ``isolated=True``. See docs/guides/reload.md.
+        remote: The worker runs on another machine: the host spawns nothing and waits, up to
+            ``start_timeout``, for ``pyisolate worker --connect ...`` to join under this name
+            through the manager's ``listen`` endpoint with the key ``curve`` binds to it.
+            ``module_path`` is then the extension's directory on that machine (informational:
+            the worker names its own), and the venv is built there. A lost worker (partition,
+            exit) is a crash: ``restart`` then waits for it to rejoin. See docs/guides/remote.md.
     """
 
     name: str
@@ -408,9 +424,15 @@ class ExtensionConfig:
     sealed_host_ro_paths: Sequence[str | os.PathLike[str]] = ()
     package_manager: str = "uv"
     watch: bool | None = None
+    remote: bool = False
 
     def __post_init__(self) -> None:
         validate_extension_name(self.name)
+        if not isinstance(self.remote, bool):
+            raise ConfigError(f"ExtensionConfig.remote (extension {self.name!r}) must be True or False")
+        if self.remote and not self.isolated:
+            raise ConfigError(f"ExtensionConfig.remote (extension {self.name!r}) needs isolated=True: a remote "
+                              "extension runs in a worker on another machine")
         where = f"(extension {self.name!r})"
         if self.watch is not None and not isinstance(self.watch, bool):
             raise ConfigError(f"ExtensionConfig.watch {where} must be True, False or None, got {self.watch!r}")
@@ -421,7 +443,9 @@ class ExtensionConfig:
         object.__setattr__(self, "limits", Limits.parse(self.limits, where=f"ExtensionConfig.limits {where}"))
         object.__setattr__(self, "host_paths", _host_paths(self.host_paths, "ExtensionConfig.host_paths", f" {where}"))
         path = Path(self.module_path).expanduser().absolute()
-        if not (path.is_dir() and (path / "__init__.py").is_file()) and not (
+        if self.remote:  # a path on the worker's machine: `pyisolate worker` checks it there
+            pass
+        elif not (path.is_dir() and (path / "__init__.py").is_file()) and not (
             path.suffix == ".py" and path.is_file()
         ):
             raise ConfigError(
@@ -616,3 +640,18 @@ def _restart_policy(value: bool | dict[str, Any], manifest: Path | None) -> Rest
         return RestartPolicy(**value)
     except ConfigError as exc:
         raise ConfigError(f"{manifest}: [tool.pyisolate.restart]: {exc}; fix that value") from None
+
+
+def _check_listen(config: ExtensionManagerConfig) -> None:
+    """``listen`` is a tcp endpoint and comes with ``curve``: remote workers are authenticated."""
+    curve = CurveConfig.parse(config.curve)
+    object.__setattr__(config, "curve", curve)
+    if config.listen is None:
+        return
+    if not isinstance(config.listen, str) or not config.listen.startswith("tcp://") or ":" not in config.listen[6:]:
+        raise ConfigError(f"ExtensionManagerConfig.listen must be a tcp endpoint such as 'tcp://0.0.0.0:5555', "
+                          f"got {config.listen!r}")
+    if curve is None:
+        raise ConfigError("ExtensionManagerConfig.listen needs curve=CurveConfig(...): a tcp listener without CURVE "
+                          "would let anyone who reaches the port join as an extension and call the host. Make keys "
+                          "with `pyisolate keys host` and `pyisolate keys EXTENSION` (see docs/guides/remote.md)")

@@ -6,6 +6,13 @@ our private control channel (descriptor CHANNEL_FD, a socketpair no other proces
 which later carries shared-memory segments. Our stdin carries nothing: the host keeps the pipe
 open, end-of-file on it means the host is gone, even if it was killed, and the worker exits at
 once. Nothing here imports host-only code (manager, venv builder).
+
+A remote worker (``pyisolate worker --connect``, on another machine) is started the same way
+by that command, whose bootstrap holds only ``remote``: where the host is and the CURVE keys.
+It joins first, and the rest of its bootstrap comes in the broker's WELCOME, over the
+authenticated connection. It shares no memory with the host (values go as buffer frames), is
+not confined by the host, and exits when the host has gone quiet for ``heartbeat_timeout``
+(the command then rejoins).
 """
 
 from __future__ import annotations
@@ -67,6 +74,14 @@ async def _serve(boot: dict[str, Any], channel: shm.WorkerChannel) -> int:
     from .loader import import_class, load_extension, load_types, trim_traceback
 
     gc.enable()  # the bootstrap paused it for the runtime's imports; extension code runs with it on
+    remote = boot.get("remote")
+    joined: Connection | None = None
+    if remote is not None:
+        try:
+            joined, boot = _join_remote(remote, Connection)
+        except HandshakeError as exc:
+            logger.error("%s", exc)
+            return EXIT_HANDSHAKE
     # The host's folders the extension may import from (ExtensionConfig.host_paths): after its
     # venv's packages and the runtime, so that neither the host's code nor its copies shadow them.
     for path in boot.get("host_paths", ()):
@@ -74,8 +89,8 @@ async def _serve(boot: dict[str, Any], channel: shm.WorkerChannel) -> int:
             sys.path.append(path)
     loop = asyncio.get_running_loop()
     limits = boot.get("limits", {})
-    conn = Connection(boot["endpoint"], max_message_size=limits.get("max_message_size", -1),
-                      max_queued_bytes=limits.get("max_queued_bytes", 1 << 30))
+    conn = joined or Connection(boot["endpoint"], max_message_size=limits.get("max_message_size", -1),
+                                max_queued_bytes=limits.get("max_queued_bytes", 1 << 30))
     finished = asyncio.Event()
     stop_tasks: set[asyncio.Task[None]] = set()
 
@@ -110,7 +125,8 @@ async def _serve(boot: dict[str, Any], channel: shm.WorkerChannel) -> int:
         finished.set()
 
     name = boot["name"]
-    _shm.configure(boot["session"], name, source=channel, trusted=frozenset(n.encode() for n in boot["host_actors"]),
+    _shm.configure(boot["session"], name, source=channel if remote is None else None,
+                   trusted=frozenset(n.encode() for n in boot["host_actors"]),
                    pool_bytes=boot.get("shm_pool_bytes"))
     endpoint = Endpoint(name.encode(), loop, send, on_control=on_control,
                         max_in_flight=limits.get("max_in_flight", 512),
@@ -128,8 +144,9 @@ async def _serve(boot: dict[str, Any], channel: shm.WorkerChannel) -> int:
         import torch  # noqa: F401
     try:
         try:
-            endpoint.calls.moved.update(
-                conn.handshake(name, bytes.fromhex(boot["secret"]), timeout=float(boot["handshake_timeout"])))
+            if joined is None:
+                conn.handshake(name, bytes.fromhex(boot["secret"]), timeout=float(boot["handshake_timeout"]))
+            endpoint.calls.moved.update(conn.moves)  # where reloaded extensions' names point now
         except HandshakeError as exc:
             logger.error("%s", exc)
             return EXIT_HANDSHAKE
@@ -156,13 +173,79 @@ async def _serve(boot: dict[str, Any], channel: shm.WorkerChannel) -> int:
             return EXIT_LOAD_FAILED
         endpoint.root = instance
         send(HOST, [pack_header(Kind.READY), encode({"methods": public_methods(instance)})[0]])
+        watch = (loop.create_task(_watch_remote_host(conn, float(boot["heartbeat_timeout"])))
+                 if remote is not None else None)
         await finished.wait()
+        if watch is not None:
+            watch.cancel()
         await endpoint.aclose()
         conn.close(flush=True)
         return EXIT_OK
     finally:
         set_worker_endpoint(None)
         conn.close()
+
+
+#: Refusals of a remote worker's HELLO that end by themselves (see ``broker.registry``).
+_TRANSIENT = ("is starting", "is taken")
+
+
+def _join_remote(remote: dict[str, Any], connection: Any) -> tuple[Any, dict[str, Any]]:
+    """Join the host over tcp + CURVE; return the connection and the bootstrap its WELCOME carried.
+
+    Raises:
+        HandshakeError: refused, not answered (a key the host does not allow gets no answer at
+            all: its handshake never completes), or a WELCOME without a bootstrap.
+    """
+    import msgpack
+
+    from .connection import HandshakeError
+
+    import time
+
+    conn = connection(remote["endpoint"], curve=(remote["server_key"].encode(), remote["public_key"].encode(),
+                                                  remote["secret_key"].encode()))
+    deadline = time.monotonic() + float(remote["join_timeout"])
+    try:
+        while True:
+            try:
+                body = conn.handshake(remote["name"], b"", timeout=max(0.1, deadline - time.monotonic()))
+                break
+            except HandshakeError as exc:
+                # The host is not expecting us yet (a restart's backoff) or still holds our last
+                # connection: ask again on this connection, rather than start a new process.
+                if not any(word in str(exc) for word in _TRANSIENT) or time.monotonic() > deadline - 0.25:
+                    raise
+                time.sleep(0.2)  # the pause between two HELLOs (nothing else runs yet)
+        try:
+            boot = msgpack.unpackb(body, raw=False) if body else None
+        except (ValueError, msgpack.UnpackException) as exc:
+            raise HandshakeError(f"the host's bootstrap is not msgpack: {exc}") from None
+        if not isinstance(boot, dict):
+            raise HandshakeError("the host sent no bootstrap with its WELCOME")
+    except BaseException:
+        conn.close()
+        raise
+    boot.update(name=remote["name"], module_path=remote["module_path"], share_torch=remote.get("share_torch", False),
+                remote=remote, session="", endpoint=remote["endpoint"])
+    return conn, boot
+
+
+async def _watch_remote_host(conn: Any, timeout: float) -> None:
+    """Exit when nothing came from the host for ``timeout`` seconds: it pings every
+    ``heartbeat_interval``, so silence means a partition or a host that is gone."""
+    last, since = conn.read_count(), asyncio.get_running_loop().time()
+    step = max(0.05, min(timeout / 4, 1.0))
+    while True:
+        await asyncio.sleep(step)  # a poll of a counter, not a synchronisation
+        now, count = asyncio.get_running_loop().time(), conn.read_count()
+        if count != last:
+            last, since = count, now
+        elif now - since > timeout:
+            sys.stderr.write(f"pyisolate worker: nothing from the host for {timeout:.1f} s (heartbeat_timeout); "
+                             "leaving to rejoin\n")
+            sys.stderr.flush()
+            exits.exit_now(EXIT_HOST_GONE)
 
 
 def _trace(loop: asyncio.AbstractEventLoop, send: Any, endpoint: Any) -> Any:
@@ -241,7 +324,7 @@ def main() -> None:
         sys.stderr.write(f"pyisolate worker: no bootstrap from the host: {exc}\n")
         os._exit(EXIT_HOST_GONE)
     _setup_output(boot.get("log_level", logging.WARNING))
-    if boot.get("confine") is not None or boot.get("rlimits"):
+    if "remote" not in boot and (boot.get("confine") is not None or boot.get("rlimits")):
         # Before any other thread (Landlock confines the calling thread and what it starts
         # later), before the runtime's imports and before any extension code.
         _confine(boot)

@@ -31,7 +31,7 @@ from pyisolate.broker.protocol import (
     pack_header,
     unpack_header,
 )
-from pyisolate.broker.pump import SocketPump
+from pyisolate.broker.pump import SocketPump, recv_frames_keeping_large
 
 from pyisolate.errors import QueueFullError
 
@@ -54,13 +54,22 @@ class Connection:
         endpoint: The broker's endpoint.
         max_message_size: Largest frame accepted from the broker (ZMQ_MAXMSGSIZE).
         max_queued_bytes: Bytes that may wait to be sent while the host is not reading.
+        curve: For a remote worker: (the host's public key, ours, our secret key), z85; the
+            connection is then a CURVE client (see ``pyisolate.broker.remote``).
     """
 
-    def __init__(self, endpoint: str, *, max_message_size: int = -1, max_queued_bytes: int = 1 << 30) -> None:
+    def __init__(self, endpoint: str, *, max_message_size: int = -1, max_queued_bytes: int = 1 << 30,
+                 curve: tuple[bytes, bytes, bytes] | None = None) -> None:
         self._ctx: zmq.Context[Any] = zmq.Context()
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.MAXMSGSIZE, max_message_size)
+        self._remote = curve is not None  # shares no memory with the host: large values come as frames
+        if curve is not None:
+            self._sock.curve_serverkey, self._sock.curve_publickey, self._sock.curve_secretkey = curve
+            # ZMTP pings: a dead tcp peer is noticed by the socket, not only by our heartbeats.
+            self._sock.setsockopt(zmq.HEARTBEAT_IVL, 1000)
+            self._sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 5000)
         self._sock.connect(endpoint)
         self._pump: SocketPump | None = None
         self._backlog: collections.deque[tuple[Sequence[Any], int]] = collections.deque()
@@ -69,10 +78,14 @@ class Connection:
         self._read = [0, 0]  # messages and bytes read since the handshake
         self._reported = [0, 0]
         self.closed = False
+        self.moves: dict[bytes, bytes] = {}  # from WELCOME: see handshake()
 
-    def handshake(self, name: str, secret: bytes, timeout: float) -> dict[bytes, bytes]:
-        """Introduce ourselves to the broker and wait for WELCOME (blocking: nothing else runs yet);
-        return the moved names it carries (public name -> the actor serving it, see ``Broker.move``).
+    def handshake(self, name: str, secret: bytes, timeout: float) -> bytes:
+        """Introduce ourselves to the broker and wait for WELCOME (blocking: nothing else runs yet).
+        The moved names it carries (public name -> the actor serving it, see ``Broker.move``)
+        are kept in ``moves``.
+
+        Returns WELCOME's body: empty, or a remote worker's bootstrap.
 
         Raises:
             HandshakeError: refused, wrong protocol, or no answer within ``timeout`` seconds.
@@ -92,7 +105,12 @@ class Connection:
         moves = extra[1] if len(extra) > 1 else {}
         if not isinstance(moves, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in moves.items()):
             raise HandshakeError("the broker's WELCOME carries malformed moves")
-        return {k.encode(): v.encode() for k, v in moves.items()}
+        self.moves = {k.encode(): v.encode() for k, v in moves.items()}
+        return frames[2] if len(frames) > 2 else b""
+
+    def read_count(self) -> int:
+        """Messages read since the handshake (a remote worker's sign that the host is still there)."""
+        return self._read[0]
 
     def start(self, loop: asyncio.AbstractEventLoop, on_message: Callable[[list[bytes]], None]) -> None:
         """Start delivering incoming messages to ``on_message`` on ``loop``."""
@@ -103,7 +121,8 @@ class Connection:
             read[1] += nbytes(frames)
             on_message(frames)
 
-        self._pump = SocketPump(self._sock, loop, counted, after_drain=self._after_drain)
+        self._pump = SocketPump(self._sock, loop, counted, after_drain=self._after_drain,
+                                **({"receive": recv_frames_keeping_large} if self._remote else {}))
 
     def send(self, frames: Sequence[Any]) -> None:
         """Send ``[destination, header, body, *buffers]``, or queue it while the pipe is full.

@@ -20,6 +20,7 @@ import pyisolate
 
 from . import env as _cli_env
 from . import inspect as _cli_inspect
+from . import remote as _cli_remote
 from .doctor import ERROR, WARN, run_checks
 from .output import EXIT_FAILED, EXIT_OK, EXIT_USAGE, VENV_ROOT_ENV, UsageError, default_venv_root, error, print_json
 
@@ -73,6 +74,8 @@ examples:
   pyisolate env build extensions/*       build venvs ahead of time (no extension starts)
   pyisolate env prune --keep extensions  remove venvs no extension there uses
   pyisolate top                          a running host's extensions, live (host: admin=True)
+  pyisolate keys host my_ext             CURVE key pairs for a host and a remote worker
+  pyisolate worker --connect tcp://HOST:5555 --server-key host.key --key my_ext.key_secret DIR
 """
 
 
@@ -143,7 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     bench.set_defaults(run=_bench, args=[])
 
-    for name, (help_text, description, add_options, attach) in _cli_inspect.COMMANDS.items():
+    for name, (help_text, description, add_options, attach) in {**_cli_inspect.COMMANDS,
+                                                                **_cli_remote.COMMANDS}.items():
         sub = commands.add_parser(name, help=help_text, description=description, formatter_class=formatter)
         add_options(sub)
         sub.set_defaults(run=attach, command_parser=sub)

@@ -8,6 +8,8 @@
 - ``worker``: one remote extension's life: venv, launch, readiness, crash and restart. It
   needs of the manager only the ``Host`` interface.
 - ``process``: the child process, its pipes and its logs; ``events``: the host's event fan-out.
+- ``remote``: a worker on another machine (``ExtensionConfig(remote=True)``) as a process
+  stand-in, its bootstrap, and ``remote_worker_command`` (the argv a launcher runs there).
 - ``stats``: snapshots of what each extension does (``pyisolate.stats``, ``manager.stats()``),
   with ``procinfo`` (a worker's memory and CPU time); ``admin``: the admin endpoint that
   ``pyisolate top``/``stack``/``profile`` attach to.
@@ -22,11 +24,14 @@ from __future__ import annotations
 from .admin import MAX_ANSWER, SOCKET_NAME, read_frame, write_frame
 from .extension import Extension, method
 from .manager import ExtensionManager
+from .process import WorkerProcess, extension_logger
+from .remote import remote_worker_command
 from .sandbox import offered as sandbox_offered
 from .stats import stats
 from .sync import SyncExtensionManager
 
 __all__ = [
-    "MAX_ANSWER", "SOCKET_NAME", "Extension", "ExtensionManager", "SyncExtensionManager", "method", "read_frame",
+    "MAX_ANSWER", "SOCKET_NAME", "Extension", "ExtensionManager", "SyncExtensionManager", "WorkerProcess",
+    "extension_logger", "method", "read_frame", "remote_worker_command",
     "sandbox_offered", "stats", "write_frame",
 ]  # fmt: skip

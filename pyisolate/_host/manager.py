@@ -19,6 +19,7 @@ from pyisolate.workers.loader import class_spec, load_extension
 
 from .._base import ExtensionBase
 from .._config import ExtensionConfig, ExtensionManagerConfig
+from .._curve import CurveConfig
 from .._envs import runtime_dir
 from .._rpc import ActorProxy, CallStats, Endpoint
 from .._singleton import ProxiedSingleton, actor_name
@@ -32,6 +33,7 @@ from .events import Events
 from .extension import Extension, LocalBackend
 from .generations import Generations
 from .process import WorkerProcess
+from .remote import RemoteProcess, check_remote
 from .sandbox import resolve
 from .stats import manager_stats
 from .traces import HostTraces
@@ -102,6 +104,8 @@ class ExtensionManager(Generic[T]):
         #: Counters of the calls host-side actors make, per extension (shared by their endpoints).
         self._call_stats: dict[bytes, CallStats] = {}
         self._admin: AdminServer | None = None
+        #: The bound tcp endpoint of ``ExtensionManagerConfig.listen`` (its port chosen), once bound.
+        self.listen_endpoint: str | None = None
 
     # -- loop-bound parts, created on first use --------------------------------------------
 
@@ -136,6 +140,10 @@ class ExtensionManager(Generic[T]):
             self._broker = Broker(block_warning=config.loop_block_warning, max_message_size=config.max_message_size,
                                   max_queued_bytes=config.max_queued_bytes, max_in_flight=config.max_in_flight)
             self._broker.on_leave(self._on_leave)
+            if config.listen is not None:  # remote workers: tcp + CURVE (see docs/guides/remote.md)
+                assert isinstance(config.curve, CurveConfig)
+                self.listen_endpoint = self._broker.listen(
+                    config.listen, server_secret=config.curve.server.secret.encode(), allowed=config.curve.allowed)
             self._endpoint = self._host_actor(HOST, None, self._on_control)
             self._endpoint.default_timeout = config.call_timeout
             self._endpoint.answers_heartbeats = False  # ours are answers: they go to _on_control
@@ -203,6 +211,8 @@ class ExtensionManager(Generic[T]):
         config = config_from(ExtensionConfig, config, "load_extension()")
         if self._closing:
             raise ExtensionClosedError("this ExtensionManager is stopped")
+        if config.remote:
+            check_remote(config, self.config)
         resolved = resolve(config, self.config)  # before anything starts: a wider policy is refused
         if not config.isolated and resolved.mode == "required":
             raise ConfigError(
@@ -583,7 +593,7 @@ class ExtensionManager(Generic[T]):
             self._leaving.add(task)
             task.add_done_callback(self._leaving.discard)
 
-    async def _end_if_cut_off(self, backend: Worker, process: WorkerProcess) -> None:
+    async def _end_if_cut_off(self, backend: Worker, process: WorkerProcess | RemoteProcess) -> None:
         try:
             async with asyncio.timeout(_CUT_OFF_GRACE):
                 await asyncio.shield(process.wait())

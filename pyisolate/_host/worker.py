@@ -20,6 +20,7 @@ from pyisolate.workers.exits import EXIT_CONFINE
 from pyisolate.workers.loader import ClassSpec, class_spec
 
 from .._config import ExtensionConfig, ExtensionManagerConfig
+from .._curve import CurveConfig
 from .._envs import ensure_venv, runtime_dir
 from .._rpc import CallStats
 from .._singleton import ProxiedSingleton
@@ -36,6 +37,7 @@ from ..errors import (
 from .apptypes import AppTypes
 from .drain import CallCount
 from .process import WorkerProcess, ensure_fd_headroom, extension_logger
+from .remote import RemoteProcess, remote_boot
 from .sandbox import Confinement, Resolved, prepare
 
 if TYPE_CHECKING:
@@ -112,7 +114,7 @@ class Worker:
         self.cuda_ipc = config.share_torch if config.share_cuda_ipc is None else config.share_cuda_ipc
         self._manager = manager
         self.state = State.STARTING
-        self.process: WorkerProcess | None = None
+        self.process: WorkerProcess | RemoteProcess | None = None
         self.confinement: Confinement | None = None  # this run's; a restart makes a new one
         self.ready: asyncio.Future[None] = manager.loop.create_future()
         self._error: BaseException | None = None
@@ -215,6 +217,8 @@ class Worker:
 
     async def _start(self) -> None:
         manager, config = self._manager, self.config
+        if config.remote:
+            return await self._join_remote()
         if config.share_torch:
             manager._warm_fork_server()  # its torch import overlaps this venv's checks
         try:
@@ -307,6 +311,33 @@ class Worker:
             await self._release(self._error or ExtensionClosedError(f"extension {self.name!r} was stopped"))
             raise
 
+    async def _join_remote(self) -> None:
+        """``_start`` for ``remote=True``: announce the name, then wait for its worker to join and be ready."""
+        manager = self._manager
+        timeout = manager.config.start_timeout
+        try:
+            self.process = process = RemoteProcess(self.actor, manager.loop)
+            manager.broker.expect(self.bname, b"", remote=True, welcome=remote_boot(
+                manager.config, self.config, extension_spec=manager.extension_spec, app_types=manager.app_types,
+                singletons=manager._singleton_names()))
+            _shm.apart.add(self.bname)  # nothing of ours is shared with it: values go as frames
+            self._watch = manager.loop.create_task(self._watch_exit(process))
+            try:
+                async with asyncio.timeout(timeout):
+                    await asyncio.shield(self.ready)
+            except TimeoutError:
+                raise ExtensionLoadError(
+                    f"extension {self.name!r} (remote=True) did not join and become ready within {timeout:.0f} s "
+                    f"(ExtensionManagerConfig.start_timeout); run its worker on the other machine: pyisolate worker "
+                    f"--connect tcp://THIS_HOST:{_port(manager.broker)} --server-key {_server_key(manager)} --key "
+                    f"{self.name}.key_secret --name {self.name} EXTENSION_DIR", extension=self.name) from None
+        except BaseException as exc:
+            if self.state is State.STARTING:
+                self._fail(State.FAILED, exc if isinstance(exc, Exception) else ExtensionClosedError(
+                    f"loading extension {self.name!r} was cancelled"))
+            await self._release(self._error or ExtensionClosedError(f"extension {self.name!r} was stopped"))
+            raise
+
     def on_control(self, kind: Kind, body: bytes, buffers: list[bytes]) -> None:
         """READY or LOAD_FAILED from the worker."""
         if self.state is not State.STARTING:
@@ -334,7 +365,7 @@ class Worker:
             self.ready.set_result(None)  # waiters look at state and _error
         self._manager._fail_peer(self.bname, exc)
 
-    async def _watch_exit(self, process: WorkerProcess) -> None:
+    async def _watch_exit(self, process: WorkerProcess | RemoteProcess) -> None:
         code = await process.wait()
         if self.state is State.STOPPING and code == 0:
             # A worker exits 0 only once it has answered STOP; seen exiting first, that answer
@@ -346,14 +377,19 @@ class Worker:
             return
         if self.state in (State.STOPPED, State.FAILED):
             return
-        how = describe_exit(code)
+        how = process.describe(code) if isinstance(process, RemoteProcess) else describe_exit(code)
         reason = self.confinement.exit_reason() if self.confinement is not None else None
         if reason is not None:
             how = f"was stopped: {reason} ({how}); raise ExtensionConfig(limits=...) or use less"
         elif code == EXIT_CONFINE:
             how = "could not be confined as its sandbox_mode='required' asks (see its stderr below)"
+        elif self.hung_for is not None and isinstance(process, RemoteProcess):
+            how = (f"(remote) stopped answering heartbeats for {self.hung_for:.1f} s: a network partition, or its "
+                   "machine or process is gone")
         elif self.hung_for is not None:
             how = f"stopped answering heartbeats for {self.hung_for:.1f} s and was killed ({how})"
+        elif self.lost_connection and isinstance(process, RemoteProcess):
+            how = "(remote) lost its connection to the broker: a network partition, or its process is gone"
         elif self.lost_connection:
             how = (f"lost its connection to the broker and was killed ({how}); a worker is cut off when it "
                    "sends a frame larger than max_message_size or closes its socket")
@@ -444,7 +480,7 @@ class Worker:
         self.state = State.STOPPED
 
     @staticmethod
-    async def _answer_or_exit(request: Awaitable[object], process: WorkerProcess) -> None:
+    async def _answer_or_exit(request: Awaitable[object], process: WorkerProcess | RemoteProcess) -> None:
         """Wait for the answer to STOP, or for the worker's exit, whichever comes first.
 
         A worker exits once it has answered STOP, and its answer can be lost on the way: when
@@ -467,6 +503,7 @@ class Worker:
     async def _release(self, why: BaseException) -> None:
         # Calls that slipped in while it stopped (they waited for a slot) end here too.
         self._manager._fail_peer(self.bname, why)
+        _shm.apart.discard(self.bname)
         self._manager._forget(self)
         if self._watch is not None and not self._watch.done():
             self._watch.cancel()
@@ -526,3 +563,13 @@ def retrieve(task: asyncio.Task[Any]) -> None:
     """Mark a background task's exception as seen: it reaches callers through the handle."""
     if not task.cancelled():
         task.exception()
+
+
+def _port(broker: Broker) -> str:
+    listener = broker.listener
+    return listener.endpoint.rpartition(":")[2] if listener is not None else "PORT"
+
+
+def _server_key(manager: Host) -> str:
+    curve = manager.config.curve
+    return curve.server.public if isinstance(curve, CurveConfig) else "HOST_PUBLIC_KEY"

@@ -64,7 +64,7 @@ def _encode_np_scalar(obj: Any) -> object:
 def _encode_ndarray(arr: Any) -> object:
     _check_dtype(arr.dtype)
     st = _thread()
-    if arr.nbytes >= SHM_THRESHOLD and st.refs is not None and _shm.session():
+    if arr.nbytes >= SHM_THRESHOLD and st.refs is not None and _shm.shares_with(st.refs.shm_dest):
         try:
             return _ext(EXT_SHM_ARRAY, _pack(st, _shm_array(arr, st.refs.shm_dest)))
         except _shm.NoRoom as exc:  # no shared memory for it: a copy in a buffer frame

@@ -50,6 +50,9 @@ def encode_tensor(t: Any, dest: bytes, cuda_refused: str | None = None) -> list[
 
     meta = [str(t.dtype).removeprefix("torch."), list(t.shape), list(t.stride()), t.storage_offset(),
             bool(t.requires_grad)]
+    apart = not _shm.shares_with(dest)
+    if t.is_cuda and apart:  # another machine: through host memory, arriving as a CPU tensor
+        t = t.detach().cpu()
     if t.is_cuda:
         if cuda_refused is not None:
             raise EncodeError(f"a CUDA tensor cannot be sent to {dest.decode(errors='replace')!r}: {cuda_refused}; "
@@ -67,6 +70,9 @@ def encode_tensor(t: Any, dest: bytes, cuda_refused: str | None = None) -> list[
         meta[2], meta[3] = list(t.stride()), 0
         storage = t.untyped_storage()
         nbytes = storage.nbytes()
+    if apart:
+        return ["cpu", *meta[:2], list(t.stride()) if t.is_contiguous() else _dense_strides(t), 0, meta[4],
+                _to_buffer(_frame_of(t))]
     try:
         segment = _shm.find(storage.data_ptr())
         if segment is None or _shm.copies_forward(segment, dest):
@@ -80,6 +86,29 @@ def encode_tensor(t: Any, dest: bytes, cuda_refused: str | None = None) -> list[
         torch.frombuffer(data, dtype=torch.uint8).copy_(dense.reshape(-1).view(torch.uint8))
     meta[2], meta[3] = list(dense.stride()), 0
     return ["cpu", *meta, _to_buffer(memoryview(data))]
+
+
+def _dense_strides(t: Any) -> list[int]:
+    strides, step = [], 1
+    for n in reversed(t.shape):
+        strides.append(step)
+        step *= max(n, 1)
+    return strides[::-1]
+
+
+def _frame_of(t: Any) -> memoryview:
+    """The bytes of ``t`` for a buffer frame: its own memory where it is dense (zero-copy), else a
+    dense copy."""
+    import torch
+
+    dense = t.detach().contiguous()
+    try:
+        return memoryview(dense.reshape(-1).view(torch.uint8).numpy())  # the array keeps the tensor alive
+    except (RuntimeError, TypeError):  # torch without numpy: a copy
+        data = bytearray(dense.numel() * dense.element_size())
+        if data:
+            torch.frombuffer(data, dtype=torch.uint8).copy_(dense.reshape(-1).view(torch.uint8))
+        return memoryview(data)
 
 
 def _move_to_shm(t: Any, storage: Any, nbytes: int, torch: Any, dest: bytes) -> _shm.Segment:
@@ -143,7 +172,8 @@ def decode_tensor(fields: list[Any], sender: str, sender_in_host: bool, owe: _sh
 
 def _from_frame(torch: Any, take: Callable[[object], Buffer] | None, index: int, dtype: Any,
                 shape: list[int], stride: list[int], offset: int) -> Any:
-    """A tensor whose data came as a copy in a buffer frame (shared memory had no room)."""
+    """A tensor whose data came in a buffer frame (shared memory had no room, or the sender
+    shares none with us)."""
     if take is None:
         raise DecodeError("a tensor in a buffer frame is not accepted here")
     numel, dense = 1, [0] * len(shape)
@@ -156,8 +186,11 @@ def _from_frame(torch: Any, take: Callable[[object], Buffer] | None, index: int,
     if memoryview(frame).nbytes != numel * dtype.itemsize:
         raise DecodeError(f"a tensor of shape {shape} and dtype {dtype} needs {numel * dtype.itemsize} bytes, "
                           f"its frame holds {memoryview(frame).nbytes}")
-    data = bytearray(frame)  # ours and writable, as a received tensor is
-    if not data:
+    view = memoryview(frame)
+    # Ours and writable, as a received tensor is: a frame received from a tcp peer, kept in
+    # libzmq's buffer (writable, held by nothing else), is used in place; bytes are copied.
+    data = view if not view.readonly else bytearray(frame)
+    if not view.nbytes:
         return torch.empty(shape, dtype=dtype)
     return torch.frombuffer(data, dtype=torch.uint8).view(dtype).reshape(shape)
 

@@ -32,6 +32,8 @@ EXPECTED = {
     "workflow.in_process", "workflow.process_floor", "workflow.isolated", "workflow.isolated.over_floor",
     "workflow.uss.host", "workflow.uss.workers",
     "trace.call.off", "trace.call.on",
+    "remote.floor.direct", "remote.floor.bare", "remote.call.small", "remote.floor.tensor.67108864",
+    "remote.tensor.67108864",
 }  # fmt: skip
 
 pytestmark = pytest.mark.venv

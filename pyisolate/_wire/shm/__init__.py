@@ -61,7 +61,8 @@ __all__ = [
     "WorkerChannel", "ack_key", "attach_worker", "cached", "class_of", "copies_forward", "configure",
     "configure_host", "configure_pool", "create", "descriptors", "drop_peer", "extent", "find", "hub",
     "is_lease", "leased", "mapped", "new_segment", "parse_size", "pin", "pinned", "pool", "pool_bound", "probe",
-    "receive", "session", "share", "stats", "sweep", "take", "traffic", "trim", "uncache", "unpin", "warn_copy",
+    "receive", "session", "share",
+    "shares_with", "apart", "stats", "sweep", "take", "traffic", "trim", "uncache", "unpin", "warn_copy",
 ]  # fmt: skip
 
 _hub: Hub | None = None
@@ -118,6 +119,17 @@ def configure_host() -> str:
 def session() -> str:
     """The session of this host and its workers ('' before configure)."""
     return state.session
+
+
+#: Actors this process shares no memory with (workers on other machines, see
+#: ``ExtensionConfig.remote``): tensors and arrays go to them as buffer frames.
+apart: set[bytes] = set()
+
+
+def shares_with(dest: bytes | None) -> bool:
+    """Whether values for ``dest`` may travel as segments: we have a session (a remote worker
+    has none) and ``dest`` is not on another machine."""
+    return bool(state.session) and dest not in apart
 
 
 def hub() -> Hub | None:

@@ -1,0 +1,175 @@
+"""``pyisolate keys`` (CURVE key pairs) and ``pyisolate worker`` (a remote worker): see
+docs/guides/remote.md.
+
+``pyisolate worker --connect tcp://HOST:PORT --server-key KEY --key FILE EXTENSION_DIR`` runs
+on the machine that should host the extension: it builds the extension's venv there (the same
+builder, fingerprints and progress as the host's), then runs the worker in it, which joins the
+host's broker over tcp + CURVE. It stays up: when the worker leaves (a partition made the host
+silent, its process crashed), it starts another that rejoins, with a backoff. It exits 0 when
+the host stops the extension, 1 when the extension fails to load or the first join cannot be
+made within ``--join-timeout``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+from pyisolate.workers.exits import EXIT_HANDSHAKE, EXIT_HOST_GONE, EXIT_LOAD_FAILED, EXIT_OK
+
+from .._config import ExtensionConfig
+from .._curve import create_key_files, public_key, secret_key
+from .._envs import ProgressDisplay, ensure_venv, runtime_dir
+from ..errors import ConfigError, EnvironmentBuildError
+from .output import EXIT_FAILED, UsageError, error, print_json
+
+__all__ = ["COMMANDS"]
+
+logger = logging.getLogger("pyisolate.worker")
+
+#: One join attempt's wait for the broker's answer (a key the host does not allow gets none).
+_ATTEMPT_SECONDS = 30.0
+_BACKOFF_FIRST, _BACKOFF_MAX = 0.25, 5.0
+
+
+# -- keys ----------------------------------------------------------------------------------
+
+
+def _keys_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("names", nargs="+", metavar="NAME", help="whose key pair: 'host', or an extension's name")
+    parser.add_argument("--dir", type=Path, default=Path("."), metavar="DIR",
+                        help="where to write NAME.key and NAME.key_secret (mode 0600; default: here)")
+    parser.add_argument("--json", action="store_true", help="print one JSON document on stdout")
+
+
+def _keys(args: argparse.Namespace) -> int:
+    made: list[dict[str, str]] = []
+    for name in args.names:
+        if not name or "/" in name or name.startswith("."):
+            raise UsageError(f"{name!r} is not a key name (no '/', no leading '.')")
+        try:
+            public_path, secret_path, pair = create_key_files(args.dir, name)
+        except FileExistsError as exc:
+            error(f"{exc.filename} exists; keys are never overwritten: remove it, or pick another --dir")
+            return EXIT_FAILED
+        made.append({"name": name, "public_key": pair.public, "public_file": str(public_path),
+                     "secret_file": str(secret_path)})
+    if args.json:
+        print_json({"keys": made})
+    else:
+        for entry in made:
+            print(f"{entry['name']}: public key {entry['public_key']}")
+            print(f"  {entry['public_file']} (share it), {entry['secret_file']} (keep it secret, mode 0600)")
+    return 0
+
+
+# -- worker --------------------------------------------------------------------------------
+
+
+def _worker_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("extension_dir", type=Path, metavar="EXTENSION_DIR", help="the extension's directory here")
+    parser.add_argument("--connect", required=True, metavar="tcp://HOST:PORT", help="the host's listener")
+    parser.add_argument("--server-key", required=True, metavar="KEY",
+                        help="the host's public key: Z85 text or its .key file")
+    parser.add_argument("--key", required=True, metavar="FILE",
+                        help="this worker's secret key: its .key_secret file (or Z85 text)")
+    parser.add_argument("--name", default=None, help="the extension's name (default: as its manifest says)")
+    parser.add_argument(
+        "--venv-root", type=lambda s: Path(s).expanduser().absolute(), default=None, metavar="DIR",
+        help="where to build the extension's venv (default: $PYISOLATE_VENV_ROOT, else ./venvs)")
+    parser.add_argument("--join-timeout", type=float, default=60.0, metavar="SECONDS",
+                        help="give up when the first join has not succeeded by then (default 60)")
+
+
+def _worker(args: argparse.Namespace) -> int:
+    if not args.connect.startswith("tcp://"):
+        raise UsageError(f"--connect takes tcp://HOST:PORT, got {args.connect!r}")
+    try:
+        server = public_key(args.server_key, "--server-key")
+        ours = secret_key(args.key, "--key")
+        config = ExtensionConfig.from_path(args.extension_dir, **({"name": args.name} if args.name else {}))
+    except (ValueError, ConfigError) as exc:
+        raise UsageError(str(exc)) from None
+    if args.venv_root is None:
+        from .output import default_venv_root
+
+        args.venv_root = default_venv_root()
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    remote = {"endpoint": args.connect, "server_key": server, "public_key": ours.public, "secret_key": ours.secret,
+              "name": config.name, "module_path": str(config.module_path), "share_torch": config.share_torch}
+    try:
+        return asyncio.run(_supervise(config, args.venv_root, remote, args.join_timeout))
+    except (EnvironmentBuildError, ConfigError) as exc:
+        error(str(exc))
+        return EXIT_FAILED
+
+
+async def _supervise(config: ExtensionConfig, root: Path, remote: dict[str, Any], join_timeout: float) -> int:
+    """Build the venv, then run workers until the host stops the extension (see the module doc)."""
+    from .._host import WorkerProcess, extension_logger
+
+    with ProgressDisplay() as display:
+        python = await ensure_venv(
+            venv_root=root, name=config.name, dependencies=config.dependencies, share_torch=config.share_torch,
+            allow_direct_references=config.allow_direct_references, sources=config.sources, progress=display)
+    runtime = await asyncio.to_thread(runtime_dir, root, config.share_torch, False)
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    loop.add_signal_handler(signal.SIGTERM, task.cancel)
+    deadline, joined, delay = time.monotonic() + join_timeout, False, _BACKOFF_FIRST
+    try:
+        while True:
+            attempt = min(_ATTEMPT_SECONDS, max(0.5, deadline - time.monotonic())) if not joined else _ATTEMPT_SECONDS
+            process = await WorkerProcess.spawn(
+                name=config.name, python=python, runtime=runtime, log=extension_logger(config.name),
+                boot={"remote": {**remote, "join_timeout": attempt},
+                      "log_level": logging.getLogger("pyisolate.extension").getEffectiveLevel()},
+                pass_env=tuple(config.pass_env), env=dict(config.env))
+            try:
+                code = await process.wait()
+            finally:
+                await process.stop(2.0)
+                await process.aclose()
+            if code == EXIT_OK:
+                logger.info("the host stopped extension %r", config.name)
+                return 0
+            if code == EXIT_LOAD_FAILED:
+                error(f"extension {config.name!r} failed to load (the host has the traceback)")
+                return EXIT_FAILED
+            if code == EXIT_HANDSHAKE:
+                if not joined and time.monotonic() >= deadline:
+                    error(f"could not join {remote['endpoint']} as {config.name!r} within {join_timeout:.0f} s: is "
+                          "the host listening there, with this extension loaded as remote=True, and does its "
+                          "allowlist hold this worker's public key under that name?")
+                    return EXIT_FAILED
+            else:
+                joined = True
+                delay = _BACKOFF_FIRST
+                why = "the host went quiet" if code == EXIT_HOST_GONE else f"it exited with code {code}"
+                logger.warning("the worker of %r left (%s); rejoining", config.name, why)
+            await asyncio.sleep(delay)  # the backoff between attempts
+            delay = min(delay * 2, _BACKOFF_MAX)
+    except asyncio.CancelledError:
+        return 128 + signal.SIGTERM
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)
+
+
+COMMANDS: dict[str, tuple[str, str, Any, Any]] = {
+    "keys": ("make CURVE key pairs for a host and its remote workers",
+             "Write NAME.key (public) and NAME.key_secret (both halves, mode 0600) for each NAME, and print "
+             "the public keys. The host takes its secret file and each worker's public key "
+             "(ExtensionManagerConfig(curve=CurveConfig(...))); a worker takes its secret file and the host's "
+             "public key (pyisolate worker).", _keys_options, _keys),
+    "worker": ("run an extension here, as a remote worker of a host on another machine",
+               "Build the extension's venv here, then join the host's broker (tcp + CURVE) as the extension, and "
+               "rejoin after a partition. The host loads it with ExtensionConfig(remote=True).",
+               _worker_options, _worker),
+}

@@ -1,0 +1,358 @@
+"""Remote workers: the broker's tcp + CURVE listener, `pyisolate worker`, ExtensionConfig(remote=True).
+
+The worker runs as `python -m pyisolate worker --connect ...`, on loopback, or in a network
+namespace of its own joined to ours by a veth pair (root only), where cutting the link is a
+real partition.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import msgpack
+import numpy
+import pytest
+import zmq
+
+from pyisolate import (
+    ExtensionBase,
+    ExtensionConfig,
+    ExtensionCrashedError,
+    ExtensionLoadError,
+    ExtensionManager,
+    ExtensionManagerConfig,
+    RestartPolicy,
+)
+from pyisolate._curve import CurveConfig, KeyPair, create_key_files
+from pyisolate.broker.protocol import BROKER, PROTOCOL_VERSION, Kind, pack_header, unpack_header
+from pyisolate.errors import ConfigError
+
+from tests.support import ext
+
+NAME = "remote_probe"
+PROBE = Path(ext("remote_probe"))
+
+
+class Keys:
+    """A host key pair and the probe's, as files."""
+
+    def __init__(self, directory: Path) -> None:
+        self.host_public, self.host_secret, self.host = create_key_files(directory, "host")
+        self.probe_public, self.probe_secret, self.probe = create_key_files(directory, NAME)
+        self.stranger_public, self.stranger_secret, self.stranger = create_key_files(directory, "stranger")
+
+    def curve(self) -> CurveConfig:
+        return CurveConfig(server_secret_key=self.host_secret, workers={NAME: self.probe_public})
+
+
+@pytest.fixture
+def keys(tmp_path: Path) -> Keys:
+    return Keys(tmp_path / "keys")
+
+
+def config(venv_root: Path, keys: Keys, address: str = "127.0.0.1", **kw: object) -> ExtensionManagerConfig:
+    return ExtensionManagerConfig(venv_root_path=venv_root, listen=f"tcp://{address}:*", curve=keys.curve(), **kw)
+
+
+class RemoteWorker:
+    """`pyisolate worker` in a child process (optionally in network namespace ``netns``)."""
+
+    def __init__(self, endpoint: str, keys: Keys, venv_root: Path, netns: str | None = None) -> None:
+        argv = [sys.executable, "-m", "pyisolate", "worker", "--connect", endpoint, "--server-key",
+                str(keys.host_public), "--key", str(keys.probe_secret), "--venv-root", str(venv_root), str(PROBE)]
+        self.argv = ["ip", "netns", "exec", netns, *argv] if netns else argv
+        self.proc: asyncio.subprocess.Process | None = None
+
+    async def __aenter__(self) -> RemoteWorker:
+        self.proc = await asyncio.create_subprocess_exec(*self.argv, stdin=subprocess.DEVNULL)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.proc is not None
+        if self.proc.returncode is None:
+            self.proc.terminate()  # it stops its worker on SIGTERM
+        async with asyncio.timeout(15):
+            await self.proc.wait()
+
+
+async def load_remote(manager: ExtensionManager[ExtensionBase], **kw: object):  # type: ignore[no-untyped-def]
+    return manager.load_extension(ExtensionConfig(name=NAME, module_path="/elsewhere/remote_probe", remote=True, **kw))
+
+
+# -- loopback ------------------------------------------------------------------------------
+
+
+async def test_a_remote_worker_joins_and_serves_calls_both_ways_with_frames(venv_root: Path, keys: Keys) -> None:
+    torch = pytest.importorskip("torch")
+    async with ExtensionManager(ExtensionBase, config(venv_root, keys)) as manager:
+        probe = await load_remote(manager)
+        assert manager.listen_endpoint is not None
+        events: list[object] = []
+        manager.on_event("hello", lambda extension, value: events.append((extension, value)))
+        async with RemoteWorker(manager.listen_endpoint, keys, venv_root) as worker:
+            async with asyncio.timeout(120):
+                await probe
+            assert await probe.echo({"t": (1, b"x"), 2: {3}}) == {"t": (1, b"x"), 2: {3}}
+            big = {"bytes": b"\x01" * (1 << 20), "text": "y" * (1 << 18)}  # bodies past the copy threshold
+            assert await probe.echo(big) == big
+
+            async def plus_one(x: int) -> int:  # runs here, called by the remote worker
+                return x + 1
+
+            assert await probe.call_back(plus_one, 41) == 42
+            await probe.shout("hello", [1, 2])
+            array = numpy.arange(1 << 18, dtype=numpy.float64)  # 2 MiB: a segment, were it local
+            assert numpy.array_equal(await probe.double(array), array * 2)
+            tensor = torch.arange(1 << 18, dtype=torch.float32)
+            doubled = await probe.double(tensor)
+            assert torch.equal(doubled, tensor * 2)
+            strided = torch.arange(20.0).reshape(4, 5)[:, 1::2]  # not contiguous: sent dense
+            assert torch.equal(await probe.echo(strided), strided)
+            # Nothing went through shared memory: the host shared no segment with it.
+            from pyisolate._wire import shm
+
+            assert shm.shared_out.get(NAME.encode(), 0) == 0
+            async with asyncio.timeout(10):
+                while not events:
+                    await asyncio.sleep(0.02)
+            assert events == [(NAME, [1, 2])]
+            assert manager.broker.listener is not None and manager.broker.listener.authenticated == 1
+            await probe.stop()
+            assert worker.proc is not None
+            async with asyncio.timeout(15):
+                assert await worker.proc.wait() == 0  # the host stopped it: the command is done
+
+
+async def test_a_peer_without_an_allowed_key_gets_no_frame_through(venv_root: Path, keys: Keys) -> None:
+    async with ExtensionManager(ExtensionBase, config(venv_root, keys)) as manager:
+        probe = await load_remote(manager)
+        endpoint, broker = manager.listen_endpoint, manager.broker
+        assert endpoint is not None and broker.listener is not None
+        before = (broker.dropped, broker.refused_joins, broker.refused)
+        ctx = zmq.Context()
+        sock = ctx.socket(zmq.DEALER)
+        try:
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.curve_serverkey = keys.host.public.encode()
+            sock.curve_publickey, sock.curve_secretkey = keys.stranger.public.encode(), keys.stranger.secret.encode()
+            sock.connect(endpoint)
+            hello = msgpack.packb({"name": NAME, "secret": b"", "pid": 1})
+            sock.send_multipart([BROKER, pack_header(Kind.HELLO, 0, PROTOCOL_VERSION), hello], flags=zmq.NOBLOCK)
+            sock.send_multipart([b"host", pack_header(Kind.CALL, 1, "stop_all", 0, "", 0), b""], flags=zmq.NOBLOCK)
+            async with asyncio.timeout(10):
+                while broker.listener.denied == 0:
+                    await asyncio.sleep(0.02)
+            # Denied at the CURVE handshake: nothing came back, and the broker never saw a frame.
+            assert not await asyncio.to_thread(sock.poll, 500)
+        finally:
+            sock.close(linger=0)
+            ctx.term()
+        assert broker.listener.authenticated == 0
+        assert (broker.dropped, broker.refused_joins, broker.refused) == before
+        assert broker.registry.rid_of(NAME.encode()) is None and probe.state == "starting"
+
+
+def broker_has_no(manager: ExtensionManager[ExtensionBase], name: str) -> bool:
+    return manager.broker.registry.rid_of(name.encode()) is None
+
+
+def _join(endpoint: str, server: str, pair: KeyPair, name: str) -> list[bytes]:
+    """Join as ``name`` with ``pair``; the broker's answer."""
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    try:
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.curve_serverkey = server.encode()
+        sock.curve_publickey, sock.curve_secretkey = pair.public.encode(), pair.secret.encode()
+        sock.connect(endpoint)
+        hello = msgpack.packb({"name": name, "secret": b"", "pid": 1})
+        sock.send_multipart([BROKER, pack_header(Kind.HELLO, 0, PROTOCOL_VERSION), hello])
+        assert sock.poll(10_000), "no answer from the broker"
+        return sock.recv_multipart()
+    finally:
+        sock.close(linger=0)
+        ctx.term()
+
+
+async def test_an_allowed_key_joins_only_as_its_own_extension(venv_root: Path, keys: Keys, tmp_path: Path) -> None:
+    """The probe's key cannot take another remote extension's name, nor a local worker's."""
+    other_public, _, _ = create_key_files(tmp_path / "more", "other")
+    curve = CurveConfig(server_secret_key=keys.host_secret, workers={NAME: keys.probe_public, "other": other_public})
+    cfg = ExtensionManagerConfig(venv_root_path=venv_root, listen="tcp://127.0.0.1:*", curve=curve, start_timeout=60)
+    async with ExtensionManager(ExtensionBase, cfg) as manager:
+        other = manager.load_extension(ExtensionConfig(name="other", module_path="/x", remote=True))
+        local = manager.load_extension(ExtensionConfig(name="local_ok", module_path=ext("ok")))
+        assert manager.listen_endpoint is not None
+        async with asyncio.timeout(120):
+            await local
+        for name in ("other", "local_ok"):
+            frames = await asyncio.to_thread(_join, manager.listen_endpoint, keys.host.public, keys.probe, name)
+            kind, _, extra = unpack_header(frames[1])
+            assert kind is Kind.REFUSED, name
+            assert f"allowed to join as {NAME!r} only" in str(extra[0])
+        # Nor can a process on the host's own ipc socket take a remote extension's name.
+        ctx = zmq.Context()
+        sock = ctx.socket(zmq.DEALER)
+        try:
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(manager.broker.endpoint)
+            hello = msgpack.packb({"name": "other", "secret": b"", "pid": 1})
+            sock.send_multipart([BROKER, pack_header(Kind.HELLO, 0, PROTOCOL_VERSION), hello])
+            assert await asyncio.to_thread(sock.poll, 10_000)
+            kind, _, extra = unpack_header(sock.recv_multipart()[1])
+        finally:
+            sock.close(linger=0)
+            ctx.term()
+        assert kind is Kind.REFUSED and "only as a remote worker" in str(extra[0])
+        assert broker_has_no(manager, "other") and other.state == "starting"
+        assert await local.echo(1) == 1
+
+
+async def test_a_remote_extension_whose_worker_never_joins_fails_naming_the_command(venv_root: Path,
+                                                                                 keys: Keys) -> None:
+    async with ExtensionManager(ExtensionBase, config(venv_root, keys, start_timeout=0.5)) as manager:
+        probe = await load_remote(manager)
+        with pytest.raises(ExtensionLoadError) as info:
+            async with asyncio.timeout(10):
+                await probe
+    message = str(info.value)
+    assert "did not join" in message and "pyisolate worker --connect" in message and keys.host.public in message
+
+
+def test_config_refuses_tcp_without_curve_and_bad_keys(tmp_path: Path, keys: Keys) -> None:
+    with pytest.raises(ConfigError, match="needs curve"):
+        ExtensionManagerConfig(venv_root_path=tmp_path, listen="tcp://0.0.0.0:5555")
+    with pytest.raises(ConfigError, match="tcp endpoint"):
+        ExtensionManagerConfig(venv_root_path=tmp_path, listen="ipc:///tmp/x", curve=keys.curve())
+    with pytest.raises(ConfigError, match="neither a key"):
+        CurveConfig(server_secret_key="short", workers={})
+    with pytest.raises(ConfigError, match="holds no secret key"):
+        CurveConfig(server_secret_key=keys.host_public, workers={})
+    with pytest.raises(ConfigError, match="same public key"):
+        CurveConfig(server_secret_key=keys.host_secret, workers={"a": keys.probe.public, "b": keys.probe_public})
+    with pytest.raises(ConfigError, match="no file at"):
+        CurveConfig(server_secret_key=keys.host_secret, workers={"a": str(tmp_path / "missing.key")})
+
+
+async def test_remote_needs_the_listener_and_a_key_for_its_name(venv_root: Path, keys: Keys) -> None:
+    async with ExtensionManager(ExtensionBase, ExtensionManagerConfig(venv_root_path=venv_root)) as manager:
+        with pytest.raises(ConfigError, match="does not listen"):
+            await load_remote(manager)
+    async with ExtensionManager(ExtensionBase, config(venv_root, keys)) as manager:
+        with pytest.raises(ConfigError, match="allows no key"):
+            manager.load_extension(ExtensionConfig(name="unlisted", module_path="/x", remote=True))
+
+
+def test_keys_command_writes_private_files_and_prints_the_public_key(tmp_path: Path) -> None:
+    out = subprocess.run([sys.executable, "-m", "pyisolate", "keys", "host", "--dir", str(tmp_path)],
+                         capture_output=True, text=True, timeout=60, check=True).stdout
+    secret, public = tmp_path / "host.key_secret", tmp_path / "host.key"
+    assert stat.S_IMODE(secret.stat().st_mode) == 0o600 and stat.S_IMODE(public.stat().st_mode) == 0o600
+    pair = CurveConfig(server_secret_key=secret).server
+    assert f"public key {pair.public}" in out and pair.secret not in out
+    again = subprocess.run([sys.executable, "-m", "pyisolate", "keys", "host", "--dir", str(tmp_path)],
+                           capture_output=True, text=True, timeout=60)
+    assert again.returncode == 1 and "never overwritten" in again.stderr
+
+
+# -- across network namespaces -------------------------------------------------------------
+
+
+def _ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=30)
+
+
+@pytest.fixture
+def netns() -> Iterator[tuple[str, str, str]]:
+    """A network namespace joined to ours by a veth pair: (namespace, our address, our link)."""
+    if os.geteuid() != 0:
+        pytest.skip("network namespaces need root (CI runs as root)")
+    if shutil.which("ip") is None:
+        pytest.skip("the `ip` command (iproute2) is not installed")
+    tag = os.getpid() % 250 + 1
+    ns, ours, theirs = f"psi-remote-{os.getpid()}", f"psivh{os.getpid()}"[:15], f"psivw{os.getpid()}"[:15]
+    host_address, worker_address = f"10.231.{tag}.1", f"10.231.{tag}.2"
+    _ip("netns", "add", ns)
+    try:
+        _ip("link", "add", ours, "type", "veth", "peer", "name", theirs)
+        _ip("link", "set", theirs, "netns", ns)
+        _ip("addr", "add", f"{host_address}/24", "dev", ours)
+        _ip("link", "set", ours, "up")
+        _ip("-n", ns, "addr", "add", f"{worker_address}/24", "dev", theirs)
+        _ip("-n", ns, "link", "set", theirs, "up")
+        _ip("-n", ns, "link", "set", "lo", "up")
+        yield ns, host_address, ours
+    finally:
+        subprocess.run(["ip", "link", "del", ours], capture_output=True, timeout=30)
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
+
+
+async def _build_probe_venv(venv_root: Path) -> None:
+    """Build the probe's venv from here: the namespace the worker runs in has no way out to an index."""
+    from pyisolate._envs import ensure_venv
+
+    probe = ExtensionConfig.from_path(PROBE)
+    async with asyncio.timeout(300):
+        await ensure_venv(venv_root=venv_root, name=probe.name, dependencies=probe.dependencies,
+                          share_torch=probe.share_torch, sources=probe.sources)
+
+
+async def test_a_partition_fails_calls_typed_and_the_worker_rejoins(venv_root: Path, keys: Keys,
+                                                                   netns: tuple[str, str, str]) -> None:
+    torch = pytest.importorskip("torch")
+    await _build_probe_venv(venv_root)
+    ns, address, link = netns
+    cfg = config(venv_root, keys, address, heartbeat_interval=0.25, heartbeat_timeout=2.0, start_timeout=60)
+    async with ExtensionManager(ExtensionBase, cfg) as manager:
+        probe = await load_remote(manager, restart=RestartPolicy(max_restarts=3, within=120, backoff=0.1))
+        assert manager.listen_endpoint is not None
+        async with RemoteWorker(manager.listen_endpoint, keys, venv_root, netns=ns):
+            async with asyncio.timeout(120):
+                await probe
+            first_pid = await probe.pid()
+            tensor = torch.ones(1 << 18)
+            assert torch.equal(await probe.double(tensor), tensor * 2)
+            held = asyncio.ensure_future(probe.hang())
+            await probe.echo(0)  # the held call is at the worker by now
+            _ip("link", "set", link, "down")
+            loop = asyncio.get_running_loop()
+            cut = loop.time()
+            with pytest.raises(ExtensionCrashedError, match="stopped answering heartbeats"):
+                async with asyncio.timeout(10):
+                    await held
+            assert loop.time() - cut < cfg.heartbeat_timeout + 2 * cfg.heartbeat_interval + 1.0
+            waiting = asyncio.ensure_future(probe.echo("after"))  # waits: the policy restarts (a rejoin)
+            _ip("link", "set", link, "up")
+            async with asyncio.timeout(60):
+                assert await waiting == "after"
+            assert await probe.pid() != first_pid  # a new worker process joined
+            assert torch.equal(await probe.double(tensor), tensor * 2)
+            await probe.stop()
+
+
+async def test_a_remote_worker_that_dies_is_a_crash_and_its_restart_is_a_rejoin(venv_root: Path, keys: Keys) -> None:
+    cfg = config(venv_root, keys, heartbeat_interval=0.25, heartbeat_timeout=5.0)
+    async with ExtensionManager(ExtensionBase, cfg) as manager:
+        probe = await load_remote(manager, restart=RestartPolicy(max_restarts=3, within=120, backoff=0.1))
+        assert manager.listen_endpoint is not None
+        async with RemoteWorker(manager.listen_endpoint, keys, venv_root):
+            async with asyncio.timeout(120):
+                await probe
+            pid = await probe.pid()
+            held = asyncio.ensure_future(probe.hang())
+            await probe.echo(0)
+            os.kill(pid, signal.SIGKILL)  # its machine's process dies; `pyisolate worker` starts another
+            with pytest.raises(ExtensionCrashedError, match="remote"):
+                async with asyncio.timeout(15):
+                    await held
+            async with asyncio.timeout(60):
+                assert await probe.pid() not in (pid, 0)
+            await probe.stop()
