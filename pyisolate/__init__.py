@@ -22,6 +22,7 @@ from .errors import (
     ExtensionReloadedError,
     LoadExtensionsError,
     MessageTooLargeError,
+    PlacementError,
     ProtocolError,
     PyisolateError,
     QueueFullError,
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
     from ._discovery import discover
     from ._envs import ProgressDisplay, ProgressEvent, ProgressStep
     from ._limits import Limits
+    from ._placement import RayPlacement
     from ._policy import SandboxMode, SandboxPolicy
     from ._host import Extension, ExtensionManager, SyncExtensionManager, method, stats
     from ._rpc import sync
@@ -59,6 +61,7 @@ __all__ = [
     "Limits",
     "LoadExtensionsError",
     "MessageTooLargeError",
+    "PlacementError",
     "ProgressDisplay",
     "ProgressEvent",
     "ProgressStep",
@@ -66,6 +69,7 @@ __all__ = [
     "ProxiedSingleton",
     "PyisolateError",
     "QueueFullError",
+    "RayPlacement",
     "RemoteError",
     "RestartPolicy",
     "SandboxMode",
@@ -94,6 +98,7 @@ _LAZY = {
     "ExtensionManagerConfig": "._config",
     "RestartPolicy": "._config",
     "Limits": "._limits",
+    "RayPlacement": "._placement",
     "SandboxMode": "._policy",
     "SandboxPolicy": "._policy",
     "Extension": "._host",
