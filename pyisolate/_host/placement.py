@@ -21,6 +21,7 @@ import asyncio
 import collections
 import logging
 import os
+import socket
 import threading
 import warnings
 from collections.abc import Mapping, Sequence
@@ -38,6 +39,8 @@ logger = logging.getLogger(__name__)
 _TAIL = 50
 #: Seconds the actor may take to answer ``stop`` beyond the grace period it was given.
 _STOP_SLACK = 10.0
+#: Seconds to wait for a cluster's GCS port to accept a connection before ray.init is tried.
+_PROBE_TIMEOUT = 5.0
 
 _lock = threading.Lock()
 _connected_by_us = False
@@ -59,6 +62,7 @@ def _connect(address: str | None) -> Any:
     with _lock:
         if not ray.is_initialized():
             target = address or os.environ.get("RAY_ADDRESS") or "auto"
+            _probe(target)
             try:
                 ray.init(address=target, log_to_driver=False, configure_logging=False)
             except Exception as exc:  # ConnectionError, ValueError (bad address), RuntimeError, ...
@@ -72,6 +76,21 @@ def _connect(address: str | None) -> Any:
             ray.cloudpickle.register_pickle_by_value(ray_runner)
             _runner_class = ray.remote(max_restarts=0, max_task_retries=0)(ray_runner.Runner)
         return ray, _runner_class
+
+
+def _probe(address: str) -> None:
+    """Fail at once where a ``HOST:PORT`` address has nothing listening: ``ray.init`` would retry
+    for minutes, in a thread nobody can cancel. ("auto" and "ray://" are left to Ray.)"""
+    host, sep, port = address.rpartition(":")
+    if not sep or "://" in address or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=_PROBE_TIMEOUT).close()
+    except OSError as exc:
+        raise PlacementError(
+            f"cannot connect to the Ray cluster at {address!r} ({exc}); start one with `ray start --head` or give "
+            "RayPlacement(address=...) the address of a running head (pyisolate never starts one itself)",
+            extension="") from exc
 
 
 def disconnect() -> None:

@@ -270,3 +270,22 @@ async def test_a_request_no_node_can_take_fails_within_start_timeout(ray_head: s
     assert "'gpu'" in text and "GPU=1" in text and "within 1.5 s" in text
     assert f"{RESOURCE}=1" in text  # what the node offers
 
+
+
+def test_an_address_with_no_cluster_fails_at_once(tmp_path: Path) -> None:
+    # In a process of its own: this one is already the driver of the module's cluster.
+    port = _free_port()
+    program = (
+        "import asyncio, sys, pyisolate\n"
+        "from pyisolate._host.placement import launch\n"
+        f"placement = pyisolate.RayPlacement(address='127.0.0.1:{port}')\n"
+        "try:\n"
+        "    asyncio.run(launch(placement, [sys.executable, '-c', 'pass'], {}, name='nowhere'))\n"
+        "except pyisolate.PlacementError as exc:\n"
+        "    print(exc)\n"
+    )
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert f"cannot connect to the Ray cluster at '127.0.0.1:{port}'" in done.stdout, done.stderr
+    assert "ray start --head" in done.stdout
+    assert time.monotonic() - started < 20
