@@ -79,7 +79,7 @@ class Runner:
                          asyncio.create_task(self._read("stderr", self._proc.stderr))]
         context = ray.get_runtime_context()
         return {"pid": self._proc.pid, "runner_pid": os.getpid(), "node_id": context.get_node_id(),
-                "node_ip": ray.util.get_node_ip_address()}
+                "node_ip": getattr(ray.util, "get_node_ip_address")()}  # untyped in Ray
 
     async def _read(self, stream: str, reader: asyncio.StreamReader) -> None:
         assert self._changed is not None
