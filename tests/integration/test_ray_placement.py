@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +25,8 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("ray", reason="Ray is not installed (pip install 'pyisolate[ray]')")
+
+import ray  # noqa: E402
 
 import pyisolate  # noqa: E402
 from pyisolate._host.placement import disconnect, launch  # noqa: E402
@@ -76,19 +79,19 @@ def _wait_gone(pids: set[int], timeout: float) -> set[int]:
 
 
 @pytest.fixture(scope="module")
-def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def ray_head() -> Iterator[str]:
     """A one-node Ray cluster on loopback with one ``pyi_test`` resource; the driver connected to it."""
     import ray
 
-    temp_dir = Path(tempfile_dir := tmp_path_factory.mktemp("ray"))
+    temp_dir = Path(tempfile.mkdtemp(prefix="pyi-ray-"))  # short: Ray's unix sockets live in it
     port = _free_port()
     address = f"127.0.0.1:{port}"
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    env = _ray_env()
     ray_cli = Path(sys.executable).with_name("ray")
     try:
         subprocess.run(
             [str(ray_cli), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
-             f"--resources={json.dumps({RESOURCE: 1})}", f"--temp-dir={tempfile_dir}", "--include-dashboard=false",
+             f"--resources={json.dumps({RESOURCE: 1})}", f"--temp-dir={temp_dir}", "--include-dashboard=false",
              "--disable-usage-stats"],
             env=env, check=True, capture_output=True, timeout=60,
         )  # fmt: skip
@@ -98,19 +101,30 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         if ray.is_initialized():
             ray.shutdown()
         disconnect()
-        pids = _cluster_pids(temp_dir)
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        for pid in _wait_gone(pids, 3.0):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        assert _wait_gone(pids, 10.0) == set(), "the Ray head's processes did not end"
-        shutil.rmtree(temp_dir, ignore_errors=True)
+        _end_cluster(temp_dir)
+
+
+def _ray_env() -> dict[str, str]:
+    """``ray start``'s environment: no usage stats; a node that stops answering is dead within ~1.5 s."""
+    return {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_health_check_period_ms": "500",
+            "RAY_health_check_failure_threshold": "3", "RAY_health_check_initial_delay_ms": "0"}
+
+
+def _end_cluster(temp_dir: Path) -> None:
+    """End the processes of the Ray node(s) started with ``temp_dir``, by pid: SIGTERM, then SIGKILL."""
+    pids = _cluster_pids(temp_dir)
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    for pid in _wait_gone(pids, 3.0):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert _wait_gone(pids, 10.0) == set(), "the Ray node's processes did not end"
+    shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @pytest.fixture
@@ -289,3 +303,34 @@ def test_an_address_with_no_cluster_fails_at_once(tmp_path: Path) -> None:
     assert f"cannot connect to the Ray cluster at '127.0.0.1:{port}'" in done.stdout, done.stderr
     assert "ray start --head" in done.stdout
     assert time.monotonic() - started < 20
+
+
+async def test_a_node_going_down_is_a_crash(ray_head: str, tmp_path: Path) -> None:
+    """A second node joins with a resource of its own; its raylet is SIGKILLed under the worker."""
+    temp_dir = Path(tempfile.mkdtemp(prefix="pyi-ray-"))  # short: Ray's unix sockets live in it (108 bytes a path)
+    ray_cli = Path(sys.executable).with_name("ray")
+    try:
+        subprocess.run(
+            [str(ray_cli), "start", f"--address={ray_head}", "--node-ip-address=127.0.0.1", "--num-cpus=1",
+             f"--resources={json.dumps({'pyi_node2': 1})}", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+            env=_ray_env(), check=True, capture_output=True, timeout=60,
+        )  # fmt: skip
+        raylet = next(p for p in _cluster_pids(temp_dir)
+                      if Path(f"/proc/{p}/cmdline").read_bytes().split(b"\0")[0].endswith(b"/raylet"))
+        ready = tmp_path / "ready"
+        code = f"import time; open({str(ready)!r}, 'w').close(); time.sleep(600)"
+        placement = pyisolate.RayPlacement(resources={"pyi_node2": 1}, num_cpus=0, address=ray_head)
+        async with asyncio.timeout(DEADLINE):
+            proc = await launch(placement, _python(code), {}, name="node2")
+            try:
+                assert proc.node_id != next(n["NodeID"] for n in ray.nodes() if "pyi_test" in n["Resources"])
+                await _read_json_exists(ready)
+                os.kill(raylet, signal.SIGKILL)
+                with pytest.raises(pyisolate.ExtensionCrashedError, match="was lost with its Ray actor") as caught:
+                    await proc.wait()
+            finally:
+                await proc.aclose()
+        assert caught.value.exit_code is None
+        assert await asyncio.to_thread(_wait_gone, {proc.pid}, DEADLINE) == set(), "the worker outlived its node"
+    finally:
+        _end_cluster(temp_dir)
