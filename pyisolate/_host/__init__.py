@@ -8,6 +8,8 @@
 - ``worker``: one remote extension's life: venv, launch, readiness, crash and restart. It
   needs of the manager only the ``Host`` interface.
 - ``process``: the child process, its pipes and its logs; ``events``: the host's event fan-out.
+- ``placement``: a worker's process started on a Ray node (``RayPlacement``), held like a child;
+  ``ray_runner``: the Ray actor that runs it there (standard library only, sent by value).
 - ``stats``: snapshots of what each extension does (``pyisolate.stats``, ``manager.stats()``),
   with ``procinfo`` (a worker's memory and CPU time); ``admin``: the admin endpoint that
   ``pyisolate top``/``stack``/``profile`` attach to.
