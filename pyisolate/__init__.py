@@ -22,6 +22,7 @@ from .errors import (
     ExtensionReloadedError,
     LoadExtensionsError,
     MessageTooLargeError,
+    PlacementError,
     ProtocolError,
     PyisolateError,
     QueueFullError,
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
     from ._discovery import discover
     from ._envs import ProgressDisplay, ProgressEvent, ProgressStep
     from ._limits import Limits
+    from ._placement import RayPlacement
     from ._policy import SandboxMode, SandboxPolicy
     from ._host import Extension, ExtensionManager, SyncExtensionManager, method, remote_worker_command, stats
     from ._rpc import sync
@@ -61,6 +63,7 @@ __all__ = [
     "Limits",
     "LoadExtensionsError",
     "MessageTooLargeError",
+    "PlacementError",
     "ProgressDisplay",
     "ProgressEvent",
     "ProgressStep",
@@ -68,6 +71,7 @@ __all__ = [
     "ProxiedSingleton",
     "PyisolateError",
     "QueueFullError",
+    "RayPlacement",
     "RemoteError",
     "RestartPolicy",
     "SandboxMode",
@@ -99,6 +103,7 @@ _LAZY = {
     "CurveConfig": "._curve",
     "remote_worker_command": "._host",
     "Limits": "._limits",
+    "RayPlacement": "._placement",
     "SandboxMode": "._policy",
     "SandboxPolicy": "._policy",
     "Extension": "._host",

@@ -7,6 +7,7 @@ The tree:
     │   └── DiscoveryError                  some discovered extensions are invalid; carries the rest
     ├── EnvironmentBuildError               uv could not build an extension's venv
     ├── ExtensionLoadError                  the extension failed to import or start
+    ├── PlacementError                      a cluster engine (Ray) could not place its worker
     ├── ExtensionCrashedError               the worker process died (exit code, stderr tail)
     ├── ExtensionClosedError                you stopped it; calls after stop() land here
     │   └── ExtensionReloadedError          its worker was replaced by reload(); names the reload
@@ -40,6 +41,7 @@ __all__ = [
     "ExtensionReloadedError",
     "LoadExtensionsError",
     "MessageTooLargeError",
+    "PlacementError",
     "ProtocolError",
     "PyisolateError",
     "QueueFullError",
@@ -93,6 +95,21 @@ class ExtensionLoadError(PyisolateError):
         if self.remote_traceback:
             text += "\n--- traceback in the extension ---\n" + self.remote_traceback
         return text
+
+
+class PlacementError(PyisolateError):
+    """A cluster engine could not place the extension's worker (``RayPlacement``).
+
+    The cluster could not be reached, or no node took the request within the placement's
+    ``start_timeout`` (the message says what the nodes offer), or the node could not start
+    the process. Once the worker has started, losing its node is an ExtensionCrashedError.
+    """
+
+    _pyisolate_fields = ("extension",)
+
+    def __init__(self, message: str, *, extension: str) -> None:
+        super().__init__(message)
+        self.extension = extension
 
 
 class ExtensionCrashedError(PyisolateError):

@@ -10,6 +10,8 @@
 - ``process``: the child process, its pipes and its logs; ``events``: the host's event fan-out.
 - ``remote``: a worker on another machine (``ExtensionConfig(remote=True)``) as a process
   stand-in, its bootstrap, and ``remote_worker_command`` (the argv a launcher runs there).
+- ``placement``: a worker's process started on a Ray node (``RayPlacement``), held like a child;
+  ``ray_runner``: the Ray actor that runs it there (standard library only, sent by value).
 - ``stats``: snapshots of what each extension does (``pyisolate.stats``, ``manager.stats()``),
   with ``procinfo`` (a worker's memory and CPU time); ``admin``: the admin endpoint that
   ``pyisolate top``/``stack``/``profile`` attach to.

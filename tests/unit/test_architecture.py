@@ -22,7 +22,7 @@ WORKER_SIDE = {"pyisolate.errors", "pyisolate._base", "pyisolate._actors", "pyis
                "pyisolate._wire", "pyisolate._rpc", "pyisolate.broker", "pyisolate.workers"}  # fmt: skip
 HOST_SIDE = {"pyisolate._host", "pyisolate._envs", "pyisolate._cli", "pyisolate._config", "pyisolate._manifest",
              "pyisolate._discovery", "pyisolate._validate", "pyisolate._policy", "pyisolate._limits",
-             "pyisolate._upstream", "pyisolate._sources"}  # fmt: skip
+             "pyisolate._upstream", "pyisolate._sources", "pyisolate._placement"}  # fmt: skip
 
 
 def _module_name(path: Path) -> str:
