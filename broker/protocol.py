@@ -64,7 +64,8 @@ class Kind(enum.IntEnum):
     kind         extra header fields                         body
     ===========  ==========================================  ===============================
     HELLO        protocol_version                            {name, secret, pid}
-    WELCOME      protocol_version, moves {public: actor}     empty
+    WELCOME      protocol_version, moves {public: actor},    empty, or a remote worker's
+                 apart [actor, ...]                          bootstrap
     REFUSED      reason (str)                                empty
     READY        (none)                                      {methods: [str, ...]}
     LOAD_FAILED  (none)                                      encoded exception
@@ -96,6 +97,9 @@ class Kind(enum.IntEnum):
                                                              (actor == public: as named again);
                                                              worker -> broker: the same fields,
                                                              acknowledged
+    APART        actor (str), apart (bool)                   empty; broker -> worker: values for
+                                                             that actor travel as frames (it is
+                                                             on another machine), or no longer
     ===========  ==========================================  ===============================
     """
 
@@ -123,6 +127,7 @@ class Kind(enum.IntEnum):
     GONE = 22
     SPANS = 23
     MOVED = 24
+    APART = 25
 
 
 #: Why a message was not delivered (UNROUTABLE's third field): no such actor (or it left), a
@@ -133,7 +138,8 @@ TOO_LARGE: Final = "too_large"
 UNDELIVERED_CODES: Final = frozenset({NO_ACTOR, QUEUE_FULL, TOO_LARGE})
 
 #: Kinds only the broker sends (with the sender ``b""``); from anyone else they are dropped.
-BROKER_ONLY: Final = frozenset({Kind.WELCOME, Kind.REFUSED, Kind.UNROUTABLE, Kind.LOST, Kind.GONE, Kind.MOVED})
+BROKER_ONLY: Final = frozenset({Kind.WELCOME, Kind.REFUSED, Kind.UNROUTABLE, Kind.LOST, Kind.GONE, Kind.MOVED,
+                                Kind.APART})
 #: Kinds that ask for new work; the others answer or steer work already asked for.
 REQUESTS: Final = frozenset({Kind.CALL, Kind.STOP, Kind.EVENT})
 

@@ -104,6 +104,17 @@ class CurveListener:
         self.pump = SocketPump(sock, loop, self._on_frames, receive=self._receive)
         logger.debug("broker listening for remote workers on %s (CURVE)", self.endpoint)
 
+    def allow(self, public: bytes, name: str) -> None:
+        """Let the worker key ``public`` (z85) join as extension ``name`` from now on (a key the
+        host made for one launch: see ``RayPlacement``)."""
+        if self._allowed.get(public, name) != name:
+            raise ValueError("that key is already bound to another extension")
+        self._allowed[public] = name
+
+    def revoke(self, public: bytes) -> None:
+        """Refuse the key ``public`` from now on (a connection it made stays until it leaves)."""
+        self._allowed.pop(public, None)
+
     def send(self, frames: list[Any]) -> None:
         """Send ``[raw rid, ...]`` to a remote connection (see ``SocketPump.send``)."""
         self.pump.send(frames)

@@ -125,6 +125,9 @@ class Broker:
         self.moves: dict[bytes, bytes] = {}
         # Per public name: the workers yet to acknowledge its latest MOVED, and what waits for them.
         self._unsettled: dict[bytes, tuple[set[bytes], asyncio.Future[None]]] = {}
+        #: Remote workers' names (announced with ``expect(remote=True)``): no worker here shares
+        #: memory with them, so values for them travel as frames. Workers hold a copy (WELCOME, APART).
+        self.apart: set[bytes] = set()
         self.refused_joins = 0
         self.dropped = 0
         self.refused = 0
@@ -193,6 +196,9 @@ class Broker:
         self.registry.expect(name, secret, remote=remote)
         if remote:
             self._welcome[name] = welcome
+        if remote != (name in self.apart):  # told before it can join: senders know before they can send
+            (self.apart.add if remote else self.apart.discard)(name)
+            self._tell_all(pack_header(Kind.APART, 0, name.decode(), remote))
 
     def listen(self, endpoint: str, *, server_secret: bytes, allowed: dict[bytes, str]) -> str:
         """Also accept workers on ``endpoint`` (tcp), authenticated with CURVE; see ``remote``.
@@ -297,10 +303,13 @@ class Broker:
             future.set_result(None)
             return future
         self._unsettled[public] = ({outbox.name for outbox in outboxes}, future)
-        header = pack_header(Kind.MOVED, 0, public.decode(), actor.decode())
-        for outbox in outboxes:
-            self._urgent(outbox, [outbox.rid, BROKER, header, b""])
+        self._tell_all(pack_header(Kind.MOVED, 0, public.decode(), actor.decode()))
         return future
+
+    def _tell_all(self, header: bytes) -> None:
+        """Send a broker notice to every joined worker, ahead of what waits for each."""
+        for outbox in list(self._outboxes.values()):
+            self._urgent(outbox, [outbox.rid, BROKER, header, b""])
 
     def _settle(self, public: bytes, worker: bytes) -> None:
         entry = self._unsettled.get(public)
@@ -525,7 +534,9 @@ class Broker:
         via = self._via(rid)
         try:
             moves = {public.decode(): actor.decode() for public, actor in self.moves.items()}
-            via([rid, BROKER, pack_header(Kind.WELCOME, 0, PROTOCOL_VERSION, moves), self._welcome.pop(bname, b"")])
+            apart = sorted(n.decode() for n in self.apart)
+            via([rid, BROKER, pack_header(Kind.WELCOME, 0, PROTOCOL_VERSION, moves, apart),
+                 self._welcome.pop(bname, b"")])
         except zmq.ZMQError:
             self.registry.forget(bname)
             return

@@ -16,6 +16,7 @@ from ._policy import SandboxMode, SandboxPolicy, check_mode
 from ._singleton import ProxiedSingleton
 from ._upstream import check_upstream_keys
 from ._curve import CurveConfig
+from ._placement import RayPlacement
 from ._sources import CudaWheels, PackageSources, Where, check_find_links, check_listed, check_names, check_url
 from ._validate import validate_dependencies, validate_extension_name
 from .errors import ConfigError
@@ -398,6 +399,11 @@ class ExtensionConfig:
             ``module_path`` is then the extension's directory on that machine (informational:
             the worker names its own), and the venv is built there. A lost worker (partition,
             exit) is a crash: ``restart`` then waits for it to rejoin. See docs/guides/remote.md.
+        placement: Start the worker on a node of a Ray cluster (``RayPlacement``) rather than
+            waiting for someone to: the host launches ``pyisolate worker`` there with a key made
+            for that launch (no allowlist entry needed), and ``module_path`` must exist at the
+            same path on the node. Implies ``remote=True``. A lost node or Ray actor is a crash;
+            a restart launches again. See docs/guides/ray.md.
     """
 
     name: str
@@ -425,9 +431,15 @@ class ExtensionConfig:
     package_manager: str = "uv"
     watch: bool | None = None
     remote: bool = False
+    placement: RayPlacement | None = None
 
     def __post_init__(self) -> None:
         validate_extension_name(self.name)
+        if self.placement is not None:
+            if not isinstance(self.placement, RayPlacement):
+                raise ConfigError(f"ExtensionConfig.placement (extension {self.name!r}) must be a "
+                                  f"pyisolate.RayPlacement, got {self.placement!r}")
+            object.__setattr__(self, "remote", True)  # placed elsewhere: it joins over the listener
         if not isinstance(self.remote, bool):
             raise ConfigError(f"ExtensionConfig.remote (extension {self.name!r}) must be True or False")
         if self.remote and not self.isolated:

@@ -57,6 +57,13 @@ class RayPlacement:
         start_timeout: Seconds to wait for a node with the resources to take the worker (an
             autoscaler may add one meanwhile); then it fails with PlacementError saying what
             the nodes offer.
+        connect: The host's listener as the nodes reach it (``tcp://HOST:PORT``). None: the
+            manager's ``listen_endpoint``, its wildcard address (0.0.0.0) replaced by this
+            machine's own address.
+        python: The interpreter on the node that has pyisolate installed (None: the host's own
+            path, for nodes built from the same image).
+        venv_root: Where the node builds the extension's venv (None: the host's
+            ``venv_root_path``, the same path there).
     """
 
     resources: Mapping[str, float] = field(default_factory=dict)
@@ -64,6 +71,9 @@ class RayPlacement:
     address: str | None = None
     env: Mapping[str, str] = field(default_factory=dict)
     start_timeout: float = 120.0
+    connect: str | None = None
+    python: str | None = None
+    venv_root: str | None = None
 
     def __post_init__(self) -> None:
         require_ray()
@@ -103,6 +113,14 @@ class RayPlacement:
         if isinstance(self.start_timeout, bool) or not isinstance(self.start_timeout, (int, float)) or not (
                 self.start_timeout > 0 and math.isfinite(self.start_timeout)):
             raise ConfigError(f"{where}.start_timeout must be a positive number of seconds, got {self.start_timeout!r}")
+
+        if self.connect is not None and not (isinstance(self.connect, str) and self.connect.startswith("tcp://")):
+            raise ConfigError(f"{where}.connect must be the host's listener as the nodes reach it, "
+                              f"'tcp://HOST:PORT', got {self.connect!r}")
+        for field_name in ("python", "venv_root"):
+            value = getattr(self, field_name)
+            if value is not None and not (isinstance(value, str) and value.startswith("/")):
+                raise ConfigError(f"{where}.{field_name} must be an absolute path on the nodes, got {value!r}")
 
     def __hash__(self) -> int:
         return hash((tuple(sorted(self.resources.items())), self.address, tuple(sorted(self.env.items())),

@@ -147,6 +147,7 @@ async def _serve(boot: dict[str, Any], channel: shm.WorkerChannel) -> int:
             if joined is None:
                 conn.handshake(name, bytes.fromhex(boot["secret"]), timeout=float(boot["handshake_timeout"]))
             endpoint.calls.moved.update(conn.moves)  # where reloaded extensions' names point now
+            _shm.apart.update(conn.apart)  # who is on another machine: values for them go as frames
         except HandshakeError as exc:
             logger.error("%s", exc)
             return EXIT_HANDSHAKE

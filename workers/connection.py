@@ -79,11 +79,12 @@ class Connection:
         self._reported = [0, 0]
         self.closed = False
         self.moves: dict[bytes, bytes] = {}  # from WELCOME: see handshake()
+        self.apart: set[bytes] = set()  # from WELCOME: actors on other machines (values go as frames)
 
     def handshake(self, name: str, secret: bytes, timeout: float) -> bytes:
         """Introduce ourselves to the broker and wait for WELCOME (blocking: nothing else runs yet).
         The moved names it carries (public name -> the actor serving it, see ``Broker.move``)
-        are kept in ``moves``.
+        are kept in ``moves``, the actors on other machines in ``apart``.
 
         Returns WELCOME's body: empty, or a remote worker's bootstrap.
 
@@ -106,6 +107,10 @@ class Connection:
         if not isinstance(moves, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in moves.items()):
             raise HandshakeError("the broker's WELCOME carries malformed moves")
         self.moves = {k.encode(): v.encode() for k, v in moves.items()}
+        apart = extra[2] if len(extra) > 2 else []
+        if not isinstance(apart, list) or not all(isinstance(n, str) for n in apart):
+            raise HandshakeError("the broker's WELCOME carries a malformed list of remote actors")
+        self.apart = {n.encode() for n in apart}
         return frames[2] if len(frames) > 2 else b""
 
     def read_count(self) -> int:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import time
 from pathlib import Path
@@ -77,7 +78,7 @@ def _worker_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--server-key", required=True, metavar="KEY",
                         help="the host's public key: Z85 text or its .key file")
     parser.add_argument("--key", required=True, metavar="FILE",
-                        help="this worker's secret key: its .key_secret file (or Z85 text)")
+                        help="this worker's secret key: its .key_secret file, Z85 text, or env:VARIABLE")
     parser.add_argument("--name", default=None, help="the extension's name (default: as its manifest says)")
     parser.add_argument(
         "--venv-root", type=lambda s: Path(s).expanduser().absolute(), default=None, metavar="DIR",
@@ -91,7 +92,7 @@ def _worker(args: argparse.Namespace) -> int:
         raise UsageError(f"--connect takes tcp://HOST:PORT, got {args.connect!r}")
     try:
         server = public_key(args.server_key, "--server-key")
-        ours = secret_key(args.key, "--key")
+        ours = secret_key(_key_text(args.key), "--key")
         config = ExtensionConfig.from_path(args.extension_dir, **({"name": args.name} if args.name else {}))
     except (ValueError, ConfigError) as exc:
         raise UsageError(str(exc)) from None
@@ -108,6 +109,18 @@ def _worker(args: argparse.Namespace) -> int:
     except (EnvironmentBuildError, ConfigError) as exc:
         error(str(exc))
         return EXIT_FAILED
+
+
+def _key_text(value: str) -> str:
+    """``--key``: a file, Z85 text, or ``env:NAME``, the variable holding it (out of ``ps``'s sight:
+    a launcher such as RayPlacement passes the key of its launch so)."""
+    if not value.startswith("env:"):
+        return value
+    variable = value[4:]
+    text = os.environ.get(variable)
+    if not text:
+        raise ValueError(f"--key {value}: the variable {variable} is not set")
+    return text
 
 
 async def _supervise(config: ExtensionConfig, root: Path, remote: dict[str, Any], join_timeout: float) -> int:

@@ -16,6 +16,7 @@ worker on a node): the argv to run there.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 import os
 from typing import TYPE_CHECKING, Any
 
@@ -53,6 +54,8 @@ class RemoteProcess:
         self.pid = 0  # the worker's pid on its machine, once it joined (informational)
         self._ended: asyncio.Future[int] = loop.create_future()
         self.how = ""
+        #: The last lines of its output where a launch of the host's relays them; None: not here.
+        self.output: Callable[[], str] | None = None
 
     @property
     def returncode(self) -> int | None:
@@ -82,6 +85,8 @@ class RemoteProcess:
         self.end(STOPPED, "was stopped")
 
     def stderr_tail(self) -> str:
+        if self.output is not None:  # a launch of ours relays it (RayPlacement)
+            return self.output()
         return "(a remote worker: its output is on its own machine, in the output of `pyisolate worker`)"
 
     async def dump_stacks(self, timeout: float) -> tuple[str, bool]:
@@ -123,7 +128,7 @@ def check_remote(config: ExtensionConfig, manager: ExtensionManagerConfig) -> No
     if manager.listen is None or not isinstance(manager.curve, CurveConfig):
         raise ConfigError(f"extension {config.name!r} has remote=True, but the manager does not listen for remote "
                           "workers; set ExtensionManagerConfig(listen='tcp://0.0.0.0:5555', curve=CurveConfig(...))")
-    if config.name not in manager.curve.workers:
+    if config.name not in manager.curve.workers and config.placement is None:  # placed: a key per launch
         raise ConfigError(f"extension {config.name!r} has remote=True, but CurveConfig.workers allows no key for it; "
                           f"make one with `pyisolate keys {config.name}` and add its public key under that name")
 

@@ -37,7 +37,8 @@ from ..errors import (
 from .apptypes import AppTypes
 from .drain import CallCount
 from .process import WorkerProcess, ensure_fd_headroom, extension_logger
-from .remote import RemoteProcess, remote_boot
+from .placed import Placed
+from .remote import LOST, RemoteProcess, remote_boot
 from .sandbox import Confinement, Resolved, prepare
 
 if TYPE_CHECKING:
@@ -93,6 +94,8 @@ class Host(Protocol):
     def _adopt(self, backend: Worker) -> None: ...
     async def _fork_server(self, python: Path) -> ForkServer | None: ...
     def _warm_fork_server(self) -> None: ...
+    @property
+    def listen_endpoint(self) -> str | None: ...
 
 
 class Worker:
@@ -116,6 +119,7 @@ class Worker:
         self.state = State.STARTING
         self.process: WorkerProcess | RemoteProcess | None = None
         self.confinement: Confinement | None = None  # this run's; a restart makes a new one
+        self.placed: Placed | None = None  # ExtensionConfig.placement: its Ray launches
         self.ready: asyncio.Future[None] = manager.loop.create_future()
         self._error: BaseException | None = None
         self._watch: asyncio.Task[None] | None = None
@@ -321,6 +325,12 @@ class Worker:
                 manager.config, self.config, extension_spec=manager.extension_spec, app_types=manager.app_types,
                 singletons=manager._singleton_names()))
             _shm.apart.add(self.bname)  # nothing of ours is shared with it: values go as frames
+            if self.config.placement is not None:  # we start it: on a Ray node, unless a launch runs
+                if self.placed is None:
+                    self.placed = Placed(self.name, self.config.placement, self._placed_ended)
+                await self.placed.ensure(manager.config, self.config, manager.broker.listener,
+                                         manager.listen_endpoint)
+                process.output = self.placed.stderr_tail
             self._watch = manager.loop.create_task(self._watch_exit(process))
             try:
                 async with asyncio.timeout(timeout):
@@ -337,6 +347,11 @@ class Worker:
                     f"loading extension {self.name!r} was cancelled"))
             await self._release(self._error or ExtensionClosedError(f"extension {self.name!r} was stopped"))
             raise
+
+    def _placed_ended(self, how: str) -> None:
+        """The Ray launch of its worker ended: the worker is gone with it (a crash, unless stopping)."""
+        if isinstance(self.process, RemoteProcess):
+            self.process.end(LOST, how)
 
     def on_control(self, kind: Kind, body: bytes, buffers: list[bytes]) -> None:
         """READY or LOAD_FAILED from the worker."""
@@ -512,6 +527,8 @@ class Worker:
             _shm.sweep(self.actor)  # descriptors held for it (its memory goes with its mappings)
         if self.confinement is not None:  # after its process: a cgroup with processes in it stays
             self.confinement.close()
+        if self.placed is not None:  # its Ray launch, and the key made for it
+            await self.placed.close(self._manager.config.stop_timeout)
         if self._watch is not None:
             await asyncio.gather(self._watch, return_exceptions=True)
 

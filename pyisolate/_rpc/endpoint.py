@@ -262,6 +262,11 @@ class Endpoint:
                 self._on_gone(extra, body, buffers)
             case Kind.MOVED:
                 self._on_moved(extra)
+            case Kind.APART:
+                if len(extra) == 2 and type(extra[0]) is str and type(extra[1]) is bool:
+                    (_shm.apart.add if extra[1] else _shm.apart.discard)(extra[0].encode())
+                else:
+                    self._drop(BROKER, "malformed APART")
             case _ if self._on_control is not None:
                 self._on_control(sender, kind, call_id, extra, body, buffers)
             case _:

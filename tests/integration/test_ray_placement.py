@@ -334,3 +334,87 @@ async def test_a_node_going_down_is_a_crash(ray_head: str, tmp_path: Path) -> No
         assert await asyncio.to_thread(_wait_gone, {proc.pid}, DEADLINE) == set(), "the worker outlived its node"
     finally:
         _end_cluster(temp_dir)
+
+
+# -- an extension placed by RayPlacement ----------------------------------------------------
+
+
+def _parent_of(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[1])
+
+
+async def test_an_extension_placed_on_the_cluster_serves_is_relaunched_after_a_loss_and_ends_with_it(
+        ray_head: str, venv_root: Path) -> None:
+    import zmq
+
+    from pyisolate import CurveConfig, ExtensionBase, ExtensionConfig, ExtensionManager, ExtensionManagerConfig
+    from tests.support import ext
+
+    _, server_secret = zmq.curve_keypair()
+    config = ExtensionManagerConfig(venv_root_path=venv_root, listen="tcp://127.0.0.1:*",
+                                    curve=CurveConfig(server_secret_key=server_secret.decode()),  # no worker keys
+                                    heartbeat_interval=0.5, heartbeat_timeout=5.0, start_timeout=240)
+    async with ExtensionManager(ExtensionBase, config) as manager:
+        async with asyncio.timeout(300):
+            probe = await manager.load_extension(ExtensionConfig(
+                name="remote_probe", module_path=ext("remote_probe"), placement=_placement(ray_head),
+                restart=pyisolate.RestartPolicy(max_restarts=2, within=600, backoff=0.01)))
+        worker = probe._pyisolate_backend.current
+        first = worker.placed.process
+        listener = manager.broker.listener
+        async with asyncio.timeout(DEADLINE):
+            assert await probe.echo("through ray") == "through ray"
+
+            async def host_side(value):
+                return value + 1
+
+            assert await probe.call_back(host_side, 41) == 42  # and back to the host
+            # Its worker is the child of the command the Ray actor runs, not of the host.
+            assert _parent_of(await probe.pid()) == first.pid
+            assert len(listener._allowed) == 1  # the launch's own key, for this name only
+            hanging = asyncio.ensure_future(probe.hang())
+            assert await probe.echo(1) == 1  # hang has arrived: one pipe, in order
+            os.kill(first.runner_pid, signal.SIGKILL)  # the Ray actor (its node) is lost
+            with pytest.raises(pyisolate.ExtensionCrashedError, match="Ray actor"):
+                await hanging
+        async with asyncio.timeout(240):
+            await probe  # restarted: launched again, joined again
+        second = worker.placed.process
+        assert second is not first and second.runner_pid != first.runner_pid
+        assert await asyncio.to_thread(_wait_gone, {first.pid}, DEADLINE) == set()
+        assert await probe.echo("again") == "again" and _parent_of(await probe.pid()) == second.pid
+        assert len(listener._allowed) == 1  # the first launch's key was revoked
+        # Its worker alone dies: the launch starts another, which rejoins; the host launches nothing.
+        hanging = asyncio.ensure_future(probe.hang())
+        os.kill(await probe.pid(), signal.SIGKILL)  # answered after hang arrived: one pipe, in order
+        async with asyncio.timeout(120):
+            with pytest.raises(pyisolate.ExtensionCrashedError):
+                await hanging
+            await probe
+        assert worker.placed.process is second and _parent_of(await probe.pid()) == second.pid
+        async with asyncio.timeout(DEADLINE):
+            await probe.stop()
+        assert await asyncio.to_thread(_wait_gone, {second.pid, second.runner_pid}, DEADLINE) == set()
+        assert listener._allowed == {}
+
+
+async def test_a_placed_worker_that_cannot_start_fails_the_load_at_once(ray_head: str, venv_root: Path,
+                                                                        tmp_path: Path) -> None:
+    import zmq
+
+    from pyisolate import CurveConfig, ExtensionBase, ExtensionConfig, ExtensionManager, ExtensionManagerConfig
+
+    _, server_secret = zmq.curve_keypair()
+    config = ExtensionManagerConfig(venv_root_path=venv_root, listen="tcp://127.0.0.1:*",
+                                    curve=CurveConfig(server_secret_key=server_secret.decode()), start_timeout=600)
+    async with ExtensionManager(ExtensionBase, config) as manager:
+        async with asyncio.timeout(DEADLINE):  # not the start_timeout: the launch's end says it all
+            with pytest.raises(pyisolate.PyisolateError, match="ended with its Ray launch") as caught:
+                await manager.load_extension(ExtensionConfig(
+                    name="nowhere", module_path=tmp_path / "not-on-the-node", placement=_placement(ray_head)))
+        listener = manager.broker.listener
+        # The failed extension is stopped with the manager: its launch ends, its key goes.
+        launch = manager._extensions["nowhere"].placed.process
+    assert listener._allowed == {}
+    assert await asyncio.to_thread(_wait_gone, {launch.runner_pid}, DEADLINE) == set()
+    assert "not-on-the-node" in caught.value.remote_traceback  # what the command said there, relayed

@@ -93,6 +93,8 @@ async def load_remote(manager: ExtensionManager[ExtensionBase], **kw: object):  
 async def test_a_remote_worker_joins_and_serves_calls_both_ways_with_frames(venv_root: Path, keys: Keys) -> None:
     torch = pytest.importorskip("torch")
     async with ExtensionManager(ExtensionBase, config(venv_root, keys)) as manager:
+        async with asyncio.timeout(120):  # a local worker that joins before the remote one is announced
+            early = await manager.load_extension(ExtensionConfig.from_path(PROBE, name="early_probe"))
         probe = await load_remote(manager)
         assert manager.listen_endpoint is not None
         events: list[object] = []
@@ -116,6 +118,13 @@ async def test_a_remote_worker_joins_and_serves_calls_both_ways_with_frames(venv
             assert torch.equal(doubled, tensor * 2)
             strided = torch.arange(20.0).reshape(4, 5)[:, 1::2]  # not contiguous: sent dense
             assert torch.equal(await probe.echo(strided), strided)
+            # Local workers send to the remote one directly: as frames, since each was told that
+            # it is on another machine (when it was announced, or as they joined after).
+            local = await manager.load_extension(ExtensionConfig.from_path(PROBE, name="local_probe"))
+            assert numpy.array_equal(await local.relay_double(NAME, array), array * 2)
+            assert numpy.array_equal(await early.relay_double(NAME, array), array * 2)
+            # (a fresh tensor: one the host sends a local worker moves into shared memory, for good)
+            assert torch.equal(await local.relay_double(NAME, torch.arange(1 << 18, dtype=torch.float32)), tensor * 2)
             # Nothing went through shared memory: the host shared no segment with it.
             from pyisolate._wire import shm
 

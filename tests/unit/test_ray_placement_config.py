@@ -38,6 +38,9 @@ def test_gpu_cpu_and_memory_go_to_rays_keywords_the_rest_to_resources() -> None:
         ({"num_cpus": -1}, r"RayPlacement.num_cpus must be a number of CPUs >= 0"),
         ({"address": "local"}, r"would start a new Ray cluster .*ray start --head"),
         ({"address": ""}, r"RayPlacement.address must be None, 'auto'"),
+        ({"connect": "127.0.0.1:5555"}, r"RayPlacement.connect must be the host's listener .* 'tcp://HOST:PORT'"),
+        ({"python": "python3"}, r"RayPlacement.python must be an absolute path on the nodes"),
+        ({"venv_root": "venvs"}, r"RayPlacement.venv_root must be an absolute path on the nodes"),
         ({"env": {"A=B": "x"}}, r"RayPlacement.env must map variable names to strings"),
         ({"env": {"A": 1}}, r"RayPlacement.env must map variable names to strings"),
         ({"start_timeout": 0}, r"RayPlacement.start_timeout must be a positive number of seconds"),
@@ -63,3 +66,16 @@ def test_without_ray_it_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setitem(sys.modules, "ray", None)  # what an environment without Ray finds
     with pytest.raises(ConfigError, match=r"RayPlacement needs Ray.*pip install 'pyisolate\[ray\]'"):
         pyisolate.RayPlacement(resources={"GPU": 1})
+
+
+@needs_ray
+def test_a_placement_makes_the_extension_remote_and_must_be_a_ray_placement(tmp_path) -> None:
+    from pyisolate import ExtensionConfig
+
+    config = ExtensionConfig(name="placed", module_path=tmp_path / "on-the-node", placement=RayPlacement())
+    assert config.remote is True  # it joins over the listener; its folder is the node's
+    with pytest.raises(ConfigError, match=r"ExtensionConfig.placement \(extension 'placed'\) must be a "
+                                          r"pyisolate.RayPlacement"):
+        ExtensionConfig(name="placed", module_path=tmp_path, placement={"resources": {"GPU": 1}})
+    with pytest.raises(ConfigError, match="needs isolated=True"):
+        ExtensionConfig(name="placed", module_path=tmp_path, placement=RayPlacement(), isolated=False)

@@ -27,6 +27,10 @@ class RemoteProbe(ExtensionBase):
         self.calls += 1
         return array * 2
 
+    async def relay_double(self, name, array):
+        """Have extension ``name`` double ``array``: sent from this worker to that one directly."""
+        return await pyisolate.get_actor(name).double(array)
+
     def count(self):
         return self.calls
 
