@@ -446,6 +446,9 @@ class ExtensionConfig:
             raise ConfigError(f"ExtensionConfig.remote (extension {self.name!r}) needs isolated=True: a remote "
                               "extension runs in a worker on another machine")
         where = f"(extension {self.name!r})"
+        if self.remote and self.watch:
+            raise ConfigError(f"ExtensionConfig.watch {where}: a remote worker's source is on its own machine, where "
+                              "the host cannot watch it; set watch=False (or leave it None)")
         if self.watch is not None and not isinstance(self.watch, bool):
             raise ConfigError(f"ExtensionConfig.watch {where} must be True, False or None, got {self.watch!r}")
         if self.sandbox_mode is not None:

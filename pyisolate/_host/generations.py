@@ -123,6 +123,10 @@ class Generations:
             raise ConfigError(f"reload(config=...) of extension {self.name!r}: isolated=False cannot be reloaded")
         if self._stopped:
             raise ExtensionClosedError(f"extension {self.name!r} is stopped")
+        if self.current.config.remote or (new_config is not None and new_config.remote):
+            raise ConfigError(f"reload() of extension {self.name!r}: a remote worker cannot be reloaded from the host "
+                              "(its code and venv are on its own machine); restart `pyisolate worker` there, or stop "
+                              "and load the extension again")
         task = loop.create_task(self._reload(new_config), name=f"pyisolate-reload-{self.name}")
         task.add_done_callback(retrieve)
         self._reloads.add(task)

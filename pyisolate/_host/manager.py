@@ -219,7 +219,7 @@ class ExtensionManager(Generic[T]):
                 f"extension {config.name!r} has isolated=False, so it runs inside the host and cannot be confined, "
                 "but its sandbox_mode is 'required'; set isolated=True, or sandbox_mode='preferred'"
             )
-        watch = config.isolated and (self.config.watch if config.watch is None else config.watch)
+        watch = config.isolated and not config.remote and (self.config.watch if config.watch is None else config.watch)
         if watch:
             require_watchfiles(config.name)
         self._bind()

@@ -134,6 +134,8 @@ async def test_a_remote_worker_joins_and_serves_calls_both_ways_with_frames(venv
                     await asyncio.sleep(0.02)
             assert events == [(NAME, [1, 2])]
             assert manager.broker.listener is not None and manager.broker.listener.authenticated == 1
+            with pytest.raises(ConfigError, match="a remote worker cannot be reloaded from the host"):
+                await probe.reload()
             await probe.stop()
             assert worker.proc is not None
             async with asyncio.timeout(15):
@@ -258,6 +260,8 @@ async def test_remote_needs_the_listener_and_a_key_for_its_name(venv_root: Path,
     async with ExtensionManager(ExtensionBase, config(venv_root, keys)) as manager:
         with pytest.raises(ConfigError, match="allows no key"):
             manager.load_extension(ExtensionConfig(name="unlisted", module_path="/x", remote=True))
+    with pytest.raises(ConfigError, match="the host cannot watch it"):
+        ExtensionConfig(name=NAME, module_path="/x", remote=True, watch=True)
 
 
 def test_keys_command_writes_private_files_and_prints_the_public_key(tmp_path: Path) -> None:
