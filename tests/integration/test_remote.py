@@ -333,6 +333,11 @@ async def test_a_partition_fails_calls_typed_and_the_worker_rejoins(venv_root: P
             first_pid = await probe.pid()
             tensor = torch.ones(1 << 18)
             assert torch.equal(await probe.double(tensor), tensor * 2)
+
+            async def plus_one(x: int) -> int:  # called by the worker in the other namespace
+                return x + 1
+
+            assert await probe.call_back(plus_one, 1) == 2
             held = asyncio.ensure_future(probe.hang())
             await probe.echo(0)  # the held call is at the worker by now
             _ip("link", "set", link, "down")
