@@ -309,10 +309,7 @@ class Worker:
             logger.debug("extension %r ready in %.3f s (pid %d)", self.name, time.monotonic() - started,
                          self.process.pid)
         except BaseException as exc:
-            if self.state is State.STARTING:
-                self._fail(State.FAILED, exc if isinstance(exc, Exception) else ExtensionClosedError(
-                    f"loading extension {self.name!r} was cancelled"))
-            await self._release(self._error or ExtensionClosedError(f"extension {self.name!r} was stopped"))
+            await self._start_failed(exc)
             raise
 
     async def _join_remote(self) -> None:
@@ -342,11 +339,15 @@ class Worker:
                     f"--connect tcp://THIS_HOST:{_port(manager.broker)} --server-key {_server_key(manager)} --key "
                     f"{self.name}.key_secret --name {self.name} EXTENSION_DIR", extension=self.name) from None
         except BaseException as exc:
-            if self.state is State.STARTING:
-                self._fail(State.FAILED, exc if isinstance(exc, Exception) else ExtensionClosedError(
-                    f"loading extension {self.name!r} was cancelled"))
-            await self._release(self._error or ExtensionClosedError(f"extension {self.name!r} was stopped"))
+            await self._start_failed(exc)
             raise
+
+    async def _start_failed(self, exc: BaseException) -> None:
+        """A start raised (or was cancelled): mark it failed, if nothing else did, and release it."""
+        if self.state is State.STARTING:
+            self._fail(State.FAILED, exc if isinstance(exc, Exception) else ExtensionClosedError(
+                f"loading extension {self.name!r} was cancelled"))
+        await self._release(self._error or ExtensionClosedError(f"extension {self.name!r} was stopped"))
 
     def _placed_ended(self, how: str) -> None:
         """The Ray launch of its worker ended: the worker is gone with it (a crash, unless stopping)."""
