@@ -31,9 +31,9 @@ async def main(venv_root: str) -> None:
         registry = manager.broker.registry
         expect = registry.expect
 
-        def recording_expect(name: bytes, secret: bytes) -> None:  # observes, changes nothing
+        def recording_expect(name: bytes, secret: bytes, **how: bool) -> None:  # observes, changes nothing
             secrets[name] = secret
-            expect(name, secret)
+            expect(name, secret, **how)
 
         registry.expect = recording_expect  # type: ignore[method-assign]
         await snoop.start_watching(os.getpid(), "victim")

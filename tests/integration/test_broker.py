@@ -222,6 +222,6 @@ async def test_a_move_is_settled_once_every_worker_acknowledged_or_left(broker, 
     d = peers()
     broker.registry.expect(b"d", b"s" * 32)
     kind, extra = await d.hello("d", b"s" * 32)
-    assert kind is Kind.WELCOME and extra == [PROTOCOL_VERSION, {"ext": "ext@2"}]
+    assert kind is Kind.WELCOME and extra == [PROTOCOL_VERSION, {"ext": "ext@2"}, []]  # [version, moves, actors apart]
     broker.move(b"ext", b"ext")  # undone: the name is its own again
     assert broker.moves == {}

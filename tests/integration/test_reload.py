@@ -220,12 +220,16 @@ async def test_no_call_fails_at_200_calls_per_second_during_20_reloads(manager, 
     answers: set[str] = set()
     calls: set[asyncio.Task[Any]] = set()
     stop = asyncio.Event()
+    newest = asyncio.Event()  # a call of the load was answered by the last generation
 
     async def one() -> None:
         nonlocal answered
         try:
-            answers.add(await extension.version())
+            answer = await extension.version()
+            answers.add(answer)
             answered += 1
+            if answer == f"v{reloads + 1}":
+                newest.set()
         except BaseException as exc:  # every failure is counted, of any kind
             failures.append(exc)
 
@@ -248,6 +252,8 @@ async def test_no_call_fails_at_200_calls_per_second_during_20_reloads(manager, 
             set_version(folder, f"v{generation + 1}")
             await extension.reload()
         elapsed = time.monotonic() - began
+        async with asyncio.timeout(DEADLINE):
+            await newest.wait()  # the load keeps going until it reached the newest code
         stop.set()
         await loader
         await asyncio.gather(*calls)
@@ -449,7 +455,7 @@ async def test_calls_by_name_from_another_extension_follow_reloads_with_none_fai
         for generation in range(1, reloads + 1):
             set_version(folder, f"v{generation + 1}")
             await extension.reload()
-        report = await peer.finish()
+        report = await peer.finish(f"v{reloads + 1}")  # once the load reached the newest code
     assert report["failed"] == 0, f"{report['failed']} of {report['sent']} calls by name failed: {report['failures']}"
     assert report["answered"] == report["sent"]
     assert len(report["answers"]) >= 3  # the load ran through the reloads, answered by several generations

@@ -18,6 +18,8 @@ class PeerLoad(ExtensionBase):
         self.answered = 0
         self.failures = []
         self.answers = set()
+        self._awaited = None
+        self._seen = None
 
     async def call(self, name, method):
         return await getattr(pyisolate.get_actor(name), method)()
@@ -41,13 +43,20 @@ class PeerLoad(ExtensionBase):
 
     async def _one(self, proxy, method):
         try:
-            self.answers.add(await getattr(proxy, method)())
+            answer = await getattr(proxy, method)()
+            self.answers.add(answer)
             self.answered += 1
+            if answer == self._awaited:
+                self._seen.set()
         except BaseException as exc:  # every failure is counted, of any kind
             self.failures.append(f"{type(exc).__name__}: {exc}")
 
-    async def finish(self):
-        """Stop the load, wait for every call made, and say how it went."""
+    async def finish(self, awaited=None):
+        """Stop the load (once one of its calls answered ``awaited``, if given), wait for every
+        call made, and say how it went."""
+        if awaited is not None and awaited not in self.answers:
+            self._awaited, self._seen = awaited, asyncio.Event()
+            await self._seen.wait()  # the caller's timeout bounds it
         self._stop.set()
         await self._load
         await asyncio.gather(*self._calls)
