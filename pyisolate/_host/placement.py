@@ -35,6 +35,8 @@ __all__ = ["RayProcess", "disconnect", "launch"]
 
 logger = logging.getLogger(__name__)
 
+#: Seconds the end of a process waits for the rest of its output to be relayed.
+_RELAY_GRACE = 2.0
 #: stderr lines kept for the error that reports a crash.
 _TAIL = 50
 #: Seconds the actor may take to answer ``stop`` beyond the grace period it was given.
@@ -213,10 +215,13 @@ class RayProcess:
             code = int(await _get(self._actor.wait.remote()))
         except self._ray.exceptions.RayError as exc:
             # Its output may still be on the way: the tail says what it had written.
-            await asyncio.wait([self._pump], timeout=1.0)
+            await asyncio.wait([self._pump], timeout=_RELAY_GRACE)
             raise ExtensionCrashedError(
                 f"extension {self.name!r} was lost with its Ray actor on node {self.node_ip} ({self.node_id[:12]}): "
                 f"{_first_line(exc)}", extension=self.name, exit_code=None, stderr_tail=self.stderr_tail()) from exc
+        # What it wrote before it ended is relayed before its end is told (bounded: a descendant
+        # that kept the pipes open would hold them).
+        await asyncio.wait([self._pump], timeout=_RELAY_GRACE)
         self._returncode = code
         return code
 

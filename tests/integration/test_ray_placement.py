@@ -4,6 +4,13 @@ The head (``ray start --head``, a temp dir of its own, a custom resource ``pyi_t
 long as the module; its processes are ended by pid in the finalizer (``ray stop`` would end
 every Ray cluster of this user on the machine). The pytest process is the Ray driver, as a
 host is: connected once for the module, left at its end.
+
+Loopback only: Ray 2.60's GCS and raylet listen on every interface whatever
+``--node-ip-address`` says, so where it can (root, as in CI) the module runs in a network
+namespace of its own that has nothing but ``lo``. The test thread enters it (a network
+namespace is per thread), so the head, the driver, the host's tcp listener and the workers Ray
+starts all live there; it leaves at the module's end. The venv the placed extension needs is
+built before, outside it (the registry is not reachable from it).
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from typing import Any
 from pathlib import Path
 
 import pytest
@@ -78,8 +86,47 @@ def _wait_gone(pids: set[int], timeout: float) -> set[int]:
     return left
 
 
+CLONE_NEWNET = 0x40000000
+#: The temp dir of the head at each address (its processes' command lines name it), and the
+#: inode of the machine's network namespace.
+_HEAD: dict[str, Any] = {}
+
+
 @pytest.fixture(scope="module")
-def ray_head() -> Iterator[str]:
+def loopback_only(venv_root: Path) -> Iterator[bool]:
+    """This thread in a new network namespace with only ``lo`` up, for the module (True), or, where
+    none can be made (not root), the machine's (False). Left, and checked left, at the end."""
+    import ctypes
+
+    from tests.support import ext
+
+    built = subprocess.run([str(Path(sys.executable).with_name("pyisolate")), "env", "build", "--venv-root",
+                            str(venv_root), str(ext("remote_probe"))], capture_output=True, text=True, timeout=900)
+    assert built.returncode == 0, built.stdout + built.stderr
+    libc = ctypes.CDLL(None, use_errno=True)
+    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    _HEAD["machine's network namespace"] = os.fstat(home).st_ino
+    try:
+        if libc.unshare(CLONE_NEWNET) != 0:
+            logging.getLogger(__name__).warning("no network namespace (%s): Ray listens on every interface",
+                                                os.strerror(ctypes.get_errno()))
+            yield False
+            return
+        try:
+            subprocess.run(["ip", "link", "set", "lo", "up"], check=True, capture_output=True, timeout=10)
+            links = subprocess.run(["ip", "-o", "link"], check=True, capture_output=True, text=True).stdout
+            assert [line.split(":")[1].strip() for line in links.splitlines()] == ["lo"]
+            yield True
+        finally:
+            if libc.setns(home, CLONE_NEWNET) != 0:
+                raise OSError(ctypes.get_errno(), "could not go back to the machine's network namespace")
+        assert os.stat("/proc/thread-self/ns/net").st_ino == os.fstat(home).st_ino
+    finally:
+        os.close(home)
+
+
+@pytest.fixture(scope="module")
+def ray_head(loopback_only: bool) -> Iterator[str]:
     """A one-node Ray cluster on loopback with one ``pyi_test`` resource; the driver connected to it."""
     import ray
 
@@ -96,6 +143,7 @@ def ray_head() -> Iterator[str]:
             env=env, check=True, capture_output=True, timeout=60,
         )  # fmt: skip
         ray.init(address=address, log_to_driver=False, configure_logging=False)
+        _HEAD[address] = temp_dir
         yield address
     finally:
         if ray.is_initialized():
@@ -156,6 +204,19 @@ async def _read_json(path: Path) -> dict[str, int]:
         while not path.exists():
             await asyncio.sleep(0.02)
     return json.loads(path.read_text())  # type: ignore[no-any-return]
+
+
+def test_the_cluster_lives_in_a_namespace_with_loopback_alone(ray_head: str, loopback_only: bool) -> None:
+    if not loopback_only:
+        pytest.skip("no network namespace could be made (not root): the head runs in the machine's")
+    ours = os.stat("/proc/thread-self/ns/net").st_ino
+    assert ours != _HEAD["machine's network namespace"]
+    pids = _cluster_pids(_HEAD[ray_head])
+    names = {Path(f"/proc/{pid}/comm").read_text().strip() for pid in pids}
+    assert {"gcs_server", "raylet"} <= names, names
+    assert {os.stat(f"/proc/{pid}/ns/net").st_ino for pid in pids} == {ours}  # every one of them
+    links = subprocess.run(["ip", "-o", "link"], check=True, capture_output=True, text=True).stdout
+    assert [line.split(":")[1].strip() for line in links.splitlines()] == ["lo"]
 
 
 async def test_runs_the_command_on_a_node_with_the_resource(ray_head: str, tmp_path: Path,
