@@ -135,7 +135,8 @@ def test_doctor_reports_a_venv_root_it_cannot_create(tmp_path: Path) -> None:
 def test_doctor_json_reports_each_check_with_its_fix() -> None:
     done = cli("doctor", "--json")
     report = json.loads(done.stdout)
-    assert [c["name"] for c in report["checks"]] == ["python", "uv", "ipc", "shm", "sandbox", "limits", "torch", "cuda", "venv_root"]
+    assert [c["name"] for c in report["checks"]] == ["python", "uv", "ipc", "shm", "sandbox", "limits", "torch",
+                                                     "cuda", "venv_root"]
     assert done.returncode == (0 if report["ok"] else 1)
     for check in report["checks"]:
         assert check["status"] in ("ok", "info", "warn", "error")

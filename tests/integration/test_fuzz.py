@@ -36,7 +36,8 @@ headers = st.one_of(
 )
 bodies = st.one_of(
     st.binary(max_size=256),
-    st.builds(lambda code, data: msgpack.packb(msgpack.ExtType(code, data)), st.integers(0, 127), st.binary(max_size=64)),
+    st.builds(lambda code, data: msgpack.packb(msgpack.ExtType(code, data)), st.integers(0, 127),
+              st.binary(max_size=64)),
     st.builds(msgpack.packb, st.recursive(scalars, lambda inner: st.lists(inner, max_size=4), max_leaves=20)),
     st.sampled_from([b"\xdd\xff\xff\xff\xff", b"\xdf\xff\xff\xff\xff", b"\x91" * 5_000 + b"\xc0",
                      b"\xc7\xff\x0c" + b"\x00" * 10, b"\xc6\xff\xff\xff\xff"]),

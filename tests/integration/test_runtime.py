@@ -155,7 +155,7 @@ async def test_remote_exceptions_keep_their_type_message_and_traceback(manager):
 async def test_only_public_methods_are_callable(manager):
     extension = await manager.load_extension(ok_config())
     with pytest.raises(AttributeError):
-        extension._private  # refused locally
+        extension._private  # noqa: B018  refused locally
     with pytest.raises(AttributeError, match="no public method"):
         await extension.not_a_method()
     with pytest.raises(AttributeError, match="no public method"):

@@ -81,7 +81,7 @@ PLAIN_VALUES = [
     bytearray(), bytearray(b"\xc4mutable"), [], (), {}, set(), frozenset(), (1,), 1 + 2j,
     complex(math.inf, -0.0), [1, (2, [3, (4,)])], {1, "a", (1, 2)}, frozenset({frozenset({1})}),
     {"a": [1, 2, {"b": (3, 4)}], "c": {1, 2}},
-    {1: "int", 2.5: "float", None: "none", True: "bool", b"k": "bytes", (1, "x"): "tuple",
+    {1: "int", 2.5: "float", None: "none", False: "bool", b"k": "bytes", (1, "x"): "tuple",
      frozenset({1}): "frozenset", 3 + 4j: "complex", 2**70: "big"},
     [ValueError("inside"), {"e": KeyError("k")}],
 ]
