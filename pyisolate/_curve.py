@@ -8,7 +8,7 @@ A key is 32 bytes, written as 40 characters of Z85. Key files use ZeroMQ's certi
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -185,17 +185,19 @@ def _cert(public: bytes, secret: bytes | None) -> str:
 
 def worker_command(*, name: str, connect: str, server_key: str, key_file: str | os.PathLike[str],
                    extension_dir: str | os.PathLike[str], venv_root: str | os.PathLike[str] | None = None,
-                   python: str = "python3") -> list[str]:
+                   python: str = "python3", sandbox: Sequence[str] = ()) -> list[str]:
     """The argv that runs extension ``name``'s remote worker on another machine, for a launcher.
 
     ``connect``: the host's listener as reachable from there (``tcp://HOST:PORT``);
     ``server_key``: the host's public key (Z85); ``key_file``: the worker's ``.key_secret`` file
     *on that machine*; ``extension_dir``, ``venv_root``: paths on that machine. The command joins
     the host under ``name`` (the host must have loaded it with ``ExtensionConfig(remote=True)``)
-    and rejoins after a partition; it exits when the host stops the extension.
+    and rejoins after a partition; it exits when the host stops the extension. ``sandbox``: its
+    ``--sandbox-*`` options (``pyisolate._host.remote.sandbox_options``), the policy it is confined by there.
     """
     argv = [python, "-m", "pyisolate", "worker", "--connect", connect, "--server-key", server_key,
-            "--key", os.fspath(key_file), "--name", name]
+            "--key", os.fspath(key_file), "--name", name, *sandbox]
     if venv_root is not None:
         argv += ["--venv-root", os.fspath(venv_root)]
     return [*argv, os.fspath(extension_dir)]
+

@@ -8,11 +8,11 @@ open, end-of-file on it means the host is gone, even if it was killed, and the w
 once. Nothing here imports host-only code (manager, venv builder).
 
 A remote worker (``pyisolate worker --connect``, on another machine) is started the same way
-by that command, whose bootstrap holds only ``remote``: where the host is and the CURVE keys.
-It joins first, and the rest of its bootstrap comes in the broker's WELCOME, over the
-authenticated connection. It shares no memory with the host (values go as buffer frames), is
-not confined by the host, and exits when the host has gone quiet for ``heartbeat_timeout``
-(the command then rejoins).
+by that command, whose bootstrap holds ``remote`` (where the host is and the CURVE keys) and
+the rules that command confines it by on its machine (applied first, as a local worker's).
+It joins next, and the rest of its bootstrap comes in the broker's WELCOME, over the
+authenticated connection. It shares no memory with the host (values go as buffer frames) and
+exits when the host has gone quiet for ``heartbeat_timeout`` (the command then rejoins).
 """
 
 from __future__ import annotations
@@ -325,7 +325,7 @@ def main() -> None:
         sys.stderr.write(f"pyisolate worker: no bootstrap from the host: {exc}\n")
         os._exit(EXIT_HOST_GONE)
     _setup_output(boot.get("log_level", logging.WARNING))
-    if "remote" not in boot and (boot.get("confine") is not None or boot.get("rlimits")):
+    if boot.get("confine") is not None or boot.get("rlimits"):
         # Before any other thread (Landlock confines the calling thread and what it starts
         # later), before the runtime's imports and before any extension code.
         _confine(boot)

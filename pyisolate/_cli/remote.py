@@ -6,8 +6,13 @@ on the machine that should host the extension: it builds the extension's venv th
 builder, fingerprints and progress as the host's), then runs the worker in it, which joins the
 host's broker over tcp + CURVE. It stays up: when the worker leaves (a partition made the host
 silent, its process crashed), it starts another that rejoins, with a backoff. It exits 0 when
-the host stops the extension, 1 when the extension fails to load or the first join cannot be
-made within ``--join-timeout``.
+the host stops the extension, 1 when the extension fails to load, cannot be confined as
+``--sandbox-mode required`` asks, or the first join cannot be made within ``--join-timeout``.
+
+The worker is confined on this machine as a local one is on the host's (``--sandbox-mode``,
+default ``preferred``): Landlock and seccomp, with TCP connects allowed to the host's port
+only; this command's ``--sandbox-*`` options are the ceiling (the host's policy, here), the
+extension's manifest narrows it, and its limits apply.
 """
 
 from __future__ import annotations
@@ -16,18 +21,23 @@ import argparse
 import asyncio
 import logging
 import os
+import re
 import signal
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pyisolate.workers.exits import EXIT_HANDSHAKE, EXIT_HOST_GONE, EXIT_LOAD_FAILED, EXIT_OK
+from pyisolate.workers.exits import EXIT_CONFINE, EXIT_HANDSHAKE, EXIT_HOST_GONE, EXIT_LOAD_FAILED, EXIT_OK
 
-from .._config import ExtensionConfig
+from .._config import ExtensionConfig, ExtensionManagerConfig
 from .._curve import create_key_files, public_key, secret_key
 from .._envs import ProgressDisplay, ensure_venv, runtime_dir
-from ..errors import ConfigError, EnvironmentBuildError
+from .._policy import SandboxPolicy
+from ..errors import ConfigError, EnvironmentBuildError, ExtensionLoadError
 from .output import EXIT_FAILED, UsageError, error, print_json
+
+if TYPE_CHECKING:
+    from .._host import Resolved
 
 __all__ = ["COMMANDS"]
 
@@ -85,6 +95,21 @@ def _worker_options(parser: argparse.ArgumentParser) -> None:
         help="where to build the extension's venv (default: $PYISOLATE_VENV_ROOT, else ./venvs)")
     parser.add_argument("--join-timeout", type=float, default=60.0, metavar="SECONDS",
                         help="give up when the first join has not succeeded by then (default 60)")
+    parser.add_argument(
+        "--sandbox-mode", choices=("preferred", "required", "disabled"), default="preferred",
+        help="confine the worker as far as this machine can (preferred, the default), refuse to run it "
+             "otherwise (required), or run it unconfined (disabled)")
+    parser.add_argument("--sandbox-network", action="store_true",
+                        help="let the extension open network connections beyond the one to the host")
+    parser.add_argument("--sandbox-read", action="append", default=[], type=_absolute, metavar="DIR",
+                        help="a folder the extension may read (repeatable): where its host_paths, apis or "
+                             "types live on this machine, data it needs")
+    parser.add_argument("--sandbox-write", action="append", default=[], type=_absolute, metavar="DIR",
+                        help="a folder the extension may write (repeatable)")
+
+
+def _absolute(value: str) -> Path:
+    return Path(value).expanduser().absolute()
 
 
 def _worker(args: argparse.Namespace) -> int:
@@ -102,13 +127,32 @@ def _worker(args: argparse.Namespace) -> int:
         args.venv_root = default_venv_root()
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    from .._host import resolve
+
+    try:
+        # This command's options play the host's part: the ceiling the manifest narrows.
+        ceiling = ExtensionManagerConfig(
+            venv_root_path=args.venv_root, sandbox_mode=args.sandbox_mode,
+            sandbox=SandboxPolicy(network=args.sandbox_network, writable_paths=tuple(args.sandbox_write),
+                                  readonly_paths=tuple(args.sandbox_read)))
+        resolved = resolve(config, ceiling)
+    except ConfigError as exc:
+        raise UsageError(_as_worker_options(str(exc))) from None
     remote = {"endpoint": args.connect, "server_key": server, "public_key": ours.public, "secret_key": ours.secret,
               "name": config.name, "module_path": str(config.module_path), "share_torch": config.share_torch}
     try:
-        return asyncio.run(_supervise(config, args.venv_root, remote, args.join_timeout))
-    except (EnvironmentBuildError, ConfigError) as exc:
+        return asyncio.run(_supervise(config, args.venv_root, remote, args.join_timeout, resolved))
+    except (EnvironmentBuildError, ConfigError, ExtensionLoadError) as exc:
         error(str(exc))
         return EXIT_FAILED
+
+
+def _as_worker_options(message: str) -> str:
+    """A sandbox refusal said in this command's terms: its options are the host's policy here."""
+    message = re.sub(r"set ExtensionManagerConfig\(sandbox_mode='(\w+)'\)", r"pass --sandbox-mode \1", message)
+    message = message.replace("allow it in ExtensionManagerConfig(sandbox=...)",
+                              "allow it with --sandbox-network, --sandbox-read DIR or --sandbox-write DIR")
+    return message.replace("the host's", "this worker machine's")
 
 
 def _key_text(value: str) -> str:
@@ -123,9 +167,10 @@ def _key_text(value: str) -> str:
     return text
 
 
-async def _supervise(config: ExtensionConfig, root: Path, remote: dict[str, Any], join_timeout: float) -> int:
+async def _supervise(config: ExtensionConfig, root: Path, remote: dict[str, Any], join_timeout: float,
+                     resolved: Resolved) -> int:
     """Build the venv, then run workers until the host stops the extension (see the module doc)."""
-    from .._host import WorkerProcess, extension_logger
+    from .._host import WorkerProcess, extension_logger, prepare
 
     with ProgressDisplay() as display:
         python = await ensure_venv(
@@ -136,20 +181,36 @@ async def _supervise(config: ExtensionConfig, root: Path, remote: dict[str, Any]
     task = asyncio.current_task()
     assert task is not None
     loop.add_signal_handler(signal.SIGTERM, task.cancel)
-    deadline, joined, delay = time.monotonic() + join_timeout, False, _BACKOFF_FIRST
+    deadline, joined, delay, said = time.monotonic() + join_timeout, False, _BACKOFF_FIRST, False
     try:
         while True:
             attempt = min(_ATTEMPT_SECONDS, max(0.5, deadline - time.monotonic())) if not joined else _ATTEMPT_SECONDS
-            process = await WorkerProcess.spawn(
-                name=config.name, python=python, runtime=runtime, log=extension_logger(config.name),
-                boot={"remote": {**remote, "join_timeout": attempt},
-                      "log_level": logging.getLogger("pyisolate.extension").getEffectiveLevel()},
-                pass_env=tuple(config.pass_env), env=dict(config.env))
+            confinement = await asyncio.to_thread(
+                prepare, config.name, resolved, venv=python.parent.parent, runtime=runtime,
+                module_path=Path(config.module_path), class_files=(), broker_endpoint=remote["endpoint"],
+                share_torch=config.share_torch)
             try:
-                code = await process.wait()
+                if not said:
+                    said = True
+                    logger.info("extension %r runs confined by: %s", config.name,
+                                ", ".join(confinement.enforced) or "nothing (--sandbox-mode disabled)")
+                process = await WorkerProcess.spawn(
+                    name=config.name, python=python, runtime=runtime, log=extension_logger(config.name),
+                    before_boot=confinement.attach, sandbox=confinement.argv,
+                    boot={**confinement.boot(), "remote": {**remote, "join_timeout": attempt},
+                          "log_level": logging.getLogger("pyisolate.extension").getEffectiveLevel()},
+                    pass_env=tuple(config.pass_env), env={**config.env, **confinement.env()})
+                try:
+                    code = await process.wait()
+                finally:
+                    await process.stop(2.0)
+                    await process.aclose()
             finally:
-                await process.stop(2.0)
-                await process.aclose()
+                confinement.close()
+            if code == EXIT_CONFINE:
+                error(f"extension {config.name!r} could not be confined as --sandbox-mode required asks (its "
+                      "stderr above says what failed); fix the system, or use --sandbox-mode preferred")
+                return EXIT_FAILED
             if code == EXIT_OK:
                 logger.info("the host stopped extension %r", config.name)
                 return 0

@@ -16,7 +16,8 @@
   with ``procinfo`` (a worker's memory and CPU time); ``admin``: the admin endpoint that
   ``pyisolate top``/``stack``/``profile`` attach to.
 - ``sandbox``: each worker's confinement (policy, limits, the rules it applies to itself);
-  ``sandbox_offered()`` says what this machine can enforce.
+  ``sandbox_offered()`` says what this machine can enforce; ``resolve`` and ``prepare`` serve
+  ``pyisolate worker`` too, which confines a remote worker on its own machine.
 
 Host-side only: a worker never imports this package.
 """
@@ -28,6 +29,7 @@ from .extension import Extension, method
 from .manager import ExtensionManager
 from .process import WorkerProcess, extension_logger
 from .remote import remote_worker_command
+from .sandbox import Resolved, prepare, resolve
 from .sandbox import offered as sandbox_offered
 from .stats import stats
 from .sync import SyncExtensionManager
@@ -35,5 +37,5 @@ from .sync import SyncExtensionManager
 __all__ = [
     "MAX_ANSWER", "SOCKET_NAME", "Extension", "ExtensionManager", "SyncExtensionManager", "WorkerProcess",
     "extension_logger", "method", "read_frame", "remote_worker_command",
-    "sandbox_offered", "stats", "write_frame",
+    "Resolved", "prepare", "resolve", "sandbox_offered", "stats", "write_frame",
 ]  # fmt: skip

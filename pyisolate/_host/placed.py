@@ -24,6 +24,8 @@ import zmq
 
 from .._curve import CurveConfig, worker_command
 from ..errors import ConfigError, ExtensionCrashedError
+from .remote import sandbox_options
+from .sandbox import resolve
 
 if TYPE_CHECKING:
     from .._config import ExtensionConfig, ExtensionManagerConfig
@@ -73,11 +75,12 @@ class Placed:
         listener.allow(public, self.name)
         self._key, self._listener = public, listener
         placement = self.placement
+        resolved = resolve(config, manager)  # the host's policy narrowed by the extension's: it holds there too
         argv = worker_command(
             name=self.name, connect=placement.connect or reachable(listen_endpoint),
             server_key=curve.server.public, key_file=f"env:{KEY_VARIABLE}",
             extension_dir=config.module_path, venv_root=placement.venv_root or manager.venv_root,
-            python=placement.python or sys.executable)
+            python=placement.python or sys.executable, sandbox=sandbox_options(resolved.mode, resolved.policy))
         from .placement import launch
 
         self.process = process = await launch(placement, argv, {KEY_VARIABLE: secret.decode()}, name=self.name)

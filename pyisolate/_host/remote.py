@@ -26,6 +26,7 @@ from pyisolate.workers.loader import class_spec
 
 from .._curve import CurveConfig, worker_command
 
+from .._policy import SandboxPolicy
 from ..errors import ConfigError
 
 if TYPE_CHECKING:
@@ -34,7 +35,8 @@ if TYPE_CHECKING:
     from .._config import ExtensionConfig, ExtensionManagerConfig
     from .apptypes import AppTypes
 
-__all__ = ["LOST", "STOPPED", "RemoteProcess", "check_remote", "remote_boot", "remote_worker_command"]
+__all__ = ["LOST", "STOPPED", "RemoteProcess", "check_remote", "remote_boot", "remote_worker_command",
+           "sandbox_options"]
 
 #: The "exit codes" of a remote worker: it left when asked, or its connection was lost.
 STOPPED = 0
@@ -104,8 +106,10 @@ def remote_worker_command(config: ExtensionManagerConfig, name: str, *, connect:
 
     ``connect``: the manager's listener as the other machine reaches it (``manager.listen_endpoint``
     names a local address); ``key_file``, ``extension_dir``, ``venv_root``: paths there. The host's
-    public key comes from ``config.curve``. A launcher (a cluster engine) runs it on the node it
-    picks; the worker then joins like any remote worker.
+    public key comes from ``config.curve``, and its sandbox policy (``sandbox_mode``, ``sandbox``)
+    becomes the command's ``--sandbox-*`` options: the worker is confined by it there (the
+    extension's manifest narrows it, as on the host). A launcher (a cluster engine) runs it on
+    the node it picks; the worker then joins like any remote worker.
 
     Raises:
         ValueError: the manager has no ``curve``, or ``name`` is not on its allowlist.
@@ -115,8 +119,17 @@ def remote_worker_command(config: ExtensionManagerConfig, name: str, *, connect:
         raise ValueError("the manager has no CURVE keys (ExtensionManagerConfig.curve): no worker can join it remotely")
     if name not in curve.workers:
         raise ValueError(f"{name!r} is not on the manager's allowlist (CurveConfig.workers)")
+    assert isinstance(config.sandbox, SandboxPolicy)  # made one at construction
     return worker_command(name=name, connect=connect, server_key=curve.server.public, key_file=key_file,
-                          extension_dir=extension_dir, venv_root=venv_root, python=python)
+                          extension_dir=extension_dir, venv_root=venv_root, python=python,
+                          sandbox=sandbox_options(str(config.sandbox_mode), config.sandbox))
+
+
+def sandbox_options(mode: str, policy: SandboxPolicy) -> list[str]:
+    """``pyisolate worker``'s options that confine a remote worker by ``mode`` and ``policy``."""
+    options = [f"--sandbox-mode={mode}"] + ["--sandbox-network"] * policy.network
+    options += [f"--sandbox-read={os.fspath(path)}" for path in policy.readonly_paths]
+    return options + [f"--sandbox-write={os.fspath(path)}" for path in policy.writable_paths]
 
 
 def check_remote(config: ExtensionConfig, manager: ExtensionManagerConfig) -> None:

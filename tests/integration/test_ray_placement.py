@@ -405,16 +405,19 @@ def _parent_of(pid: int) -> int:
 
 
 async def test_an_extension_placed_on_the_cluster_serves_is_relaunched_after_a_loss_and_ends_with_it(
-        ray_head: str, venv_root: Path) -> None:
+        ray_head: str, venv_root: Path, tmp_path: Path) -> None:
     import zmq
 
     from pyisolate import CurveConfig, ExtensionBase, ExtensionConfig, ExtensionManager, ExtensionManagerConfig
     from tests.support import ext
 
     _, server_secret = zmq.curve_keypair()
+    (shared := tmp_path / "shared").mkdir()
+    (shared / "data.txt").write_text("shared data")
     config = ExtensionManagerConfig(venv_root_path=venv_root, listen="tcp://127.0.0.1:*",
                                     curve=CurveConfig(server_secret_key=server_secret.decode()),  # no worker keys
-                                    heartbeat_interval=0.5, heartbeat_timeout=5.0, start_timeout=240)
+                                    heartbeat_interval=0.5, heartbeat_timeout=5.0, start_timeout=240,
+                                    sandbox=pyisolate.SandboxPolicy(readonly_paths=(shared,)))
     async with ExtensionManager(ExtensionBase, config) as manager:
         async with asyncio.timeout(300):
             probe = await manager.load_extension(ExtensionConfig(
@@ -430,6 +433,10 @@ async def test_an_extension_placed_on_the_cluster_serves_is_relaunched_after_a_l
                 return value + 1
 
             assert await probe.call_back(host_side, 41) == 42  # and back to the host
+            # Confined on its node by the host's policy: what it grants and nothing else.
+            (secret := tmp_path / "node-secret.txt").write_text("the node's")
+            assert (await probe.read(str(secret))).startswith("PermissionError")
+            assert await probe.read(str(shared / "data.txt")) == "shared data"
             # Its worker is the child of the command the Ray actor runs, not of the host.
             assert _parent_of(await probe.pid()) == first.pid
             assert len(listener._allowed) == 1  # the launch's own key, for this name only

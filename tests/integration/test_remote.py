@@ -12,6 +12,7 @@ import os
 import shutil
 import signal
 import stat
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -30,6 +31,8 @@ from pyisolate import (
     ExtensionManager,
     ExtensionManagerConfig,
     RestartPolicy,
+    SandboxPolicy,
+    remote_worker_command,
 )
 from pyisolate._curve import CurveConfig, KeyPair, create_key_files
 from pyisolate.broker.protocol import BROKER, PROTOCOL_VERSION, Kind, pack_header, unpack_header
@@ -65,9 +68,11 @@ def config(venv_root: Path, keys: Keys, address: str = "127.0.0.1", **kw: object
 class RemoteWorker:
     """`pyisolate worker` in a child process (optionally in network namespace ``netns``)."""
 
-    def __init__(self, endpoint: str, keys: Keys, venv_root: Path, netns: str | None = None) -> None:
-        argv = [sys.executable, "-m", "pyisolate", "worker", "--connect", endpoint, "--server-key",
-                str(keys.host_public), "--key", str(keys.probe_secret), "--venv-root", str(venv_root), str(PROBE)]
+    def __init__(self, endpoint: str, keys: Keys, venv_root: Path, netns: str | None = None,
+                 options: tuple[str, ...] = (), argv: list[str] | None = None) -> None:
+        argv = argv or [sys.executable, "-m", "pyisolate", "worker", "--connect", endpoint, "--server-key",
+                        str(keys.host_public), "--key", str(keys.probe_secret), "--venv-root", str(venv_root),
+                        *options, str(PROBE)]
         self.argv = ["ip", "netns", "exec", netns, *argv] if netns else argv
         self.proc: asyncio.subprocess.Process | None = None
 
@@ -140,6 +145,57 @@ async def test_a_remote_worker_joins_and_serves_calls_both_ways_with_frames(venv
             assert worker.proc is not None
             async with asyncio.timeout(15):
                 assert await worker.proc.wait() == 0  # the host stopped it: the command is done
+
+
+async def test_a_remote_worker_is_confined_on_its_own_machine(venv_root: Path, keys: Keys, tmp_path: Path) -> None:
+    """The worker machine's files and ports are out of a hostile extension's reach, bar what
+    ``pyisolate worker``'s options grant (here: the host's policy, through
+    ``remote_worker_command``); the one connection it needs, to the host, works."""
+    secret = tmp_path / "secret.txt"  # say, the worker machine's own credentials
+    secret.write_text("the machine's secret")
+    (granted := tmp_path / "granted").mkdir()
+    (granted / "data.txt").write_text("granted data")
+    with socket.create_server(("127.0.0.1", 0)) as other:  # another service on the worker machine
+        port = other.getsockname()[1]
+        host = config(venv_root, keys, sandbox=SandboxPolicy(readonly_paths=(granted,)))
+        async with ExtensionManager(ExtensionBase, host) as manager:
+            for confined in (True, False):
+                probe = await load_remote(manager)
+                endpoint = manager.listen_endpoint
+                assert endpoint is not None
+                argv = remote_worker_command(host, NAME, connect=endpoint, key_file=keys.probe_secret,
+                                             extension_dir=PROBE, venv_root=venv_root, python=sys.executable)
+                assert f"--sandbox-read={granted}" in argv and "--sandbox-mode=preferred" in argv
+                if not confined:
+                    argv.insert(-1, "--sandbox-mode=disabled")  # the last one given counts
+                async with RemoteWorker(endpoint, keys, venv_root, argv=argv):
+                    async with asyncio.timeout(120):
+                        await probe
+                    assert await probe.echo("through the host's port") == "through the host's port"
+                    assert await probe.read(str(granted / "data.txt")) == "granted data"
+                    if confined:
+                        assert await probe.read(str(secret)) == "PermissionError: Permission denied"
+                        assert (await probe.read(str(keys.probe_secret))).startswith("PermissionError")  # its own key
+                        assert (await probe.connect(port)).startswith("PermissionError")
+                    else:  # the same probes do reach them unconfined: they can tell
+                        assert await probe.read(str(secret)) == "the machine's secret"
+                        assert await probe.connect(port) == "connected"
+                    await probe.stop()
+
+
+async def test_a_manifest_asking_more_than_the_worker_machine_allows_is_refused(venv_root: Path, keys: Keys,
+                                                                                   tmp_path: Path) -> None:
+    """A ceiling the manifest does not fit is refused before anything starts, naming the option."""
+    (extension := tmp_path / "wants_network").mkdir()
+    (extension / "__init__.py").write_text("from pyisolate import ExtensionBase\n\nclass E(ExtensionBase):\n    pass\n")
+    (extension / "pyproject.toml").write_text(
+        '[project]\nname = "wants-network"\nversion = "0"\n\n[tool.pyisolate]\nname = "wants_network"\n'
+        "[tool.pyisolate.sandbox]\nnetwork = true\n")
+    argv = [sys.executable, "-m", "pyisolate", "worker", "--connect", "tcp://127.0.0.1:9", "--server-key",
+            str(keys.host_public), "--key", str(keys.probe_secret), "--venv-root", str(venv_root), str(extension)]
+    refused = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2, refused.stderr
+    assert "asks for network access" in refused.stderr and "--sandbox-network" in refused.stderr
 
 
 async def test_a_peer_without_an_allowed_key_gets_no_frame_through(venv_root: Path, keys: Keys) -> None:

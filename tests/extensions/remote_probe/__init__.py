@@ -37,10 +37,23 @@ class RemoteProbe(ExtensionBase):
     def pid(self):
         return os.getpid()
 
-    def marker(self, path):
-        """Write ``path`` (on this worker's machine) as proof it ran."""
-        with open(path, "w") as handle:
-            handle.write("ran")
+    def read(self, path):
+        """The text of ``path`` on this worker's machine, or what stopped it being read."""
+        try:
+            with open(path) as handle:
+                return handle.read()
+        except OSError as exc:
+            return f"{type(exc).__name__}: {exc.strerror}"
+
+    def connect(self, port):
+        """Open a TCP connection to 127.0.0.1:``port`` here: "connected", or what stopped it."""
+        import socket
+
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=5):
+                return "connected"
+        except OSError as exc:
+            return f"{type(exc).__name__}: {exc.strerror}"
 
     async def hang(self):
         """Never answers (until the worker goes)."""
