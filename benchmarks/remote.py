@@ -18,6 +18,7 @@ import asyncio
 import importlib.util
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -126,10 +127,16 @@ async def measure(work: Path, quick: bool) -> list[common.Result]:
     if importlib.util.find_spec("torch") is None:
         print("remote: skipped, torch is not installed", file=sys.stderr)
         return []
+    work.mkdir(parents=True, exist_ok=True)
+    # Keys made for this run alone (key files are never overwritten), gone with it.
+    with tempfile.TemporaryDirectory(prefix="remote-keys-", dir=work) as key_dir:
+        return await _measure(work, quick, Path(key_dir))
+
+
+async def _measure(work: Path, quick: bool, key_dir: Path) -> list[common.Result]:
     import torch
 
     count, reps = (1500, 5) if quick else (6000, 20)
-    key_dir = work / "remote-keys"
     _, host_secret, host = create_key_files(key_dir, "host")
     worker_public, worker_secret, worker = create_key_files(key_dir, "bench_remote")
     keys = (host.public, host.secret), (worker.public, worker.secret)
