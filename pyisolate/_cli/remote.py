@@ -23,6 +23,7 @@ import logging
 import os
 import re
 import signal
+import socket
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -113,8 +114,7 @@ def _absolute(value: str) -> Path:
 
 
 def _worker(args: argparse.Namespace) -> int:
-    if not args.connect.startswith("tcp://"):
-        raise UsageError(f"--connect takes tcp://HOST:PORT, got {args.connect!r}")
+    host, port = _host_port(args.connect)
     try:
         server = public_key(args.server_key, "--server-key")
         ours = secret_key(_key_text(args.key), "--key")
@@ -138,6 +138,10 @@ def _worker(args: argparse.Namespace) -> int:
         resolved = resolve(config, ceiling)
     except ConfigError as exc:
         raise UsageError(_as_worker_options(str(exc))) from None
+    if _confined_net(resolved) and host.startswith("["):
+        raise UsageError(f"--connect {args.connect}: a confined worker reaches the host over IPv4 only (its "
+                         "sandbox lets TCP through to the host's port over IPv4, nothing else); give an IPv4 "
+                         "address or name of the host, or pass --sandbox-network")
     remote = {"endpoint": args.connect, "server_key": server, "public_key": ours.public, "secret_key": ours.secret,
               "name": config.name, "module_path": str(config.module_path), "share_torch": config.share_torch}
     try:
@@ -145,6 +149,32 @@ def _worker(args: argparse.Namespace) -> int:
     except (EnvironmentBuildError, ConfigError, ExtensionLoadError) as exc:
         error(str(exc))
         return EXIT_FAILED
+
+
+def _host_port(endpoint: str) -> tuple[str, int]:
+    """``--connect``'s host and port."""
+    host, colon, port = endpoint.removeprefix("tcp://").rpartition(":")
+    if not endpoint.startswith("tcp://") or not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise UsageError(f"--connect takes tcp://HOST:PORT, got {endpoint!r}")
+    return host, int(port)
+
+
+def _confined_net(resolved: Resolved) -> bool:
+    """Whether the worker's sandbox leaves it TCP to the host's port alone (no DNS, no IPv6)."""
+    return resolved.mode != "disabled" and not resolved.policy.network
+
+
+async def _numeric(endpoint: str) -> str:
+    """``endpoint`` with its host name looked up here, to IPv4: a confined worker cannot look
+    names up itself (DNS is UDP, which its sandbox refuses). Looked up for each worker started,
+    so a rejoin follows a name that moved.
+
+    Raises:
+        OSError: the name does not resolve now (``socket.gaierror``).
+    """
+    host, port = _host_port(endpoint)
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, family=socket.AF_INET, type=socket.SOCK_STREAM)
+    return f"tcp://{infos[0][4][0]}:{port}"
 
 
 def _as_worker_options(message: str) -> str:
@@ -170,8 +200,6 @@ def _key_text(value: str) -> str:
 async def _supervise(config: ExtensionConfig, root: Path, remote: dict[str, Any], join_timeout: float,
                      resolved: Resolved) -> int:
     """Build the venv, then run workers until the host stops the extension (see the module doc)."""
-    from .._host import WorkerProcess, extension_logger, prepare
-
     with ProgressDisplay() as display:
         python = await ensure_venv(
             venv_root=root, name=config.name, dependencies=config.dependencies, share_torch=config.share_torch,
@@ -181,32 +209,20 @@ async def _supervise(config: ExtensionConfig, root: Path, remote: dict[str, Any]
     task = asyncio.current_task()
     assert task is not None
     loop.add_signal_handler(signal.SIGTERM, task.cancel)
-    deadline, joined, delay, said = time.monotonic() + join_timeout, False, _BACKOFF_FIRST, False
+    deadline, joined, delay, tried = time.monotonic() + join_timeout, False, _BACKOFF_FIRST, False
     try:
         while True:
             attempt = min(_ATTEMPT_SECONDS, max(0.5, deadline - time.monotonic())) if not joined else _ATTEMPT_SECONDS
-            confinement = await asyncio.to_thread(
-                prepare, config.name, resolved, venv=python.parent.parent, runtime=runtime,
-                module_path=Path(config.module_path), class_files=(), broker_endpoint=remote["endpoint"],
-                share_torch=config.share_torch)
+            endpoint = remote["endpoint"]
             try:
-                if not said:
-                    said = True
-                    logger.info("extension %r runs confined by: %s", config.name,
-                                ", ".join(confinement.enforced) or "nothing (--sandbox-mode disabled)")
-                process = await WorkerProcess.spawn(
-                    name=config.name, python=python, runtime=runtime, log=extension_logger(config.name),
-                    before_boot=confinement.attach, sandbox=confinement.argv,
-                    boot={**confinement.boot(), "remote": {**remote, "join_timeout": attempt},
-                          "log_level": logging.getLogger("pyisolate.extension").getEffectiveLevel()},
-                    pass_env=tuple(config.pass_env), env={**config.env, **confinement.env()})
-                try:
-                    code = await process.wait()
-                finally:
-                    await process.stop(2.0)
-                    await process.aclose()
-            finally:
-                confinement.close()
+                endpoint = await _numeric(endpoint) if _confined_net(resolved) else endpoint
+            except OSError as exc:
+                logger.warning("cannot look up the host of %s: %s", endpoint, exc)
+                code = EXIT_HANDSHAKE  # as a join that got no answer: tried again until the deadline
+            else:
+                code = await _run_one(config, resolved, python, runtime,
+                                      {**remote, "endpoint": endpoint, "join_timeout": attempt}, announce=not tried)
+                tried = True
             if code == EXIT_CONFINE:
                 error(f"extension {config.name!r} could not be confined as --sandbox-mode required asks (its "
                       "stderr above says what failed); fix the system, or use --sandbox-mode preferred")
@@ -234,6 +250,35 @@ async def _supervise(config: ExtensionConfig, root: Path, remote: dict[str, Any]
         return 128 + signal.SIGTERM
     finally:
         loop.remove_signal_handler(signal.SIGTERM)
+
+
+async def _run_one(config: ExtensionConfig, resolved: Resolved, python: Path, runtime: Path,
+                   remote: dict[str, Any], *, announce: bool) -> int:
+    """Start one worker, confined, that joins the host at ``remote``; its exit code once it ends.
+    ``announce``: log what confines it."""
+    from .._host import WorkerProcess, extension_logger, prepare
+
+    confinement = await asyncio.to_thread(
+        prepare, config.name, resolved, venv=python.parent.parent, runtime=runtime,
+        module_path=Path(config.module_path), class_files=(), broker_endpoint=remote["endpoint"],
+        share_torch=config.share_torch)
+    try:
+        if announce:
+            logger.info("extension %r runs confined by: %s", config.name,
+                        ", ".join(confinement.enforced) or "nothing (--sandbox-mode disabled)")
+        process = await WorkerProcess.spawn(
+            name=config.name, python=python, runtime=runtime, log=extension_logger(config.name),
+            before_boot=confinement.attach, sandbox=confinement.argv,
+            boot={**confinement.boot(), "remote": remote,
+                  "log_level": logging.getLogger("pyisolate.extension").getEffectiveLevel()},
+            pass_env=tuple(config.pass_env), env={**config.env, **confinement.env()})
+        try:
+            return await process.wait()
+        finally:
+            await process.stop(2.0)
+            await process.aclose()
+    finally:
+        confinement.close()
 
 
 COMMANDS: dict[str, tuple[str, str, Any, Any]] = {

@@ -15,6 +15,7 @@ import stat
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -196,6 +197,86 @@ async def test_a_manifest_asking_more_than_the_worker_machine_allows_is_refused(
     refused = subprocess.run(argv, capture_output=True, text=True, timeout=60)
     assert refused.returncode == 2, refused.stderr
     assert "asks for network access" in refused.stderr and "--sandbox-network" in refused.stderr
+
+
+def test_worker_refuses_a_connect_address_it_could_not_use(keys: Keys, venv_root: Path) -> None:
+    def worker(connect: str, *options: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "pyisolate", "worker", "--connect", connect, "--server-key",
+                               str(keys.host_public), "--key", str(keys.probe_secret), "--venv-root", str(venv_root),
+                               *options, str(PROBE)],
+                              capture_output=True, text=True, timeout=60)
+
+    for bad in ("127.0.0.1:5555", "tcp://127.0.0.1", "tcp://:5555", "tcp://127.0.0.1:99999"):
+        refused = worker(bad)
+        assert refused.returncode == 2 and "--connect takes tcp://HOST:PORT" in refused.stderr, (bad, refused.stderr)
+    ipv6 = worker("tcp://[::1]:5555")  # the sandbox lets TCP out over IPv4 only
+    assert ipv6.returncode == 2 and "IPv4 only" in ipv6.stderr and "--sandbox-network" in ipv6.stderr
+    unconfined = worker("tcp://[::1]:5555", "--sandbox-network", "--join-timeout", "0.1")  # tries, nobody there
+    assert unconfined.returncode == 1 and "could not join tcp://[::1]:5555" in unconfined.stderr
+
+
+class NameServer:
+    """A DNS server on 127.0.0.1:53 (UDP) that knows one name, as an A record; it counts the
+    questions for that name. The owner of its socket and thread: ``with NameServer(...)``."""
+
+    def __init__(self, name: str, address: str) -> None:
+        self.name, self.address, self.asked = name, address, 0
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 53))
+        self.thread = threading.Thread(target=self._serve, name="test-dns", daemon=True)
+
+    def __enter__(self) -> NameServer:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.sock.close()  # recvfrom fails: the thread ends
+        self.thread.join(10)
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                query, peer = self.sock.recvfrom(512)
+            except OSError:
+                return
+            end = 12
+            labels = []
+            while query[end]:
+                labels.append(query[end + 1:end + 1 + query[end]].decode())
+                end += query[end] + 1
+            qtype, question = query[end + 1:end + 3], query[12:end + 5]
+            known = ".".join(labels) == self.name
+            self.asked += known
+            answers = b"\xc0\x0c\x00\x01\x00\x01\x00\x00\x00\x3c\x00\x04" + socket.inet_aton(self.address)
+            found = known and qtype == b"\x00\x01"  # A; AAAA gets "no such record"
+            flags = b"\x81\x80" if known else b"\x81\x83"  # an answer, or NXDOMAIN
+            header = query[:2] + flags + b"\x00\x01" + (b"\x00\x01" if found else b"\x00\x00") + b"\x00" * 4
+            self.sock.sendto(header + question + (answers if found else b""), peer)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="binds port 53 and mounts over /etc/resolv.conf: root only")
+async def test_a_confined_worker_joins_a_host_known_by_a_dns_name(venv_root: Path, keys: Keys, tmp_path: Path) -> None:
+    """A confined worker cannot look names up (DNS is UDP, which its sandbox refuses):
+    ``pyisolate worker`` looks the host's name up for it and hands it the address."""
+    resolv = tmp_path / "resolv.conf"
+    resolv.write_text("nameserver 127.0.0.1\noptions attempts:1 timeout:2\n")
+    with NameServer("pyisolate-host.test", "127.0.0.1") as dns:
+        async with ExtensionManager(ExtensionBase, config(venv_root, keys)) as manager:
+            probe = await load_remote(manager)
+            assert manager.listen_endpoint is not None
+            port = manager.listen_endpoint.rsplit(":", 1)[1]
+            worker = [sys.executable, "-m", "pyisolate", "worker", "--connect", f"tcp://pyisolate-host.test:{port}",
+                      "--server-key", str(keys.host_public), "--key", str(keys.probe_secret), "--join-timeout", "20",
+                      "--venv-root", str(venv_root), str(PROBE)]
+            # The worker's command alone sees this name server (its own mount namespace).
+            argv = ["unshare", "--mount", "sh", "-c", 'mount --bind "$0" /etc/resolv.conf && exec "$@"', str(resolv),
+                    *worker]
+            async with RemoteWorker(manager.listen_endpoint, keys, venv_root, argv=argv):
+                async with asyncio.timeout(60):
+                    await probe
+                assert await probe.echo("by name") == "by name"
+                assert dns.asked >= 1  # through DNS, not /etc/hosts
+                await probe.stop()
 
 
 async def test_a_peer_without_an_allowed_key_gets_no_frame_through(venv_root: Path, keys: Keys) -> None:
