@@ -107,6 +107,9 @@ def _worker_options(parser: argparse.ArgumentParser) -> None:
                              "types live on this machine, data it needs")
     parser.add_argument("--sandbox-write", action="append", default=[], type=_absolute, metavar="DIR",
                         help="a folder the extension may write (repeatable)")
+    parser.add_argument("--limit", action="append", default=[], metavar="NAME=VALUE",
+                        help="a resource limit of the worker (repeatable): memory=4GiB, cpu=1.5, processes=64, "
+                             "open_files=1024; the manifest's limits may only be lower")
 
 
 def _absolute(value: str) -> Path:
@@ -134,7 +137,8 @@ def _worker(args: argparse.Namespace) -> int:
         ceiling = ExtensionManagerConfig(
             venv_root_path=args.venv_root, sandbox_mode=args.sandbox_mode,
             sandbox=SandboxPolicy(network=args.sandbox_network, writable_paths=tuple(args.sandbox_write),
-                                  readonly_paths=tuple(args.sandbox_read)))
+                                  readonly_paths=tuple(args.sandbox_read)),
+            limits=_limits(args.limit) or None)
         resolved = resolve(config, ceiling)
     except ConfigError as exc:
         raise UsageError(_as_worker_options(str(exc))) from None
@@ -149,6 +153,25 @@ def _worker(args: argparse.Namespace) -> int:
     except (EnvironmentBuildError, ConfigError, ExtensionLoadError) as exc:
         error(str(exc))
         return EXIT_FAILED
+
+
+def _limits(given: list[str]) -> dict[str, object]:
+    """``--limit NAME=VALUE`` options as the mapping ``Limits.parse`` reads (numbers as numbers)."""
+    limits: dict[str, object] = {}
+    for option in given:
+        name, equals, text = option.partition("=")
+        if not equals or not text:
+            raise UsageError(f"--limit takes NAME=VALUE (memory=4GiB, cpu=1.5, processes=64, open_files=1024), "
+                             f"got {option!r}")
+        value: object = text
+        for number in (int, float):
+            try:
+                value = number(text)
+                break
+            except ValueError:
+                pass
+        limits[name.strip()] = value
+    return limits
 
 
 def _host_port(endpoint: str) -> tuple[str, int]:
@@ -182,6 +205,9 @@ def _as_worker_options(message: str) -> str:
     message = re.sub(r"set ExtensionManagerConfig\(sandbox_mode='(\w+)'\)", r"pass --sandbox-mode \1", message)
     message = message.replace("allow it in ExtensionManagerConfig(sandbox=...)",
                               "allow it with --sandbox-network, --sandbox-read DIR or --sandbox-write DIR")
+    message = message.replace("ExtensionManagerConfig.limits.", "--limit ").replace(
+        "ExtensionManagerConfig.limits", "--limit").replace(
+        "the manager's ceiling", "this worker machine's ceiling (--limit)")
     return message.replace("the host's", "this worker machine's")
 
 

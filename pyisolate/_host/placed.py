@@ -80,7 +80,8 @@ class Placed:
             name=self.name, connect=placement.connect or reachable(listen_endpoint),
             server_key=curve.server.public, key_file=f"env:{KEY_VARIABLE}",
             extension_dir=config.module_path, venv_root=placement.venv_root or manager.venv_root,
-            python=placement.python or sys.executable, sandbox=sandbox_options(resolved.mode, resolved.policy))
+            python=placement.python or sys.executable, sandbox=sandbox_options(resolved.mode, resolved.policy,
+                                                                           resolved.limits))
         from .placement import launch
 
         self.process = process = await launch(placement, argv, {KEY_VARIABLE: secret.decode()}, name=self.name)

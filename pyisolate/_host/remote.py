@@ -26,6 +26,7 @@ from pyisolate.workers.loader import class_spec
 
 from .._curve import CurveConfig, worker_command
 
+from .._limits import FIELDS, Limits
 from .._policy import SandboxPolicy
 from ..errors import ConfigError
 
@@ -122,14 +123,17 @@ def remote_worker_command(config: ExtensionManagerConfig, name: str, *, connect:
     assert isinstance(config.sandbox, SandboxPolicy)  # made one at construction
     return worker_command(name=name, connect=connect, server_key=curve.server.public, key_file=key_file,
                           extension_dir=extension_dir, venv_root=venv_root, python=python,
-                          sandbox=sandbox_options(str(config.sandbox_mode), config.sandbox))
+                          sandbox=sandbox_options(str(config.sandbox_mode), config.sandbox,
+                                                  config.limits if isinstance(config.limits, Limits) else None))
 
 
-def sandbox_options(mode: str, policy: SandboxPolicy) -> list[str]:
-    """``pyisolate worker``'s options that confine a remote worker by ``mode`` and ``policy``."""
+def sandbox_options(mode: str, policy: SandboxPolicy, limits: Limits | None = None) -> list[str]:
+    """``pyisolate worker``'s options that confine a remote worker by ``mode``, ``policy`` and ``limits``."""
     options = [f"--sandbox-mode={mode}"] + ["--sandbox-network"] * policy.network
     options += [f"--sandbox-read={os.fspath(path)}" for path in policy.readonly_paths]
-    return options + [f"--sandbox-write={os.fspath(path)}" for path in policy.writable_paths]
+    options += [f"--sandbox-write={os.fspath(path)}" for path in policy.writable_paths]
+    return options + [f"--limit={name}={value}" for name in FIELDS
+                      if limits is not None and (value := getattr(limits, name)) is not None]
 
 
 def check_remote(config: ExtensionConfig, manager: ExtensionManagerConfig) -> None:
@@ -152,7 +156,8 @@ def remote_boot(mconfig: ExtensionManagerConfig, config: ExtensionConfig, *, ext
 
     What a local worker's bootstrap holds, less what has no meaning on another machine: no
     launch secret (its key is its identity), no shared-memory session (it shares no memory
-    with us), no sandbox or limits (its machine's operator confines it), no host paths. The
+    with us), no sandbox or limits (``pyisolate worker`` confines it there, before it joins), no
+    host paths. The
     application's extension class, singleton APIs and types are named by module and file, so
     they must be importable there from the same paths (or be pyisolate's own).
     """

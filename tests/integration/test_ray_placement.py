@@ -417,7 +417,8 @@ async def test_an_extension_placed_on_the_cluster_serves_is_relaunched_after_a_l
     config = ExtensionManagerConfig(venv_root_path=venv_root, listen="tcp://127.0.0.1:*",
                                     curve=CurveConfig(server_secret_key=server_secret.decode()),  # no worker keys
                                     heartbeat_interval=0.5, heartbeat_timeout=5.0, start_timeout=240,
-                                    sandbox=pyisolate.SandboxPolicy(readonly_paths=(shared,)))
+                                    sandbox=pyisolate.SandboxPolicy(readonly_paths=(shared,)),
+                                    limits={"open_files": 333})
     async with ExtensionManager(ExtensionBase, config) as manager:
         async with asyncio.timeout(300):
             probe = await manager.load_extension(ExtensionConfig(
@@ -437,6 +438,7 @@ async def test_an_extension_placed_on_the_cluster_serves_is_relaunched_after_a_l
             (secret := tmp_path / "node-secret.txt").write_text("the node's")
             assert (await probe.read(str(secret))).startswith("PermissionError")
             assert await probe.read(str(shared / "data.txt")) == "shared data"
+            assert await probe.open_files_limit() == 333  # and by its limits
             # Its worker is the child of the command the Ray actor runs, not of the host.
             assert _parent_of(await probe.pid()) == first.pid
             assert len(listener._allowed) == 1  # the launch's own key, for this name only

@@ -158,7 +158,7 @@ async def test_a_remote_worker_is_confined_on_its_own_machine(venv_root: Path, k
     (granted / "data.txt").write_text("granted data")
     with socket.create_server(("127.0.0.1", 0)) as other:  # another service on the worker machine
         port = other.getsockname()[1]
-        host = config(venv_root, keys, sandbox=SandboxPolicy(readonly_paths=(granted,)))
+        host = config(venv_root, keys, sandbox=SandboxPolicy(readonly_paths=(granted,)), limits={"open_files": 321})
         async with ExtensionManager(ExtensionBase, host) as manager:
             for confined in (True, False):
                 probe = await load_remote(manager)
@@ -166,7 +166,7 @@ async def test_a_remote_worker_is_confined_on_its_own_machine(venv_root: Path, k
                 assert endpoint is not None
                 argv = remote_worker_command(host, NAME, connect=endpoint, key_file=keys.probe_secret,
                                              extension_dir=PROBE, venv_root=venv_root, python=sys.executable)
-                assert f"--sandbox-read={granted}" in argv and "--sandbox-mode=preferred" in argv
+                assert {f"--sandbox-read={granted}", "--sandbox-mode=preferred", "--limit=open_files=321"} <= set(argv)
                 if not confined:
                     argv.insert(-1, "--sandbox-mode=disabled")  # the last one given counts
                 async with RemoteWorker(endpoint, keys, venv_root, argv=argv):
@@ -178,9 +178,11 @@ async def test_a_remote_worker_is_confined_on_its_own_machine(venv_root: Path, k
                         assert await probe.read(str(secret)) == "PermissionError: Permission denied"
                         assert (await probe.read(str(keys.probe_secret))).startswith("PermissionError")  # its own key
                         assert (await probe.connect(port)).startswith("PermissionError")
+                        assert await probe.open_files_limit() == 321  # the host's limits hold there too
                     else:  # the same probes do reach them unconfined: they can tell
                         assert await probe.read(str(secret)) == "the machine's secret"
                         assert await probe.connect(port) == "connected"
+                        assert await probe.open_files_limit() != 321
                     await probe.stop()
 
 
@@ -197,6 +199,12 @@ async def test_a_manifest_asking_more_than_the_worker_machine_allows_is_refused(
     refused = subprocess.run(argv, capture_output=True, text=True, timeout=60)
     assert refused.returncode == 2, refused.stderr
     assert "asks for network access" in refused.stderr and "--sandbox-network" in refused.stderr
+    with (extension / "pyproject.toml").open("a") as manifest:
+        manifest.write('[tool.pyisolate.limits]\nmemory = "8GiB"\n')
+    refused = subprocess.run([*argv[:-1], "--sandbox-network", "--limit=memory=4GiB", argv[-1]], capture_output=True,
+                             text=True, timeout=60)
+    assert refused.returncode == 2, refused.stderr
+    assert "8 GiB is more than this worker machine's ceiling (--limit) of 4 GiB" in refused.stderr
 
 
 def test_worker_refuses_a_connect_address_it_could_not_use(keys: Keys, venv_root: Path) -> None:

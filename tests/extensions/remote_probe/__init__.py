@@ -45,6 +45,12 @@ class RemoteProbe(ExtensionBase):
         except OSError as exc:
             return f"{type(exc).__name__}: {exc.strerror}"
 
+    def open_files_limit(self):
+        """This worker's soft limit of open files (RLIMIT_NOFILE)."""
+        import resource
+
+        return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
     def connect(self, port):
         """Open a TCP connection to 127.0.0.1:``port`` here: "connected", or what stopped it."""
         import socket
