@@ -193,11 +193,10 @@ def worker_command(*, name: str, connect: str, server_key: str, key_file: str | 
     *on that machine*; ``extension_dir``, ``venv_root``: paths on that machine. The command joins
     the host under ``name`` (the host must have loaded it with ``ExtensionConfig(remote=True)``)
     and rejoins after a partition; it exits when the host stops the extension. ``sandbox``: its
-    ``--sandbox-*`` options (``pyisolate._host.remote.sandbox_options``), the policy it is confined by there.
+    ``--sandbox-*`` and ``--limit`` options (``_host.remote.sandbox_options``), what confines it there.
     """
     argv = [python, "-m", "pyisolate", "worker", "--connect", connect, "--server-key", server_key,
             "--key", os.fspath(key_file), "--name", name, *sandbox]
     if venv_root is not None:
         argv += ["--venv-root", os.fspath(venv_root)]
     return [*argv, os.fspath(extension_dir)]
-

@@ -117,7 +117,7 @@ def _absolute(value: str) -> Path:
 
 
 def _worker(args: argparse.Namespace) -> int:
-    host, port = _host_port(args.connect)
+    host, _ = _host_port(args.connect)
     try:
         server = public_key(args.server_key, "--server-key")
         ours = secret_key(_key_text(args.key), "--key")

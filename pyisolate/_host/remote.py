@@ -25,7 +25,6 @@ import msgpack
 from pyisolate.workers.loader import class_spec
 
 from .._curve import CurveConfig, worker_command
-
 from .._limits import FIELDS, Limits
 from .._policy import SandboxPolicy
 from ..errors import ConfigError
@@ -107,10 +106,11 @@ def remote_worker_command(config: ExtensionManagerConfig, name: str, *, connect:
 
     ``connect``: the manager's listener as the other machine reaches it (``manager.listen_endpoint``
     names a local address); ``key_file``, ``extension_dir``, ``venv_root``: paths there. The host's
-    public key comes from ``config.curve``, and its sandbox policy (``sandbox_mode``, ``sandbox``)
-    becomes the command's ``--sandbox-*`` options: the worker is confined by it there (the
-    extension's manifest narrows it, as on the host). A launcher (a cluster engine) runs it on
-    the node it picks; the worker then joins like any remote worker.
+    public key comes from ``config.curve``, and its sandbox policy and limits (``sandbox_mode``,
+    ``sandbox``, ``limits``) become the command's ``--sandbox-*`` and ``--limit`` options: the
+    worker is confined by them there (the extension's manifest narrows them, as on the host).
+    A launcher (a cluster engine) runs it on the node it picks; the worker then joins like any
+    remote worker.
 
     Raises:
         ValueError: the manager has no ``curve``, or ``name`` is not on its allowlist.
@@ -132,8 +132,8 @@ def sandbox_options(mode: str, policy: SandboxPolicy, limits: Limits | None = No
     options = [f"--sandbox-mode={mode}"] + ["--sandbox-network"] * policy.network
     options += [f"--sandbox-read={os.fspath(path)}" for path in policy.readonly_paths]
     options += [f"--sandbox-write={os.fspath(path)}" for path in policy.writable_paths]
-    return options + [f"--limit={name}={value}" for name in FIELDS
-                      if limits is not None and (value := getattr(limits, name)) is not None]
+    limits = limits or Limits()
+    return options + [f"--limit={name}={value}" for name in FIELDS if (value := getattr(limits, name)) is not None]
 
 
 def check_remote(config: ExtensionConfig, manager: ExtensionManagerConfig) -> None:
@@ -157,9 +157,8 @@ def remote_boot(mconfig: ExtensionManagerConfig, config: ExtensionConfig, *, ext
     What a local worker's bootstrap holds, less what has no meaning on another machine: no
     launch secret (its key is its identity), no shared-memory session (it shares no memory
     with us), no sandbox or limits (``pyisolate worker`` confines it there, before it joins), no
-    host paths. The
-    application's extension class, singleton APIs and types are named by module and file, so
-    they must be importable there from the same paths (or be pyisolate's own).
+    host paths. The application's extension class, singleton APIs and types are named by module
+    and file, so they must be importable there from the same paths (or be pyisolate's own).
     """
     from .process import extension_logger
 
