@@ -27,7 +27,6 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from typing import Any
 from pathlib import Path
 
 import pytest
@@ -87,9 +86,16 @@ def _wait_gone(pids: set[int], timeout: float) -> set[int]:
 
 
 CLONE_NEWNET = 0x40000000
-#: The temp dir of the head at each address (its processes' command lines name it), and the
-#: inode of the machine's network namespace.
-_HEAD: dict[str, Any] = {}
+#: The machine's network namespace (the module is imported in it), by inode.
+_MACHINE_NET = os.stat("/proc/thread-self/ns/net").st_ino
+#: The temp dir of the head at each address (its processes' command lines name it).
+_HEAD: dict[str, Path] = {}
+
+
+def _links() -> list[str]:
+    """The network interfaces this thread's namespace has."""
+    links = subprocess.run(["ip", "-o", "link"], check=True, capture_output=True, text=True).stdout
+    return [line.split(":")[1].strip() for line in links.splitlines()]
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +111,6 @@ def loopback_only(venv_root: Path) -> Iterator[bool]:
     assert built.returncode == 0, built.stdout + built.stderr
     libc = ctypes.CDLL(None, use_errno=True)
     home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-    _HEAD["machine's network namespace"] = os.fstat(home).st_ino
     try:
         if libc.unshare(CLONE_NEWNET) != 0:
             logging.getLogger(__name__).warning("no network namespace (%s): Ray listens on every interface",
@@ -114,8 +119,7 @@ def loopback_only(venv_root: Path) -> Iterator[bool]:
             return
         try:
             subprocess.run(["ip", "link", "set", "lo", "up"], check=True, capture_output=True, timeout=10)
-            links = subprocess.run(["ip", "-o", "link"], check=True, capture_output=True, text=True).stdout
-            assert [line.split(":")[1].strip() for line in links.splitlines()] == ["lo"]
+            assert _links() == ["lo"]
             yield True
         finally:
             if libc.setns(home, CLONE_NEWNET) != 0:
@@ -210,13 +214,12 @@ def test_the_cluster_lives_in_a_namespace_with_loopback_alone(ray_head: str, loo
     if not loopback_only:
         pytest.skip("no network namespace could be made (not root): the head runs in the machine's")
     ours = os.stat("/proc/thread-self/ns/net").st_ino
-    assert ours != _HEAD["machine's network namespace"]
+    assert ours != _MACHINE_NET
     pids = _cluster_pids(_HEAD[ray_head])
     names = {Path(f"/proc/{pid}/comm").read_text().strip() for pid in pids}
     assert {"gcs_server", "raylet"} <= names, names
     assert {os.stat(f"/proc/{pid}/ns/net").st_ino for pid in pids} == {ours}  # every one of them
-    links = subprocess.run(["ip", "-o", "link"], check=True, capture_output=True, text=True).stdout
-    assert [line.split(":")[1].strip() for line in links.splitlines()] == ["lo"]
+    assert _links() == ["lo"]
 
 
 async def test_runs_the_command_on_a_node_with_the_resource(ray_head: str, tmp_path: Path,
